@@ -1,0 +1,105 @@
+"""Evaluate generated images: the ADM image metrics (IG) and the control-alignment metrics (InnerControl).
+
+    python eval.py fid --samples S.npz --ref R.npz [--inception PATH] [--out metrics.json]
+    python eval.py fid --samples IMAGES --write-ref R.npz [--inception PATH]
+    python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
+
+fid: IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch (stored
+mu/sigma/mu_s/sigma_s are used when present, images in arr_0 give precision/recall). Samples and references are
+ADM-style .npz (arr_0: (N, H, W, 3) uint8) or folders of images. --write-ref writes the samples as a reference batch
+(images and moments) that this script and the ADM evaluator read. Weights: --inception PATH or $REF_INCEPTION_WEIGHTS
+(pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release).
+control: the maps extracted from the generated images (evaluation depth model, edge annotator, segmenter) against the
+input controls, paired in order. The logic lives in ref/metrics.py.
+"""
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from ref.inception import FIDInceptionV3, InceptionWeightsError
+from ref.metrics import (CONTROL_MAP_MODES, ImageSource, control_alignment, fid_report, load_reference,
+                         save_reference, summarise_images)
+
+
+class Progress:
+    """on_batch callback: prints done/total, elapsed time and ETA at the first batch, then at most every `interval`
+    seconds, and at the end."""
+
+    def __init__(self, label, interval=10.0):
+        self.label, self.interval = label, interval
+        self.start, self.last_print = time.time(), None
+
+    def __call__(self, done, total):
+        now = time.time()
+        if self.last_print is not None and now - self.last_print < self.interval and done < total:
+            return
+        self.last_print, elapsed = now, now - self.start
+        eta = elapsed / done * (total - done)
+        print(f"{self.label}: {done}/{total} images, {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
+
+
+def run_fid(args, extractor=None):
+    extractor = extractor or FIDInceptionV3(args.inception).to(args.device)
+    samples = ImageSource(args.samples, "RGB")
+    summary = summarise_images(samples, extractor, args.batch_size, args.device, Progress("samples"))
+    if args.write_ref:
+        save_reference(args.write_ref, samples, summary)
+        print(f"wrote reference batch {args.write_ref}")
+    reference = (load_reference(args.ref, extractor, args.batch_size, args.device, Progress("reference"))
+                 if args.ref else None)
+    return fid_report(summary, reference)
+
+
+def run_control(args):
+    return control_alignment(args.task, args.generated, args.controls, args.batch_size, args.num_classes,
+                             args.ignore_index, Progress(args.task))
+
+
+def print_table(report):
+    width = max(len(name) for name in report)
+    for name, value in report.items():
+        shown = "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else value
+        print(f"{name:<{width}}  {shown}")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    fid = commands.add_parser("fid", help="IS, FID, sFID, precision/recall (ADM evaluator compatible)")
+    fid.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC) or a folder of images")
+    fid.add_argument("--ref", help="ADM reference .npz: arr_0 images and/or mu, sigma, mu_s, sigma_s")
+    fid.add_argument("--write-ref", help="write the samples as a reference .npz (arr_0 and moments) to this path")
+    fid.add_argument("--inception", help="FID Inception weights (default: $REF_INCEPTION_WEIGHTS)")
+    fid.add_argument("--batch-size", type=int, default=50)
+    fid.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    control = commands.add_parser("control", help="SSIM / MS-SSIM (edges), RMSE (depth), mIoU (seg)")
+    control.add_argument("--task", required=True, choices=sorted(CONTROL_MAP_MODES))
+    control.add_argument("--generated", required=True, help="maps extracted from the generated images: folder or .npz")
+    control.add_argument("--controls", required=True, help="the input controls: folder or .npz, same order and size")
+    control.add_argument("--num-classes", type=int, default=150, help="seg: number of classes (ADE20K: 150)")
+    control.add_argument("--ignore-index", type=int, default=255, help="seg: label ignored in the controls")
+    control.add_argument("--batch-size", type=int, default=16)
+    for command in (fid, control):
+        command.add_argument("--out", help="write the metrics as JSON to this path")
+    return parser.parse_args(argv)
+
+
+def main(argv=None, extractor=None):
+    """extractor: a stand-in for the FID Inception (tests); it must return the same "pool", "logits", "spatial"."""
+    args = parse_args(argv)
+    try:
+        report = run_fid(args, extractor) if args.command == "fid" else run_control(args)
+    except InceptionWeightsError as error:
+        sys.exit(f"error: {error}")
+    print_table(report)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": args.command, "arguments": vars(args), "metrics": report}, f, indent=2)
+    return report
+
+
+if __name__ == "__main__":
+    main()
