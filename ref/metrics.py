@@ -60,7 +60,7 @@ def logp_outlier_rate(logp_samples, logp_true, quantile=0.01):
 def knn_radii(points, k=3, chunk=4096):
     """Distance from each point to its k-th nearest neighbour in the same set (itself excluded). (N, D) -> (N,)"""
     points = torch.as_tensor(points)
-    radii = [torch.cdist(part, points).kthvalue(k + 1, dim=1).values for part in points.split(chunk)]
+    radii = [torch.cdist(part, points).topk(k + 1, dim=1, largest=False).values[:, -1] for part in points.split(chunk)]
     return torch.cat(radii)
 
 

@@ -1,0 +1,38 @@
+"""Training objectives.
+
+Internal Guidance (Zhou et al. 2026) trains an auxiliary head on an intermediate block on the same target as the final
+output:  L = ||D_f - target||^2 + lambda * ||D_i - target||^2,  lambda = 0.5 in the release.
+The target is the flow velocity eps - x0 (SiT / the IG release) or the DDPM noise eps (DiT).
+"""
+import torch
+
+from ref.schedules import FlowSchedule
+
+FLOW = FlowSchedule()
+
+
+def internal_guidance_loss(final, intermediate, target, aux_weight=0.5):
+    """Per-sample ||D_f - target||^2 + aux_weight ||D_i - target||^2, each a mean over the non-batch dims. -> (N,)
+    A model without an intermediate head (intermediate None) gets the plain objective."""
+    def mse(prediction):
+        return (prediction - target).square().flatten(1).mean(1)
+    loss = mse(final)
+    return loss if intermediate is None else loss + aux_weight * mse(intermediate)
+
+
+def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5):
+    """Velocity regression on x_t = (1 - t) x0 + t eps with target v = eps - x0. model(x_t, t, y) -> (D_f, D_i). -> (N,)"""
+    final, intermediate = model(FLOW.add_noise(x0, eps, t), t, y)
+    return internal_guidance_loss(final, intermediate, FLOW.v_target(x0, eps, t), aux_weight)
+
+
+def ddpm_eps_loss(model, schedule, x0, t, y, eps, aux_weight=0.5):
+    """Noise regression (Ho et al. 2020, Eq. 14, the "simple" loss) on x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. -> (N,)"""
+    final, intermediate = model(schedule.add_noise(x0, eps, t), t, y)
+    return internal_guidance_loss(final, intermediate, eps, aux_weight)
+
+
+def drop_labels(y, probability, null_label, generator=None):
+    """Label dropout for classifier-free guidance: each label becomes `null_label` with the given probability."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < probability
+    return torch.where(drop, torch.full_like(y, null_label), y)

@@ -1,0 +1,119 @@
+"""Samplers. Each takes a plain callable `denoise(x, t) -> prediction`, so guidance composes outside (ref/guidance.py).
+
+Flow family (t = 1 noise -> t = 0 data; the callable returns the velocity v, see ref/schedules.py):
+  - `heun`: deterministic 2nd-order solver of the probability-flow ODE dx/dt = v (EDM, Karras et al. 2022, Alg. 1).
+  - `euler_maruyama`: the reverse SDE of the SiT / Internal Guidance release, diffusion g(t)^2 = 2t.
+  The state is integrated in float64; the network is called in its own dtype (`model_dtype`).
+DDPM family (integer timesteps; the callable returns eps, x0 or v as `prediction` says):
+  - `ddpm_ancestral` (Ho et al. 2020, Alg. 2) and `ddim` (Song et al. 2021, Eq. 12, eta = 0 deterministic).
+
+Randomness comes from `randn_like` (default torch.randn_like), so callers can draw per-sample seeded noise.
+"""
+import torch
+
+from ref.schedules import FlowSchedule
+
+FLOW = FlowSchedule()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Time grids for the flow family (descending, ending at t = 0)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def uniform_grid(steps, t_max=1.0, t_min=0.04):
+    """SiT's Euler-Maruyama grid: `steps` points from t_max to t_min, then 0 (the last interval is the mean step)."""
+    return torch.cat([torch.linspace(t_max, t_min, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+
+
+def rho_grid(steps, t_max=1.0, t_min=0.002, rho=7.0):
+    """EDM's spacing (Karras et al. 2022, Eq. 5) applied to t: dense near the data end. `steps` points, then 0."""
+    i = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
+    t = (t_max ** (1 / rho) + i * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
+    return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
+
+
+def _call(denoise, x, t, model_dtype):
+    """Run the network on (x, t) in its own dtype and hand back float64; t becomes a (N,) tensor."""
+    t_batch = torch.full((x.shape[0],), float(t), dtype=model_dtype, device=x.device)
+    return denoise(x.to(model_dtype), t_batch).to(torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Flow family
+# ---------------------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def heun(velocity, noise, grid, model_dtype=torch.float32):
+    """Probability-flow ODE dx/dt = v(x, t) from grid[0] to grid[-1] = 0 with Heun steps; the step into t = 0 is a
+    plain Euler step (EDM Alg. 1). Network evaluations: 2 * (len(grid) - 1) - 1."""
+    x = noise.to(torch.float64)
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        h = t_next - t_cur  # negative
+        d_cur = _call(velocity, x, t_cur, model_dtype)
+        x_euler = x + h * d_cur
+        if t_next == 0:
+            x = x_euler
+        else:
+            d_next = _call(velocity, x_euler, t_next, model_dtype)
+            x = x + h * 0.5 * (d_cur + d_next)
+    return x
+
+
+@torch.no_grad()
+def euler_maruyama(velocity, noise, grid, model_dtype=torch.float32, randn_like=torch.randn_like):
+    """Reverse SDE dx = [v - (g^2 / 2) score] dt + g dW, g(t)^2 = 2t, score from v (ref/schedules.py), from grid[0] to
+    grid[-1] = 0. The last interval is one deterministic mean step (no noise), as in the SiT release.
+    Network evaluations: len(grid) - 1."""
+    x = noise.to(torch.float64)
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        h = t_cur - t_next  # positive: we move backwards in t
+        v = _call(velocity, x, t_cur, model_dtype)
+        drift = v - t_cur * FLOW.score_from_v(x, v, t_cur)  # = v - (g^2 / 2) * score
+        x = x - h * drift
+        if t_next > 0:
+            x = x + (2 * t_cur * h).sqrt() * randn_like(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# DDPM family
+# ---------------------------------------------------------------------------------------------------------------------
+
+def spaced_timesteps(schedule, steps):
+    """`steps` integer timesteps evenly spread over [0, T), descending (the DDIM "uniform" skip)."""
+    return torch.linspace(schedule.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+
+
+@torch.no_grad()
+def ddim(denoise, noise, schedule, timesteps, prediction="eps", eta=0.0, model_dtype=torch.float32,
+         randn_like=torch.randn_like):
+    """DDIM (Song et al. 2021, Eq. 12): x_prev = alpha_prev x0 + sqrt(sigma_prev^2 - s^2) eps + s z with
+    s = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev); eta = 0 is deterministic.
+    After the last timestep the sample is the final x0 estimate."""
+    x = noise.to(torch.float64)
+    for i, t in enumerate(timesteps):
+        x0, eps = schedule.x0_eps(x, _call(denoise, x, t, model_dtype), int(t), prediction)
+        if i + 1 == len(timesteps):
+            return x0
+        abar, abar_prev = schedule.abar(t), schedule.abar(timesteps[i + 1])
+        s = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+        x = abar_prev.sqrt() * x0 + (1 - abar_prev - s ** 2).sqrt() * eps
+        if eta > 0:
+            x = x + s * randn_like(x)
+    return x
+
+
+@torch.no_grad()
+def ddpm_ancestral(denoise, noise, schedule, prediction="eps", model_dtype=torch.float32,
+                   randn_like=torch.randn_like):
+    """Ancestral sampling over every timestep (Ho et al. 2020, Alg. 2), written through the posterior
+    q(x_{t-1} | x_t, x0) of Eq. 6-7: mean = c0 x0 + ct x_t, variance beta_tilde = beta_t (1 - abar_{t-1}) / (1 - abar_t)."""
+    x = noise.to(torch.float64)
+    for t in range(schedule.num_timesteps - 1, -1, -1):
+        x0, _ = schedule.x0_eps(x, _call(denoise, x, t, model_dtype), t, prediction)
+        if t == 0:
+            return x0
+        beta, abar, abar_prev = schedule.betas[t], schedule.abar(t), schedule.abar(t - 1)
+        mean = (abar_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_prev) * x) / (1 - abar)
+        x = mean + (beta * (1 - abar_prev) / (1 - abar)).sqrt() * randn_like(x)
+    return x
