@@ -17,7 +17,7 @@ def gaussian_eps(schedule):
     return denoise
 
 
-@pytest.mark.parametrize("method", ["ddim", "ddim_eta1", "ancestral"])  # DDIM: 250 of the 1000 steps
+@pytest.mark.parametrize("method", ["ddim", "ancestral"])  # DDIM: 250 of the 1000 steps
 def test_ddpm_samplers_with_the_exact_eps_reproduce_a_gaussian(method):
     schedule = DDPMSchedule.named("linear")
     g = torch.Generator().manual_seed(0)
@@ -28,9 +28,24 @@ def test_ddpm_samplers_with_the_exact_eps_reproduce_a_gaussian(method):
                                     randn_like=randn_like)
     else:
         x = samplers.ddim(gaussian_eps(schedule), noise, schedule, samplers.spaced_timesteps(schedule, 250),
-                          eta=1.0 if method == "ddim_eta1" else 0.0, model_dtype=torch.float64, randn_like=randn_like)
+                          model_dtype=torch.float64)
     assert x.mean().item() == pytest.approx(MEAN, abs=0.01)
     assert x.std().item() == pytest.approx(STD, rel=0.03)
+
+
+def test_ddim_with_eta_one_over_every_timestep_is_ancestral_sampling():
+    schedule = DDPMSchedule.named("scaled_linear")
+    noise = torch.randn(500, 1, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+    def seeded():
+        g = torch.Generator().manual_seed(8)
+        return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+    ancestral = samplers.ddpm_ancestral(gaussian_eps(schedule), noise, schedule, model_dtype=torch.float64,
+                                        randn_like=seeded())
+    ddim = samplers.ddim(gaussian_eps(schedule), noise, schedule, torch.arange(999, -1, -1), eta=1.0,
+                         model_dtype=torch.float64, randn_like=seeded())
+    assert torch.allclose(ddim, ancestral, atol=1e-8)
 
 
 def test_ddpm_samplers_accept_x0_and_v_predictions():

@@ -40,4 +40,5 @@ def test_exact_denoiser_is_the_ceiling_and_ig_lowers_outliers(quick_run):
     methods = quick_run[1]["methods"]
     assert methods["exact"]["outlier_rate"] < 0.005
     assert methods["unguided"]["outlier_rate"] > 5 * methods["exact"]["outlier_rate"]
-    assert methods["ig"]["outlier_rate"] < 0.85 * methods["unguided"]["outlier_rate"]
+    # same initial noise for every method, so the difference is paired; the quick run trains 1/2 as long as the full one
+    assert methods["ig"]["outlier_rate"] < 0.92 * methods["unguided"]["outlier_rate"]
