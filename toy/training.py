@@ -24,9 +24,9 @@ def training_batch(mixtures, batch, generator):
 
 def train(model, mixtures, iterations, batch=2048, lr=1e-2, lr_decay_start=512, ema_decay=0.995, label_dropout=0.1,
           aux_weight=0.5, seed=0, log=print, name="model"):
-    """Adam (betas 0.9, 0.99) with lr / sqrt(max(i / lr_decay_start, 1)), as the Autoguidance toy. Returns the EMA copy."""
+    """Adam (betas 0.9, 0.99) with lr / sqrt(max(i / lr_decay_start, 1)), as the Autoguidance toy. Every random draw of
+    the loop comes from a generator seeded with `seed` (the caller seeds the initialisation). Returns the EMA copy."""
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)  # parameter initialisation happened before; this seeds nothing else but keeps runs alike
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     start = time.time()
