@@ -284,19 +284,28 @@ def epoch_permutation(num_items, seed, epoch):
     return order
 
 
-def batch_indices(step, batch_size, rank, world_size, seed, num_items):
-    """Dataset indices of rank `rank`'s share of global step `step`.
-
-    The data is one endless stream, the epoch permutations one after another; step s takes stream positions
-    [s B, (s + 1) B), B = batch_size the global batch, and rank r the r-th of world_size contiguous blocks of them.
-    So the data is a function of the step alone (resuming at step s reproduces it exactly), the global batch in rank
-    order is the same for any world_size, and the ranks of a step never share a position. (B / world_size,) int64."""
+def stream_positions(step, batch_size, rank, world_size):
+    """Places in the endless data stream of rank `rank`'s share of global step `step`: of the stream positions
+    [s B, (s + 1) B), B = batch_size the global batch, the r-th of world_size contiguous blocks. A position names one
+    training sample for the whole run, whatever the number of ranks (train.py seeds each sample's noise with it).
+    (B / world_size,) int64."""
     if batch_size % world_size:
         raise ValueError(f"global batch size {batch_size} is not divisible by world size {world_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} out of range for world size {world_size}")
     per_rank = batch_size // world_size
-    positions = step * batch_size + rank * per_rank + np.arange(per_rank)  # (B / world_size,) places in the stream
+    return step * batch_size + rank * per_rank + np.arange(per_rank)
+
+
+def batch_indices(step, batch_size, rank, world_size, seed, num_items):
+    """Dataset indices of rank `rank`'s share of global step `step`.
+
+    The data is one endless stream, the epoch permutations one after another; step s takes stream positions
+    [s B, (s + 1) B), B = batch_size the global batch, and rank r the r-th of world_size contiguous blocks of them
+    (`stream_positions`). So the data is a function of the step alone (resuming at step s reproduces it exactly), the
+    global batch in rank order is the same for any world_size, and the ranks of a step never share a position.
+    (B / world_size,) int64."""
+    positions = stream_positions(step, batch_size, rank, world_size)  # (B / world_size,) places in the stream
     epochs, offsets = np.divmod(positions, num_items)
     return np.concatenate([epoch_permutation(num_items, seed, int(epoch))[offsets[epochs == epoch]]
                            for epoch in np.unique(epochs)])
