@@ -1,0 +1,273 @@
+"""Readout probe H(features, t) and the InnerControl objective: probe shapes, range, mixing and timestep conditioning;
+probe checkpoints; the one-step x0 of the reward (Eq. 5); control comparisons; per-sample timestep masks; the
+alignment gradient's path (Eq. 7); Eq. 8 and the Table 4 settings."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ref.losses import (INNERCONTROL_TASKS, alignment_loss, control_loss, innercontrol_loss, innercontrol_task,
+                        reward_loss, timestep_masked)
+from ref.probes import ReadoutProbe, load_probe, save_probe
+from ref.schedules import DDPMSchedule
+
+torch.set_num_threads(1)
+
+CHANNELS = [8, 12]  # two decoder maps: (B, 8, 4, 4) and (B, 12, 8, 8)
+T_EMB = 6
+
+
+def tiny_probe(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    config = dict(feature_channels=CHANNELS, t_emb_dim=T_EMB, out_channels=1, resolution=16, projection_channels=32)
+    return ReadoutProbe(**{**config, **kwargs})
+
+
+def features_and_t_emb(n=2, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    features = [torch.randn(n, 8, 4, 4, generator=generator), torch.randn(n, 12, 8, 8, generator=generator)]
+    return features, torch.randn(n, T_EMB, generator=generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Probe
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_probe_shape_tanh_range_and_logits():
+    features, t_emb = features_and_t_emb()
+    bounded = tiny_probe()
+    with torch.no_grad():
+        bounded.head[-1].weight.mul_(200)  # drive the pre-activation far outside [-1, 1]
+    out = bounded(features, t_emb)
+    assert out.shape == (2, 1, 16, 16)
+    assert out.abs().max() <= 1 and out.abs().max() > 0.99
+    logits = tiny_probe(output="logits")
+    logits.load_state_dict(bounded.state_dict())
+    raw = logits(features, t_emb)
+    assert raw.abs().max() > 1.5  # unbounded: what tanh squashed
+    torch.testing.assert_close(raw.tanh(), out)
+
+
+def test_upsampling_head_doubles_the_resolution():
+    features, t_emb = features_and_t_emb()
+    assert tiny_probe(upsample=True)(features, t_emb).shape == (2, 1, 32, 32)
+    assert tiny_probe(resolution=(8, 12), upsample=True)(features, t_emb).shape == (2, 1, 16, 24)
+
+
+def test_mixing_weights_sum_to_one_and_weigh_the_maps():
+    probe = tiny_probe()
+    features, t_emb = features_and_t_emb()
+    other_second_map = [features[0], features[1].flip(-1)]
+    with torch.no_grad():
+        probe.mixing_logits.copy_(torch.tensor([0.7, -1.3]))
+    weights = probe.mixing_weights()
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(weights, torch.tensor([0.7, -1.3]).exp() / torch.tensor([0.7, -1.3]).exp().sum())
+    assert not torch.allclose(probe(features, t_emb), probe(other_second_map, t_emb), atol=1e-4)
+    with torch.no_grad():
+        probe.mixing_logits.copy_(torch.tensor([50.0, -50.0]))  # softmax puts all weight on map 0
+    torch.testing.assert_close(probe(features, t_emb), probe(other_second_map, t_emb))
+
+
+def test_timestep_conditioning_changes_the_output():
+    probe = tiny_probe()
+    features, t_emb = features_and_t_emb()
+    torch.testing.assert_close(probe(features, t_emb), probe(features, t_emb.clone()))
+    assert (probe(features, t_emb) - probe(features, t_emb + 1.0)).abs().max() > 1e-3
+
+
+def test_probe_names_expected_and_given_feature_channels():
+    probe = tiny_probe()
+    features, t_emb = features_and_t_emb()
+    with pytest.raises(ValueError, match=r"channels \[8, 12\], got 2 with channels \[8, 16\]"):
+        probe([features[0], torch.zeros(2, 16, 8, 8)], t_emb)
+
+
+def test_probe_checkpoint_round_trip_and_other_unet(tmp_path):
+    probe = tiny_probe(upsample=True)
+    features, t_emb = features_and_t_emb()
+    path = tmp_path / "probe.pt"
+    save_probe(probe, path)
+    loaded = load_probe(path, feature_channels=CHANNELS, t_emb_dim=T_EMB)
+    torch.testing.assert_close(loaded(features, t_emb), probe(features, t_emb), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"channels \[8, 12\]; this UNet gives 3 with channels \[320, 640, 1280\]"):
+        load_probe(path, feature_channels=[320, 640, 1280])
+    with pytest.raises(ValueError, match="width 6; this UNet's is 1280"):
+        load_probe(path, t_emb_dim=1280)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reward: one-step x0 (Eq. 5), decode, reward model (Eq. 6)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_one_step_x0_is_exact_for_the_true_noise():
+    schedule = DDPMSchedule.named("scaled_linear")
+    generator = torch.Generator().manual_seed(3)
+    x0 = torch.randn(5, 4, 4, 4, generator=generator, dtype=torch.float64)
+    eps = torch.randn(5, 4, 4, 4, generator=generator, dtype=torch.float64)
+    t = torch.tensor([0, 200, 400, 920, 999])
+    seen = []
+
+    def reward_model(image):
+        seen.append(image)
+        return image[:, :1]
+
+    def decode(latent):
+        return 2 * latent[:, :3]
+
+    loss = reward_loss(reward_model, schedule, schedule.add_noise(x0, eps, t), eps, t, 2 * x0[:, :1], "mse", decode)
+    torch.testing.assert_close(seen[0], 2 * x0[:, :3], rtol=0, atol=1e-10)
+    assert loss.shape == (5,) and loss.max() < 1e-18
+    wrong = reward_loss(reward_model, schedule, schedule.add_noise(x0, eps, t), 0 * eps, t, 2 * x0[:, :1], "mse")
+    assert wrong[1:].min() > 1e-3  # a wrong eps_hat is seen: the loss tests something
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Control comparisons
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_sparse_mse_hand_case():
+    target = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]], [[[0.2, 0.2], [0.2, 0.2]]]])  # (2, 1, 2, 2)
+    prediction = torch.tensor([[[[0.5, 0.5], [0.0, 0.0]]], [[[0.0, 0.2], [0.2, 0.6]]]])
+    # sample 0: background 3 pixels, squared errors 0.25, 0, 0 -> 1/12; foreground 1 pixel, 0.25 -> mean 1/6
+    # sample 1: no foreground -> its background MSE (0.04 + 0.16) / 4 = 0.05
+    torch.testing.assert_close(control_loss(prediction, target, "sparse_mse"), torch.tensor([1 / 6, 0.05]))
+    torch.testing.assert_close(control_loss(prediction, target, "mse"), torch.tensor([0.125, 0.05]))
+
+
+def test_max_normalised_mse_ignores_the_scale():
+    generator = torch.Generator().manual_seed(4)
+    control = torch.rand(3, 1, 5, 5, generator=generator) + 0.1
+    assert control_loss(3 * control, control, "max_normalised_mse").abs().max() < 1e-12
+    assert control_loss(3 * control, control, "mse").min() > 0.1
+    normalised = control / control.amax((1, 2, 3), keepdim=True)
+    flat = torch.full_like(control, 0.5)  # max-normalised: all ones
+    torch.testing.assert_close(control_loss(flat, control, "max_normalised_mse"),
+                               (1.0 - normalised).square().mean((1, 2, 3)))
+
+
+def test_cross_entropy_leaves_out_ignored_pixels():
+    logits = torch.tensor([[[[2.0, -1.0]], [[0.0, 3.0]], [[-1.0, 0.5]]]]).repeat(2, 1, 1, 1)  # (2, 3, 1, 2)
+    labels = torch.tensor([[[1, 255]], [[255, 255]]])  # sample 1: nothing labelled
+    pixel0 = -(logits[0, :, 0, 0].log_softmax(0)[1])
+    torch.testing.assert_close(control_loss(logits, labels, "cross_entropy"), torch.stack([pixel0, torch.tensor(0.0)]))
+
+
+def test_bad_controls_name_the_expected_shape():
+    prediction = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"control of shape \(2, 1, 16, 16\) does not match the prediction's "
+                                         r"\(2, 1, 8, 8\)"):
+        control_loss(prediction, torch.zeros(2, 1, 16, 16), "mse")
+    with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\)"):
+        control_loss(prediction, torch.zeros(2, 3, 8, 8), "sparse_mse")
+    with pytest.raises(ValueError, match=r"\(B, H, W\) = \(2, 8, 8\)"):
+        control_loss(torch.zeros(2, 5, 8, 8), torch.zeros(2, 8, 8), "cross_entropy")  # float, not class indices
+    with pytest.raises(ValueError, match="one of"):
+        control_loss(prediction, prediction, "l1")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Timestep masks and Eq. 8
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_mask_selects_exactly_the_samples_in_range():
+    t = torch.tensor([0, 400, 401, 920, 999])
+    per_sample = torch.tensor([1.5, 2.0, float("inf"), 4.0, 5.0], requires_grad=True)  # out of range: dropped as is
+    masked = timestep_masked(per_sample, t, (0, 400))
+    torch.testing.assert_close(masked, torch.tensor([1.5, 2.0, 0.0, 0.0, 0.0]), rtol=0, atol=0)
+    masked.sum().backward()
+    torch.testing.assert_close(per_sample.grad, torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0]), rtol=0, atol=0)
+    torch.testing.assert_close(timestep_masked(per_sample.detach(), t, (450, 980)),
+                               torch.tensor([0.0, 0.0, 0.0, 4.0, 0.0]), rtol=0, atol=0)
+
+
+def test_eq8_on_hand_values():
+    diffusion = torch.tensor([1.0, 2.0, 3.0])
+    reward = torch.tensor([10.0, 20.0, 30.0])
+    alignment = torch.tensor([100.0, 200.0, 300.0])
+    t = torch.tensor([100, 500, 950])
+    loss = innercontrol_loss(diffusion, reward, alignment, t, 0.5, 0.1, (0, 400), (0, 920))
+    torch.testing.assert_close(loss, torch.tensor([1 + 5 + 10, 2 + 0 + 20, 3 + 0 + 0.0]))
+    torch.testing.assert_close(innercontrol_loss(diffusion, None, alignment, t, 0.5, 0.1, (0, 400), (0, 920)),
+                               torch.tensor([11.0, 22.0, 3.0]))
+    torch.testing.assert_close(innercontrol_loss(diffusion, reward, None, t, 0.5, 0.1, (0, 400), (0, 920)),
+                               torch.tensor([6.0, 2.0, 3.0]))
+
+
+def test_alignment_averages_over_c_h_w_before_masking():
+    """Two samples with 2 x 2 x 2 controls; only sample 0 is in the alignment range."""
+    probe_output = torch.stack([torch.zeros(2, 2, 2), torch.ones(2, 2, 2)])  # (2, 2, 2, 2); read as 0.5 and 1.0
+    control = torch.stack([torch.stack([torch.full((2, 2), 0.5), torch.ones(2, 2)]), torch.zeros(2, 2, 2)])
+    per_sample = alignment_loss(lambda features, t_emb: features[0], [probe_output], None, control, "mse")
+    torch.testing.assert_close(per_sample, torch.tensor([0.125, 1.0]))  # channel errors 0 and 0.25 -> mean 0.125
+    t = torch.tensor([100, 950])
+    batch = innercontrol_loss(torch.zeros(2), None, per_sample, t, 0.0, 1.0, (0, 400), (0, 920)).mean()
+    torch.testing.assert_close(batch, torch.tensor(0.0625))  # (0.125 + 0) / 2: the mean over all samples
+    # The release's layout: the per-element loss reshaped to the mask's rows before the mean over C, H, W.
+    per_element = ((probe_output + 1) / 2 - control).square()
+    mask = (t <= 920).reshape(-1, 1)
+    released = (mask * per_element.reshape(2, -1)).sum() / mask.sum()
+    torch.testing.assert_close(released, torch.tensor(1.0))  # the sum over sample 0's 8 elements, 8 x 0.125
+    assert abs(released - batch) > 0.5
+
+
+def test_table4_settings_and_unknown_task():
+    depth = innercontrol_task("depth")
+    assert (depth.alpha, depth.reward_range, depth.beta, depth.align_range) == (0.5, (0, 400), 1.0, (0, 920))
+    assert (depth.reward_kind, depth.alignment_kind) == ("max_normalised_mse", "mse")
+    hed, lineart, segmentation = (INNERCONTROL_TASKS[name] for name in ("hed", "lineart", "segmentation"))
+    assert (hed.alpha, hed.beta, hed.align_range, hed.alignment_kind) == (1.0, 0.1, (0, 800), "sparse_mse")
+    assert (lineart.alpha, lineart.reward_range, lineart.beta, lineart.align_range) == (10.0, (0, 200), 2.0, (0, 700))
+    assert (segmentation.alpha, segmentation.beta, segmentation.align_range) == (0.5, 0.05, (450, 980))
+    assert segmentation.reward_kind == segmentation.alignment_kind == "cross_entropy"
+    with pytest.raises(ValueError, match="unknown InnerControl task 'canny'; known tasks: depth, hed, lineart, "
+                                         "segmentation"):
+        innercontrol_task("canny")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The alignment gradient reaches the ControlNet through the frozen UNet and probe
+# ---------------------------------------------------------------------------------------------------------------------
+
+class FrozenUNetStandIn(nn.Module):
+    """Encoder conv, the ControlNet residual added to its output, two decoder maps (the probe's features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Conv2d(3, 8, 3, padding=1)
+        self.decoder1 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.decoder2 = nn.Conv2d(8, 12, 3, padding=1)
+        self.time_embed = nn.Linear(1, T_EMB)
+
+    def forward(self, x, t, control_residual):
+        h = self.encoder(x) + control_residual  # (B, 8, 8, 8)
+        f1 = F.silu(self.decoder1(h))  # (B, 8, 4, 4)
+        f2 = F.silu(self.decoder2(F.interpolate(f1, scale_factor=2.0)))  # (B, 12, 8, 8)
+        return [f1, f2], self.time_embed(t[:, None].float() / 1000)
+
+
+def test_alignment_gradient_reaches_the_controlnet_only():
+    torch.manual_seed(5)
+    controlnet = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 8, 1))
+    unet = FrozenUNetStandIn().requires_grad_(False)
+    probe = tiny_probe(resolution=8).requires_grad_(False)
+    frozen = {name: p.clone() for name, p in [*unet.named_parameters(), *probe.named_parameters(prefix="probe")]}
+    before = [p.clone() for p in controlnet.parameters()]
+    optimizer = torch.optim.SGD(controlnet.parameters(), lr=0.1)
+    x, control = torch.randn(3, 3, 8, 8), torch.rand(3, 1, 8, 8)
+
+    def eq8(t):
+        features, t_emb = unet(x, t, controlnet(control))
+        alignment = alignment_loss(probe, features, t_emb, control, "mse")
+        return innercontrol_loss(torch.zeros(3), None, alignment, t, 0.0, 1.0, (0, 400), (0, 920)).mean()
+
+    eq8(torch.tensor([950, 960, 999])).backward()  # no sample in range: an exact zero gradient
+    assert all(p.grad is not None and not p.grad.any() for p in controlnet.parameters())
+    optimizer.zero_grad()
+    eq8(torch.tensor([10, 500, 999])).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in controlnet.parameters())
+    assert all(p.grad is None for p in [*unet.parameters(), *probe.parameters()])
+    optimizer.step()
+    assert all(not torch.equal(p, q) for p, q in zip(controlnet.parameters(), before))
+    for name, p in [*unet.named_parameters(), *probe.named_parameters(prefix="probe")]:
+        assert torch.equal(p, frozen[name]), name
