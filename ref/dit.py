@@ -13,13 +13,14 @@ State-dict keys follow the official checkpoints (facebookresearch/DiT, willisma/
 are; the IG release (CVL-UESTC/Internal-Guidance, SiT/models/sit.py) calls the head `final_layer_xr`, renamed on load
 by `KEY_RENAMES`.
 """
-import argparse
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from ref.checkpoints import check_state_fits, read_checkpoint
 
 
 def modulate(x, shift, scale):
@@ -298,13 +299,6 @@ def canonical_key(key):
     return key
 
 
-def read_checkpoint(path):
-    """torch.load restricted to tensors and plain containers, plus the argparse.Namespace that the DiT, SiT and IG
-    training scripts store under "args"."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_checkpoint(model, checkpoint, prefer="ema", allow_missing_head=False):
     """Load a DiT / SiT / IG checkpoint into `model`, all or nothing.
 
@@ -320,15 +314,6 @@ def load_checkpoint(model, checkpoint, prefer="ema", allow_missing_head=False):
     original_key = {canonical_key(key): key for key in state}
     state = {key: state[original] for key, original in original_key.items()}
 
-    expected = model.state_dict()
-    optional = ("intermediate_head.",) if allow_missing_head else ()
-    missing = [key for key in expected if key not in state and not key.startswith(optional)]
-    unexpected = [original_key[key] for key in state if key not in expected]
-    mismatched = [f"{key} expected {tuple(expected[key].shape)}, got {tuple(state[key].shape)}"
-                  for key in state if key in expected and state[key].shape != expected[key].shape]
-    problems = [f"{label} ({len(items)}): " + "; ".join(items) for label, items in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
-    if problems:
-        raise ValueError("checkpoint does not fit this model:\n  " + "\n  ".join(problems))
+    check_state_fits(model, state, original_key, ("intermediate_head.",) if allow_missing_head else ())
     model.load_state_dict(state, strict=False)  # completeness checked above
     return model

@@ -24,7 +24,8 @@ from torch.utils.data import Sampler
 from torch.utils.flop_counter import FlopCounterMode
 
 from ref.data import SHAPE_CLASSES, ImageFolder, LatentShards, Shapes, batch_indices
-from ref.dit import DiT, read_checkpoint
+from ref.checkpoints import read_checkpoint
+from ref.dit import DiT
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configs

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ref.checkpoints import check_state_fits, read_checkpoint
+
 
 def zero_module(module):
     """Zero every parameter (the LDM init of each residual branch's last layer, and ControlNet's zero convs)."""
@@ -437,17 +439,9 @@ def load_checkpoint(model, checkpoint, prefer="ema"):
     ValueError naming each of them, before anything is copied. A model built on the meta device takes the file's
     tensors as they are (no random init of SD1.5's 860M parameters first)."""
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(checkpoint)
     state, original = select_state(checkpoint, model.checkpoint_prefix, prefer)
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state]
-    unexpected = [original[key] for key in state if key not in expected]
-    mismatched = [f"{original[key]} expected {tuple(expected[key].shape)}, got {tuple(state[key].shape)}"
-                  for key in state if key in expected and state[key].shape != expected[key].shape]
-    problems = [f"{label} ({len(items)}): " + "; ".join(items) for label, items in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
-    if problems:
-        raise ValueError(f"checkpoint does not fit this {type(model).__name__}:\n  " + "\n  ".join(problems))
+    check_state_fits(model, state, original)
     on_meta = any(parameter.is_meta for parameter in model.parameters())
     model.load_state_dict(state, assign=on_meta)
     return model

@@ -149,7 +149,7 @@ def test_bad_input_exits_2_with_the_message_and_writes_nothing(case, run, tmp_pa
     argv, message = {
         "missing": ([str(tmp_path / "nowhere")], "no checkpoint at"),
         "not a checkpoint": ([str(tmp_path / "junk.pt")], "cannot read checkpoint"),
-        "another model": ([str(run), "--model", "DiT-S/2"], "does not fit this model"),
+        "another model": ([str(run), "--model", "DiT-S/2"], "does not fit this DiT"),
         "ig without head": ([str(make_run(tmp_path / "plain", intermediate_block=None)), "--ig", "2"],
                             "needs a model with the IG intermediate head"),
         "foreign mismatch": ([str(tmp_path / "dit-s4.pt"), "--model", "DiT-S/2", "--image-size", "64"],
