@@ -1,7 +1,10 @@
-"""Evaluate generated images: the ADM image metrics (IG) and the control-alignment metrics (InnerControl).
+"""Evaluate generated images: the ADM image metrics (IG), FD-shapes on the Shapes data, and the control-alignment
+metrics (InnerControl).
 
     python eval.py fid --samples S.npz --ref R.npz [--inception PATH] [--out metrics.json]
     python eval.py fid --samples IMAGES --write-ref R.npz [--inception PATH]
+    python eval.py train-shapes-classifier [--classifier PATH] [--steps 2000] [--image-size 32]
+    python eval.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N) [--classifier PATH] [--out metrics.json]
     python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
 
 fid: IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch (stored
@@ -9,6 +12,10 @@ mu/sigma/mu_s/sigma_s are used when present, images in arr_0 give precision/reca
 ADM-style .npz (arr_0: (N, H, W, 3) uint8) or folders of images. --write-ref writes the samples as a reference batch
 (images and moments) that this script and the ADM evaluator read. Weights: --inception PATH or $REF_INCEPTION_WEIGHTS
 (pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release).
+fd-shapes: FD-shapes (the Frechet distance of the Shapes classifier's 128-d features; not FID) and precision/recall
+(k = 3) against reference images: an .npz or folder (--ref), or the first N true scenes of Shapes(seed=--ref-seed) at
+the samples' size, rendered on the fly (--ref-shapes N); with labels in the samples' arr_1, label_accuracy too. The
+classifier comes from train-shapes-classifier (ref/shapes_classifier.py).
 control: the maps extracted from the generated images (evaluation depth model, edge annotator, segmenter) against the
 input controls, paired in order. The logic lives in ref/metrics.py.
 """
@@ -16,12 +23,18 @@ import argparse
 import json
 import sys
 import time
+import zipfile
 
+import numpy as np
 import torch
 
 from ref.inception import FIDInceptionV3, InceptionWeightsError
 from ref.metrics import (CONTROL_MAP_MODES, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
+from ref.shapes_classifier import (ShapesClassifierError, ShapesImages, fd_shapes_report, held_out_accuracy,
+                                   load_classifier, save_classifier, train_classifier)
+
+DEFAULT_CLASSIFIER = "runs/shapes_classifier.pt"
 
 
 class Progress:
@@ -53,6 +66,40 @@ def run_fid(args, extractor=None):
     return fid_report(summary, reference)
 
 
+def sample_labels(path):
+    """arr_1 of an ADM .npz (the class each sample was generated for), or None: a folder or no arr_1."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with np.load(path) as archive:
+        return archive["arr_1"] if "arr_1" in archive.files else None
+
+
+def run_fd_shapes(args):
+    classifier = load_classifier(args.classifier).to(args.device)
+    samples = ImageSource(args.samples, "RGB")
+    if args.ref:
+        reference = ImageSource(args.ref, "RGB")
+    else:
+        size = next(samples.batches(1)).shape[1]  # the samples' side in pixels
+        reference = ShapesImages(args.ref_shapes, size, args.ref_seed)
+    summaries = [summarise_images(images, classifier, args.batch_size, args.device, Progress(name))
+                 for name, images in (("samples", samples), ("reference", reference))]
+    return fd_shapes_report(*summaries, sample_labels=sample_labels(args.samples))
+
+
+def run_train_shapes_classifier(args):
+    start, progress = time.time(), Progress("train", interval=20.0)
+    total_images = args.steps * args.batch_size
+    model = train_classifier(args.image_size, args.steps, args.batch_size, args.lr, args.seed,
+                             on_step=lambda step, loss: progress((step + 1) * args.batch_size, total_images))
+    seconds = time.time() - start
+    report = {"test_accuracy": held_out_accuracy(model, args.test_images), "test_images": args.test_images,
+              "train_seconds": seconds, "steps": args.steps, "batch_size": args.batch_size}
+    save_classifier(model, args.classifier, **report)
+    print(f"wrote shapes classifier {args.classifier}")
+    return report
+
+
 def run_control(args):
     return control_alignment(args.task, args.generated, args.controls, args.batch_size, args.num_classes,
                              args.ignore_index, Progress(args.task))
@@ -75,6 +122,23 @@ def parse_args(argv=None):
     fid.add_argument("--inception", help="FID Inception weights (default: $REF_INCEPTION_WEIGHTS)")
     fid.add_argument("--batch-size", type=int, default=50)
     fid.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    train = commands.add_parser("train-shapes-classifier", help="train the Shapes classifier that FD-shapes uses")
+    train.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="write the classifier here")
+    train.add_argument("--steps", type=int, default=2000)
+    train.add_argument("--batch-size", type=int, default=64)
+    train.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    train.add_argument("--image-size", type=int, default=32, help="training resolution; other sizes are resized to it")
+    train.add_argument("--seed", type=int, default=0, help="initial weights and data order")
+    train.add_argument("--test-images", type=int, default=2000, help="held-out scenes for the test accuracy")
+    fd_shapes = commands.add_parser("fd-shapes", help="FD-shapes and precision/recall on the Shapes classifier")
+    fd_shapes.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC, arr_1 labels) or a folder")
+    references = fd_shapes.add_mutually_exclusive_group(required=True)
+    references.add_argument("--ref", help="reference images: ADM .npz (arr_0) or a folder")
+    references.add_argument("--ref-shapes", type=int, metavar="N", help="reference: the first N true Shapes scenes")
+    fd_shapes.add_argument("--ref-seed", type=int, default=0, help="Shapes seed of --ref-shapes (0: the training data)")
+    fd_shapes.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="from train-shapes-classifier")
+    fd_shapes.add_argument("--batch-size", type=int, default=250)
+    fd_shapes.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     control = commands.add_parser("control", help="SSIM / MS-SSIM (edges), RMSE (depth), mIoU (seg)")
     control.add_argument("--task", required=True, choices=sorted(CONTROL_MAP_MODES))
     control.add_argument("--generated", required=True, help="maps extracted from the generated images: folder or .npz")
@@ -82,7 +146,7 @@ def parse_args(argv=None):
     control.add_argument("--num-classes", type=int, default=150, help="seg: number of classes (ADE20K: 150)")
     control.add_argument("--ignore-index", type=int, default=255, help="seg: label ignored in the controls")
     control.add_argument("--batch-size", type=int, default=16)
-    for command in (fid, control):
+    for command in (fid, train, fd_shapes, control):
         command.add_argument("--out", help="write the metrics as JSON to this path")
     return parser.parse_args(argv)
 
@@ -90,9 +154,12 @@ def parse_args(argv=None):
 def main(argv=None, extractor=None):
     """extractor: a stand-in for the FID Inception (tests); it must return the same "pool", "logits", "spatial"."""
     args = parse_args(argv)
+    commands = {"fid": lambda: run_fid(args, extractor), "fd-shapes": lambda: run_fd_shapes(args),
+                "train-shapes-classifier": lambda: run_train_shapes_classifier(args),
+                "control": lambda: run_control(args)}
     try:
-        report = run_fid(args, extractor) if args.command == "fid" else run_control(args)
-    except InceptionWeightsError as error:
+        report = commands[args.command]()
+    except (InceptionWeightsError, ShapesClassifierError) as error:
         sys.exit(f"error: {error}")
     print_table(report)
     if args.out:

@@ -263,21 +263,24 @@ class FeatureSummary:
 
 
 def summarise_images(images, extractor, batch_size=50, device="cpu", on_batch=None):
-    """Run the feature extractor (FIDInceptionV3 or anything returning the same "pool", "logits", "spatial") over an
-    ImageSource of RGB uint8 images; the spatial features only feed running moments. on_batch(done, total) reports."""
+    """Run the feature extractor (FIDInceptionV3 or anything returning the same "pool", "logits" and, optionally,
+    "spatial") over an ImageSource of RGB uint8 images; the spatial features only feed running moments (None without
+    them). on_batch(done, total) reports."""
     pool_moments, spatial_moments, pool, logits = RunningMoments(), RunningMoments(), [], []
     for batch in images.batches(batch_size):
         x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
         with torch.inference_mode():
             features = {name: value.float().cpu().numpy() for name, value in extractor(x).items()}
         pool_moments.update(features["pool"])
-        spatial_moments.update(features["spatial"])
+        if "spatial" in features:
+            spatial_moments.update(features["spatial"])
         pool.append(features["pool"])
         logits.append(features["logits"])
         if on_batch:
             on_batch(pool_moments.count, len(images))
-    return FeatureSummary(len(images), (pool_moments.mean, pool_moments.cov),
-                          (spatial_moments.mean, spatial_moments.cov), np.concatenate(pool), np.concatenate(logits))
+    spatial = (spatial_moments.mean, spatial_moments.cov) if spatial_moments.count else None
+    return FeatureSummary(len(images), (pool_moments.mean, pool_moments.cov), spatial, np.concatenate(pool),
+                          np.concatenate(logits))
 
 
 REFERENCE_KEYS = {"pool_moments": ("mu", "sigma"), "spatial_moments": ("mu_s", "sigma_s")}  # the ADM names
