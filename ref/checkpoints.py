@@ -23,3 +23,24 @@ def check_state_fits(model, state, original_key, optional_prefixes=()):
                 (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if items]
     if problems:
         raise ValueError(f"checkpoint does not fit this {type(model).__name__}:\n  " + "\n  ".join(problems))
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+
+
+def strip_wrappers(key):
+    for prefix in WRAPPER_PREFIXES:
+        if key.startswith(prefix):
+            return strip_wrappers(key[len(prefix):])
+    return key
+
+
+def unwrap_state(checkpoint, prefer="ema"):
+    """The state dict inside a checkpoint dict: an LDM / Lightning file {"state_dict": ...}, a training checkpoint
+    {"ema": ..., "model": ...} (`prefer` picks, falling back to the other), or a raw state dict; wrapper prefixes
+    stripped from its keys. -> {key: tensor}, {key: the key in the file}"""
+    wrapped = [checkpoint[name] for name in ("state_dict", prefer, "ema", "model")
+               if isinstance(checkpoint.get(name), dict)]
+    raw = wrapped[0] if wrapped else checkpoint
+    original = {strip_wrappers(key): key for key in raw}
+    return {key: raw[file_key] for key, file_key in original.items()}, original

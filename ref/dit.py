@@ -11,7 +11,7 @@ one forward pass, `forward(x, t, y) -> (final, intermediate)`.
 
 State-dict keys follow the official checkpoints (facebookresearch/DiT, willisma/SiT), so their weights load as they
 are; the IG release (CVL-UESTC/Internal-Guidance, SiT/models/sit.py) calls the head `final_layer_xr`, renamed on load
-by `KEY_RENAMES`.
+by `canonical_key`.
 """
 import math
 
@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from ref.checkpoints import check_state_fits, read_checkpoint
+from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
 
 
 def modulate(x, shift, scale):
@@ -285,34 +285,28 @@ def ig_head_overhead(model):
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 
-KEY_RENAMES = {  # prefix in a foreign checkpoint -> ours
-    "module.": "",  # DistributedDataParallel wrapper
-    "_orig_mod.": "",  # torch.compile wrapper
-    "final_layer_xr.": "intermediate_head.",  # IG release, CVL-UESTC/Internal-Guidance SiT/models/sit.py
-}
+IG_RELEASE_HEAD = "final_layer_xr."  # the IG release's name of the head, CVL-UESTC/Internal-Guidance SiT/models/sit.py
 
 
 def canonical_key(key):
-    for old, new in KEY_RENAMES.items():
-        if key.startswith(old):
-            return canonical_key(new + key[len(old):])
-    return key
+    """A DiT / SiT / IG-release key (wrapper prefixes already stripped) -> ours."""
+    return "intermediate_head." + key[len(IG_RELEASE_HEAD):] if key.startswith(IG_RELEASE_HEAD) else key
 
 
 def load_checkpoint(model, checkpoint, prefer="ema", allow_missing_head=False):
     """Load a DiT / SiT / IG checkpoint into `model`, all or nothing.
 
     checkpoint: a path or a dict: a raw state dict or a training checkpoint {"ema": ..., "model": ..., ...}, from
-        which `prefer` picks (falling back to the other). Keys are mapped through KEY_RENAMES.
+        which `prefer` picks (falling back to the other). Wrapper prefixes are stripped and the IG release's head
+        renamed (canonical_key).
     allow_missing_head: accept a plain DiT / SiT checkpoint in an IG model; the head keeps its fresh (zero) init.
     Missing keys, unexpected keys and shape mismatches raise a ValueError naming each of them, before anything is
     copied."""
     if not isinstance(checkpoint, dict):
         checkpoint = read_checkpoint(checkpoint)
-    wrapped = [checkpoint[name] for name in (prefer, "ema", "model") if isinstance(checkpoint.get(name), dict)]
-    state = wrapped[0] if wrapped else checkpoint
-    original_key = {canonical_key(key): key for key in state}
-    state = {key: state[original] for key, original in original_key.items()}
+    state, file_key = unwrap_state(checkpoint, prefer)
+    original_key = {canonical_key(key): file_key[key] for key in state}
+    state = {canonical_key(key): value for key, value in state.items()}
 
     check_state_fits(model, state, original_key, ("intermediate_head.",) if allow_missing_head else ())
     model.load_state_dict(state, strict=False)  # completeness checked above

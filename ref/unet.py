@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ref.checkpoints import check_state_fits, read_checkpoint
+from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
 
 
 def zero_module(module):
@@ -405,29 +405,16 @@ MODELS = {name: functools.partial(UNet, **config) for name, config in CONFIGS.it
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------------------
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
-
-
-def strip_wrappers(key):
-    for prefix in WRAPPER_PREFIXES:
-        if key.startswith(prefix):
-            return strip_wrappers(key[len(prefix):])
-    return key
-
-
 def select_state(checkpoint, prefix, prefer="ema"):
     """The state dict of one network out of a checkpoint dict: a raw state dict, an LDM / Lightning file
     {"state_dict": ...}, or a train.py checkpoint {"ema": ..., "model": ...} (`prefer` picks, falling back to the
     other). When keys carry `prefix` (e.g. model.diffusion_model. in an SD .ckpt, control_model. in a ControlNet
     file), only those are this network's, with the prefix stripped; the rest belong to the file's other networks.
     -> {our key: tensor}, {our key: the key in the file}."""
-    wrapped = [checkpoint[name] for name in ("state_dict", prefer, "ema", "model")
-               if isinstance(checkpoint.get(name), dict)]
-    state = {strip_wrappers(key): value for key, value in (wrapped[0] if wrapped else checkpoint).items()}
-    original = {key: key for key in state}
+    state, original = unwrap_state(checkpoint, prefer)
     if any(key.startswith(prefix) for key in state):
-        original = {key[len(prefix):]: key for key in state if key.startswith(prefix)}
-        state = {key: state[file_key] for key, file_key in original.items()}
+        original = {key[len(prefix):]: original[key] for key in state if key.startswith(prefix)}
+        state = {key: state[prefix + key] for key in original}
     return state, original
 
 
