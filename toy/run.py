@@ -83,8 +83,8 @@ def sample(denoise, noise, config, model_dtype=torch.float32):
     return samplers.heun(denoise, noise, grid, model_dtype=model_dtype)
 
 
-def run_seed(seed, config, truth, noise, log):
-    mixtures = [fractal_mixture("A"), fractal_mixture("B")]
+def run_seed(seed, config, mixtures, truth, noise, log):
+    """Train the main model and the guide on the class mixtures [A, B], then sample and measure every method."""
     torch.manual_seed(seed)
     main = train(ToyDenoiser(hidden=64, intermediate_layer=1), mixtures, config["main_iterations"],
                  batch=config["batch"], seed=seed, log=log, name=f"seed {seed} main")
@@ -165,9 +165,10 @@ def main(argv=None):
     exact_metrics = dict(truth.measure(exact), network_evals_per_sample=heun_evals(config))
     log(f"exact denoiser: outlier rate {exact_metrics['outlier_rate']:.4f}, recall {exact_metrics['recall']:.3f}")
 
+    mixtures = [truth.mixture, fractal_mixture("B")]
     per_seed, seed_samples = [], None
     for seed in range(args.seed, args.seed + args.seeds):
-        results, samples = run_seed(seed, config, truth, noise, log)
+        results, samples = run_seed(seed, config, mixtures, truth, noise, log)
         per_seed.append(results)
         seed_samples = seed_samples or samples
         log(f"seed {seed}: " + ", ".join(f"{m}{dict(w)} {r['outlier_rate']:.4f}/{r['recall']:.3f}"
