@@ -262,6 +262,8 @@ def distributed():
             dist.init_process_group("gloo")
     try:
         yield Distributed(rank, world_size, device)
+        if launched:  # no rank tears its group down while another still works (gloo aborts the early one)
+            dist.barrier()
     finally:
         if launched:
             dist.destroy_process_group()
