@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ref import training
+from ref import jobs, training
 from ref.data import SD_VAE_SCALE_FACTOR
 from ref.dit import MODELS, load_checkpoint
 from ref.guidance import guided_denoiser
@@ -77,16 +77,14 @@ def load_model(args):
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}")
     if args.model:
-        model = MODELS[args.model](input_size=args.image_size // training.LATENT_DOWNSAMPLING,
-                                   in_channels=training.LATENT_CHANNELS, num_classes=args.num_classes,
+        model = MODELS[args.model](input_size=args.image_size // jobs.LATENT_DOWNSAMPLING,
+                                   in_channels=jobs.LATENT_CHANNELS, num_classes=args.num_classes,
                                    learn_sigma=args.learn_sigma, intermediate_block=args.intermediate_block)
-        load_checkpoint(model, training.read_checkpoint_file(path), prefer=args.weights)
+        load_checkpoint(model, jobs.read_checkpoint_file(path), prefer=args.weights)
         return model, dict(objective=args.objective, beta_schedule="linear", latent=True, step=None, config=None,
                            checkpoint=str(path))
-    checkpoint = training.read_run_checkpoint(path)
-    config = checkpoint["args"]
-    model = load_checkpoint(training.build_model(dict(config, gradient_checkpointing=False)), checkpoint,
-                            prefer=args.weights)
+    checkpoint = jobs.read_run_checkpoint(path)
+    model, config = jobs.load_trained(path, "dit", args.weights, checkpoint)
     return model, dict(objective=config["objective"], beta_schedule=config["beta_schedule"],
                        latent=config["data"] == "latents", step=checkpoint["step"], config=config,
                        checkpoint=str(path))

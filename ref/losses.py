@@ -18,13 +18,16 @@ from ref.schedules import FlowSchedule
 FLOW = FlowSchedule()
 
 
+def mean_squared_error(prediction, target):
+    """||prediction - target||^2 per sample, a mean over the non-batch dims. -> (N,)"""
+    return (prediction - target).square().flatten(1).mean(1)
+
+
 def internal_guidance_loss(final, intermediate, target, aux_weight=0.5):
-    """Per-sample ||D_f - target||^2 + aux_weight ||D_i - target||^2, each a mean over the non-batch dims. -> (N,)
+    """Per-sample ||D_f - target||^2 + aux_weight ||D_i - target||^2. -> (N,)
     A model without an intermediate head (intermediate None) gets the plain objective."""
-    def mse(prediction):
-        return (prediction - target).square().flatten(1).mean(1)
-    loss = mse(final)
-    return loss if intermediate is None else loss + aux_weight * mse(intermediate)
+    loss = mean_squared_error(final, target)
+    return loss if intermediate is None else loss + aux_weight * mean_squared_error(intermediate, target)
 
 
 def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5):
@@ -107,7 +110,7 @@ def control_loss(prediction, control, kind):
         return sparse_mse(prediction, control)
     if kind == "max_normalised_mse":
         prediction, control = max_normalised(prediction), max_normalised(control)
-    return (prediction - control).square().flatten(1).mean(1)
+    return mean_squared_error(prediction, control)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ through (H + 1) / 2, as the InnerControl release does); "logits" gives unbounded
 classes) for segmentation, compared with class indices by cross-entropy, since a tanh would cap the logits in [-1, 1]
 and so the softmax confidence.
 
-The probe takes plain tensors, so it does not depend on which UNet produced the features; a checkpoint stores the
-channel list it was trained on, and loading it for another UNet (other feature channels) fails with both lists named.
+The probe takes plain tensors, so it does not depend on which UNet produced the features; it is trained as a
+train.py job (ref/jobs.py, ProbeJob), and a probe run used on another UNet (other feature channels) is refused with
+both channel lists named (ref.jobs.check_probe_fits).
 """
 import math
 
@@ -90,10 +91,8 @@ class ReadoutProbe(nn.Module):
                              f"got {projection_channels}")
         feature_channels = [int(c) for c in feature_channels]
         resolution = (resolution, resolution) if isinstance(resolution, int) else tuple(resolution)
-        self.config = dict(feature_channels=feature_channels, t_emb_dim=t_emb_dim, out_channels=out_channels,
-                           resolution=list(resolution), projection_channels=projection_channels, output=output,
-                           upsample=upsample)
-        self.feature_channels, self.resolution, self.output = feature_channels, resolution, output
+        self.feature_channels, self.t_emb_dim, self.resolution, self.output = (feature_channels, t_emb_dim,
+                                                                               resolution, output)
 
         self.bottlenecks = nn.ModuleList(TimestepBottleneck(c, projection_channels, t_emb_dim)
                                          for c in feature_channels)
@@ -126,28 +125,3 @@ class ReadoutProbe(nn.Module):
             mixed = mixed + weight * bottleneck(resized, t_emb)  # (B, C_l, R, R) -> (B, P, R, R)
         out = self.head(mixed)  # (B, C_out, R, R)
         return out.tanh() if self.output == "tanh" else out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints: the constructor arguments travel with the weights
-# ---------------------------------------------------------------------------------------------------------------------
-
-def save_probe(probe, path):
-    torch.save({"config": probe.config, "state_dict": probe.state_dict()}, path)
-
-
-def load_probe(path, feature_channels=None, t_emb_dim=None):
-    """Rebuild a probe from `save_probe`'s file. feature_channels / t_emb_dim: what the UNet at hand produces; a
-    checkpoint trained on another UNet's features raises a ValueError naming what it expects and what it got."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    config = checkpoint["config"]
-    if feature_channels is not None and [int(c) for c in feature_channels] != config["feature_channels"]:
-        raise ValueError(f"probe checkpoint {path} was trained on {len(config['feature_channels'])} feature maps with "
-                         f"channels {config['feature_channels']}; this UNet gives {len(feature_channels)} with "
-                         f"channels {[int(c) for c in feature_channels]}")
-    if t_emb_dim is not None and t_emb_dim != config["t_emb_dim"]:
-        raise ValueError(f"probe checkpoint {path} expects a timestep embedding of width {config['t_emb_dim']}; "
-                         f"this UNet's is {t_emb_dim}")
-    probe = ReadoutProbe(**config)
-    probe.load_state_dict(checkpoint["state_dict"])
-    return probe

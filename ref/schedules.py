@@ -107,7 +107,8 @@ class DDPMSchedule(Schedule):
         return cls(BETAS[name](steps))
 
     def abar(self, t):
-        return self.alphas_cumprod[torch.as_tensor(t, dtype=torch.long, device="cpu")]
+        t = torch.as_tensor(t, dtype=torch.long)
+        return self.alphas_cumprod.to(t.device)[t]  # float64, on t's device
 
     def alpha_sigma(self, t):
         abar = self.abar(t)

@@ -1,5 +1,5 @@
-"""Machinery of train.py and sample.py: named configs, model and data from a config, distributed set-up, per-sample
-random draws, atomic checkpoints, the run log and the FLOP count behind MFU.
+"""Machinery of train.py and sample.py: named configs, the one training loop (`fit`, for every job of ref/jobs.py),
+distributed set-up, per-sample random draws, atomic checkpoints, the run log and the FLOP count behind MFU.
 
 A config is one flat dict (`CONFIGS`); every field is also a command-line flag (`FIELDS` holds its type and help).
 The randomness of a run is a function of its config alone: the data order is `ref.data.batch_indices(step)`, and
@@ -8,24 +8,28 @@ sample's place in the data stream (`ref.data.stream_positions`). So a run resume
 as if it had never stopped, and the draws of a sample do not depend on the number of ranks.
 """
 import argparse
+import copy
 import contextlib
 import hashlib
 import json
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Sampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Sampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from ref.data import SHAPE_CLASSES, ImageFolder, LatentShards, Shapes, batch_indices
-from ref.checkpoints import read_checkpoint
-from ref.dit import DiT
+from ref.data import SHAPE_CLASSES, batch_indices, stream_positions
+from ref.dit import count_parameters
+from ref.ema import update_ema
+from ref.jobs import make_job, read_run_checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Configs
@@ -40,15 +44,24 @@ def optional_float(text):
     return None if text.lower() == "none" else float(text)
 
 
+def optional_timestep_range(text):
+    """"LOW,HIGH" -> [LOW, HIGH] (inclusive DDPM steps), "none" -> None."""
+    if text.lower() == "none":
+        return None
+    low, high = (int(value) for value in text.split(","))
+    return [low, high]
+
+
 FIELDS = {  # name: (type, help); every field is a flag --name-with-dashes
+    "job": (str, "what the run trains (ref/jobs.py): dit | unet | estimator | probe | controlnet"),
     "data": (str, "shapes (procedural, 3 x S x S pixels) | images (folder <class>/<image>) | latents (SD-VAE shards)"),
     "data_path": (str, "the image folder or the folder of latents_*.npy / labels_*.npy shards"),
     "image_size": (int, "image side in pixels (latents: the image they encode; the network sees image_size / 8)"),
     "num_classes": (int, "class labels 0..num_classes-1; label num_classes is the null label of CFG"),
     "shapes_items": (int, "shapes: epoch length (scenes are rendered from their index, so any length is free)"),
     "flip": (bool, "images: add mirrored copies (the dataset doubles)"),
-    "depth": (int, "transformer blocks"),
-    "hidden_size": (int, "token width"),
+    "depth": (int, "dit: transformer blocks; estimator: residual blocks per level"),
+    "hidden_size": (int, "dit: token width; estimator: channels at full resolution; probe: projection width P"),
     "num_heads": (int, "attention heads"),
     "patch_size": (int, "patch side in network-input pixels"),
     "intermediate_block": (optional_int, "IG head after this block (1-indexed); none for a plain DiT / SiT"),
@@ -70,6 +83,18 @@ FIELDS = {  # name: (type, help); every field is a flag --name-with-dashes
     "gradient_checkpointing": (bool, "recompute block activations in the backward pass to save memory"),
     "peak_tflops": (optional_float, "peak TFLOP/s of one device for MFU (default: the GPU's bf16 dense peak)"),
     "stop_after": (optional_int, "debug: checkpoint and stop after this step, as if killed there"),
+    # the InnerControl pipeline (jobs unet, estimator, probe, controlnet)
+    "unet": (str, "unet: the ref/unet.py preset of the base UNet (pixel space, 3 channels)"),
+    "task": (str, "estimator, probe, controlnet: depth | segmentation | edges"),
+    "tap_mode": (str, "probe: decoder features it reads, conv (ResBlocks) | attn (self-attention outputs)"),
+    "base": (str, "probe, controlnet: the base UNet run's latest.pt (its EMA weights, frozen)"),
+    "probe": (str, "controlnet: the probe run's latest.pt, for the alignment term (beta > 0)"),
+    "reward_model": (str, "controlnet: the reward estimator run's latest.pt, for the reward term (alpha > 0)"),
+    "init": (str, "controlnet: start from this controlnet run's weights (Eq. 8 after the plain fine-tune)"),
+    "alpha": (optional_float, "controlnet: reward weight (none: the task's Table 4 value; 0: no reward term)"),
+    "beta": (optional_float, "controlnet: alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
+    "reward_range": (optional_timestep_range, "controlnet: LOW,HIGH steps of the reward term (none: Table 4)"),
+    "align_range": (optional_timestep_range, "controlnet: LOW,HIGH steps of the alignment term (none: Table 4)"),
 }
 
 # Fields that may change when a run is resumed: how far and how it runs, not what it computes.
@@ -79,9 +104,9 @@ RUN_FIELDS = {"config", "steps", "checkpoint_every", "log_every", "workers", "co
 _RUN_DEFAULTS = dict(data_path=None, shapes_items=1_000_000, flip=False, objective="flow", beta_schedule="linear",
                      aux_weight=0.5, label_dropout=0.1, lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True,
                      compile=False, gradient_checkpointing=False, peak_tflops=None, stop_after=None)
-_SHAPES = dict(_RUN_DEFAULTS, data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES))
+_SHAPES = dict(_RUN_DEFAULTS, job="dit", data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES))
 # SiT / IG release settings (docs: IG notes): batch 256, lr 1e-4, EMA 0.9999, SD-VAE latents of 256 px ImageNet.
-_IMAGENET = dict(_RUN_DEFAULTS, data="latents", image_size=256, num_classes=1000, batch_size=256, ema_decay=0.9999,
+_IMAGENET = dict(_RUN_DEFAULTS, job="dit", data="latents", image_size=256, num_classes=1000, batch_size=256, ema_decay=0.9999,
                  checkpoint_every=10_000, log_every=100, workers=4)
 
 CONFIGS = {
@@ -102,6 +127,33 @@ CONFIGS = {
                              steps=400_000),
 }
 
+# The InnerControl pipeline on 32 px shapes (README): pixel-space DDPM (linear betas, 1000 steps), captions dropped
+# with probability label_dropout for CFG. Each stage reads the runs before it from their default folders; "{task}" in
+# a path is the run's task. Every stage of every task: `train.py --config NAME --task TASK`.
+_PIPELINE = dict(_RUN_DEFAULTS, data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES), objective="eps",
+                 unet="tiny", task="depth", tap_mode="conv", base="runs/shapes-unet/latest.pt",
+                 probe="runs/shapes-probe-{task}/latest.pt",
+                 reward_model="runs/shapes-estimator-reward-{task}/latest.pt", init=None, alpha=None, beta=None,
+                 reward_range=None, align_range=None, checkpoint_every=250, log_every=50)
+CONFIGS.update({
+    # 1. the base text-to-image UNet
+    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=3000, lr=1e-3, ema_decay=0.999),
+    # 2. control estimators: the reward model D (weaker: narrow, short) and the evaluation model (wider, longer)
+    "shapes-estimator-reward": dict(_PIPELINE, job="estimator", hidden_size=16, depth=1, batch_size=32, steps=300,
+                                    lr=1e-3, ema_decay=0.99),
+    "shapes-estimator-eval": dict(_PIPELINE, job="estimator", hidden_size=48, depth=2, batch_size=32, steps=1500,
+                                  lr=1e-3, ema_decay=0.995),
+    # 3. the readout probe on the frozen base (Adam lr 1e-3 as Readout Guidance; P = 64 for the tiny UNet)
+    "shapes-probe": dict(_PIPELINE, job="probe", hidden_size=64, batch_size=16, steps=1000, lr=1e-3, ema_decay=0.99),
+    # 4. the ControlNet fine-tuned with the diffusion loss alone
+    "shapes-controlnet": dict(_PIPELINE, job="controlnet", alpha=0.0, beta=0.0, batch_size=32, steps=1000, lr=1e-4,
+                              ema_decay=0.995),
+    # 5. continued from step 4 with Eq. 8 (alpha, beta, ranges: Table 4 unless given)
+    "shapes-innercontrol": dict(_PIPELINE, job="controlnet", init="runs/shapes-controlnet-{task}/latest.pt",
+                                batch_size=32, steps=1000, lr=1e-4, ema_decay=0.995),
+})
+PATH_FIELDS = ("base", "probe", "reward_model", "init")  # may name the run's task as {task}
+
 
 def add_config_flags(parser):
     """--config NAME and one flag per field; a flag left out keeps the named config's value."""
@@ -117,7 +169,17 @@ def add_config_flags(parser):
 def resolve_config(args):
     """The named config with the flags given on the command line laid over it (a flag left out is no attribute)."""
     overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    return dict(CONFIGS[args.config], **overrides, config=args.config)
+    config = dict(CONFIGS[args.config], **overrides, config=args.config)
+    for name in PATH_FIELDS:
+        if config.get(name):
+            config[name] = config[name].format(task=config["task"])
+    return config
+
+
+def default_out(config):
+    """runs/<config>, or runs/<config>-<task> for a run of the InnerControl pipeline that has a task."""
+    task = config.get("task") if config["job"] in ("estimator", "probe", "controlnet") else None
+    return Path("runs") / (config["config"] + (f"-{task}" if task else ""))
 
 
 def check_resumable(stored, config, path):
@@ -134,48 +196,6 @@ def check_resumable(stored, config, path):
 # Model and data from a config
 # ---------------------------------------------------------------------------------------------------------------------
 
-LATENT_CHANNELS, LATENT_DOWNSAMPLING = 4, 8  # SD-VAE: 256 px image -> (4, 32, 32) latent
-
-
-def network_input_shape(config):
-    """(C, H, W) of what the network sees: RGB pixels in [-1, 1], or scaled SD-VAE latents at 1/8 of the image side."""
-    if config["data"] == "latents":
-        side = config["image_size"] // LATENT_DOWNSAMPLING
-        return LATENT_CHANNELS, side, side
-    return 3, config["image_size"], config["image_size"]
-
-
-def build_model(config):
-    """The DiT / SiT of a config (learned sigma off: both objectives regress one prediction)."""
-    channels, side, _ = network_input_shape(config)
-    return DiT(input_size=side, patch_size=config["patch_size"], in_channels=channels,
-               hidden_size=config["hidden_size"], depth=config["depth"], num_heads=config["num_heads"],
-               num_classes=config["num_classes"], class_dropout_prob=config["label_dropout"],
-               intermediate_block=config["intermediate_block"],
-               gradient_checkpointing=config["gradient_checkpointing"])
-
-
-def make_dataset(config):
-    """The training data of a config; bad input (missing, empty or malformed folders and shards, more classes than
-    the config has) raises ValueError naming the file or setting."""
-    if config["data"] == "shapes":
-        dataset, classes = Shapes(config["image_size"], num_items=config["shapes_items"]), len(SHAPE_CLASSES)
-    elif config["data"] in ("images", "latents"):
-        if not config["data_path"]:
-            raise ValueError(f"--data {config['data']} needs --data-path")
-        if config["data"] == "images":
-            dataset = ImageFolder(config["data_path"], config["image_size"], flip=config["flip"])
-            classes = len(dataset.classes)
-        else:
-            dataset = LatentShards(config["data_path"], network_input_shape(config))
-            classes = int(dataset.labels.max()) + 1
-    else:
-        raise ValueError(f"unknown data {config['data']!r}; choose shapes, images or latents")
-    if classes > config["num_classes"]:
-        raise ValueError(f"the data has {classes} classes but the config {config['num_classes']}; set --num-classes")
-    return dataset
-
-
 class StepBatches(Sampler):
     """This rank's dataset indices for steps [start, stop), one list per step (ref.data.batch_indices)."""
 
@@ -189,11 +209,6 @@ class StepBatches(Sampler):
     def __iter__(self):
         for step in self.steps:
             yield batch_indices(step, *self.batch_args).tolist()
-
-
-def collate_inputs_labels(samples):
-    """Every dataset puts (input, label) first -> x (N, C, H, W), y (N,) long."""
-    return torch.stack([sample[0] for sample in samples]), torch.tensor([sample[1] for sample in samples])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,23 +337,6 @@ def save_checkpoint(path, model, ema, optimizer, step, config):
     atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
-def read_checkpoint_file(path):
-    """ref.dit.read_checkpoint, with every failure to read the file as a ValueError naming it."""
-    try:
-        return read_checkpoint(path)
-    except Exception as error:  # unpickling fails in many ways; each means "not a checkpoint we can read"
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
-
-
-def read_run_checkpoint(path):
-    """A checkpoint written by train.py (a dict with its config under "args"); anything else raises ValueError."""
-    checkpoint = read_checkpoint_file(path)
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
-            and "depth" in checkpoint["args"]):
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no config under 'args')")
-    return checkpoint
-
-
 def weights_digest(state_dict):
     """sha256 of every tensor's bytes in key order: equal digests mean bitwise-equal weights."""
     digest = hashlib.sha256()
@@ -410,15 +408,108 @@ def peak_flops(device, peak_tflops=None):
     return None
 
 
-def training_flops_per_image(config):
-    """Model FLOPs of one forward + backward pass per image, counted by torch.utils.flop_counter on the meta device
-    (no memory, no compute; there attention takes the math path, whose matmuls are counted: the CPU flash kernel has
-    no FLOP formula). Without gradient checkpointing: its recomputation is not model FLOPs."""
+def training_flops_per_image(config, dataset):
+    """Model FLOPs of one training forward + backward pass per image, counted by torch.utils.flop_counter on the meta
+    device (no memory, no compute; there attention takes the math path, whose matmuls are counted: the CPU flash kernel
+    has no FLOP formula): the job's loss on one sample of `dataset`, frozen partners included. Without gradient
+    checkpointing: its recomputation is not model FLOPs."""
     with torch.device("meta"):
-        model = build_model(dict(config, gradient_checkpointing=False))
-        x = torch.zeros(1, *network_input_shape(config))
-        t, y = torch.zeros(1), torch.zeros(1, dtype=torch.long)
+        job = make_job(dict(config, gradient_checkpointing=False), load=False)
+        net = job.build()
+    inputs = job.draw(job.collate([dataset[0]]), SampleDraws([0]))
     with FlopCounterMode(display=False) as counter:
-        final, intermediate = model(x, t, y)
-        (final.sum() + (0 if intermediate is None else intermediate.sum())).backward()
+        job.loss(net, *(tensor.to("meta") for tensor in inputs)).sum().backward()
     return counter.get_total_flops()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training loop, one for every job
+# ---------------------------------------------------------------------------------------------------------------------
+
+def fit(config, out, world):
+    """Train the config's job (ref/jobs.py) into `out`: AdamW (betas 0.9, 0.999, no weight decay), gradient clipping,
+    EMA, bf16 autocast on CUDA, DDP over the ranks, optional torch.compile; resume from out/latest.pt; progress,
+    log.txt and metrics.jsonl on rank 0. Bad input: a message and exit status 2, nothing written."""
+    checkpoint_path = out / "latest.pt"
+    try:  # bad input stops here, before anything is written
+        job = make_job(config)
+        dataset = job.make_dataset()
+        stream_positions(0, config["batch_size"], world.rank, world.world_size)  # checks the batch splits over ranks
+        checkpoint = read_run_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+        if checkpoint is not None:
+            check_resumable(checkpoint["args"], config, checkpoint_path)
+        torch.manual_seed(config["seed"])  # the initial weights
+        model = job.build().to(world.device)
+        job.to(world.device)
+        flops_per_image = training_flops_per_image(config, dataset)  # reads one sample: a bad first file stops here
+    except ValueError as error:
+        exit_with_error(error)
+
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), weight_decay=0)
+    start = 0
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        ema.load_state_dict(checkpoint["ema"])
+        optimizer.load_state_dict(checkpoint["opt"])
+        start = checkpoint["step"]
+    stop = min(config["steps"], config["stop_after"] or config["steps"])
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    log = RunLog(out, world.is_main, resumed_step=start if checkpoint else None)
+    peak = peak_flops(world.device, config["peak_tflops"])
+    log.line(f"{'resumed at step ' + str(start) if checkpoint else 'new run'} in {out}: {config['job']} job, "
+             f"{world.world_size} rank(s) on {world.device.type}, {count_parameters(model):,} trained parameters, "
+             f"{flops_per_image / 1e9:.3f} GFLOP per image (forward + backward)\nconfig {json.dumps(config)}")
+
+    net = torch.compile(model) if config["compile"] else model  # compile before the DDP wrap (nanoGPT)
+    if world.world_size > 1:
+        net = DistributedDataParallel(net, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+    loader = DataLoader(dataset, batch_sampler=StepBatches(start, stop, config["batch_size"], world.rank,
+                                                           world.world_size, config["seed"], len(dataset)),
+                        collate_fn=job.collate, num_workers=config["workers"], pin_memory=world.device.type == "cuda")
+    run_start = interval_start = time.perf_counter()
+    loss_sum, interval_steps = torch.zeros((), device=world.device), 0
+    batches = iter(loader)
+    for step in range(start, stop):
+        try:
+            batch = next(batches)  # a tuple of CPU tensors, the job's collate
+        except ValueError as error:  # an image file that cannot be decoded
+            exit_with_error(error)
+        positions = stream_positions(step, config["batch_size"], world.rank, world.world_size)
+        draws = SampleDraws(stream_seed(config["seed"], position) for position in positions)
+        inputs = [tensor.to(world.device, non_blocking=True) for tensor in job.draw(batch, draws)]
+        with autocast(world.device, config["bf16"]):
+            loss = job.loss(net, *inputs).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # DDP averages the gradients over the ranks: the gradient of the global batch mean
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        optimizer.step()
+        update_ema(ema, model, config["ema_decay"])
+        loss_sum += loss.detach()
+        interval_steps += 1
+        done = step + 1
+
+        if done % config["log_every"] == 0 or done == stop:
+            mean_loss = all_reduce_mean(loss_sum / interval_steps).item()
+            now = time.perf_counter()
+            images_per_second = interval_steps * config["batch_size"] / (now - interval_start)
+            mfu = flops_per_image * images_per_second / (peak * world.world_size) if peak else None
+            eta = (now - run_start) / (done - start) * (stop - done)
+            log.line(f"step {done}/{config['steps']}  loss {mean_loss:.4f}  {images_per_second:.1f} img/s  "
+                     f"MFU {'n/a' if mfu is None else f'{mfu:.1%}'}  elapsed "
+                     f"{format_seconds(now - run_start)}  ETA {format_seconds(eta)}")
+            log.metrics(dict(step=done, images=done * config["batch_size"], loss=mean_loss,
+                             grad_norm=grad_norm.item(), images_per_second=images_per_second, mfu=mfu,
+                             seconds=now - run_start))
+            loss_sum.zero_()
+            interval_start, interval_steps = time.perf_counter(), 0
+        if world.is_main and (done % config["checkpoint_every"] == 0 or done == stop):
+            save_checkpoint(checkpoint_path, model, ema, optimizer, done, config)
+
+    if start >= stop:
+        log.line(f"nothing to train: {checkpoint_path} is at step {start}")
+    elif stop < config["steps"]:
+        log.line(f"stopped after step {stop} of {config['steps']} (--stop-after); rerun without it to continue")
+    # Equal digests on every rank show the replicas stayed bitwise in step.
+    print(f"rank {world.rank}: weights sha256 {weights_digest(model.state_dict())}", flush=True)

@@ -337,6 +337,11 @@ class UNet(UNetEncoder):
                     points.append((layer.transformer_blocks[0].attn1, factor))
         return points
 
+    def tap_channels(self, mode):
+        """C_l of every feature map of a tap mode, decoder order: what a probe on them is built for."""
+        return [module[-1].out_channels if mode == "conv" else module.to_out[0].out_features
+                for module, _ in self.tap_points(mode)]
+
     def check_control(self, control, height, width):
         expected = self.residual_shapes(height, width)
         got = [tuple(residual.shape[1:]) for residual in control]

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import sample
-from ref import training
+from ref import jobs, training
 from ref.dit import MODELS
 
 torch.set_num_threads(1)
@@ -35,7 +35,7 @@ def randomise(model, seed=0, scale=0.05):
 def make_run(folder, **overrides):
     """A run folder whose latest.pt holds a random tiny model (as train.py writes it)."""
     config = dict(TINY, **overrides)
-    model = randomise(training.build_model(config))
+    model = randomise(jobs.DiTJob(config).build())
     folder.mkdir(parents=True)
     optimizer = torch.optim.AdamW(model.parameters())
     training.save_checkpoint(folder / "latest.pt", model, model, optimizer, 0, config)

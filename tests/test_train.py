@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import train
-from ref import training
+from ref import jobs, training
 from ref.dit import MODELS, count_parameters, read_checkpoint
 
 torch.set_num_threads(1)
@@ -221,7 +221,7 @@ def test_command_line_error_is_a_message_not_a_traceback(tmp_path):
 def test_imagenet_configs_are_the_sit_presets():
     for name, preset, block in (("sit-b2-imagenet", "DiT-B/2", 4), ("sit-xl2-imagenet", "DiT-XL/2", 8)):
         with torch.device("meta"):
-            ours = training.build_model(training.CONFIGS[name])
+            ours = jobs.DiTJob(training.CONFIGS[name]).build()
             theirs = MODELS[preset](intermediate_block=block)
         shapes = [{key: value.shape for key, value in model.state_dict().items()} for model in (ours, theirs)]
         assert shapes[0] == shapes[1]
@@ -238,4 +238,5 @@ def test_training_flops_match_the_closed_form():
     head = 2 * width * 2 * width + 2 * tokens * width * patch * patch * channels  # final layer (twice: IG head)
     patch_embed, timestep_mlp = 2 * tokens * channels * patch * patch * width, 2 * 256 * width
     forward = depth * block + 2 * head + patch_embed + timestep_mlp + 2 * width * width
-    assert training.training_flops_per_image(config) == 3 * forward - patch_embed - timestep_mlp
+    dataset = jobs.make_job(config).make_dataset()
+    assert training.training_flops_per_image(config, dataset) == 3 * forward - patch_embed - timestep_mlp

@@ -1,0 +1,135 @@
+"""The InnerControl pipeline as train.py jobs (ref/jobs.py): captions tokenised; every stage trains through the one
+loop; the Eq. 8 stage starts from --init and resumes bitwise; its reward and alignment terms act exactly inside their
+timestep ranges; bad input (unknown task, a run of the wrong job, a missing reward model, a probe for another UNet)
+exits 2 naming what was expected."""
+import re
+
+import pytest
+import torch
+
+import train
+from ref import jobs, training
+from ref.checkpoints import read_checkpoint
+from ref.data import Shapes
+from ref.probes import ReadoutProbe
+from ref.text import PAD
+from ref.unet import MODELS as UNETS
+from tests.test_train import assert_same_state
+
+torch.set_num_threads(1)
+SMALL = ["--batch-size", "4", "--log-every", "1", "--checkpoint-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    """Base UNet, depth reward estimator, depth probe and a fine-tuned ControlNet, a few steps each."""
+    root = tmp_path_factory.mktemp("pipeline")
+    runs = {name: root / name for name in ("unet", "reward", "probe", "controlnet")}
+    base = ["--base", str(runs["unet"] / "latest.pt")]
+    train.main(["--config", "shapes-unet", "--steps", "2", *SMALL, "--out", str(runs["unet"])])
+    train.main(["--config", "shapes-estimator-reward", "--steps", "2", *SMALL, "--out", str(runs["reward"])])
+    train.main(["--config", "shapes-probe", "--steps", "2", *SMALL, *base, "--out", str(runs["probe"])])
+    train.main(["--config", "shapes-controlnet", "--steps", "2", *SMALL, *base, "--out", str(runs["controlnet"])])
+    return {name: path / "latest.pt" for name, path in runs.items()}
+
+
+def innercontrol_flags(stages, **overrides):
+    flags = dict(dict(config="shapes-innercontrol", base=stages["unet"], probe=stages["probe"],
+                      reward_model=stages["reward"], init=stages["controlnet"], steps=4), **overrides)
+    return [item for name, value in flags.items() for item in (f"--{name.replace('_', '-')}", str(value))] + SMALL
+
+
+def test_tokenizer_ids_padding_and_errors():
+    tokenizer = jobs.CAPTION_TOKENIZER
+    tokens = tokenizer(["a red circle and a blue square", ""])
+    words = tokenizer.vocabulary
+    assert tokens[0, :7].tolist() == [words.index(w) + 1 for w in "a red circle and a blue square".split()]
+    assert (tokens[0, 7:] == PAD).all() and (tokens[1] == PAD).all()
+    with pytest.raises(ValueError, match=r"outside the vocabulary: \['purple'\]"):
+        tokenizer(["a purple circle"])
+    with pytest.raises(ValueError, match="at most 11 fit"):
+        tokenizer(["a red circle and " * 3 + "a red circle"])
+    every_caption = [Shapes(32)[index].caption for index in range(50)]  # every scene's caption tokenises
+    assert tokenizer(every_caption).shape == (50, 11)
+
+
+def test_every_stage_trained_and_the_controlnet_starts_from_the_base(stages):
+    for name, path in stages.items():
+        checkpoint = read_checkpoint(path)
+        assert checkpoint["step"] == 2 and checkpoint["args"]["job"] == {"reward": "estimator"}.get(name, name)
+    controlnet, _ = jobs.load_trained(stages["controlnet"], "controlnet", weights="model")
+    base, _ = jobs.load_trained(stages["unet"], "unet")
+    copied = {key: value for key, value in base.unet.state_dict().items() if key.startswith("input_blocks.")}
+    moved = [key for key, value in copied.items() if not torch.equal(controlnet.state_dict()[key], value)]
+    assert moved  # two steps of training moved the encoder copy, which started as the base's (ControlNet.from_unet)
+
+
+def test_innercontrol_starts_from_init_and_resumes_bitwise(stages, tmp_path):
+    config, _ = train.parse_args(innercontrol_flags(stages))
+    started = jobs.make_job(config).build()
+    assert_same_state(started.state_dict(), read_checkpoint(stages["controlnet"])["model"])
+    train.main(innercontrol_flags(stages, out=tmp_path / "whole"))
+    train.main(innercontrol_flags(stages, out=tmp_path / "split", stop_after=2))
+    train.main(innercontrol_flags(stages, out=tmp_path / "split"))
+    whole, split = (read_checkpoint(tmp_path / name / "latest.pt") for name in ("whole", "split"))
+    assert_same_state(split["model"], whole["model"])
+    assert_same_state(split["ema"], whole["ema"])
+    assert not torch.equal(whole["model"]["zero_convs.0.0.weight"], started.state_dict()["zero_convs.0.0.weight"])
+
+
+def test_eq8_terms_act_exactly_inside_their_ranges(stages):
+    """Same batch and draws: with both ranges beyond the last step the loss is the diffusion loss alone (alpha = beta
+    = 0); with ranges over every step it is larger by exactly alpha x reward + beta x alignment."""
+    def per_sample_loss(**overrides):
+        config, _ = train.parse_args(innercontrol_flags(stages, **overrides))
+        job = jobs.make_job(config)
+        torch.manual_seed(0)
+        net = job.build()
+        dataset = job.make_dataset()
+        inputs = job.draw(job.collate([dataset[i] for i in range(4)]), training.SampleDraws(range(4)))
+        with torch.no_grad():
+            return job.loss(net, *inputs), job, net, inputs
+
+    plain, *_ = per_sample_loss(alpha=0, beta=0)
+    outside, *_ = per_sample_loss(reward_range="1000,1000", align_range="1000,1000")
+    torch.testing.assert_close(outside, plain, rtol=0, atol=0)
+    full, job, net, (x0, tokens, hint, control, t, eps) = per_sample_loss(reward_range="0,999", align_range="0,999")
+    with torch.no_grad():
+        x_t = job.schedule.add_noise(x0, eps, t)
+        eps_hat, features = job.base.unet(x_t, t, job.base.text_encoder(tokens), control=net(
+            x_t, hint, t, job.base.text_encoder(tokens)), taps=job.tap_mode)
+        reward = job.reward_model(job.schedule.x0_from_eps(x_t, eps_hat, t))  # (B, 1, H, W) depth in [0, 1]
+        reward = (reward / reward.flatten(1).amax(1)[:, None, None, None]
+                  - control / control.flatten(1).amax(1)[:, None, None, None]).square().flatten(1).mean(1)
+        alignment = ((job.probe(features, job.base.unet.embed_time(t)) + 1) / 2 - control).square().flatten(1).mean(1)
+    torch.testing.assert_close(full, plain + 0.5 * reward + 1.0 * alignment, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_pipeline_input_exits_2_naming_what_was_expected(stages, tmp_path, capsys):
+    cases = [
+        (["--config", "shapes-probe", "--task", "normals"], "unknown task 'normals'; choose one of depth, segmentation"),
+        (["--config", "shapes-probe", "--base", str(stages["reward"])],
+         "is a 'estimator' run; a 'unet' run was expected"),
+        (["--config", "shapes-probe", "--base", str(tmp_path / "none.pt")], "cannot read checkpoint"),
+        (innercontrol_flags(stages, reward_model=""), "needs --reward-model"),
+        (innercontrol_flags(stages, task="segmentation"), "is a estimator run for the task 'depth'"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main([*flags, *SMALL, "--out", str(tmp_path / "run")])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and message in error and "Traceback" not in error
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_probe_for_another_unet_is_refused_naming_both_channel_lists():
+    tiny, wider = UNETS["tiny"](), UNETS["tiny"](model_channels=64)
+    probe = ReadoutProbe(tiny.tap_channels("conv"), tiny.time_embed[-1].out_features, 1, 32, 32)
+    jobs.check_probe_fits(probe, tiny, "conv", "probe.pt")
+    assert wider.tap_channels("conv") == [2 * c for c in tiny.tap_channels("conv")]
+    with pytest.raises(ValueError, match=re.escape(
+            f"probe.pt was trained on 4 'conv' feature maps with channels {tiny.tap_channels('conv')} and a timestep "
+            f"embedding of width 128; this base UNet gives 4 maps with channels {wider.tap_channels('conv')} and "
+            f"width 256")):
+        jobs.check_probe_fits(probe, wider, "conv", "probe.pt")
