@@ -6,6 +6,7 @@ metrics (InnerControl).
     python eval.py train-shapes-classifier [--classifier PATH] [--steps 2000] [--image-size 32]
     python eval.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N) [--classifier PATH] [--out metrics.json]
     python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
+    python eval.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
 
 fid: IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch (stored
 mu/sigma/mu_s/sigma_s are used when present, images in arr_0 give precision/recall). Samples and references are
@@ -18,20 +19,27 @@ the samples' size, rendered on the fly (--ref-shapes N); with labels in the samp
 classifier comes from train-shapes-classifier (ref/shapes_classifier.py).
 control: the maps extracted from the generated images (evaluation depth model, edge annotator, segmenter) against the
 input controls, paired in order. The logic lives in ref/metrics.py.
+innercontrol: for sample.py's output on a controlnet run: the evaluation estimator reads the control back from each
+sample (ref/innercontrol.py: RMSE for depth, mIoU for segmentation, SSIM for edges, against the exact control of the
+scene the sample followed), and FD-shapes / precision / recall against the first --ref-shapes evaluation scenes.
 """
 import argparse
 import json
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from ref.inception import FIDInceptionV3, InceptionWeightsError
+from ref import jobs
+from ref.data import Shapes
+from ref.inception import FIDInceptionV3
+from ref.innercontrol import ControlScore
 from ref.metrics import (CONTROL_MAP_MODES, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
-from ref.shapes_classifier import (ShapesClassifierError, ShapesImages, fd_shapes_report, held_out_accuracy,
+from ref.shapes_classifier import (ShapesImages, fd_shapes_report, held_out_accuracy,
                                    load_classifier, save_classifier, train_classifier)
 
 DEFAULT_CLASSIFIER = "runs/shapes_classifier.pt"
@@ -85,6 +93,44 @@ def run_fd_shapes(args):
     summaries = [summarise_images(images, classifier, args.batch_size, args.device, Progress(name))
                  for name, images in (("samples", samples), ("reference", reference))]
     return fd_shapes_report(*summaries, sample_labels=sample_labels(args.samples))
+
+
+def run_innercontrol(args):
+    """The control metric of the evaluation estimator on sample.py's output for a controlnet run (its settings.json
+    names the task and the evaluation scenes), and FD-shapes against the first --ref-shapes evaluation scenes."""
+    folder = Path(args.samples)
+    settings_path = folder / "settings.json"
+    if not settings_path.is_file():
+        raise ValueError(f"{settings_path}: missing; expected the folder sample.py writes for a controlnet run")
+    settings = json.loads(settings_path.read_text())
+    if settings.get("job") != "controlnet":
+        raise ValueError(f"{folder} holds samples of a {settings.get('job', 'dit')} run, not of a controlnet run")
+    task = settings["task"]
+    estimator, estimator_config = jobs.load_trained(args.estimator, "estimator")
+    if estimator_config["task"] != task:
+        raise ValueError(f"{args.estimator} estimates {estimator_config['task']}; the samples are for {task}")
+    estimator.to(args.device)
+    samples = ImageSource(folder / "samples.npz", "RGB")
+    with np.load(folder / "samples.npz") as archive:
+        scene_indices = archive["arr_1"]
+    size = settings["config"]["image_size"]
+    scenes = Shapes(size, num_items=int(scene_indices.max()) + 1, seed=settings["scene_seed"])
+    score, done, progress = ControlScore(task, jobs.SEGMENT_CLASSES), 0, Progress("control")
+    for batch in samples.batches(args.batch_size):
+        images = torch.from_numpy(batch).permute(0, 3, 1, 2).float().to(args.device) / 127.5 - 1  # [-1, 1]
+        controls = torch.stack([jobs.control_of(scenes[int(i)], task) for i in scene_indices[done:done + len(batch)]])
+        with torch.no_grad():
+            score.update(estimator(images), controls)
+        done += len(batch)
+        progress(done, len(samples))
+    report = {"task": task, "samples": len(samples), **score.result()}
+    classifier = load_classifier(args.classifier).to(args.device)
+    reference = ShapesImages(args.ref_shapes, size, settings["scene_seed"])
+    summaries = [summarise_images(images, classifier, args.batch_size, args.device, Progress(name))
+                 for name, images in (("samples", samples), ("reference", reference))]
+    fd = fd_shapes_report(*summaries)
+    report.update(fd_shapes=fd["fd_shapes"], precision=fd["precision"], recall=fd["recall"])
+    return report
 
 
 def run_train_shapes_classifier(args):
@@ -146,7 +192,14 @@ def parse_args(argv=None):
     control.add_argument("--num-classes", type=int, default=150, help="seg: number of classes (ADE20K: 150)")
     control.add_argument("--ignore-index", type=int, default=255, help="seg: label ignored in the controls")
     control.add_argument("--batch-size", type=int, default=16)
-    for command in (fid, train, fd_shapes, control):
+    innercontrol = commands.add_parser("innercontrol", help="control metric and FD-shapes of a controlnet run's samples")
+    innercontrol.add_argument("--samples", required=True, help="the folder sample.py wrote for a controlnet run")
+    innercontrol.add_argument("--estimator", required=True, help="the evaluation estimator run's latest.pt")
+    innercontrol.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="from train-shapes-classifier")
+    innercontrol.add_argument("--ref-shapes", type=int, default=2000, help="FD-shapes reference: evaluation scenes")
+    innercontrol.add_argument("--batch-size", type=int, default=100)
+    innercontrol.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for command in (fid, train, fd_shapes, control, innercontrol):
         command.add_argument("--out", help="write the metrics as JSON to this path")
     return parser.parse_args(argv)
 
@@ -156,10 +209,10 @@ def main(argv=None, extractor=None):
     args = parse_args(argv)
     commands = {"fid": lambda: run_fid(args, extractor), "fd-shapes": lambda: run_fd_shapes(args),
                 "train-shapes-classifier": lambda: run_train_shapes_classifier(args),
-                "control": lambda: run_control(args)}
+                "control": lambda: run_control(args), "innercontrol": lambda: run_innercontrol(args)}
     try:
         report = commands[args.command]()
-    except (InceptionWeightsError, ShapesClassifierError) as error:
+    except ValueError as error:  # bad input, InceptionWeightsError and ShapesClassifierError included
         sys.exit(f"error: {error}")
     print_table(report)
     if args.out:

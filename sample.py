@@ -1,8 +1,9 @@
-"""Sample a trained DiT / SiT with Internal Guidance and / or CFG, each on its own interval of t.
+"""Sample a trained DiT / SiT with Internal Guidance and / or CFG, each on its own interval of t; or a ControlNet run.
 
     python sample.py runs/shapes-tiny [--num-samples 64] [--seed 0] [--batch-size 32] [--sampler em|heun|ddpm|ddim]
                      [--steps N] [--ig W] [--ig-interval LO HI] [--cfg S] [--cfg-interval LO HI] [--out DIR]
     python sample.py SiT-XL-2-IG.pt --model DiT-XL/2 --intermediate-block 8 --ig 1.4 --cfg 1.35 --cfg-interval 0 0.7
+    python sample.py runs/shapes-innercontrol-depth --num-samples 200 --seeds-per-control 2 --cfg 3 --steps 20
     torchrun --nproc_per_node=N sample.py ...
 
 RUN is a run folder (its latest.pt) or a checkpoint of train.py; its EMA weights are used (--weights model: the raw
@@ -19,6 +20,12 @@ level; on this machine the tests' 7 samples came out bitwise equal). Rank r take
 r, r + W, r + 2W, ...; rank 0 gathers them and writes OUT/samples.npz (ADM: arr_0 uint8 N x H x W x 3, arr_1 labels),
 OUT/grid.png and OUT/settings.json. Latent models write OUT/latents.npy (N, 4, h, w) divided by the VAE scale factor,
 ready for the SD-VAE decoder, which this repository does not include yet, and OUT/labels.npy instead of images.
+
+A controlnet run of the InnerControl pipeline (train.py --config shapes-controlnet / shapes-innercontrol) samples
+its base UNet steered by the ControlNet: DDIM (50 steps by default) with CFG on the caption (--cfg, the control in both
+branches). Sample i follows the control and caption of evaluation scene i // --seeds-per-control (Shapes seed
+ref.innercontrol.EVAL_SCENE_SEED) from noise seeded with seed + i; arr_1 holds the scene indices, grid.png shows each
+control beside its samples; `eval.py innercontrol` scores them.
 Bad input: a message and exit status 2, nothing written.
 """
 import argparse
@@ -32,9 +39,10 @@ import torch
 from PIL import Image
 
 from ref import jobs, training
-from ref.data import SD_VAE_SCALE_FACTOR
+from ref.data import SD_VAE_SCALE_FACTOR, Shapes
 from ref.dit import MODELS, load_checkpoint
 from ref.guidance import guided_denoiser
+from ref.innercontrol import EVAL_SCENE_SEED, generate
 from ref.samplers import ddim, ddpm_ancestral, euler_maruyama, heun, spaced_timesteps, uniform_grid
 from ref.schedules import DDPMSchedule
 
@@ -59,6 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--cfg-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"))
     parser.add_argument("--bf16", action="store_true", help="CUDA: run the network under bf16 autocast")
     parser.add_argument("--grid-rows", type=int, default=8, help="rows of grid.png (the first samples)")
+    parser.add_argument("--seeds-per-control", type=int, default=1,
+                        help="controlnet runs: samples per evaluation scene (sample i follows scene i // this)")
     parser.add_argument("--out", help="output folder (default: samples-<settings> beside the checkpoint)")
     foreign = parser.add_argument_group("foreign checkpoints (official DiT, IG-release SiT)")
     foreign.add_argument("--model", choices=list(MODELS), help="size preset; RUN is then a foreign checkpoint")
@@ -70,12 +80,18 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_model(args):
-    """-> (model with the chosen weights, description: objective, beta_schedule, latent, step, config)."""
-    path = Path(args.run)
+def checkpoint_file(run):
+    """The checkpoint of RUN: the file itself, or a run folder's latest.pt."""
+    path = Path(run)
     path = path / "latest.pt" if path.is_dir() else path
     if not path.is_file():
         raise ValueError(f"no checkpoint at {path}")
+    return path
+
+
+def load_model(args, path, checkpoint):
+    """-> (model with the chosen weights, description: objective, beta_schedule, latent, step, config).
+    checkpoint: the train.py checkpoint at path, or None for a foreign one (--model)."""
     if args.model:
         model = MODELS[args.model](input_size=args.image_size // jobs.LATENT_DOWNSAMPLING,
                                    in_channels=jobs.LATENT_CHANNELS, num_classes=args.num_classes,
@@ -83,7 +99,6 @@ def load_model(args):
         load_checkpoint(model, jobs.read_checkpoint_file(path), prefer=args.weights)
         return model, dict(objective=args.objective, beta_schedule="linear", latent=True, step=None, config=None,
                            checkpoint=str(path))
-    checkpoint = jobs.read_run_checkpoint(path)
     model, config = jobs.load_trained(path, "dit", args.weights, checkpoint)
     return model, dict(objective=config["objective"], beta_schedule=config["beta_schedule"],
                        latent=config["data"] == "latents", step=checkpoint["step"], config=config,
@@ -170,7 +185,8 @@ def sample_share(args, model, latent, run_sampler, interval_scale, dist):
     return indices, np.concatenate(outputs)
 
 
-def write_outputs(out, samples, labels, settings, columns, rows):
+def write_outputs(out, samples, labels, settings, columns, rows, pictures=None):
+    """pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
     out.mkdir(parents=True, exist_ok=True)
     if settings["latent"]:
         training.atomic_write(out / "latents.npy", lambda file: np.save(file, samples))
@@ -180,19 +196,95 @@ def write_outputs(out, samples, labels, settings, columns, rows):
     else:
         training.atomic_write(out / "samples.npz", lambda file: np.savez(file, arr_0=samples, arr_1=labels))
         grid = io.BytesIO()
-        Image.fromarray(grid_image(samples[:rows * columns], columns)).save(grid, format="PNG")
+        pictures = samples if pictures is None else pictures
+        Image.fromarray(grid_image(pictures[:rows * columns], columns)).save(grid, format="PNG")
         training.atomic_write(out / "grid.png", lambda file: file.write(grid.getvalue()))
     training.atomic_write(out / "settings.json", lambda file: file.write(json.dumps(settings, indent=2).encode()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ControlNet runs (the InnerControl pipeline): controls and captions of held-out shapes scenes
+# ---------------------------------------------------------------------------------------------------------------------
+
+def load_controlnet(args, path, checkpoint):
+    """-> (base, controlnet, config) for a controlnet run; its base is the run's `base`."""
+    if (args.sampler or "ddim") != "ddim" or args.ig != 1.0:
+        raise ValueError("a controlnet run samples with DDIM (--sampler ddim) and caption CFG (--cfg); it has no IG")
+    controlnet, config = jobs.load_trained(path, "controlnet", args.weights, checkpoint)
+    base, _ = jobs.load_trained(config["base"], "unet")
+    return base, controlnet, config
+
+
+def controlnet_share(args, base, controlnet, config, world):
+    """This rank's samples r, r + W, ...: sample i follows the control and caption of evaluation scene
+    i // seeds_per_control, from noise seeded with seed + i. -> (indices, images (n, H, W, 3) uint8)"""
+    scenes = Shapes(config["image_size"], num_items=args.num_samples, seed=EVAL_SCENE_SEED)
+    schedule = DDPMSchedule.named(config["beta_schedule"])
+    indices = np.arange(world.rank, args.num_samples, world.world_size)
+    outputs = [np.zeros((0, config["image_size"], config["image_size"], 3), np.uint8)]
+    for start in range(0, len(indices), args.batch_size):
+        batch = indices[start:start + args.batch_size]
+        samples = [scenes[int(i) // args.seeds_per_control] for i in batch]
+        _, tokens, control = jobs.collate_shapes(samples, config["task"])
+        draws = training.SampleDraws(args.seed + int(i) for i in batch)
+        hint = jobs.hint_of(control, config["task"]).to(world.device)
+        noise = draws.randn(3, config["image_size"], config["image_size"]).to(world.device)
+        with training.autocast(world.device, args.bf16):
+            images = generate(base, controlnet, schedule, hint, tokens.to(world.device), noise,
+                              args.steps or DEFAULT_STEPS["ddim"], args.cfg)
+        outputs.append(to_uint8(images.cpu()))
+    return indices, np.concatenate(outputs)
+
+
+def control_pictures(samples, scene_indices, config, seeds_per_control):
+    """grid.png rows: each control as a picture, then its samples. -> (N', H, W, 3) uint8"""
+    scenes = Shapes(config["image_size"], num_items=int(scene_indices.max()) + 1, seed=EVAL_SCENE_SEED)
+    rows = []
+    for start in range(0, len(samples), seeds_per_control):
+        control = jobs.control_of(scenes[int(scene_indices[start])], config["task"])
+        rows += [jobs.control_picture(control, config["task"]), *samples[start:start + seeds_per_control]]
+    return np.stack(rows)
+
+
+def sample_controlnet(args, path, base, controlnet, config):
+    with training.distributed() as world:
+        base.to(world.device), controlnet.to(world.device)
+        start = time.perf_counter()
+        shares = training.gather_to_main(controlnet_share(args, base, controlnet, config, world))
+        if not world.is_main:
+            return
+        indices = np.concatenate([share[0] for share in shares])
+        samples = np.concatenate([share[1] for share in shares])[np.argsort(indices)]
+        steps = args.steps or DEFAULT_STEPS["ddim"]
+        scene_indices = np.arange(args.num_samples) // args.seeds_per_control
+        settings = dict(vars(args), job="controlnet", task=config["task"], scene_seed=EVAL_SCENE_SEED, latent=False,
+                        sampler="ddim", steps=steps, checkpoint=str(path), config=config,
+                        network_evaluations_per_sample=steps * (2 if args.cfg != 1.0 else 1),
+                        seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
+        tag = f"ddim{steps}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}x{args.seeds_per_control}"
+        out = Path(args.out) if args.out else path.parent / f"samples-{tag}"
+        write_outputs(out, samples, scene_indices, settings, 1 + args.seeds_per_control, args.grid_rows,
+                      control_pictures(samples, scene_indices, config, args.seeds_per_control))
+        print(f"wrote {args.num_samples} samples to {out} ({settings['seconds']:.1f} s, "
+              f"{settings['network_evaluations_per_sample']} network evaluations each)")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:  # bad input stops here, before anything is written
-        model, spec = load_model(args)
-        run_sampler, passes, interval_scale = make_sampler(args, spec["objective"], spec["beta_schedule"])
-        check_guidance(args, model)
+        path = checkpoint_file(args.run)
+        checkpoint = None if args.model else jobs.read_run_checkpoint(path)
+        controlled = checkpoint is not None and checkpoint["args"]["job"] == "controlnet"
+        if controlled:
+            networks = load_controlnet(args, path, checkpoint)
+        else:
+            model, spec = load_model(args, path, checkpoint)
+            run_sampler, passes, interval_scale = make_sampler(args, spec["objective"], spec["beta_schedule"])
+            check_guidance(args, model)
     except ValueError as error:
         training.exit_with_error(error)
+    if controlled:
+        return sample_controlnet(args, path, *networks)
     with training.distributed() as dist:
         model.to(dist.device).eval()
         start = time.perf_counter()

@@ -14,6 +14,7 @@ partners; `loss(net, *inputs)` -> (B,) per-sample loss. Frozen partners are othe
 """
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -199,6 +200,18 @@ def hint_of(control, task_name):
     if task_name == "segmentation":
         return F.one_hot(control, SEGMENT_CLASSES).permute(0, 3, 1, 2).float()
     return control
+
+
+SEGMENT_PALETTE = np.array([[40, 40, 40], [230, 60, 60], [60, 200, 80], [70, 110, 240], [240, 220, 50],
+                            [220, 80, 220]], dtype=np.uint8)  # background, then one colour per shape class
+
+
+def control_picture(control, task_name):
+    """A control as an RGB picture (H, W, 3) uint8: depth and edges in grey, segments in SEGMENT_PALETTE."""
+    if task_name == "segmentation":
+        return SEGMENT_PALETTE[control.numpy()]
+    grey = (255 * control[0]).round().clamp(0, 255).to(torch.uint8).numpy()  # (H, W)
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def collate_shapes(samples, task_name=None):

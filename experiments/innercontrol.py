@@ -1,0 +1,248 @@
+"""InnerControl on the shapes data, end to end: the pipeline's stages, the rows of the paper's Table 2, and the
+analogs of its Fig. 2 (control error across t: probe on the decoder features vs reward model on the one-step
+estimate) and Fig. 3 (one-step estimate, its reward-model reading, the probe's reading, across noise levels).
+
+    python -m experiments.innercontrol [--task depth|segmentation|edges] [--nproc 2] [--out runs/innercontrol]
+    python -m experiments.innercontrol --quick          # seconds: every step on toy budgets (the tests run it)
+
+Every stage is a train.py run in OUT (base UNet, reward and evaluation estimators, probe, fine-tuned ControlNet), each
+Table 2 row a train.py run that continues from the fine-tuned ControlNet for the same number of steps with its Eq. 8
+terms; rerunning the command resumes or skips what is done. Each row is sampled by sample.py (DDIM, caption CFG,
+--seeds sampling seeds over the same evaluation scenes) and scored by eval.py innercontrol (the evaluation estimator's
+control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the estimator's floor). Writes
+OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and sampling run under torchrun with --nproc ranks.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import eval as evaluate
+import sample as sample_script
+import train as train_script
+from ref import jobs
+from ref.data import Shapes
+from ref.innercontrol import CONTROL_METRICS, EVAL_SCENE_SEED, errors_across_t
+from ref.schedules import DDPMSchedule
+from ref.shapes_classifier import save_classifier, train_classifier
+from ref.training import CONFIGS
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = {"train.py": train_script.main, "sample.py": sample_script.main}
+
+# Table 2 (depth): each row continues from the fine-tuned ControlNet; None keeps the task's Table 4 value.
+DEPTH_ROWS = {
+    "fine-tuned ControlNet": dict(alpha=0, beta=0),
+    "+ alignment [0, 920]": dict(alpha=0, align_range="0,920"),
+    "+ reward [0, 200]": dict(beta=0, reward_range="0,200"),
+    "+ reward [0, 920]": dict(beta=0, reward_range="0,920"),
+    "+ reward [0, 200] + alignment [0, 920]": dict(reward_range="0,200", align_range="0,920"),
+}
+OTHER_ROWS = {"fine-tuned ControlNet": dict(alpha=0, beta=0), "Eq. 8 (Table 4 settings)": {}}
+
+# Steps and batch sizes per stage; sampling and evaluation sizes. "full" is the documented CPU run (README).
+BUDGETS = {
+    "full": dict(unet=(3000, 64), reward=(300, 32), eval=(1500, 32), probe=(1000, 16), controlnet=(600, 32),
+                 row=(600, 32), scenes=100, seeds=2, sample_steps=20, cfg=3.0, ref_shapes=2000, fig_scenes=64,
+                 classifier_steps=2000),
+    "quick": dict(unet=(2, 4), reward=(2, 4), eval=(2, 4), probe=(2, 4), controlnet=(2, 4), row=(2, 4), scenes=4,
+                  seeds=2, sample_steps=2, cfg=3.0, ref_shapes=8, fig_scenes=2, classifier_steps=2),
+}
+FIG2_TIMESTEPS = list(range(0, 1000, 50)) + [999]
+IMAGE_SIZE = CONFIGS["shapes-unet"]["image_size"]
+
+
+def run(script, flags, nproc):
+    """SCRIPT's main(FLAGS) in this process, or SCRIPT under torchrun with nproc ranks of one thread each; a failure
+    stops the experiment (finished runs are kept, so a rerun goes on from there)."""
+    flags = list(map(str, flags))
+    print(f"$ {script} {' '.join(flags)}", flush=True)
+    if nproc == 1:
+        return SCRIPTS[script](flags)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    if subprocess.run([*launcher, script, *flags], cwd=REPO, env=env).returncode:
+        sys.exit(f"error: {script} failed; fix the cause and rerun: finished runs are kept")
+
+
+def train(config, out, budget, nproc, **flags):
+    """train.py --config CONFIG with the budget's steps and batch size and the flags -> the run's checkpoint."""
+    steps, batch_size = budget
+    flags = dict(flags, steps=steps, batch_size=batch_size, log_every=max(1, steps // 10), out=out)
+    run("train.py", ["--config", config, *[item for name, value in flags.items()
+                                          for item in (f"--{name.replace('_', '-')}", value)]], nproc)
+    return out / "latest.pt"
+
+
+def train_stages(task, out, budget, nproc):
+    """The pipeline's stages for `task` -> {stage: checkpoint path}."""
+    stages = {"unet": train("shapes-unet", out / "unet", budget["unet"], nproc)}
+    stages["reward"] = train("shapes-estimator-reward", out / task / "estimator-reward", budget["reward"], nproc,
+                             task=task)
+    stages["eval"] = train("shapes-estimator-eval", out / task / "estimator-eval", budget["eval"], nproc, task=task)
+    on_base = dict(base=stages["unet"], task=task)
+    stages["probe"] = train("shapes-probe", out / task / "probe", budget["probe"], nproc, **on_base)
+    stages["controlnet"] = train("shapes-controlnet", out / task / "controlnet", budget["controlnet"], nproc, **on_base)
+    return stages
+
+
+def train_rows(task, out, stages, budget, nproc):
+    """One run per Table 2 row, each from the fine-tuned ControlNet -> {row name: checkpoint path}."""
+    rows = DEPTH_ROWS if task == "depth" else OTHER_ROWS
+    partners = dict(base=stages["unet"], task=task, init=stages["controlnet"], probe=stages["probe"],
+                    reward_model=stages["reward"])
+    return {name: train("shapes-innercontrol", out / task / "rows" / f"row{index}", budget["row"], nproc,
+                        **partners, **settings)
+            for index, (name, settings) in enumerate(rows.items())}
+
+
+def real_images_samples(task, folder, budget, image_size):
+    """The evaluation scenes' own images written as sample.py would: the estimator's floor on the table."""
+    count = budget["scenes"] * budget["seeds"]
+    scenes = Shapes(image_size, num_items=budget["scenes"], seed=EVAL_SCENE_SEED)
+    scene_indices = np.repeat(np.arange(budget["scenes"]), budget["seeds"])[:count]
+    images = torch.stack([scenes[int(i)].image for i in scene_indices])
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    np.savez(folder / "samples.npz", arr_0=pixels, arr_1=scene_indices)
+    settings = dict(job="controlnet", task=task, scene_seed=EVAL_SCENE_SEED, config=dict(image_size=image_size))
+    (folder / "settings.json").write_text(json.dumps(settings))
+    return folder
+
+
+def score(samples, stages, classifier, budget):
+    return evaluate.main(["innercontrol", "--samples", str(samples), "--estimator", str(stages["eval"]),
+                          "--classifier", str(classifier), "--ref-shapes", str(budget["ref_shapes"])])
+
+
+def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
+    """Sample every row with each seed and score it; the mean over seeds. -> {row: {metric: mean, "per_seed": [...]}}"""
+    real = real_images_samples(task, out / task / "samples" / "real", budget, IMAGE_SIZE)
+    table = {"real images": score(real, stages, classifier, budget)}
+    for index, (name, checkpoint) in enumerate(rows.items()):
+        per_seed = []
+        for seed in range(budget["seeds"]):
+            folder = out / task / "samples" / f"row{index}-seed{seed}"
+            if not (folder / "samples.npz").exists():
+                run("sample.py", [checkpoint, "--num-samples", budget["scenes"], "--seed", 1000 * seed,
+                                  "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--out", folder], nproc)
+            per_seed.append(score(folder, stages, classifier, budget))
+        metrics = [key for key in per_seed[0] if isinstance(per_seed[0][key], float)]
+        table[name] = {key: float(np.mean([report[key] for report in per_seed])) for key in metrics}
+        table[name]["per_seed"] = per_seed
+    return table
+
+
+def markdown_table(task, table):
+    metric = CONTROL_METRICS[task]
+    better = "lower" if metric == "rmse" else "higher"
+    lines = [f"| {task} | {metric} ({better} is better) | FD-shapes | precision | recall |", "|---|---|---|---|---|"]
+    for name, row in table.items():
+        lines.append(f"| {name} | {row[metric]:.3f} | {row['fd_shapes']:.2f} | {row['precision']:.3f} | "
+                     f"{row['recall']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fig. 2 and Fig. 3 analogs
+# ---------------------------------------------------------------------------------------------------------------------
+
+def figure_rows(task, stages, budget):
+    """errors_across_t on the fine-tuned ControlNet over the first fig_scenes evaluation scenes."""
+    base, _ = jobs.load_trained(stages["unet"], "unet")
+    controlnet, config = jobs.load_trained(stages["controlnet"], "controlnet")
+    probe, probe_config = jobs.load_trained(stages["probe"], "probe")
+    reward_model, _ = jobs.load_trained(stages["reward"], "estimator")
+    scenes = Shapes(config["image_size"], num_items=budget["fig_scenes"], seed=EVAL_SCENE_SEED)
+    images, tokens, control = jobs.collate_shapes([scenes[i] for i in range(len(scenes))], task)
+    batch = images, tokens, control, jobs.hint_of(control, task)
+    return errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
+                           DDPMSchedule.named(config["beta_schedule"]), task, batch, FIG2_TIMESTEPS)
+
+
+def line_chart(series, metric, size=(520, 320), margin=48):
+    """Pillow line chart of {name: (colour, [(t, value)])} over t in [0, 1000]."""
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    values = [value for _, points in series.values() for _, value in points]
+    low, high = min(values + [0.0]), max(values) * 1.05 or 1.0
+    width, height = size[0] - 2 * margin, size[1] - 2 * margin
+
+    def xy(t, value):
+        return margin + width * t / 1000, margin + height * (1 - (value - low) / (high - low))
+    draw.rectangle([margin, margin, margin + width, margin + height], outline="black")
+    for t in range(0, 1001, 200):
+        draw.text((xy(t, low)[0] - 8, margin + height + 6), str(t), fill="black")
+    for fraction in (0, 0.5, 1):
+        value = low + fraction * (high - low)
+        draw.text((4, xy(0, value)[1] - 6), f"{value:.3g}", fill="black")
+    draw.text((margin, 8), f"control {metric} vs timestep t", fill="black")
+    for row, (name, (colour, points)) in enumerate(series.items()):
+        draw.line([xy(t, value) for t, value in points], fill=colour, width=2)
+        draw.text((margin + 8, margin + 8 + 14 * row), name, fill=colour)
+    return image
+
+
+def picture(tensor, task):
+    """A (3, H, W) image in [-1, 1], or a control reading (maps in [0, 1] or logits) -> (H, W, 3) uint8."""
+    if tensor.shape[0] == 3:
+        return ((tensor.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return jobs.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
+
+
+def write_figures(task, rows, folder, scale=4):
+    metric = CONTROL_METRICS[task]
+    chart = line_chart({"probe on decoder features": ((40, 90, 220), [(r["t"], r["probe"][metric]) for r in rows]),
+                        "reward model on one-step x0": ((220, 60, 40), [(r["t"], r["reward"][metric]) for r in rows])},
+                       metric)
+    chart.save(folder / "fig2.png")
+    shown = [row for row in rows if row["t"] in (0, 200, 400, 600, 800, 999)]
+    tiles = [[picture(row[key], task) for key in ("x0", "reward_estimate", "probe_estimate")]
+             for row in shown]  # one row per t: x0, reward reading, probe reading
+    grid = np.concatenate([np.concatenate(tile_row, axis=1) for tile_row in tiles], axis=0)
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
+        folder / "fig3.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="depth", choices=list(jobs.SHAPES_TASKS))
+    parser.add_argument("--out", default="runs/innercontrol")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks for training and sampling (torchrun)")
+    parser.add_argument("--classifier", help="FD-shapes classifier (default: OUT/shapes-classifier.pt, trained "
+                                             "there if missing)")
+    parser.add_argument("--quick", action="store_true", help="toy budgets: checks the plumbing in seconds")
+    args = parser.parse_args(argv)
+    budget, out, start = BUDGETS["quick" if args.quick else "full"], Path(args.out).resolve(), time.perf_counter()
+    classifier = Path(args.classifier) if args.classifier else out / "shapes-classifier.pt"
+    if not classifier.exists():
+        print(f"training the FD-shapes classifier into {classifier}", flush=True)
+        save_classifier(train_classifier(steps=budget["classifier_steps"]), classifier)
+    stages = train_stages(args.task, out, budget, args.nproc)
+    rows = train_rows(args.task, out, stages, budget, args.nproc)
+    table = evaluate_rows(args.task, out, stages, rows, classifier, budget, args.nproc)
+    folder = out / args.task
+    figure = figure_rows(args.task, stages, budget)
+    write_figures(args.task, figure, folder)
+    across_t = [{"t": row["t"], "probe": row["probe"], "reward": row["reward"]} for row in figure]
+    report = dict(task=args.task, budget=budget, table=table, errors_across_t=across_t,
+                  seconds=time.perf_counter() - start)
+    (folder / "table.json").write_text(json.dumps(report, indent=2))
+    (folder / "table.md").write_text(markdown_table(args.task, table))
+    print(markdown_table(args.task, table))
+    print(f"wrote {folder}/table.json, table.md, fig2.png, fig3.png ({report['seconds'] / 60:.1f} min)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""experiments/innercontrol.py --quick: every stage, every Table 2 row, sampling, scoring and both figures run through
+the real scripts on toy budgets; the table has the paper's rows and the figures' measurement covers t in [0, 999]."""
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from experiments import innercontrol
+from ref.innercontrol import ControlScore
+
+torch.set_num_threads(1)
+
+
+def test_quick_run_writes_the_table_and_figures(tmp_path):
+    report = innercontrol.main(["--quick", "--out", str(tmp_path)])
+    folder = tmp_path / "depth"
+    assert list(report["table"]) == ["real images", *innercontrol.DEPTH_ROWS]
+    for row in report["table"].values():
+        assert 0 <= row["rmse"] <= 255 and np.isfinite(row["fd_shapes"])
+    assert [row["t"] for row in report["errors_across_t"]] == innercontrol.FIG2_TIMESTEPS
+    assert json.loads((folder / "table.json").read_text())["task"] == "depth"
+    assert (folder / "table.md").read_text().count("\n") == 2 + len(report["table"])
+    for name in ("fig2.png", "fig3.png"):
+        assert min(Image.open(folder / name).size) > 100
+    # a rerun finds every run finished and every sample folder written: nothing is trained or sampled again
+    stamps = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
+    innercontrol.main(["--quick", "--out", str(tmp_path)])
+    assert stamps == {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
+
+
+def test_control_scores_on_hand_cases():
+    depth = torch.rand(2, 1, 8, 8)
+    depth[:, :, 0, 0] = 0  # then min-max scaling (the control's) and max scaling (the estimate's) agree
+    score = ControlScore("depth")
+    score.update(depth, depth)
+    assert score.result()["rmse"] < 1e-9  # the control min-max scaled equals the estimate max-scaled when min is 0
+    segments = torch.tensor([[[0, 1], [2, 2]]])
+    score = ControlScore("segmentation", 3)
+    score.update(torch.nn.functional.one_hot(segments, 3).permute(0, 3, 1, 2).float(), segments)
+    assert score.result()["miou"] == 1.0
+    score = ControlScore("edges")
+    edges = (torch.rand(1, 1, 16, 16) > 0.8).float()
+    score.update(edges, edges)
+    assert abs(score.result()["ssim"] - 1) < 1e-9
