@@ -35,7 +35,7 @@ import torch
 
 from ref import jobs
 from ref.data import Shapes
-from ref.inception import FIDInceptionV3
+from ref.inception import FIDInceptionV3, InceptionWeightsError
 from ref.innercontrol import ControlScore
 from ref.metrics import (CONTROL_MAP_MODES, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
@@ -212,7 +212,7 @@ def main(argv=None, extractor=None):
                 "control": lambda: run_control(args), "innercontrol": lambda: run_innercontrol(args)}
     try:
         report = commands[args.command]()
-    except ValueError as error:  # bad input, InceptionWeightsError and ShapesClassifierError included
+    except (ValueError, InceptionWeightsError) as error:  # bad input (ShapesClassifierError is a ValueError)
         sys.exit(f"error: {error}")
     print_table(report)
     if args.out:
