@@ -47,13 +47,13 @@ DEPTH_ROWS = {
 }
 OTHER_ROWS = {"fine-tuned ControlNet": dict(alpha=0, beta=0), "Eq. 8 (Table 4 settings)": {}}
 
-# Steps and batch sizes per stage; sampling and evaluation sizes. "full" is the documented CPU run (README).
+# Sampling and evaluation sizes; "train" overrides every stage's steps and batch size (the full run keeps the
+# configs' own, ref/training.py). "full" is the documented CPU run (README).
 BUDGETS = {
-    "full": dict(unet=(3000, 64), reward=(300, 32), eval=(1500, 32), probe=(1000, 16), controlnet=(600, 32),
-                 row=(600, 32), scenes=100, seeds=2, sample_steps=20, cfg=3.0, ref_shapes=2000, fig_scenes=64,
+    "full": dict(train={}, scenes=50, seeds=2, sample_steps=20, cfg=3.0, ref_shapes=2000, fig_scenes=64,
                  classifier_steps=2000),
-    "quick": dict(unet=(2, 4), reward=(2, 4), eval=(2, 4), probe=(2, 4), controlnet=(2, 4), row=(2, 4), scenes=4,
-                  seeds=2, sample_steps=2, cfg=3.0, ref_shapes=8, fig_scenes=2, classifier_steps=2),
+    "quick": dict(train=dict(steps=2, batch_size=4), scenes=4, seeds=2, sample_steps=2, cfg=3.0, ref_shapes=8,
+                  fig_scenes=2, classifier_steps=2),
 }
 FIG2_TIMESTEPS = list(range(0, 1000, 50)) + [999]
 IMAGE_SIZE = CONFIGS["shapes-unet"]["image_size"]
@@ -74,9 +74,9 @@ def run(script, flags, nproc):
 
 
 def train(config, out, budget, nproc, **flags):
-    """train.py --config CONFIG with the budget's steps and batch size and the flags -> the run's checkpoint."""
-    steps, batch_size = budget
-    flags = dict(flags, steps=steps, batch_size=batch_size, log_every=max(1, steps // 10), out=out)
+    """train.py --config CONFIG with the flags (and the budget's sizes) -> the run's checkpoint."""
+    steps = budget["train"].get("steps", CONFIGS[config]["steps"])
+    flags = dict(flags, **budget["train"], log_every=max(1, steps // 10), out=out)
     run("train.py", ["--config", config, *[item for name, value in flags.items()
                                           for item in (f"--{name.replace('_', '-')}", value)]], nproc)
     return out / "latest.pt"
@@ -84,13 +84,12 @@ def train(config, out, budget, nproc, **flags):
 
 def train_stages(task, out, budget, nproc):
     """The pipeline's stages for `task` -> {stage: checkpoint path}."""
-    stages = {"unet": train("shapes-unet", out / "unet", budget["unet"], nproc)}
-    stages["reward"] = train("shapes-estimator-reward", out / task / "estimator-reward", budget["reward"], nproc,
-                             task=task)
-    stages["eval"] = train("shapes-estimator-eval", out / task / "estimator-eval", budget["eval"], nproc, task=task)
+    stages = {"unet": train("shapes-unet", out / "unet", budget, nproc)}
+    stages["reward"] = train("shapes-estimator-reward", out / task / "estimator-reward", budget, nproc, task=task)
+    stages["eval"] = train("shapes-estimator-eval", out / task / "estimator-eval", budget, nproc, task=task)
     on_base = dict(base=stages["unet"], task=task)
-    stages["probe"] = train("shapes-probe", out / task / "probe", budget["probe"], nproc, **on_base)
-    stages["controlnet"] = train("shapes-controlnet", out / task / "controlnet", budget["controlnet"], nproc, **on_base)
+    stages["probe"] = train("shapes-probe", out / task / "probe", budget, nproc, **on_base)
+    stages["controlnet"] = train("shapes-controlnet", out / task / "controlnet", budget, nproc, **on_base)
     return stages
 
 
@@ -99,16 +98,15 @@ def train_rows(task, out, stages, budget, nproc):
     rows = DEPTH_ROWS if task == "depth" else OTHER_ROWS
     partners = dict(base=stages["unet"], task=task, init=stages["controlnet"], probe=stages["probe"],
                     reward_model=stages["reward"])
-    return {name: train("shapes-innercontrol", out / task / "rows" / f"row{index}", budget["row"], nproc,
-                        **partners, **settings)
+    return {name: train("shapes-innercontrol", out / task / "rows" / f"row{index}", budget, nproc, **partners,
+                        **settings)
             for index, (name, settings) in enumerate(rows.items())}
 
 
 def real_images_samples(task, folder, budget, image_size):
     """The evaluation scenes' own images written as sample.py would: the estimator's floor on the table."""
-    count = budget["scenes"] * budget["seeds"]
     scenes = Shapes(image_size, num_items=budget["scenes"], seed=EVAL_SCENE_SEED)
-    scene_indices = np.repeat(np.arange(budget["scenes"]), budget["seeds"])[:count]
+    scene_indices = np.repeat(np.arange(budget["scenes"]), budget["seeds"])  # each scene once per sampling seed
     images = torch.stack([scenes[int(i)].image for i in scene_indices])
     folder.mkdir(parents=True, exist_ok=True)
     pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()

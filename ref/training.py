@@ -114,11 +114,12 @@ CONFIGS = {
     # A higher lr and a shorter EMA than SiT's, for a run of a few hundred steps.
     "shapes-tiny": dict(_SHAPES, depth=4, hidden_size=96, num_heads=4, patch_size=4, intermediate_block=1,
                         batch_size=32, steps=300, lr=1e-3, ema_decay=0.98, checkpoint_every=100, log_every=25),
-    # The IG-at-image-scale CPU run (README), about 25 minutes on 2 cores (2 ranks of 1 thread): DiT-S width (384,
-    # 6 heads) at 6 blocks on 4x4 patches, the IG head after block 2 of 6 (a third of the depth, as block 4 of 12 in
-    # SiT-B/2); 41,600 images. lr 6e-4 beat 3e-4 over the first 120 steps; EMA 0.995 (a 200-step window).
-    "shapes-small": dict(_SHAPES, depth=6, hidden_size=384, num_heads=6, patch_size=4, intermediate_block=2,
-                         batch_size=64, steps=650, lr=6e-4, ema_decay=0.995, checkpoint_every=100, log_every=25),
+    # The IG-at-image-scale CPU run (README), about 27 minutes on 2 cores (2 ranks of 1 thread): 6 blocks of width
+    # 192 (3 heads) on 4x4 patches, the IG head after block 2 of 6 (a third of the depth, as block 4 of 12 in
+    # SiT-B/2); 224,000 images. Half DiT-S's width buys 5x the images of a DiT-S-wide run in the same time (at 650
+    # steps that one drew no shapes yet); lr 1e-3, EMA 0.999 (a 1000-step window).
+    "shapes-small": dict(_SHAPES, depth=6, hidden_size=192, num_heads=3, patch_size=4, intermediate_block=2,
+                         batch_size=64, steps=3500, lr=1e-3, ema_decay=0.999, checkpoint_every=250, log_every=50),
     # SiT-B/2 + IG (head after block 4 of 12), the paper's ablation model, 400K iterations.
     "sit-b2-imagenet": dict(_IMAGENET, depth=12, hidden_size=768, num_heads=12, patch_size=2, intermediate_block=4,
                             steps=400_000),
@@ -136,21 +137,24 @@ _PIPELINE = dict(_RUN_DEFAULTS, data="shapes", image_size=32, num_classes=len(SH
                  reward_model="runs/shapes-estimator-reward-{task}/latest.pt", init=None, alpha=None, beta=None,
                  reward_range=None, align_range=None, checkpoint_every=250, log_every=50)
 CONFIGS.update({
-    # 1. the base text-to-image UNet
-    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=3000, lr=1e-3, ema_decay=0.999),
+    # The sizes are the documented CPU run of experiments/innercontrol.py (about an hour on 2 cores, README): short
+    # runs, so EMA windows of a fifth to a half of each run.
+    # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters)
+    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=1000, lr=1e-3, ema_decay=0.995),
     # 2. control estimators: the reward model D (weaker: narrow, short) and the evaluation model (wider, longer)
     "shapes-estimator-reward": dict(_PIPELINE, job="estimator", hidden_size=16, depth=1, batch_size=32, steps=300,
                                     lr=1e-3, ema_decay=0.99),
-    "shapes-estimator-eval": dict(_PIPELINE, job="estimator", hidden_size=48, depth=2, batch_size=32, steps=1500,
+    "shapes-estimator-eval": dict(_PIPELINE, job="estimator", hidden_size=32, depth=2, batch_size=32, steps=1000,
                                   lr=1e-3, ema_decay=0.995),
-    # 3. the readout probe on the frozen base (Adam lr 1e-3 as Readout Guidance; P = 64 for the tiny UNet)
+    # 3. the readout probe on the frozen base (Adam lr 1e-3 and batch 16 as Readout Guidance; P = 64 for the tiny UNet)
     "shapes-probe": dict(_PIPELINE, job="probe", hidden_size=64, batch_size=16, steps=1000, lr=1e-3, ema_decay=0.99),
-    # 4. the ControlNet fine-tuned with the diffusion loss alone
-    "shapes-controlnet": dict(_PIPELINE, job="controlnet", alpha=0.0, beta=0.0, batch_size=32, steps=1000, lr=1e-4,
-                              ema_decay=0.995),
+    # 4. the ControlNet fine-tuned with the diffusion loss alone (lr 3e-4: 1e-4 of the paper is for batch 256 and
+    #    thousands of steps)
+    "shapes-controlnet": dict(_PIPELINE, job="controlnet", alpha=0.0, beta=0.0, batch_size=32, steps=500, lr=3e-4,
+                              ema_decay=0.99),
     # 5. continued from step 4 with Eq. 8 (alpha, beta, ranges: Table 4 unless given)
     "shapes-innercontrol": dict(_PIPELINE, job="controlnet", init="runs/shapes-controlnet-{task}/latest.pt",
-                                batch_size=32, steps=1000, lr=1e-4, ema_decay=0.995),
+                                batch_size=32, steps=200, lr=3e-4, ema_decay=0.98),
 })
 PATH_FIELDS = ("base", "probe", "reward_model", "init")  # may name the run's task as {task}
 
