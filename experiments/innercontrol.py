@@ -162,8 +162,9 @@ def figure_rows(task, stages, budget):
     scenes = Shapes(config["image_size"], num_items=budget["fig_scenes"], seed=EVAL_SCENE_SEED)
     images, tokens, control = jobs.collate_shapes([scenes[i] for i in range(len(scenes))], task)
     batch = images, tokens, control, jobs.hint_of(control, task)
-    return errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
+    rows = errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
                            DDPMSchedule.named(config["beta_schedule"]), task, batch, FIG2_TIMESTEPS)
+    return rows, images[0], control[0]
 
 
 def line_chart(series, metric, size=(520, 320), margin=48):
@@ -185,7 +186,7 @@ def line_chart(series, metric, size=(520, 320), margin=48):
     draw.text((margin, 8), f"control {metric} vs timestep t", fill="black")
     for row, (name, (colour, points)) in enumerate(series.items()):
         draw.line([xy(t, value) for t, value in points], fill=colour, width=2)
-        draw.text((margin + 8, margin + 8 + 14 * row), name, fill=colour)
+        draw.text((margin + width - 200, 8 + 14 * row), name, fill=colour)  # the legend, above the plot
     return image
 
 
@@ -196,15 +197,19 @@ def picture(tensor, task):
     return jobs.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
 
 
-def write_figures(task, rows, folder, scale=4):
+def write_figures(task, rows, image, control, folder, scale=4):
+    """fig2.png: the control metric across t, probe vs reward model. fig3.png: the first scene's real image and exact
+    control on top, then one row per t in 0, 200, ..., 999: the one-step estimate x0, the reward model's reading of
+    it, the probe's reading of the decoder features."""
     metric = CONTROL_METRICS[task]
     chart = line_chart({"probe on decoder features": ((40, 90, 220), [(r["t"], r["probe"][metric]) for r in rows]),
                         "reward model on one-step x0": ((220, 60, 40), [(r["t"], r["reward"][metric]) for r in rows])},
                        metric)
     chart.save(folder / "fig2.png")
     shown = [row for row in rows if row["t"] in (0, 200, 400, 600, 800, 999)]
-    tiles = [[picture(row[key], task) for key in ("x0", "reward_estimate", "probe_estimate")]
-             for row in shown]  # one row per t: x0, reward reading, probe reading
+    exact = jobs.control_picture(control, task)
+    tiles = [[picture(image, task), exact, np.full_like(exact, 255)]]
+    tiles += [[picture(row[key], task) for key in ("x0", "reward_estimate", "probe_estimate")] for row in shown]
     grid = np.concatenate([np.concatenate(tile_row, axis=1) for tile_row in tiles], axis=0)
     Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(
         folder / "fig3.png")
@@ -230,8 +235,8 @@ def main(argv=None):
     rows = train_rows(args.task, out, stages, budget, args.nproc)
     table = evaluate_rows(args.task, out, stages, rows, classifier, budget, args.nproc)
     folder = out / args.task
-    figure = figure_rows(args.task, stages, budget)
-    write_figures(args.task, figure, folder)
+    figure, image, control = figure_rows(args.task, stages, budget)
+    write_figures(args.task, figure, image, control, folder)
     across_t = [{"t": row["t"], "probe": row["probe"], "reward": row["reward"]} for row in figure]
     report = dict(task=args.task, budget=budget, table=table, errors_across_t=across_t,
                   seconds=time.perf_counter() - start)
