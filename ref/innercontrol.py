@@ -41,10 +41,10 @@ def controlled_denoiser(base, controlnet, hint, tokens, cfg_scale):
 
 @torch.no_grad()
 def generate(base, controlnet, schedule, hint, tokens, noise, steps, cfg_scale):
-    """Images (B, 3, H, W) in [-1, 1] (float32) from noise (B, 3, H, W) by `steps` DDIM steps (eta 0)."""
+    """Images (B, 3, H, W) in [-1, 1] (float32) from noise (B, 3, H, W) by `steps` DDIM steps (eta 0), every x0
+    estimate clipped to the pixel range [-1, 1]."""
     denoise = controlled_denoiser(base, controlnet, hint, tokens, cfg_scale)
-    x0 = ddim(denoise, noise, schedule, spaced_timesteps(schedule, steps))
-    return x0.clamp(-1, 1).float()
+    return ddim(denoise, noise, schedule, spaced_timesteps(schedule, steps), clip_x0=(-1.0, 1.0)).float()
 
 
 class ControlScore:

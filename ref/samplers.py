@@ -86,13 +86,19 @@ def spaced_timesteps(schedule, steps):
 
 @torch.no_grad()
 def ddim(denoise, noise, schedule, timesteps, prediction="eps", eta=0.0, model_dtype=torch.float32,
-         randn_like=torch.randn_like):
+         randn_like=torch.randn_like, clip_x0=None):
     """DDIM (Song et al. 2021, Eq. 12): x_prev = alpha_prev x0 + sqrt(sigma_prev^2 - s^2) eps + s z with
     s = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev); eta = 0 is deterministic.
-    After the last timestep the sample is the final x0 estimate."""
+    After the last timestep the sample is the final x0 estimate.
+    clip_x0: (low, high), the data range of a pixel-space model: each x0 estimate is clamped to it and eps re-derived
+    from the clamped x0 (guided-diffusion's clip_denoised), so an early estimate far outside the range cannot
+    saturate the sample; None (latent models) leaves them as they are."""
     x = noise.to(torch.float64)
     for i, t in enumerate(timesteps):
         x0, eps = schedule.x0_eps(x, _call(denoise, x, t, model_dtype), int(t), prediction)
+        if clip_x0 is not None:
+            x0 = x0.clamp(*clip_x0)
+            eps = schedule.eps_from_x0(x, x0, int(t))
         if i + 1 == len(timesteps):
             return x0
         abar, abar_prev = schedule.abar(t), schedule.abar(timesteps[i + 1])

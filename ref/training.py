@@ -128,10 +128,13 @@ CONFIGS = {
                              steps=400_000),
 }
 
-# The InnerControl pipeline on 32 px shapes (README): pixel-space DDPM (linear betas, 1000 steps), captions dropped
-# with probability label_dropout for CFG. Each stage reads the runs before it from their default folders; "{task}" in
+# The InnerControl pipeline on 32 px shapes (README): pixel-space DDPM with SD1.5's scaled-linear betas (1000 steps;
+# Table 4's timestep ranges are in its steps; its terminal sqrt(abar) of 0.07, against 0.006 for the linear betas,
+# keeps the one-step x0 of an eps model usable at high t: with linear betas a 1000-step base sampled saturated
+# colours), captions dropped with probability label_dropout for CFG. Each stage reads the runs before it from their default folders; "{task}" in
 # a path is the run's task. Every stage of every task: `train.py --config NAME --task TASK`.
 _PIPELINE = dict(_RUN_DEFAULTS, data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES), objective="eps",
+                 beta_schedule="scaled_linear",
                  unet="tiny", task="depth", tap_mode="conv", base="runs/shapes-unet/latest.pt",
                  probe="runs/shapes-probe-{task}/latest.pt",
                  reward_model="runs/shapes-estimator-reward-{task}/latest.pt", init=None, alpha=None, beta=None,

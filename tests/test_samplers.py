@@ -48,6 +48,27 @@ def test_ddim_with_eta_one_over_every_timestep_is_ancestral_sampling():
     assert torch.allclose(ddim, ancestral, atol=1e-8)
 
 
+def test_ddim_clip_x0_bounds_the_estimates_and_leaves_in_range_ones_alone():
+    """A point mass x0 inside [-1, 1]: its exact eps gives x0 back with or without clipping. A network that predicts
+    eps = 0 claims x0 = x_t / sqrt(abar_t), far outside at high t: unclipped DDIM ends outside the range, clipped
+    DDIM inside it."""
+    schedule = DDPMSchedule.named("scaled_linear")
+    timesteps = samplers.spaced_timesteps(schedule, 10)
+    point = torch.tensor([[0.5, -0.25]], dtype=torch.float64)
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def exact(x, t):
+        return schedule.eps_from_x0(x.double(), point.expand_as(x), int(t[0])).float()
+
+    def zero(x, t):
+        return torch.zeros_like(x)
+    for clip in (None, (-1.0, 1.0)):
+        out = samplers.ddim(exact, noise, schedule, timesteps, clip_x0=clip)
+        torch.testing.assert_close(out, point.expand_as(out), rtol=0, atol=1e-5)
+    assert samplers.ddim(zero, noise, schedule, timesteps).abs().max() > 1.5
+    assert samplers.ddim(zero, noise, schedule, timesteps, clip_x0=(-1.0, 1.0)).abs().max() <= 1.0
+
+
 def test_ddpm_samplers_accept_x0_and_v_predictions():
     schedule = DDPMSchedule.named("cosine")
     eps_model = gaussian_eps(schedule)
