@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from ref.checkpoints import check_state_fits, read_checkpoint
 from ref.control_models import ControlEstimator
@@ -57,14 +56,22 @@ def read_run_checkpoint(path):
     return checkpoint
 
 
-def load_trained(path, expected_job, weights="ema", checkpoint=None):
+def check_job(checkpoint, expected_job, path):
+    """A train.py checkpoint of another job than `expected_job` raises ValueError naming both."""
+    if checkpoint["args"]["job"] != expected_job:
+        raise ValueError(f"{path} is a {checkpoint['args']['job']!r} run; a {expected_job!r} run was expected here")
+
+
+def load_trained(path, expected_job, weights="ema", checkpoint=None, load=True):
     """The network a train.py run trained, with its `weights` ("ema" or "model"), frozen, on the CPU, and its
     config. checkpoint: the file's contents when the caller has read them already. A run of another job than
-    `expected_job` raises ValueError."""
+    `expected_job` raises ValueError. load False: the same architecture untrained, on the default device (what a
+    job built on the meta device needs of its partners: load_trained itself and the FLOP count build so)."""
     checkpoint = read_run_checkpoint(path) if checkpoint is None else checkpoint
+    check_job(checkpoint, expected_job, path)
     config = checkpoint["args"]
-    if config["job"] != expected_job:
-        raise ValueError(f"{path} is a {config['job']!r} run; a {expected_job!r} run was expected here")
+    if not load:
+        return JOBS[expected_job](config, load=False).build(), config
     with torch.device("meta"):  # no random init of weights that are overwritten next
         network = JOBS[expected_job](config, load=False).build()
     check_state_fits(network, checkpoint[weights], {key: key for key in checkpoint[weights]})
@@ -304,14 +311,6 @@ class EstimatorJob(ShapesJob):
         return control_loss(net(images), control, self.task.settings.alignment_kind)
 
 
-def trained_or_blank(path, job, load):
-    """load: the EMA network of the run at `path` (load_trained); else the same architecture untrained, on the
-    default device: what load_trained and the FLOP count need to build a network on top of it."""
-    if load:
-        return load_trained(path, job)[0]
-    return JOBS[job](read_run_checkpoint(path)["args"], load=False).build()
-
-
 def required_run(config, field, role):
     if not config.get(field):
         raise ValueError(f"the {config['job']} job needs --{field.replace('_', '-')} RUN/latest.pt ({role})")
@@ -325,11 +324,11 @@ class ProbeJob(ShapesJob):
 
     def __init__(self, config, load=True):
         super().__init__(config, load)
-        self.base = trained_or_blank(required_run(config, "base", "the base UNet run"), "unet", load)
+        self.base, _ = load_trained(required_run(config, "base", "the base UNet run"), "unet", load=load)
 
     def build(self):
         unet = self.base.unet
-        return ReadoutProbe(unet.tap_channels(self.config["tap_mode"]), unet.time_embed[-1].out_features,
+        return ReadoutProbe(unet.tap_channels(self.config["tap_mode"]), unet.emb_channels,
                             self.task.channels, self.config["image_size"], self.config["hidden_size"],
                             output="logits" if self.task.categorical else "tanh")
 
@@ -359,31 +358,30 @@ class ControlNetJob(ShapesJob):
         self.beta = settings.beta if config["beta"] is None else config["beta"]
         self.reward_range = tuple(config["reward_range"] or settings.reward_range)
         self.align_range = tuple(config["align_range"] or settings.align_range)
-        self.base = trained_or_blank(required_run(config, "base", "the base UNet run"), "unet", load)
+        self.base, _ = load_trained(required_run(config, "base", "the base UNet run"), "unet", load=load)
         self.reward_model = self.probe = None
         if self.alpha:
             path = required_run(config, "reward_model", f"an estimator run of task {self.task_name}, for alpha > 0")
-            self.reward_model = self.partner(path, "estimator", load)
+            self.reward_model, _ = self.partner(path, "estimator", load)
         if self.beta:
             path = required_run(config, "probe", f"a probe run of task {self.task_name}, for beta > 0")
-            self.probe = self.partner(path, "probe", load)
-            self.tap_mode = read_run_checkpoint(path)["args"]["tap_mode"]
+            self.probe, probe_config = self.partner(path, "probe", load)
+            self.tap_mode = probe_config["tap_mode"]
             check_probe_fits(self.probe, self.base.unet, self.tap_mode, path)
 
     def partner(self, path, job, load):
-        """A frozen network of another run, of this task."""
-        task = read_run_checkpoint(path)["args"]["task"]
-        if task != self.task_name:
-            raise ValueError(f"{path} is a {job} run for the task {task!r}; this run's task is {self.task_name!r}")
-        return trained_or_blank(path, job, load)
+        """A frozen network of another run, of this task, and its config."""
+        network, config = load_trained(path, job, load=load)
+        if config["task"] != self.task_name:
+            raise ValueError(f"{path} is a {job} run for the task {config['task']!r}; this run's task is "
+                             f"{self.task_name!r}")
+        return network, config
 
     def build(self):
         controlnet = ControlNet.from_unet(self.base.unet, hint_channels=self.task.hint_channels, hint_downsampling=1)
         if self.config["init"] and self.load:
             checkpoint = read_run_checkpoint(self.config["init"])
-            if checkpoint["args"]["job"] != "controlnet":
-                raise ValueError(f"--init {self.config['init']} is a {checkpoint['args']['job']} run, "
-                                 f"not a controlnet run")
+            check_job(checkpoint, "controlnet", self.config["init"])
             check_state_fits(controlnet, checkpoint["model"], {key: key for key in checkpoint["model"]})
             controlnet.load_state_dict(checkpoint["model"])
         return controlnet
@@ -415,7 +413,7 @@ class ControlNetJob(ShapesJob):
 
 def check_probe_fits(probe, unet, tap_mode, path):
     """A probe trained on another UNet's features cannot read this one's: name what it expects and what it gets."""
-    channels, t_emb_dim = unet.tap_channels(tap_mode), unet.time_embed[-1].out_features
+    channels, t_emb_dim = unet.tap_channels(tap_mode), unet.emb_channels
     if probe.feature_channels != channels or probe.t_emb_dim != t_emb_dim:
         raise ValueError(f"probe {path} was trained on {len(probe.feature_channels)} '{tap_mode}' feature maps with "
                          f"channels {probe.feature_channels} and a timestep embedding of width "

@@ -234,7 +234,7 @@ class UNetEncoder(nn.Module):
                                    context_dim=context_dim, dropout=dropout)
         self.in_channels, self.model_channels = in_channels, model_channels
         self.num_levels = len(channel_mult)
-        emb_channels = 4 * model_channels
+        self.emb_channels = emb_channels = 4 * model_channels  # width of the timestep embedding (embed_time)
         self.time_embed = nn.Sequential(
             nn.Linear(model_channels, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
 
