@@ -39,8 +39,8 @@ from ref.inception import FIDInceptionV3, InceptionWeightsError
 from ref.innercontrol import ControlScore
 from ref.metrics import (CONTROL_MAP_MODES, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
-from ref.shapes_classifier import (ShapesImages, fd_shapes_report, held_out_accuracy,
-                                   load_classifier, save_classifier, train_classifier)
+from ref.shapes_classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
+                                   save_classifier, to_unit_range, train_classifier)
 
 DEFAULT_CLASSIFIER = "runs/shapes_classifier.pt"
 
@@ -117,7 +117,7 @@ def run_innercontrol(args):
     scenes = Shapes(size, num_items=int(scene_indices.max()) + 1, seed=settings["scene_seed"])
     score, done, progress = ControlScore(task, jobs.SEGMENT_CLASSES), 0, Progress("control")
     for batch in samples.batches(args.batch_size):
-        images = torch.from_numpy(batch).permute(0, 3, 1, 2).float().to(args.device) / 127.5 - 1  # [-1, 1]
+        images = 2 * to_unit_range(batch).to(args.device) - 1  # (B, 3, H, W) in [-1, 1]
         controls = torch.stack([jobs.control_of(scenes[int(i)], task) for i in scene_indices[done:done + len(batch)]])
         with torch.no_grad():
             score.update(estimator(images), controls)
@@ -192,7 +192,8 @@ def parse_args(argv=None):
     control.add_argument("--num-classes", type=int, default=150, help="seg: number of classes (ADE20K: 150)")
     control.add_argument("--ignore-index", type=int, default=255, help="seg: label ignored in the controls")
     control.add_argument("--batch-size", type=int, default=16)
-    innercontrol = commands.add_parser("innercontrol", help="control metric and FD-shapes of a controlnet run's samples")
+    innercontrol = commands.add_parser("innercontrol",
+                                       help="control metric and FD-shapes of a controlnet run's samples")
     innercontrol.add_argument("--samples", required=True, help="the folder sample.py wrote for a controlnet run")
     innercontrol.add_argument("--estimator", required=True, help="the evaluation estimator run's latest.pt")
     innercontrol.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="from train-shapes-classifier")

@@ -185,6 +185,15 @@ def sample_share(args, model, latent, run_sampler, interval_scale, dist):
     return indices, np.concatenate(outputs)
 
 
+def gather_in_order(share):
+    """Every rank's (indices, samples) share -> on rank 0 all samples in sample order; None elsewhere."""
+    shares = training.gather_to_main(share)
+    if shares is None:
+        return None
+    indices = np.concatenate([indices for indices, _ in shares])  # rank order -> sample order
+    return np.concatenate([samples for _, samples in shares])[np.argsort(indices)]
+
+
 def write_outputs(out, samples, labels, settings, columns, rows, pictures=None):
     """pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -250,11 +259,9 @@ def sample_controlnet(args, path, base, controlnet, config):
     with training.distributed() as world:
         base.to(world.device), controlnet.to(world.device)
         start = time.perf_counter()
-        shares = training.gather_to_main(controlnet_share(args, base, controlnet, config, world))
+        samples = gather_in_order(controlnet_share(args, base, controlnet, config, world))
         if not world.is_main:
             return
-        indices = np.concatenate([share[0] for share in shares])
-        samples = np.concatenate([share[1] for share in shares])[np.argsort(indices)]
         steps = args.steps or DEFAULT_STEPS["ddim"]
         scene_indices = np.arange(args.num_samples) // args.seeds_per_control
         settings = dict(vars(args), job="controlnet", task=config["task"], scene_seed=EVAL_SCENE_SEED, latent=False,
@@ -288,11 +295,9 @@ def main(argv=None):
     with training.distributed() as dist:
         model.to(dist.device).eval()
         start = time.perf_counter()
-        shares = training.gather_to_main(sample_share(args, model, spec["latent"], run_sampler, interval_scale, dist))
+        samples = gather_in_order(sample_share(args, model, spec["latent"], run_sampler, interval_scale, dist))
         if not dist.is_main:
             return
-        indices = np.concatenate([share[0] for share in shares])  # rank order -> sample order
-        samples = np.concatenate([share[1] for share in shares])[np.argsort(indices)]
         sampler = args.sampler or SAMPLERS[spec["objective"]][0]
         settings = dict(vars(args), **spec, sampler=sampler, steps=args.steps or DEFAULT_STEPS.get(sampler),
                         network_evaluations_per_sample=passes * (2 if args.cfg != 1.0 else 1),

@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
 import eval as evaluate
@@ -31,7 +30,7 @@ from ref import jobs
 from ref.data import Shapes
 from ref.innercontrol import CONTROL_METRICS, EVAL_SCENE_SEED, errors_across_t
 from ref.schedules import DDPMSchedule
-from ref.shapes_classifier import save_classifier, train_classifier
+from ref.shapes_classifier import quantize, render, save_classifier, train_classifier
 from ref.training import CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,10 +106,8 @@ def real_images_samples(task, folder, budget, image_size):
     """The evaluation scenes' own images written as sample.py would: the estimator's floor on the table."""
     scenes = Shapes(image_size, num_items=budget["scenes"], seed=EVAL_SCENE_SEED)
     scene_indices = np.repeat(np.arange(budget["scenes"]), budget["seeds"])  # each scene once per sampling seed
-    images = torch.stack([scenes[int(i)].image for i in scene_indices])
     folder.mkdir(parents=True, exist_ok=True)
-    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    np.savez(folder / "samples.npz", arr_0=pixels, arr_1=scene_indices)
+    np.savez(folder / "samples.npz", arr_0=render(scenes, scene_indices)[0], arr_1=scene_indices)
     settings = dict(job="controlnet", task=task, scene_seed=EVAL_SCENE_SEED, config=dict(image_size=image_size))
     (folder / "settings.json").write_text(json.dumps(settings))
     return folder
@@ -193,7 +190,7 @@ def line_chart(series, metric, size=(520, 320), margin=48):
 def picture(tensor, task):
     """A (3, H, W) image in [-1, 1], or a control reading (maps in [0, 1] or logits) -> (H, W, 3) uint8."""
     if tensor.shape[0] == 3:
-        return ((tensor.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return quantize(tensor[None])[0]
     return jobs.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
 
 

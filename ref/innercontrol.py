@@ -23,18 +23,15 @@ CONTROL_METRICS = {"depth": "rmse", "segmentation": "miou", "edges": "ssim"}  # 
 def controlled_denoiser(base, controlnet, hint, tokens, cfg_scale):
     """denoise(x, t) -> eps for the sampler: the base UNet with the ControlNet's residuals for `hint` (B, C, H, W),
     the caption `tokens` (B, L) guided against the empty caption with weight `cfg_scale` (1: no guidance, one pass)."""
-    def eps(x, t, tokens):
+    def eps(x, t, tokens, hint):
         context = base.text_encoder(tokens)  # (B, L, D_ctx)
         return base.unet(x, t, context, control=controlnet(x, hint, t, context))
 
     def denoise(x, t):
         if cfg_scale == 1.0:
-            return eps(x, t, tokens)
-        hint_both = torch.cat([hint, hint])
-        context = base.text_encoder(torch.cat([tokens, torch.full_like(tokens, PAD)]))
-        x_both, t_both = torch.cat([x, x]), torch.cat([t, t])
-        cond, uncond = base.unet(x_both, t_both, context, control=controlnet(x_both, hint_both, t_both, context)
-                                 ).chunk(2)
+            return eps(x, t, tokens, hint)
+        both = [torch.cat(pair) for pair in ((x, x), (t, t), (tokens, torch.full_like(tokens, PAD)), (hint, hint))]
+        cond, uncond = eps(*both).chunk(2)
         return cfg(cond, uncond, cfg_scale)
     return denoise
 
@@ -86,7 +83,8 @@ def errors_across_t(base, controlnet, probe, tap_mode, reward_model, schedule, t
     ControlNet-steered UNet once, and score (ControlScore) the probe's reading of its decoder features and the reward
     model's reading of the one-step estimate x0 = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (Eq. 5).
     batch: images (B, 3, H, W), tokens (B, L), control, hint. -> one row per t: {"t", "probe": {metric: value},
-    "reward": {...}, "x0": (3, H, W) one-step estimate of sample 0, "reward_estimate", "probe_estimate": its readings}"""
+    "reward": {...}, "x0": (3, H, W) one-step estimate of sample 0, "reward_estimate", "probe_estimate": its
+    readings}"""
     images, tokens, control, hint = batch
     eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images)
     context = base.text_encoder(tokens)
