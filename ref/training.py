@@ -106,15 +106,15 @@ _RUN_DEFAULTS = dict(data_path=None, shapes_items=1_000_000, flip=False, objecti
                      compile=False, gradient_checkpointing=False, peak_tflops=None, stop_after=None)
 _SHAPES = dict(_RUN_DEFAULTS, job="dit", data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES))
 # SiT / IG release settings (docs: IG notes): batch 256, lr 1e-4, EMA 0.9999, SD-VAE latents of 256 px ImageNet.
-_IMAGENET = dict(_RUN_DEFAULTS, job="dit", data="latents", image_size=256, num_classes=1000, batch_size=256, ema_decay=0.9999,
-                 checkpoint_every=10_000, log_every=100, workers=4)
+_IMAGENET = dict(_RUN_DEFAULTS, job="dit", data="latents", image_size=256, num_classes=1000, batch_size=256,
+                 ema_decay=0.9999, checkpoint_every=10_000, log_every=100, workers=4)
 
 CONFIGS = {
     # A few minutes on 2 CPU cores: a 4-block, 96-wide DiT on 4x4 patches of 32 px shapes, the IG head after block 1.
     # A higher lr and a shorter EMA than SiT's, for a run of a few hundred steps.
     "shapes-tiny": dict(_SHAPES, depth=4, hidden_size=96, num_heads=4, patch_size=4, intermediate_block=1,
                         batch_size=32, steps=300, lr=1e-3, ema_decay=0.98, checkpoint_every=100, log_every=25),
-    # The IG-at-image-scale CPU run (README), about 27 minutes on 2 cores (2 ranks of 1 thread): 6 blocks of width
+    # The IG-at-image-scale CPU run (README), about 30 minutes on 2 cores (2 ranks of 1 thread): 6 blocks of width
     # 192 (3 heads) on 4x4 patches, the IG head after block 2 of 6 (a third of the depth, as block 4 of 12 in
     # SiT-B/2); 224,000 images. Half DiT-S's width buys 5x the images of a DiT-S-wide run in the same time (at 650
     # steps that one drew no shapes yet); lr 1e-3, EMA 0.999 (a 1000-step window).
@@ -131,8 +131,9 @@ CONFIGS = {
 # The InnerControl pipeline on 32 px shapes (README): pixel-space DDPM with SD1.5's scaled-linear betas (1000 steps;
 # Table 4's timestep ranges are in its steps; its terminal sqrt(abar) of 0.07, against 0.006 for the linear betas,
 # keeps the one-step x0 of an eps model usable at high t: with linear betas a 1000-step base sampled saturated
-# colours), captions dropped with probability label_dropout for CFG. Each stage reads the runs before it from their default folders; "{task}" in
-# a path is the run's task. Every stage of every task: `train.py --config NAME --task TASK`.
+# colours), captions dropped with probability label_dropout for CFG. Each stage reads the runs before it from their
+# default folders; "{task}" in a path is the run's task. Every stage of every task:
+# `train.py --config NAME --task TASK`.
 _PIPELINE = dict(_RUN_DEFAULTS, data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES), objective="eps",
                  beta_schedule="scaled_linear",
                  unet="tiny", task="depth", tap_mode="conv", base="runs/shapes-unet/latest.pt",
@@ -140,7 +141,7 @@ _PIPELINE = dict(_RUN_DEFAULTS, data="shapes", image_size=32, num_classes=len(SH
                  reward_model="runs/shapes-estimator-reward-{task}/latest.pt", init=None, alpha=None, beta=None,
                  reward_range=None, align_range=None, checkpoint_every=250, log_every=50)
 CONFIGS.update({
-    # The sizes are the documented CPU run of experiments/innercontrol.py (about an hour on 2 cores, README): short
+    # The sizes are the documented CPU run of experiments/innercontrol.py (36 min for depth on 2 cores, README): short
     # runs, so EMA windows of a fifth to a half of each run.
     # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters)
     "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=1000, lr=1e-3, ema_decay=0.995),

@@ -14,7 +14,7 @@ from ref.data import Shapes
 from ref.probes import ReadoutProbe
 from ref.text import PAD
 from ref.unet import MODELS as UNETS
-from tests.test_train import assert_same_state
+from tests.test_train import assert_same_state, train_error
 
 torch.set_num_threads(1)
 SMALL = ["--batch-size", "4", "--log-every", "1", "--checkpoint-every", "2"]
@@ -107,7 +107,8 @@ def test_eq8_terms_act_exactly_inside_their_ranges(stages):
 
 def test_bad_pipeline_input_exits_2_naming_what_was_expected(stages, tmp_path, capsys):
     cases = [
-        (["--config", "shapes-probe", "--task", "normals"], "unknown task 'normals'; choose one of depth, segmentation"),
+        (["--config", "shapes-probe", "--task", "normals"],
+         "unknown task 'normals'; choose one of depth, segmentation"),
         (["--config", "shapes-probe", "--base", str(stages["reward"])],
          "is a 'estimator' run; a 'unet' run was expected"),
         (["--config", "shapes-probe", "--base", str(tmp_path / "none.pt")], "cannot read checkpoint"),
@@ -115,10 +116,7 @@ def test_bad_pipeline_input_exits_2_naming_what_was_expected(stages, tmp_path, c
         (innercontrol_flags(stages, task="segmentation"), "is a estimator run for the task 'depth'"),
     ]
     for flags, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            train.main([*flags, *SMALL, "--out", str(tmp_path / "run")])
-        assert exit_info.value.code == 2
-        error = capsys.readouterr().err
+        error = train_error([*flags, *SMALL, "--out", tmp_path / "run"], capsys)
         assert error.startswith("error: ") and message in error and "Traceback" not in error
         assert not (tmp_path / "run").exists()
 

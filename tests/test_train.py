@@ -36,6 +36,14 @@ def file_digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def train_error(argv, capsys):
+    """train.main(argv) must stop with exit status 2; -> what it wrote to stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(list(map(str, argv)))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
 def assert_same_state(a, b):
     """Nested dicts / lists of tensors and numbers, bitwise equal."""
     if isinstance(a, torch.Tensor):
@@ -176,10 +184,7 @@ def make_bad_input(case, root):
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "non-image file", "latents of the wrong shape"])
 def test_bad_data_exits_2_with_the_message_and_writes_nothing(case, tmp_path, capsys):
     flags, message = make_bad_input(case, tmp_path)
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, *flags, "--out", str(tmp_path / "run")])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
+    error = train_error([*TINY, *flags, "--out", tmp_path / "run"], capsys)
     assert error.startswith("error: ") and message in error and "Traceback" not in error
     assert not (tmp_path / "run").exists()
 
@@ -187,10 +192,8 @@ def test_bad_data_exits_2_with_the_message_and_writes_nothing(case, tmp_path, ca
 def test_undecodable_image_stops_the_run_with_the_message(tmp_path, capsys):
     (tmp_path / "images" / "cat").mkdir(parents=True)
     (tmp_path / "images" / "cat" / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, "--data", "images", "--data-path", str(tmp_path / "images"), "--out", str(tmp_path / "run")])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
+    error = train_error([*TINY, "--data", "images", "--data-path", tmp_path / "images", "--out", tmp_path / "run"],
+                        capsys)
     assert error.startswith("error: cannot read image") and "broken.png" in error
     assert not (tmp_path / "run" / "latest.pt").exists()  # the log exists; no checkpoint of a step never taken
 
@@ -198,10 +201,7 @@ def test_undecodable_image_stops_the_run_with_the_message(tmp_path, capsys):
 def test_resuming_with_another_model_is_refused(uninterrupted, tmp_path, capsys):
     _, out = uninterrupted
     before = {path.name: file_digest(path) for path in out.iterdir()}
-    with pytest.raises(SystemExit) as exit_info:
-        train.main([*TINY, *STEPS, "--hidden-size", "64", "--out", str(out)])
-    assert exit_info.value.code == 2
-    error = capsys.readouterr().err
+    error = train_error([*TINY, *STEPS, "--hidden-size", "64", "--out", out], capsys)
     assert "different run" in error and "hidden_size: stored 32, given 64" in error
     assert {path.name: file_digest(path) for path in out.iterdir()} == before
 
