@@ -57,9 +57,15 @@ def logp_outlier_rate(logp_samples, logp_true, quantile=0.01):
 # k-NN precision and recall
 # ---------------------------------------------------------------------------------------------------------------------
 
+KD_TREE_MAX_DIM = 3  # up to this dimension (the 2D toy) k-d trees replace the dense distance matrices: same result
+
+
 def knn_radii(points, k=3, chunk=4096):
     """Distance from each point to its k-th nearest neighbour in the same set (itself excluded). (N, D) -> (N,)"""
     points = torch.as_tensor(points)
+    if points.shape[1] <= KD_TREE_MAX_DIM:
+        as_numpy = points.double().numpy()
+        return torch.from_numpy(scipy.spatial.cKDTree(as_numpy).query(as_numpy, k=k + 1)[0][:, -1])
     radii = [torch.cdist(part, points).topk(k + 1, dim=1, largest=False).values[:, -1] for part in points.split(chunk)]
     return torch.cat(radii)
 
@@ -67,6 +73,12 @@ def knn_radii(points, k=3, chunk=4096):
 def inside_manifold(queries, centers, radii, chunk=4096):
     """For each query, whether it lies in at least one ball (center_j, radius_j). (N, D), (M, D), (M,) -> (N,) bool"""
     queries, centers = torch.as_tensor(queries), torch.as_tensor(centers)
+    if queries.shape[1] <= KD_TREE_MAX_DIM:  # each ball lists the queries it holds
+        held = scipy.spatial.cKDTree(queries.double().numpy()).query_ball_point(
+            centers.double().numpy(), torch.as_tensor(radii).double().numpy())
+        inside = torch.zeros(len(queries), dtype=torch.bool)
+        inside[list(itertools.chain.from_iterable(held))] = True
+        return inside
     inside = [(torch.cdist(part, centers) <= radii).any(dim=1) for part in queries.split(chunk)]
     return torch.cat(inside)
 

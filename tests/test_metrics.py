@@ -1,13 +1,29 @@
 import numpy as np
 import torch
 
-from ref.metrics import OutlierRate, knn_radii, logp_outlier_rate, precision_recall
+import pytest
+
+from ref.metrics import OutlierRate, inside_manifold, knn_radii, logp_outlier_rate, precision_recall
 
 
 def test_knn_radii_is_the_distance_to_the_kth_other_point():
     points = torch.tensor([[0.0], [1.0], [3.0], [7.0]], dtype=torch.float64)
     assert torch.equal(knn_radii(points, k=1), torch.tensor([1.0, 1.0, 2.0, 4.0], dtype=torch.float64))
     assert torch.equal(knn_radii(points, k=2), torch.tensor([3.0, 2.0, 3.0, 6.0], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dim", [2, 8])  # the k-d tree path (D <= 3) and the dense one
+def test_knn_balls_match_brute_force(dim):
+    g = torch.Generator().manual_seed(dim)
+    centers, queries = torch.randn(300, dim, generator=g, dtype=torch.float64), 2 * torch.randn(500, dim, generator=g,
+                                                                                             dtype=torch.float64)
+    distances = ((centers[:, None] - centers[None]) ** 2).sum(-1).sqrt()  # (M, M), self at 0
+    radii = distances.sort(dim=1).values[:, 3]
+    assert torch.allclose(knn_radii(centers, k=3), radii, rtol=1e-12)
+    to_queries = ((queries[:, None] - centers[None]) ** 2).sum(-1).sqrt()  # (N, M)
+    expected = (to_queries <= radii).any(dim=1)
+    assert 0.05 < expected.double().mean() < 0.95
+    assert torch.equal(inside_manifold(queries, centers, radii), expected)
 
 
 def test_precision_recall_identical_disjoint_and_collapsed():

@@ -1,6 +1,7 @@
 """The main job: reproduce Internal Guidance's outlier reduction on the 2D fractal mixture.
 
-    python -m toy.run [--out runs/toy] [--seed 0] [--seeds 3] [--config full|recipe|quick] [--quick]
+    python -m toy.run [--out runs/toy] [--seed 0] [--seeds 3] [--config full|long|recipe|quick] [--quick]
+                      [--parameterisation energy|velocity]
 
 For each training seed: train the main MLP (with its IG head and label dropout) and the smaller, shorter-trained
 autoguidance guide; sample class A with each method over a sweep of guidance weights, always from the same initial
@@ -19,18 +20,17 @@ import torch
 from ref import guidance, samplers
 from ref.metrics import OutlierRate, logp_outlier_rate, precision_recall
 from toy.mixture import fractal_mixture
-from toy.model import ToyDenoiser
+from toy.model import HEADS, ToyDenoiser
 from toy.plot import draw_panels
 from toy.training import train
 
+SWEEP = dict(ig_weights=[1.4, 1.7, 2.0, 2.3], autoguidance_weights=[1.1, 1.2, 1.3, 1.4], cfg_weights=[1.3, 2.0],
+             ig_cfg_weights=[(1.6, 1.3)])
 CONFIGS = {  # the guide: half the width, 1/8 of the iterations (the Autoguidance toy's 512 vs 4096)
-    "full": dict(main_iterations=2048, guide_iterations=256, batch=2048, samples=6000, heun_steps=32,
-                 ig_weights=[1.2, 1.4, 1.6, 1.8, 2.0], autoguidance_weights=[1.1, 1.2, 1.3, 1.4, 1.5],
-                 cfg_weights=[1.3, 1.6, 2.0], ig_cfg_weights=[(1.3, 1.3), (1.6, 1.3)]),
-    "recipe": dict(main_iterations=4096, guide_iterations=512, batch=4096, samples=6000, heun_steps=32,
-                   ig_weights=[1.2, 1.4, 1.6, 1.8, 2.0], autoguidance_weights=[1.1, 1.2, 1.3, 1.4, 1.5],
-                   cfg_weights=[1.3, 1.6, 2.0], ig_cfg_weights=[(1.3, 1.3), (1.6, 1.3)]),
-    "quick": dict(main_iterations=1024, guide_iterations=128, batch=2048, samples=3000, heun_steps=32,
+    "full": dict(main_iterations=1024, guide_iterations=128, batch=2048, samples=6000, heun_steps=32, **SWEEP),
+    "long": dict(main_iterations=2048, guide_iterations=256, batch=2048, samples=6000, heun_steps=32, **SWEEP),
+    "recipe": dict(main_iterations=4096, guide_iterations=512, batch=4096, samples=6000, heun_steps=32, **SWEEP),
+    "quick": dict(main_iterations=512, guide_iterations=64, batch=2048, samples=3000, heun_steps=32,
                   ig_weights=[1.6], autoguidance_weights=[1.3], cfg_weights=[1.6], ig_cfg_weights=[(1.6, 1.3)]),
 }
 REFERENCE_SIZE, HELD_OUT_SIZE, PR_SIZE = 100_000, 20_000, 5_000
@@ -83,13 +83,14 @@ def sample(denoise, noise, config, model_dtype=torch.float32):
     return samplers.heun(denoise, noise, grid, model_dtype=model_dtype)
 
 
-def run_seed(seed, config, mixtures, truth, noise, log):
-    """Train the main model and the guide on the class mixtures [A, B], then sample and measure every method."""
+def run_seed(seed, config, mixtures, truth, noise, log, parameterisation):
+    """Train the main model and the guide (both with the given output parameterisation) on the class mixtures [A, B],
+    then sample and measure every method."""
     torch.manual_seed(seed)
-    main = train(ToyDenoiser(hidden=64, intermediate_layer=1), mixtures, config["main_iterations"],
+    main = train(ToyDenoiser(hidden=64, intermediate_layer=1, parameterisation=parameterisation), mixtures, config["main_iterations"],
                  batch=config["batch"], seed=seed, log=log, name=f"seed {seed} main")
     torch.manual_seed(seed + 1000)
-    guide = train(ToyDenoiser(hidden=32, intermediate_layer=None), mixtures, config["guide_iterations"],
+    guide = train(ToyDenoiser(hidden=32, intermediate_layer=None, parameterisation=parameterisation), mixtures, config["guide_iterations"],
                   batch=config["batch"], seed=seed + 1000, log=log, name=f"seed {seed} guide")
     results, samples = {}, {}
     for (method, weights), (denoise, evals_per_call) in method_denoisers(main, guide, config).items():
@@ -148,9 +149,12 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="first training seed")
     parser.add_argument("--seeds", type=int, default=3, help="number of training seeds to average over")
     parser.add_argument("--config", choices=list(CONFIGS), default="full",
-                        help="full: the default run; recipe: the Autoguidance toy's training length (4096 iterations "
-                             "at batch 4096, ~4x longer); quick: a short smoke configuration")
+                        help="full: the default run; long: twice the iterations; recipe: the Autoguidance toy's training "
+                             "length (4096 iterations at batch 4096, ~8x the default's samples); quick: a smoke run")
     parser.add_argument("--quick", action="store_const", const="quick", dest="config", help="same as --config quick")
+    parser.add_argument("--parameterisation", choices=list(HEADS), default="energy",
+                        help="energy: each head reads a log-density and returns its velocity (the Autoguidance toy's "
+                             "model); velocity: each head is a linear map to the velocity (toy/model.py)")
     args = parser.parse_args(argv)
     config = CONFIGS[args.config]
     out = pathlib.Path(args.out)
@@ -168,7 +172,7 @@ def main(argv=None):
     mixtures = [truth.mixture, fractal_mixture("B")]
     per_seed, seed_samples = [], None
     for seed in range(args.seed, args.seed + args.seeds):
-        results, samples = run_seed(seed, config, mixtures, truth, noise, log)
+        results, samples = run_seed(seed, config, mixtures, truth, noise, log, args.parameterisation)
         per_seed.append(results)
         seed_samples = seed_samples or samples
         log(f"seed {seed}: " + ", ".join(f"{m}{dict(w)} {r['outlier_rate']:.4f}/{r['recall']:.3f}"
@@ -185,7 +189,7 @@ def main(argv=None):
     claims = check_claims(table, best)
     metrics = dict(methods=methods, claims=claims, sweep=sweep, per_seed=per_seed_best, seeds=list(range(args.seed, args.seed + args.seeds)),
                    threshold_logp=float(np.quantile(truth.logp_true, 0.01)), outlier_distance=truth.outliers.threshold,
-                   recall_floor=RECALL_FLOOR, config=dict(config, name=args.config),
+                   recall_floor=RECALL_FLOOR, config=dict(config, name=args.config, parameterisation=args.parameterisation),
                    wall_time_s=time.time() - start)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     chosen = {m: seed_samples[(m, w)] for m, w in best.items()}

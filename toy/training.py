@@ -1,11 +1,12 @@
 """Training the toy denoisers: flow matching on exact samples of the mixture, with the IG auxiliary loss, label dropout
-for CFG, an Adam schedule and EMA weights (the recipe of the Autoguidance toy, moved to the flow schedule)."""
+for CFG, an Adam schedule and power-function EMA weights (the recipe of the Autoguidance toy, moved to the flow
+schedule)."""
 import copy
 import time
 
 import torch
 
-from ref.ema import update_ema
+from ref.ema import power_function_decay, power_function_gamma, update_ema
 from ref.losses import drop_labels, flow_matching_loss
 
 # Noise levels as in the Autoguidance toy: ln(sigma) ~ N(-2.3, 1.5^2) with sigma = t / (1 - t), i.e. logit(t) normal.
@@ -22,11 +23,14 @@ def training_batch(mixtures, batch, generator):
     return x0.float(), y
 
 
-def train(model, mixtures, iterations, batch=2048, lr=1e-2, lr_decay_start=512, ema_decay=0.995, label_dropout=0.1,
+def train(model, mixtures, iterations, batch=2048, lr=1e-2, lr_decay_start=512, ema_std=0.010, label_dropout=0.1,
           aux_weight=0.5, seed=0, log=print, name="model"):
-    """Adam (betas 0.9, 0.99) with lr / sqrt(max(i / lr_decay_start, 1)), as the Autoguidance toy. Every random draw of
-    the loop comes from a generator seeded with `seed` (the caller seeds the initialisation). Returns the EMA copy."""
+    """Adam (betas 0.9, 0.99) with lr / sqrt(max(i / lr_decay_start, 1)) and a power-function EMA of relative width
+    `ema_std`, as the Autoguidance toy: the averaging profile's width is that fraction of the iterations so far, so
+    the shorter-trained guide is its own last weights and never part initialisation. Every random draw of the loop
+    comes from a generator seeded with `seed` (the caller seeds the initialisation). Returns the EMA copy."""
     generator = torch.Generator().manual_seed(seed)
+    gamma = power_function_gamma(ema_std)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, betas=(0.9, 0.99))
     start = time.time()
@@ -40,7 +44,7 @@ def train(model, mixtures, iterations, batch=2048, lr=1e-2, lr_decay_start=512, 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        update_ema(ema, model, ema_decay)
+        update_ema(ema, model, power_function_decay(gamma, i + 1))
         if log and ((i + 1) % max(iterations // 4, 1) == 0 or i + 1 == iterations):
             elapsed = time.time() - start
             log(f"  {name}: iteration {i + 1}/{iterations}, loss {loss.item():.4f}, "
