@@ -4,9 +4,9 @@ Sizes follow the Autoguidance toy (4 hidden layers of width 64 for the main mode
 label (with a null label for CFG) and the noise level enter at the input, so the early head sees them too.
 
 Two parameterisations of each head's output (both heads use the same one):
-- "energy" (the Autoguidance toy's): the head reads a log-density; its velocity is that of the Gaussian N(0, SIGMA_DATA^2)
-  plus the gradient field of the learned term, so every output is the velocity of a density and IG extrapolates
-  log-densities, log p_i + w (log p_f - log p_i), as autoguidance does with the guide's density.
+- "energy" (the Autoguidance toy's): the head reads a log-density; its velocity is that of the Gaussian
+  N(0, SIGMA_DATA^2) plus the gradient field of the learned term, so every output is the velocity of a density and IG
+  extrapolates log-densities, log p_i + w (log p_f - log p_i), as autoguidance does with the guide's density.
 - "velocity": the head is a linear map to the velocity (as the DiT's heads are).
 """
 import torch
@@ -15,19 +15,22 @@ from torch import nn
 SIGMA_DATA = 0.5  # expected standard deviation of the data, for the input scaling and the Gaussian base density
 
 
+def noisy_variance(t):
+    """s_t^2 = (1 - t)^2 SIGMA_DATA^2 + t^2: the variance of x_t for data of standard deviation SIGMA_DATA."""
+    return (1 - t) ** 2 * SIGMA_DATA ** 2 + t ** 2
+
+
 def gaussian_velocity(x, t):
-    """Exact velocity E[eps - x0 | x_t] for data x0 ~ N(0, SIGMA_DATA^2 I): x_t is N(0, s^2 I) with
-    s^2 = (1 - t)^2 SIGMA_DATA^2 + t^2, E[eps | x_t] = t x_t / s^2, E[x0 | x_t] = (1 - t) SIGMA_DATA^2 x_t / s^2.
-    x: (N, 2), t: (N, 1) -> (N, 2)"""
-    variance = (1 - t) ** 2 * SIGMA_DATA ** 2 + t ** 2
-    return x * (t - (1 - t) * SIGMA_DATA ** 2) / variance
+    """Exact velocity E[eps - x0 | x_t] for data x0 ~ N(0, SIGMA_DATA^2 I): x_t is N(0, s_t^2 I),
+    E[eps | x_t] = t x_t / s_t^2, E[x0 | x_t] = (1 - t) SIGMA_DATA^2 x_t / s_t^2. x: (N, 2), t: (N, 1) -> (N, 2)"""
+    return x * (t - (1 - t) * SIGMA_DATA ** 2) / noisy_variance(t)
 
 
 class EnergyHead(nn.Module):
-    """Reads the log-density log p_t(x) = -|x|^2 / (2 s^2) + ((1 - t) / t) gain mean(proj(h)^2) (the Autoguidance toy's
-    form; gain starts at 0, so the untrained head is the Gaussian base) and returns its velocity
-    v = -(t grad log p + x) / (1 - t) = gaussian_velocity - grad_x (gain mean(proj(h)^2)): the (1 - t) / t = 1 / sigma scale cancels
-    (s^2 = (1 - t)^2 SIGMA_DATA^2 + t^2)."""
+    """Reads the log-density log p_t(x) = -|x|^2 / (2 s_t^2) + ((1 - t) / t) gain mean(proj(h)^2) (the Autoguidance
+    toy's form; gain starts at 0, so the untrained head is the Gaussian base) and returns its velocity
+    v = -(t grad log p + x) / (1 - t) = gaussian_velocity - grad_x (gain mean(proj(h)^2)): the (1 - t) / t = 1 / sigma
+    scale cancels."""
 
     def __init__(self, hidden):
         super().__init__()
@@ -74,7 +77,7 @@ class ToyDenoiser(nn.Module):
         with torch.enable_grad():  # the energy heads differentiate in x, also inside a sampler's no_grad
             x = x if x.requires_grad else x.detach().requires_grad_()
             t = t[:, None].clamp(1e-5, 1 - 1e-5)
-            x_in = x / ((1 - t) ** 2 * SIGMA_DATA ** 2 + t ** 2).sqrt()  # unit variance at every t
+            x_in = x / noisy_variance(t).sqrt()  # unit variance at every t
             noise_level = torch.log(t / (1 - t)) / 4  # log sigma / 4, sigma = t / (1 - t) the EDM noise level
             h = torch.cat([x_in, noise_level], dim=1)  # (N, 3)
             intermediate = None

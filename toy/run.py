@@ -87,11 +87,12 @@ def run_seed(seed, config, mixtures, truth, noise, log, parameterisation):
     """Train the main model and the guide (both with the given output parameterisation) on the class mixtures [A, B],
     then sample and measure every method."""
     torch.manual_seed(seed)
-    main = train(ToyDenoiser(hidden=64, intermediate_layer=1, parameterisation=parameterisation), mixtures, config["main_iterations"],
-                 batch=config["batch"], seed=seed, log=log, name=f"seed {seed} main")
+    main = train(ToyDenoiser(hidden=64, intermediate_layer=1, parameterisation=parameterisation), mixtures,
+                 config["main_iterations"], batch=config["batch"], seed=seed, log=log, name=f"seed {seed} main")
     torch.manual_seed(seed + 1000)
-    guide = train(ToyDenoiser(hidden=32, intermediate_layer=None, parameterisation=parameterisation), mixtures, config["guide_iterations"],
-                  batch=config["batch"], seed=seed + 1000, log=log, name=f"seed {seed} guide")
+    guide = train(ToyDenoiser(hidden=32, intermediate_layer=None, parameterisation=parameterisation), mixtures,
+                  config["guide_iterations"], batch=config["batch"], seed=seed + 1000, log=log,
+                  name=f"seed {seed} guide")
     results, samples = {}, {}
     for (method, weights), (denoise, evals_per_call) in method_denoisers(main, guide, config).items():
         x = sample(denoise, noise, config)
@@ -149,8 +150,9 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="first training seed")
     parser.add_argument("--seeds", type=int, default=3, help="number of training seeds to average over")
     parser.add_argument("--config", choices=list(CONFIGS), default="full",
-                        help="full: the default run; long: twice the iterations; recipe: the Autoguidance toy's training "
-                             "length (4096 iterations at batch 4096, ~8x the default's samples); quick: a smoke run")
+                        help="full: the default run; long: twice the iterations; recipe: the Autoguidance toy's "
+                             "training length (4096 iterations at batch 4096, ~8x the default's samples); quick: a "
+                             "smoke run")
     parser.add_argument("--quick", action="store_const", const="quick", dest="config", help="same as --config quick")
     parser.add_argument("--parameterisation", choices=list(HEADS), default="energy",
                         help="energy: each head reads a log-density and returns its velocity (the Autoguidance toy's "
@@ -189,7 +191,8 @@ def main(argv=None):
     claims = check_claims(table, best)
     metrics = dict(methods=methods, claims=claims, sweep=sweep, per_seed=per_seed_best, seeds=list(range(args.seed, args.seed + args.seeds)),
                    threshold_logp=float(np.quantile(truth.logp_true, 0.01)), outlier_distance=truth.outliers.threshold,
-                   recall_floor=RECALL_FLOOR, config=dict(config, name=args.config, parameterisation=args.parameterisation),
+                   recall_floor=RECALL_FLOOR,
+                   config=dict(config, name=args.config, parameterisation=args.parameterisation),
                    wall_time_s=time.time() - start)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     chosen = {m: seed_samples[(m, w)] for m, w in best.items()}
