@@ -25,7 +25,8 @@ from ref.controlnet import ControlNet
 from ref.data import CAPTION_VOCABULARY, MAX_OBJECTS, SHAPE_CLASSES, ImageFolder, LatentShards, Shapes
 from ref.dit import DiT
 from ref.losses import (alignment_loss, control_loss, ddpm_eps_loss, drop_labels, flow_matching_loss,
-                        innercontrol_loss, innercontrol_task, mean_squared_error, reward_loss)
+                        innercontrol_loss, innercontrol_task, mean_squared_error, range_probability,
+                        reward_loss)
 from ref.probes import ReadoutProbe
 from ref.schedules import DDPMSchedule
 from ref.text import PAD, TextEncoder, Tokenizer
@@ -358,6 +359,9 @@ class ControlNetJob(ShapesJob):
         self.beta = settings.beta if config["beta"] is None else config["beta"]
         self.reward_range = tuple(config["reward_range"] or settings.reward_range)
         self.align_range = tuple(config["align_range"] or settings.align_range)
+        for weight, t_range in ((self.alpha, self.reward_range), (self.beta, self.align_range)):
+            if weight:
+                range_probability(t_range, self.schedule.num_timesteps)  # a range holding no step is refused here
         self.base, _ = load_trained(required_run(config, "base", "the base UNet run"), "unet", load=load)
         self.reward_model = self.probe = None
         if self.alpha:
@@ -408,7 +412,7 @@ class ControlNetJob(ShapesJob):
             alignment = alignment_loss(self.probe, features, self.base.unet.embed_time(t), control,
                                        settings.alignment_kind)
         return innercontrol_loss(mean_squared_error(eps_hat, eps), reward, alignment, t, self.alpha, self.beta,
-                                 self.reward_range, self.align_range)  # Eq. 8
+                                 self.reward_range, self.align_range, self.schedule.num_timesteps)  # Eq. 8
 
 
 def check_probe_fits(probe, unet, tap_mode, path):

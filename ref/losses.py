@@ -51,9 +51,9 @@ def drop_labels(y, probability, null_label, generator=None):
 # ---------------------------------------------------------------------------------------------------------------------
 # InnerControl: control comparisons L(c_spatial, c_hat), shared by the reward (Eq. 6) and the alignment (Eq. 7) terms
 # ---------------------------------------------------------------------------------------------------------------------
-# Every comparison returns one value per sample, the mean over C, H, W taken BEFORE any timestep mask. (The
-# InnerControl release reshapes a (B, C, H, W) loss to the mask's (B, 1) layout without that mean: its masked term is
-# then a per-sample sum over C, H, W, C * H * W times the mean, so beta would depend on the resolution.)
+# Every comparison returns one value per sample, the mean over C, H, W taken BEFORE any timestep mask, as the
+# InnerControl release's `train/reward_control.py` does (a per-sample `.mean(dim=(-1, -2))` of the pixel loss), so
+# alpha and beta do not depend on the resolution.
 
 IGNORE_LABEL = 255  # segmentation pixels without a class; they add nothing to the cross-entropy
 CONTROL_LOSSES = ("mse", "max_normalised_mse", "sparse_mse", "cross_entropy")
@@ -167,21 +167,35 @@ def timestep_masked(per_sample_loss, t, t_range):
     return torch.where(in_range, per_sample_loss, torch.zeros_like(per_sample_loss))
 
 
-def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range, align_range):
-    """Eq. 8 per sample:  L_i = L_diff,i + alpha 1[t_i in R_reward] L_reward,i + beta 1[t_i in R_align] L_align,i.
-    -> (B,)
+def range_probability(t_range, num_timesteps):
+    """P(t in [low, high]) for the training draw t ~ U{0, ..., T - 1}: (high - low + 1) / T, the range clipped to
+    the schedule's steps."""
+    low, high = max(t_range[0], 0), min(t_range[1], num_timesteps - 1)
+    if high < low:
+        raise ValueError(f"timestep range {tuple(t_range)} holds none of the steps 0..{num_timesteps - 1}")
+    return (high - low + 1) / num_timesteps
+
+
+def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range, align_range, num_timesteps=1000):
+    """Eq. 8 per sample -> (B,):
+        L_i = L_diff,i + alpha 1[t_i in R_reward] L_reward,i / P(R_reward) + beta 1[t_i in R_align] L_align,i / P(R_align)
 
     diffusion, reward, alignment: per-sample losses (B,); reward or alignment None leaves that term out (the rows of
-    Table 2 without it). The caller takes the mean over the batch, as for every loss here, so each term is the mean of
-    the masked per-sample losses over ALL samples = (its mean over the samples in range) x (the fraction in range):
-    an unbiased estimate of E_t[1[t in R] L(t)], the same for any batch split over ranks (DDP averages per-rank means).
-    A batch with no sample in range adds an exact zero that keeps the graph. (ControlNet++ and the InnerControl release
-    divide by the number of in-range samples instead, a ratio that depends on how the batch is split.)"""
+    Table 2 without it). P(R) = (high - low + 1) / T is the probability of the range under the uniform training draw
+    of t over T = num_timesteps steps.
+
+    alpha and beta weight each term's mean over the samples IN its range, as in ControlNet++ and the InnerControl
+    release, which compute  (mask * loss).sum() / (mask.sum() + 1e-10)  per batch. Here the caller takes the plain
+    batch mean, as for every loss, and E[1[t in R] L(t)] / P(R) = E[L(t) | t in R]: an unbiased estimate of the
+    same in-range mean that does not depend on how the batch is split over ranks (DDP averages per-rank means; the
+    release's ratio would change with the split). Without the 1 / P(R) the effective weight would be alpha P(R)
+    (depth's 0.5 on [0, 400] acting as 0.20) and widening a range would also raise its weight.
+    A batch with no sample in range adds an exact zero that keeps the graph."""
     loss = diffusion
     if reward is not None:
-        loss = loss + alpha * timestep_masked(reward, t, reward_range)
+        loss = loss + alpha / range_probability(reward_range, num_timesteps) * timestep_masked(reward, t, reward_range)
     if alignment is not None:
-        loss = loss + beta * timestep_masked(alignment, t, align_range)
+        loss = loss + beta / range_probability(align_range, num_timesteps) * timestep_masked(alignment, t, align_range)
     return loss
 
 

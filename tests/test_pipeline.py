@@ -78,8 +78,8 @@ def test_innercontrol_starts_from_init_and_resumes_bitwise(stages, tmp_path):
 
 
 def test_eq8_terms_act_exactly_inside_their_ranges(stages):
-    """Same batch and draws: with both ranges beyond the last step the loss is the diffusion loss alone (alpha = beta
-    = 0); with ranges over every step it is larger by exactly alpha x reward + beta x alignment."""
+    """Same batch and draws: with ranges over every step (P(range) = 1) the loss is the diffusion loss alone (alpha =
+    beta = 0) plus exactly alpha x reward + beta x alignment; a range holding no step is refused."""
     def per_sample_loss(**overrides):
         config, _ = train.parse_args(innercontrol_flags(stages, **overrides))
         job = jobs.make_job(config)
@@ -91,8 +91,8 @@ def test_eq8_terms_act_exactly_inside_their_ranges(stages):
             return job.loss(net, *inputs), job, net, inputs
 
     plain, *_ = per_sample_loss(alpha=0, beta=0)
-    outside, *_ = per_sample_loss(reward_range="1000,1000", align_range="1000,1000")
-    torch.testing.assert_close(outside, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"timestep range \(1000, 1000\) holds none of the steps 0..999"):
+        per_sample_loss(reward_range="1000,1000", align_range="1000,1000")
     full, job, net, (x0, tokens, hint, control, t, eps) = per_sample_loss(reward_range="0,999", align_range="0,999")
     with torch.no_grad():
         x_t = job.schedule.add_noise(x0, eps, t)

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.losses import (INNERCONTROL_TASKS, alignment_loss, control_loss, innercontrol_loss, innercontrol_task,
-                        reward_loss, timestep_masked)
+                        range_probability, reward_loss, timestep_masked)
 from ref.probes import ReadoutProbe
 from ref.schedules import DDPMSchedule
 
@@ -173,12 +173,35 @@ def test_eq8_on_hand_values():
     reward = torch.tensor([10.0, 20.0, 30.0])
     alignment = torch.tensor([100.0, 200.0, 300.0])
     t = torch.tensor([100, 500, 950])
-    loss = innercontrol_loss(diffusion, reward, alignment, t, 0.5, 0.1, (0, 400), (0, 920))
-    torch.testing.assert_close(loss, torch.tensor([1 + 5 + 10, 2 + 0 + 20, 3 + 0 + 0.0]))
-    torch.testing.assert_close(innercontrol_loss(diffusion, None, alignment, t, 0.5, 0.1, (0, 400), (0, 920)),
-                               torch.tensor([11.0, 22.0, 3.0]))
-    torch.testing.assert_close(innercontrol_loss(diffusion, reward, None, t, 0.5, 0.1, (0, 400), (0, 920)),
-                               torch.tensor([6.0, 2.0, 3.0]))
+    # P([0, 399]) = 0.4 and P([0, 919]) = 0.92 under t ~ U{0..999}: the in-range terms are scaled by 1 / P
+    loss = innercontrol_loss(diffusion, reward, alignment, t, 0.5, 0.1, (0, 399), (0, 919))
+    torch.testing.assert_close(loss, torch.tensor([1 + 5 / 0.4 + 10 / 0.92, 2 + 0 + 20 / 0.92, 3 + 0 + 0.0]))
+    torch.testing.assert_close(innercontrol_loss(diffusion, None, alignment, t, 0.5, 0.1, (0, 399), (0, 919)),
+                               torch.tensor([1 + 10 / 0.92, 2 + 20 / 0.92, 3.0]))
+    torch.testing.assert_close(innercontrol_loss(diffusion, reward, None, t, 0.5, 0.1, (0, 399), (0, 919)),
+                               torch.tensor([1 + 5 / 0.4, 2.0, 3.0]))
+    # ranges are clipped to the schedule's steps: [450, 980] of a 500-step schedule is {450..499}, P = 50 / 500
+    assert range_probability((450, 980), 500) == 0.1 and range_probability((0, 920), 1000) == 0.921
+    with pytest.raises(ValueError, match="holds none of the steps 0..99"):
+        range_probability((450, 980), 100)
+
+
+def test_eq8_weights_the_in_range_mean_as_the_release_does():
+    """Over many batches, the batch mean of Eq. 8 equals the release's in-range mean (mask * loss).sum() / mask.sum()
+    weighted by alpha, whatever the range's width; the same for any split of the batch over ranks."""
+    generator = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 1000, (200_000,), generator=generator)
+    reward = 1 + t.float() / 1000  # a loss that depends on t, so the range's mean differs from the overall mean
+    for low, high in ((0, 200), (0, 920), (450, 980)):
+        ours = innercontrol_loss(torch.zeros_like(reward), reward, None, t, 0.5, 0.0, (low, high), (0, 0)).mean()
+        mask = ((t >= low) & (t <= high)).float()
+        release = 0.5 * (mask * reward).sum() / (mask.sum() + 1e-10)
+        torch.testing.assert_close(ours, release, rtol=5e-3, atol=0)
+        exact = 0.5 * (1 + (low + high) / 2000)  # alpha x the in-range mean of 1 + t / 1000
+        torch.testing.assert_close(ours, torch.tensor(exact), rtol=5e-3, atol=0)
+    # two ranks' batch means, averaged as DDP does, equal the one-rank batch mean
+    per_sample = innercontrol_loss(torch.zeros(8), reward[:8], None, t[:8], 0.5, 0.0, (0, 400), (0, 0))
+    torch.testing.assert_close((per_sample[:4].mean() + per_sample[4:].mean()) / 2, per_sample.mean())
 
 
 def test_alignment_averages_over_c_h_w_before_masking():
@@ -189,13 +212,12 @@ def test_alignment_averages_over_c_h_w_before_masking():
     torch.testing.assert_close(per_sample, torch.tensor([0.125, 1.0]))  # channel errors 0 and 0.25 -> mean 0.125
     t = torch.tensor([100, 950])
     batch = innercontrol_loss(torch.zeros(2), None, per_sample, t, 0.0, 1.0, (0, 400), (0, 920)).mean()
-    torch.testing.assert_close(batch, torch.tensor(0.0625))  # (0.125 + 0) / 2: the mean over all samples
-    # The release's layout: the per-element loss reshaped to the mask's rows before the mean over C, H, W.
+    torch.testing.assert_close(batch, torch.tensor(0.0625 / 0.921))  # (0.125 + 0) / 2 / P([0, 920])
+    # The release: a per-sample mean of the pixel loss, then (mask * loss).sum() / mask.sum() over the batch.
     per_element = ((probe_output + 1) / 2 - control).square()
-    mask = (t <= 920).reshape(-1, 1)
-    released = (mask * per_element.reshape(2, -1)).sum() / mask.sum()
-    torch.testing.assert_close(released, torch.tensor(1.0))  # the sum over sample 0's 8 elements, 8 x 0.125
-    assert abs(released - batch) > 0.5
+    mask = (t <= 920).float()
+    released = (mask * per_element.mean(dim=(1, 2, 3))).sum() / (mask.sum() + 1e-10)
+    torch.testing.assert_close(released, torch.tensor(0.125))  # sample 0 alone, the in-range mean
 
 
 def test_table4_settings_and_unknown_task():
