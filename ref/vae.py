@@ -7,7 +7,7 @@ Decoder: post_quant_conv (1x1); conv_in; mid block; levels from the deepest up, 
 and, but for level 0, a nearest 2x upsample + conv; GroupNorm, SiLU, conv_out to RGB. No timestep input anywhere.
 
 Presets (`MODELS`):
-    sd            sd-vae-ft-ema / sd-vae-ft-mse / SD1.x: ch 128, ch_mult (1, 2, 4, 4), f8, z 4, latents scaled by 0.18215
+    sd            sd-vae-ft-ema / sd-vae-ft-mse / SD1.x: ch 128, ch_mult (1, 2, 4, 4), f8, z 4, latents x 0.18215
     vavae-f16d32  VA-VAE (Yao et al. 2025), LightningDiT's tokenizer: ch_mult (1, 1, 2, 2, 4), f16, z 32, attention
                   in the deepest level of encoder and decoder (the release's attn_resolutions [16] at resolution 256);
                   LightningDiT normalises its latents per channel with a statistics file, not by a scale (1.0 here)
@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.checkpoints import check_state_fits
+from ref.unet import Upsample  # nearest 2x + 3x3 conv, the same in the LDM UNet and autoencoder
 
 
 def group_norm(channels):
@@ -72,7 +73,8 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Pad right and bottom by one, then a 3x3 stride-2 conv (LDM's asymmetric padding). (B, C, H, W) -> (.., H/2, W/2)"""
+    """Pad right and bottom by one, then a 3x3 stride-2 conv (LDM's asymmetric padding).
+    (B, C, H, W) -> (B, C, H/2, W/2)"""
 
     def __init__(self, channels):
         super().__init__()
@@ -80,17 +82,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    """Nearest 2x, then a 3x3 conv. (B, C, H, W) -> (B, C, 2H, 2W)"""
-
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
 class Level(nn.Module):

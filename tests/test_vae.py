@@ -99,7 +99,8 @@ def test_ldm_layout_keys_and_shapes(name, config):
 
 def test_sd_vae_size_and_diffusers_names():
     """sd-vae-ft-mse / the SD1.x VAE: 83,653,863 parameters in 248 tensors (as published model summaries count
-    diffusers' AutoencoderKL), f8, 4 latent channels; a few names and shapes as the published diffusers file has them."""
+    diffusers' AutoencoderKL), f8, 4 latent channels; a few names and shapes as the published diffusers file has
+    them."""
     model = on_meta("sd")
     assert sum(p.numel() for p in model.parameters()) == 83_653_863 and len(model.state_dict()) == 248
     assert model.downsampling_factor == 8 and model.z_channels == 4 and model.scaling_factor == 0.18215
