@@ -9,8 +9,8 @@ without the head.
 Time convention. This project's flow time is t = 1 noise: x_t = (1 - t) x0 + t eps, the network predicts eps - x0. The
 LightningDiT release runs the path the other way (t_release = 1 data, x_t = t_release x0 + (1 - t_release) eps, velocity
 x0 - eps). The same x_t is t_release = 1 - t and the velocities differ in sign, so the released weights see the time
-they were trained with when `LightningDiT.forward` embeds 1 - t and negates both outputs. Those two lines are the only
-adapter: outside forward every time and every velocity is in the project's convention (its sampler's "CFG from
+they were trained with when `LightningDiT.forward` embeds 1 - t and negates both outputs. That is the only adapter:
+outside forward every time and every velocity is in the project's convention (the release's "CFG from
 t_release = 0.19" is t <= 0.81 here).
 
 State-dict keys follow the IG release (CVL-UESTC/Internal-Guidance, LightningDiT/models/lightningdit.py), the rotary
@@ -229,24 +229,13 @@ class LightningDiT(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self):
-        """As the release: Xavier-uniform linear layers (the patch convolution seen as one), N(0, 0.02) label table
-        and timestep MLP, zero adaLN modulation in every block, zero final layer. The IG release leaves its head at
-        the Xavier init (unlike its SiT, which zeroes it); so does this."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
-        patch_weight = self.x_embedder.proj.weight
-        nn.init.xavier_uniform_(patch_weight.view(patch_weight.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        zero_layers = [block.adaLN_modulation[-1] for block in self.blocks]
-        zero_layers += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
-        for layer in zero_layers:
-            nn.init.zeros_(layer.weight)
-            nn.init.zeros_(layer.bias)
+        """DiT's init (Xavier-uniform linear layers, N(0, 0.02) label table and timestep MLP, zero adaLN modulation in
+        every block, zero final layer), which is the release's, except for the IG head: the IG release leaves its
+        head at the Xavier init (its SiT zeroes it), and so does this."""
+        dit.DiT.initialize_weights(self)
+        if self.intermediate_head is not None:
+            for layer in (self.intermediate_head.adaLN_modulation[-1], self.intermediate_head.linear):
+                nn.init.xavier_uniform_(layer.weight)
 
     unpatchify = dit.DiT.unpatchify  # (N, T, p*p*C) -> (N, C, H, W), patches in raster order
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ref.dit import canonical_key, count_parameters, load_checkpoint
 from ref.lightningdit import (MODELS, Attention, GridRotaryEmbedding, LightningDiT, LightningDiTBlock, RMSNorm, SwiGLU,
@@ -21,10 +22,8 @@ def tiny(**kwargs):
 
 def randomise(module, seed=1):
     """Random weights everywhere (the zero init would hide most of the network); buffers (RoPE tables) kept."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in module.parameters():
-            parameter.copy_(0.3 * torch.randn(parameter.shape, generator=generator))
+    count = parameters_to_vector(module.parameters()).numel()
+    vector_to_parameters(0.3 * torch.randn(count, generator=torch.Generator().manual_seed(seed)), module.parameters())
     return module
 
 
@@ -190,7 +189,7 @@ def test_wo_shift_regresses_scale_and_gate_only():
 
 
 def test_attention_with_qk_norm_and_rope_against_independent_computation():
-    """qk-norm (RMSNorm per head, with its weight), then both q and k turned as complex pairs, then softmax attention."""
+    """qk-norm (RMSNorm per head, with its weight), then q and k turned as complex pairs, then softmax attention."""
     heads, head_dim, grid = 2, 8, 2
     attention = randomise(Attention(heads * head_dim, heads, qk_norm=True), seed=12)
     rope = GridRotaryEmbedding(head_dim, grid)
@@ -317,16 +316,16 @@ def test_tiny_model_fits_one_batch_with_flow_matching_loss():
     eps = torch.randn(8, 4, 4, 4, generator=generator)
     t = torch.rand(8, generator=generator)
     y = torch.randint(0, 3, (8,), generator=generator)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=4e-3, betas=(0.9, 0.95))
     losses = []
-    for _ in range(20):
+    for _ in range(28):
         loss = flow_matching_loss(model, x0, t, y, eps).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert all(math.isfinite(value) for value in losses)
-    assert losses[-1] < 0.6 * losses[0]
+    assert losses[-1] < 0.5 * losses[0]
     assert model.intermediate_head.linear.weight.grad.abs().sum() > 0
 
 
