@@ -1,0 +1,34 @@
+"""Internal Guidance's accelerated training (Zhou et al., arXiv 2512.24176; the paper's training speed-up, absent from
+its release), an option off by default.
+
+The EMA model, evaluated on the same x_t, gives its own IG direction D_f - D_i; the final head regresses the target
+shifted along it, the intermediate head the plain target:
+
+    L = ||D_f - (v + omega * sg(D_f^EMA - D_i^EMA))||^2 + lambda ||D_i - v||^2,     v = eps - x0 (flow time t = 1 noise)
+
+sg = stop-gradient. The sign is IG's: sampling uses D_i + w (D_f - D_i) = D_f + (w - 1)(D_f - D_i), so a final head
+that meets its shifted target while the EMA tracks the model carries guidance of weight w = 1 + omega in itself.
+omega = 0 is the plain IG objective (ref.losses.internal_guidance_loss).
+"""
+import torch
+
+from ref.losses import FLOW, mean_squared_error
+
+
+def accelerated_final_target(target, ema_final, ema_intermediate, omega):
+    """v + omega * sg(D_f^EMA - D_i^EMA), the final head's target; all tensors of one shape."""
+    return target + omega * (ema_final - ema_intermediate).detach()
+
+
+def accelerated_flow_matching_loss(model, ema_model, x0, t, y, eps, omega, aux_weight=0.5):
+    """Per-sample accelerated IG loss on x_t = (1 - t) x0 + t eps. model, ema_model: (x_t, t, y) -> (D_f, D_i), both
+    with the IG head; the EMA model runs without gradient. -> (N,)"""
+    x_t = FLOW.add_noise(x0, eps, t)
+    target = FLOW.v_target(x0, eps, t)
+    with torch.no_grad():
+        ema_final, ema_intermediate = ema_model(x_t, t, y)
+    final, intermediate = model(x_t, t, y)
+    if intermediate is None or ema_intermediate is None:
+        raise ValueError("accelerated IG training needs the intermediate head in both the model and its EMA")
+    shifted = accelerated_final_target(target, ema_final, ema_intermediate, omega)
+    return mean_squared_error(final, shifted) + aux_weight * mean_squared_error(intermediate, target)
