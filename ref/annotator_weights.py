@@ -33,6 +33,7 @@ LAYOUTS = {
     "stable_diffusion": Layout("a Stable Diffusion / ControlNet checkpoint (model.diffusion_model.* / "
                                "control_model.* keys)", ("model.diffusion_model.", "control_model.")),
 }
+SHOWN = 6  # differences named per kind when a file does not fit
 TORCHSCRIPT = "a TorchScript program (a segmenter plug-in?)"
 
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -106,8 +107,10 @@ def load_task_weights(model, path, task):
     state, original = read_task_weights(path, task)
     try:
         check_state_fits(model, state, original)
-    except ValueError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except ValueError as error:  # keep the counts and the first few names of each kind of difference
+        lines = [line if line.count("; ") < SHOWN else "; ".join(line.split("; ")[:SHOWN]) + "; ..."
+                 for line in str(error).splitlines()]
+        raise ValueError(f"{path}: " + "\n".join(lines)) from None
     model.load_state_dict(state)
 
 
