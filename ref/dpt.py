@@ -13,7 +13,7 @@ reward model D of Eq. 6 that ControlNet++ and InnerControl load (Table 4), with 
                 8 and 11 (0-based; config backbone_out_indices [2, 5, 8, 11], of which the hybrid uses the last two),
                 each with its [CLS] token concatenated and projected back ("project" readout: Linear 2C -> C + GELU),
                 1x1 to 768 channels, the last one halved in size by a 3x3 stride-2 conv (reassemble factors 1, 0.5);
-                                                                     neck.reassemble_stage.{readout_projects, layers}.{2,3}
+                                                            neck.reassemble_stage.{readout_projects, layers}.{2, 3}
   fusion        each map 3x3 to 256 channels (neck.convs), then from the coarsest: + residual unit(skip), residual
                 unit, 2x bilinear upsampling (align_corners), 1x1 conv; neck.fusion_stage.layers.0-3
   head          conv 3x3 256 -> 128, 2x upsampling, conv 3x3 128 -> 32, ReLU, conv 1x1 32 -> 1, ReLU: relative inverse

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from ref.dpt import DPT_CONFIGS, DPTHybridDepth, StandardisedConv2d, pad_same
 
@@ -70,10 +70,9 @@ def public_layout():
 
 def randomised(model, seed=0):
     """Every parameter perturbed (the zero position embeddings, unit GroupNorm gains included)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    flat = parameters_to_vector(model.parameters())
+    noise = torch.randn(flat.shape, generator=torch.Generator().manual_seed(seed))
+    vector_to_parameters(flat + 0.05 * noise, model.parameters())
     return model
 
 

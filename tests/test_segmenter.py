@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ref.hed import HEDAnnotator
 from ref.segmenter import TorchScriptSegmenter, segmentation_reward
