@@ -37,7 +37,7 @@ class TorchScriptSegmenter(nn.Module):
     Frozen, differentiable with respect to the image (if the program is).
 
     path: the TorchScript file; num_classes: K the logits must have (None accepts any K >= 2); probe_size: side of the
-    probe batch the output is checked on (the smallest input the segmenter accepts)."""
+    probe batch the output is checked on (at least the smallest input the segmenter accepts)."""
 
     def __init__(self, path, num_classes=None, probe_size=256):
         super().__init__()
