@@ -1,0 +1,129 @@
+"""Reading the weights of the reward and evaluation models (ref/hed.py, ref/dpt.py, ref/segmenter.py) and refusing a
+file made for another task by name, before any key is compared: a DPT file given as the HED annotator is reported as
+"FILE holds DPT depth weights (dpt.* keys), not the HED annotator's weights (...)", not as 300 missing keys.
+
+State dicts are read from PyTorch files (torch.load restricted to tensors, ref.checkpoints.read_checkpoint) or from
+.safetensors files (the format of Hugging Face model repositories: an 8-byte little-endian header length, a JSON
+header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes), read here without the package.
+"""
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A model file this project can tell apart: what to call it in an error, and a test on its keys."""
+    description: str
+    prefixes: tuple  # the file holds this model when any key starts with one of these
+
+
+LAYOUTS = {
+    "hed": Layout("the HED annotator's weights (ControlNetHED_Apache2: norm, block1.convs.0 ... block5.projection)",
+                  ("block1.convs.0.",)),
+    "hed_bsds500": Layout("the original HED's weights (network-bsds500: netVggOne / moduleVggOne keys)",
+                          ("netVggOne.", "moduleVggOne.")),
+    "lineart": Layout("the LineArt annotator's weights (model0 ... model4 keys)", ("model0.1.",)),
+    "dpt": Layout("DPT depth weights (dpt.* keys)", ("dpt.",)),
+    "stable_diffusion": Layout("a Stable Diffusion / ControlNet checkpoint (model.diffusion_model.* / "
+                               "control_model.* keys)", ("model.diffusion_model.", "control_model.")),
+}
+SHOWN = 6  # differences named per kind when a file does not fit
+TORCHSCRIPT = "a TorchScript program (a segmenter plug-in?)"
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def layout_of(keys):
+    """The LAYOUTS name of the model whose keys these are, or None for a file of none of them."""
+    for name, layout in LAYOUTS.items():
+        if any(key.startswith(layout.prefixes) for key in keys):
+            return name
+    return None
+
+
+def is_torchscript(path):
+    """torch.jit.save writes a zip archive holding code/ and constants.pkl; torch.save's archive has neither."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def read_safetensors(path):
+    """{name: tensor} of a .safetensors file."""
+    with open(path, "rb") as file:
+        header_size = int.from_bytes(file.read(8), "little")
+        header = json.loads(file.read(header_size))
+        data = file.read()
+    header.pop("__metadata__", None)
+    state = {}
+    for name, entry in header.items():
+        start, end = entry["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        flat = torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
+        state[name] = flat.reshape(entry["shape"])
+    return state
+
+
+def read_state(path, expected):
+    """The state dict in a PyTorch or .safetensors file, wrappers stripped (ref.checkpoints.unwrap_state).
+    -> {key: tensor}, {key: the key in the file}. `expected` (what the caller wants, in words) goes into every error."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file ({expected} expected)")
+    if is_torchscript(path):
+        raise ValueError(f"{path} holds {TORCHSCRIPT}, not {expected}")
+    try:
+        raw = read_safetensors(path) if path.endswith(".safetensors") else read_checkpoint(path)
+    except Exception as error:  # a truncated download, an HTML page, a pickle of something else: all the same here
+        reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"  # torch's advice after that does not apply
+        raise ValueError(f"{path} could not be read as a state dict ({expected} expected): {reason}") from error
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict ({expected} expected)")
+    return unwrap_state(raw)
+
+
+def read_task_weights(path, task):
+    """The state dict of `path` for the LAYOUTS entry `task`, refused by name when the file holds another known
+    model's weights. -> {key: tensor}, {key: the key in the file}"""
+    expected = LAYOUTS[task].description
+    state, original = read_state(path, expected)
+    found = layout_of(state)
+    if found is not None and found != task:
+        raise ValueError(f"{path} holds {LAYOUTS[found].description}, not {expected}")
+    return state, original
+
+
+def load_task_weights(model, path, task):
+    """Copy the `task` weights in `path` into `model`: a file of another known model is refused by name, one of this
+    layout with wrong keys or shapes with every difference listed (ref.checkpoints.check_state_fits)."""
+    state, original = read_task_weights(path, task)
+    try:
+        check_state_fits(model, state, original)
+    except ValueError as error:  # keep the counts and the first few names of each kind of difference
+        lines = [line if line.count("; ") < SHOWN else "; ".join(line.split("; ")[:SHOWN]) + "; ..."
+                 for line in str(error).splitlines()]
+        raise ValueError(f"{path}: " + "\n".join(lines)) from None
+    model.load_state_dict(state)
+
+
+def refuse_unless_torchscript(path, expected):
+    """Raise a ValueError unless `path` is a TorchScript archive, naming what the file holds instead when it is the
+    state dict of a known model."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file ({expected} expected)")
+    if is_torchscript(path):
+        return
+    try:
+        found = layout_of(read_state(path, expected)[0])
+    except ValueError:
+        found = None
+    held = LAYOUTS[found].description if found else "no TorchScript program (torch.jit.save writes one)"
+    raise ValueError(f"{path} holds {held}, not {expected}")
