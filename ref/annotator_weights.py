@@ -3,10 +3,8 @@ file made for another task by name, before any key is compared: a DPT file given
 "FILE holds DPT depth weights (dpt.* keys), not the HED annotator's weights (...)", not as 300 missing keys.
 
 State dicts are read from PyTorch files (torch.load restricted to tensors, ref.checkpoints.read_checkpoint) or from
-.safetensors files (the format of Hugging Face model repositories: an 8-byte little-endian header length, a JSON
-header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensor bytes), read here without the package.
+.safetensors files (ref.safetensors, the format of Hugging Face model repositories).
 """
-import json
 import os
 import zipfile
 from dataclasses import dataclass
@@ -14,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
+from ref.safetensors import load_file
 
 
 @dataclass(frozen=True)
@@ -36,11 +35,6 @@ LAYOUTS = {
 SHOWN = 6  # differences named per kind when a file does not fit
 TORCHSCRIPT = "a TorchScript program (a segmenter plug-in?)"
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
-
-
 def layout_of(keys):
     """The LAYOUTS name of the model whose keys these are, or None for a file of none of them."""
     for name, layout in LAYOUTS.items():
@@ -57,22 +51,6 @@ def is_torchscript(path):
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def read_safetensors(path):
-    """{name: tensor} of a .safetensors file."""
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(header_size))
-        data = file.read()
-    header.pop("__metadata__", None)
-    state = {}
-    for name, entry in header.items():
-        start, end = entry["data_offsets"]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        flat = torch.frombuffer(bytearray(data[start:end]), dtype=dtype) if end > start else torch.empty(0, dtype=dtype)
-        state[name] = flat.reshape(entry["shape"])
-    return state
-
-
 def read_state(path, expected):
     """The state dict in a PyTorch or .safetensors file, wrappers stripped (ref.checkpoints.unwrap_state).
     -> {key: tensor}, {key: the key in the file}. `expected` (what the caller wants, in words) goes into every error."""
@@ -81,7 +59,7 @@ def read_state(path, expected):
     if is_torchscript(path):
         raise ValueError(f"{path} holds {TORCHSCRIPT}, not {expected}")
     try:
-        raw = read_safetensors(path) if path.endswith(".safetensors") else read_checkpoint(path)
+        raw = load_file(path) if path.endswith(".safetensors") else read_checkpoint(path)
     except Exception as error:  # a truncated download, an HTML page, a pickle of something else: all the same here
         reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"  # torch's advice after that does not apply
         raise ValueError(f"{path} could not be read as a state dict ({expected} expected): {reason}") from error
