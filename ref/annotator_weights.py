@@ -9,7 +9,6 @@ import os
 import zipfile
 from dataclasses import dataclass
 
-import torch
 
 from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
 from ref.safetensors import load_file
