@@ -8,11 +8,8 @@ metrics (InnerControl).
     python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
     python eval.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
 
-fid: IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch (stored
-mu/sigma/mu_s/sigma_s are used when present, images in arr_0 give precision/recall). Samples and references are
-ADM-style .npz (arr_0: (N, H, W, 3) uint8) or folders of images. --write-ref writes the samples as a reference batch
-(images and moments) that this script and the ADM evaluator read. Weights: --inception PATH or $REF_INCEPTION_WEIGHTS
-(pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release).
+fid: IS, FID, sFID and precision/recall as the ADM evaluator computes them; `python eval.py fid --help` says how, and
+what is left different.
 fd-shapes: FD-shapes (the Frechet distance of the Shapes classifier's 128-d features; not FID) and precision/recall
 (k = 3) against reference images: an .npz or folder (--ref), or the first N true scenes of Shapes(seed=--ref-seed) at
 the samples' size, rendered on the fly (--ref-shapes N); with labels in the samples' arr_1, label_accuracy too. The
@@ -33,16 +30,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ref import jobs
+from ref import jobs, training
 from ref.data import Shapes
-from ref.inception import FIDInceptionV3, InceptionWeightsError
+from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
 from ref.innercontrol import ControlScore
-from ref.metrics import (CONTROL_MAP_MODES, ImageSource, control_alignment, fid_report, load_reference,
+from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
 from ref.shapes_classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
 
 DEFAULT_CLASSIFIER = "runs/shapes_classifier.pt"
+FID_HELP = """IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch
+(stored mu/sigma/mu_s/sigma_s are used when present, images in arr_0 give precision/recall). Samples are ADM-style
+.npz (arr_0: (N, H, W, 3) uint8) or folders of images. --write-ref writes the samples as a reference batch
+(images and moments) that this script and the ADM evaluator read. Weights: --inception PATH or $REF_INCEPTION_WEIGHTS
+(pt_inception-2015-12-05-6726825d.pth from the pytorch-fid release).
+
+As the ADM evaluator (guided-diffusion evaluations/evaluator.py): IS averages splits of 5,000 samples (the last one
+shorter); --resize tf1, the default, feeds the Inception as the TF graph behind the ADM reference batches does: TF1's
+legacy bilinear resize to 299 (output pixel d reads input d * in/out, clamped at the last pixel), then pixels
+(u - 128) / 128. --resize pytorch is pytorch-fid's pipeline (half-pixel bilinear, (u - 127.5) / 127.5). A reference
+written by --write-ref records its pipeline and the default follows it.
+
+Left different from the ADM evaluator: the convolutions round as PyTorch's kernels do, not TF's (float32 rounding;
+on GPU, TF's resize kernel may also round its last bit otherwise); IS takes softmax and logarithms in float64 (ADM:
+float32); precision/recall compare float32 distances (ADM: float16, float32 only on overflow), so a sample on the edge
+of a k-NN ball can count differently."""
 
 
 class Progress:
@@ -62,16 +75,40 @@ class Progress:
         print(f"{self.label}: {done}/{total} images, {elapsed:.0f} s elapsed, ETA {eta:.0f} s", flush=True)
 
 
+def inception_resize(args):
+    """--resize, by default what the reference batch records (one --write-ref wrote), else tf1: the TF graph's
+    pipeline, which made the ADM reference batches' stored mu/sigma. A choice that differs from the recorded one is
+    refused; pytorch against stored statistics without a record (an ADM batch) is warned about."""
+    recorded, stored = None, False
+    if args.ref:
+        if not zipfile.is_zipfile(args.ref):
+            raise ValueError(f"--ref {args.ref}: not an .npz archive; expected an ADM reference batch (.npz)")
+        with np.load(args.ref) as archive:
+            recorded = str(archive[RESIZE_KEY]) if RESIZE_KEY in archive.files else None
+            stored = "mu" in archive.files
+    if args.resize is None:
+        return recorded or "tf1"
+    if recorded and recorded != args.resize:
+        raise ValueError(f"{args.ref} holds statistics of --resize {recorded}; scoring the samples with --resize "
+                         f"{args.resize} would compare two input pipelines (leave --resize out to follow the "
+                         f"reference)")
+    if args.resize == "pytorch" and stored and not recorded:
+        print(f"warning: {args.ref}'s stored mu/sigma come from the ADM evaluator's TF graph (--resize tf1); with "
+              f"--resize pytorch the samples take another input pipeline and FID is offset", file=sys.stderr)
+    return args.resize
+
+
 def run_fid(args, extractor=None):
-    extractor = extractor or FIDInceptionV3(args.inception).to(args.device)
+    resize = inception_resize(args)
+    extractor = extractor or FIDInceptionV3(args.inception, resize=resize).to(args.device)
     samples = ImageSource(args.samples, "RGB")
     summary = summarise_images(samples, extractor, args.batch_size, args.device, Progress("samples"))
     if args.write_ref:
-        save_reference(args.write_ref, samples, summary)
+        save_reference(args.write_ref, samples, summary, resize)
         print(f"wrote reference batch {args.write_ref}")
     reference = (load_reference(args.ref, extractor, args.batch_size, args.device, Progress("reference"))
                  if args.ref else None)
-    return fid_report(summary, reference)
+    return {"resize": resize, **fid_report(summary, reference)}
 
 
 def sample_labels(path):
@@ -161,11 +198,15 @@ def print_table(report):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    fid = commands.add_parser("fid", help="IS, FID, sFID, precision/recall (ADM evaluator compatible)")
+    fid = commands.add_parser("fid", help="IS, FID, sFID, precision/recall (ADM evaluator compatible)",
+                              description=FID_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     fid.add_argument("--samples", required=True, help="ADM .npz (arr_0 uint8 NHWC) or a folder of images")
     fid.add_argument("--ref", help="ADM reference .npz: arr_0 images and/or mu, sigma, mu_s, sigma_s")
     fid.add_argument("--write-ref", help="write the samples as a reference .npz (arr_0 and moments) to this path")
     fid.add_argument("--inception", help="FID Inception weights (default: $REF_INCEPTION_WEIGHTS)")
+    fid.add_argument("--resize", choices=sorted(INPUT_PIPELINES),
+                     help="Inception input pipeline: tf1 (the TF graph's, as the ADM evaluator) or pytorch "
+                          "(pytorch-fid's); default: the one a --write-ref reference records, else tf1")
     fid.add_argument("--batch-size", type=int, default=50)
     fid.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train = commands.add_parser("train-shapes-classifier", help="train the Shapes classifier that FD-shapes uses")
@@ -214,7 +255,7 @@ def main(argv=None, extractor=None):
     try:
         report = commands[args.command]()
     except (ValueError, InceptionWeightsError) as error:  # bad input (ShapesClassifierError is a ValueError)
-        sys.exit(f"error: {error}")
+        training.exit_with_error(error)
     print_table(report)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,16 +1,17 @@
 """Speed of the FID Inception forward: seconds per batch and images per second.
 
 Usage (from the repository root):
-    python -m bench.inception_speed [--batch 50] [--size 299] [--threads 2] [--repeats 3] [--device cpu]
+    python -m bench.inception_speed [--batch 50] [--size 299] [--threads 2] [--repeats 3] [--device cpu] [--resize tf1]
 
 Random weights (speed does not depend on them), float32, inference mode; the first batch is a warm-up and not timed.
+--resize picks the input pipeline (ref/inception.py): tf1, the TF graph's (eval.py's default), or pytorch.
 """
 import argparse
 import time
 
 import torch
 
-from ref.inception import FIDInceptionV3
+from ref.inception import INPUT_PIPELINES, FIDInceptionV3
 
 
 def main():
@@ -20,9 +21,10 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--resize", default="tf1", choices=sorted(INPUT_PIPELINES), help="input pipeline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    network = FIDInceptionV3(random_weights=True).to(args.device)
+    network = FIDInceptionV3(random_weights=True, resize=args.resize).to(args.device)
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
     seconds = []
     with torch.inference_mode():
@@ -33,7 +35,8 @@ def main():
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
     per_batch = min(seconds[1:])  # the fastest timed run: the least disturbed by other work on the machine
-    print(f"FID Inception forward, batch {args.batch} at {args.size}x{args.size}, {args.threads} threads, "
+    print(f"FID Inception forward ({args.resize} input), batch {args.batch} at {args.size}x{args.size}, "
+          f"{args.threads} threads, "
           f"{args.device}: {per_batch:.2f} s per batch (runs: {', '.join(f'{s:.2f}' for s in seconds[1:])}), "
           f"{args.batch / per_batch:.1f} images/s")
 

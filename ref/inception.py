@@ -15,12 +15,17 @@ Outputs, named after the TF tensors the evaluators read:
                       suite multiplies by `softmax/logits/MatMul`'s weight only                  -> Inception Score
   spatial  (N, 2023)  mixed_6/conv[..., :7]: the first 7 channels of Mixed_6d's 1x1 branch (17 x 17), flattened in
                       TF's (H, W, C) order so that ADM reference statistics (mu_s, sigma_s) line up   -> sFID
-Input: RGB (N, 3, H, W) in [0, 1], any size. As in the port, it is resized to 299 x 299 (bilinear, PyTorch's
-half-pixel convention) and mapped to [-1, 1]. The TF graph itself resizes with TF1's legacy bilinear and maps [0, 255]
-by (x - 128) / 128; the small pixel-level difference is why ported-network FIDs sit slightly off the TF evaluator's.
+
+Input: RGB (N, 3, H, W) in [0, 1], any size, brought to 299 x 299 by one of two pipelines (`resize`):
+  tf1      the TF graph's own (the default): the 8-bit pixels u = 255 x, TF1's legacy ResizeBilinear
+           (`resize_bilinear_tf1`), then (u - 128) / 128. The ADM reference batches' stored mu/sigma come from it.
+  pytorch  pytorch-fid's: PyTorch's half-pixel bilinear resize of x, then 2 x - 1 = (u - 127.5) / 127.5.
+At 256 -> 299 the two resizes sample 0.07 px apart: compare only numbers that went through the same pipeline.
 """
 import os
+import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -36,14 +41,68 @@ class InceptionWeightsError(RuntimeError):
     """The FID Inception weights are missing, unreadable or not laid out as the public file."""
 
 
-def weights_help(problem):
-    """The error text: what went wrong, then which file is expected and where people get it."""
-    return (f"{problem}\nThe FID Inception needs the weights of the pytorch-fid port of the TF 2015-12-05 Inception "
-            f"graph: {WEIGHTS_FILE}, about 95.6 MB (91.2 MiB), a PyTorch state dict with keys "
-            f"Conv2d_1a_3x3.conv.weight ... Mixed_7c.branch_pool.bn.running_var, fc.weight (1008, 2048), "
-            f"fc.bias (1008,).\n"
-            f"Download it from the pytorch-fid GitHub release ({WEIGHTS_URL}) and pass --inception PATH "
-            f"or set {WEIGHTS_ENV}=PATH.")
+EXPECTED_FILE = (f"{WEIGHTS_FILE} (about 95.6 MB, a state dict of the pytorch-fid port of the TF 2015-12-05 "
+                 f"Inception: Conv2d_1a_3x3.conv.weight ... Mixed_7c.branch_pool.bn.running_var, fc.weight, fc.bias)")
+
+
+def missing_weights(problem):
+    """The error for weights not given or not on disk: what is needed and where people get it (one line)."""
+    return InceptionWeightsError(f"{problem}; the FID Inception needs {EXPECTED_FILE}: download it from the "
+                                 f"pytorch-fid GitHub release ({WEIGHTS_URL}) and pass --inception PATH or set "
+                                 f"{WEIGHTS_ENV}=PATH")
+
+
+def wrong_weights(path, found):
+    """The error for a file that is there but is not the weights: what it holds, then what was expected (one line)."""
+    size = f"{os.path.getsize(path) / 1e6:.1f} MB"
+    return InceptionWeightsError(f"{path} ({size}) {found}; --inception expects {EXPECTED_FILE}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input pipelines: [0, 1] images -> the network's 299 x 299 input
+# ---------------------------------------------------------------------------------------------------------------------
+
+def tf1_sample_positions(in_size, out_size, device=None):
+    """Where TF1's legacy bilinear resize (align_corners=False, half_pixel_centers=False) reads for each output pixel
+    d: position d * in/out (no half-pixel shift), in float32 as TF's kernel computes it (numpy here: torch may divide
+    by a scalar as a product with its reciprocal); the pair of pixels around it, the upper one clamped to the last
+    pixel, and the weight of the upper one. -> lower, upper (long), lerp, each (out,)"""
+    position = np.arange(out_size, dtype=np.float32) * (np.float32(in_size) / np.float32(out_size))
+    lower = np.floor(position)
+    upper = np.minimum(np.ceil(position), in_size - 1)
+    return (torch.from_numpy(lower).long().to(device), torch.from_numpy(upper).long().to(device),
+            torch.from_numpy(position - lower).to(device))
+
+
+def resize_bilinear_tf1(images, size):
+    """TF1 `ResizeBilinear` as the 2015 Inception graph runs it (tensorflow resize_bilinear_op.cc, CPU kernel): each
+    input row interpolated along x, then the two rows around each output row along y, with the kernel's float32
+    operations (top = top_left + (top_right - top_left) x_lerp, the same for bottom, top + (bottom - top) y_lerp).
+    float32 (N, C, H, W) -> (N, C, size, size)"""
+    y_lower, y_upper, y_lerp = tf1_sample_positions(images.shape[2], size, images.device)
+    x_lower, x_upper, x_lerp = tf1_sample_positions(images.shape[3], size, images.device)
+    left = images.index_select(3, x_lower)  # (N, C, H, size)
+    rows = images.index_select(3, x_upper).sub_(left).mul_(x_lerp).add_(left)  # every input row, along x
+    top = rows.index_select(2, y_lower)  # (N, C, size, size)
+    return rows.index_select(2, y_upper).sub_(top).mul_(y_lerp[:, None]).add_(top)
+
+
+def tf_graph_input(images):
+    """The TF graph's pipeline: 8-bit pixels u = 255 x (rounded, so that uint8 images / 255 give back their exact
+    values), TF1 bilinear resize to 299, then (u - 128) / 128 (the graph's Sub 128 and Mul 1/128).
+    (N, 3, H, W) in [0, 1] -> (N, 3, 299, 299)"""
+    pixels = torch.round(images.float() * 255)
+    return (resize_bilinear_tf1(pixels, INPUT_SIZE) - 128) / 128
+
+
+def pytorch_fid_input(images):
+    """pytorch-fid's pipeline: PyTorch bilinear (half-pixel centres: output d reads (d + 0.5) in/out - 0.5), then
+    2 x - 1 = (u - 127.5) / 127.5. (N, 3, H, W) in [0, 1] -> (N, 3, 299, 299)"""
+    resized = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
+    return 2 * resized - 1
+
+
+INPUT_PIPELINES = {"tf1": tf_graph_input, "pytorch": pytorch_fid_input}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,10 +256,13 @@ class InceptionE(Mixed):
 class FIDInceptionV3(nn.Module):
     """The FID Inception, frozen in eval mode. Weights: `weights` (a path), else $REF_INCEPTION_WEIGHTS; a missing or
     malformed file raises InceptionWeightsError. `random_weights=True` skips loading (tests and speed benchmarks only:
-    its numbers mean nothing)."""
+    its numbers mean nothing). `resize`: the input pipeline, "tf1" (the TF graph's) or "pytorch" (pytorch-fid's)."""
 
-    def __init__(self, weights=None, random_weights=False):
+    def __init__(self, weights=None, random_weights=False, resize="tf1"):
         super().__init__()
+        if resize not in INPUT_PIPELINES:
+            raise ValueError(f"resize {resize!r}: expected one of {', '.join(INPUT_PIPELINES)}")
+        self.resize = resize
         self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
         self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
         self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
@@ -224,8 +286,7 @@ class FIDInceptionV3(nn.Module):
 
     def forward(self, images):
         """RGB (N, 3, H, W) in [0, 1] -> {"pool": (N, 2048), "logits": (N, 1008), "spatial": (N, 2023)}."""
-        x = F.interpolate(images, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * x - 1  # (N, 3, 299, 299) in [-1, 1]
+        x = INPUT_PIPELINES[self.resize](images)  # (N, 3, 299, 299) in [-1, 1]
         x = chain(x, self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3)  # (N, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (N, 64, 73, 73)
         x = chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)  # (N, 192, 71, 71)
@@ -248,10 +309,9 @@ def weights_path(path=None):
     """The weights file: `path`, else $REF_INCEPTION_WEIGHTS; it must exist."""
     path = path or os.environ.get(WEIGHTS_ENV)
     if not path:
-        raise InceptionWeightsError(weights_help(f"No FID Inception weights given (--inception PATH or "
-                                                 f"${WEIGHTS_ENV})."))
+        raise missing_weights("no FID Inception weights given")
     if not os.path.isfile(path):
-        raise InceptionWeightsError(weights_help(f"FID Inception weights {path}: no such file."))
+        raise missing_weights(f"FID Inception weights {path}: no such file")
     return path
 
 
@@ -262,26 +322,39 @@ def layout(state_dict):
             for name, value in state_dict.items() if not name.endswith("num_batches_tracked")}
 
 
+def load_failure(error):
+    """What torch.load found wrong, in its own first sentence, without its advice on loading the file unsafely."""
+    text = str(error).split("WeightsUnpickler error:")[-1].strip()
+    return f"{type(error).__name__}: {text.splitlines()[0].split('. ')[0]}" if text else type(error).__name__
+
+
+def contents(state):
+    """A dict loaded from a file, in a few words: how many entries and tensors, and the first keys."""
+    tensors = sum(torch.is_tensor(value) for value in state.values())
+    keys = ", ".join(map(str, list(state)[:3])) + (", ..." if len(state) > 3 else "")
+    return f"holds {len(state)} entries ({tensors} tensors; keys {keys})"
+
+
 def load_weights(model, path):
     """Load the port's state dict into `model`, refusing any file whose keys or shapes differ from the public one."""
-    size = f"{os.path.getsize(path) / 1e6:.1f} MB"
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on the pickle protocol is no business of the user's
+            warnings.simplefilter("ignore")
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated download, an HTML page, a pickle of something else: all the same to us
-        reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"  # torch's advice after that does not apply
-        problem = (f"FID Inception weights {path} ({size}) could not be read as a PyTorch state dict "
-                   f"(truncated or not a .pth file?): {reason}.")
-        raise InceptionWeightsError(weights_help(problem)) from error
+        raise wrong_weights(path, f"could not be read as a PyTorch state dict of tensors ({load_failure(error)}; "
+                                  f"a truncated download, a web page, a pickle of other objects?)") from error
     if not isinstance(state_dict, dict):
-        raise InceptionWeightsError(weights_help(f"FID Inception weights {path} ({size}) hold a "
-                                                 f"{type(state_dict).__name__}, not a state dict."))
+        raise wrong_weights(path, f"holds a {type(state_dict).__name__}, not a state dict")
     expected, found = layout(model.state_dict()), layout(state_dict)
+    if not expected.keys() & found.keys():
+        raise wrong_weights(path, f"{contents(state_dict)}, none of the FID Inception's keys (expected e.g. "
+                                  f"{next(iter(expected))})")
     problems = ([f"{name}: shape {found[name]}, expected {shape}"
                  for name, shape in expected.items() if name in found and found[name] != shape]
                 + [f"unexpected {name}" for name in found if name not in expected]
                 + [f"missing {name}" for name in expected if name not in found])
     if problems:
         listed = "; ".join(problems[:8]) + (f"; ... ({len(problems)} in all)" if len(problems) > 8 else "")
-        raise InceptionWeightsError(weights_help(f"FID Inception weights {path} ({size}) are not laid out as the "
-                                                 f"public file: {listed}."))
+        raise wrong_weights(path, f"is not laid out as the public file: {listed}")
     model.load_state_dict({name: state_dict[name] for name in found}, strict=False)  # keys checked just above

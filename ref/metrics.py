@@ -159,23 +159,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # Inception Score
 # ---------------------------------------------------------------------------------------------------------------------
 
-INCEPTION_SCORE_SPLITS = 10
+INCEPTION_SCORE_SPLIT_SIZE = 5000  # ADM evaluator: compute_inception_score(activations, split_size=5000)
 
 
-def inception_score(logits, splits=INCEPTION_SCORE_SPLITS):
-    """Salimans et al. (2016): IS = exp(E_x KL(p(y|x) || p(y))), p(y) the mean of p(y|x) over the split. Returns the
-    mean and standard deviation over `splits` equal parts, as the improved-GAN code; the ADM evaluator cuts parts of
-    5000 samples and reports the mean, the same thing at 50K samples. (N, K) logits -> (mean, std)."""
-    if len(logits) < splits:
-        raise ValueError(f"the Inception Score over {splits} splits needs at least {splits} samples, got {len(logits)}")
+def inception_score(logits, split_size=INCEPTION_SCORE_SPLIT_SIZE):
+    """Salimans et al. (2016): IS = exp(E_x KL(p(y|x) || p(y))), p(y) the mean of p(y|x) over a split, averaged over
+    splits as the ADM evaluator cuts them: consecutive runs of `split_size` samples, the last one possibly shorter
+    (50K samples: 10 splits of 5000; 12K: 5000, 5000, 2000). Softmax and logarithms in float64 (ADM: float32).
+    (N, K) logits -> IS"""
     log_probs = torch.log_softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1)  # (N, K)
     scores = []
-    for part in log_probs.tensor_split(splits):
+    for part in log_probs.split(split_size):
         log_marginal = part.exp().mean(dim=0).log()  # (K,)
         kl = (part.exp() * (part - log_marginal)).sum(dim=1).mean()
         scores.append(kl.exp())
-    scores = torch.stack(scores)
-    return float(scores.mean()), float(scores.std(correction=0))
+    return float(torch.stack(scores).mean())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -296,11 +294,13 @@ def summarise_images(images, extractor, batch_size=50, device="cpu", on_batch=No
 
 
 REFERENCE_KEYS = {"pool_moments": ("mu", "sigma"), "spatial_moments": ("mu_s", "sigma_s")}  # the ADM names
+RESIZE_KEY = "inception_resize"  # which Inception input pipeline made a reference's moments (ours only)
 
 
-def save_reference(path, images, summary, batch_size=100):
-    """Write an ADM-style reference batch: arr_0, the images (copied a batch at a time), and the moments as
-    mu, sigma, mu_s, sigma_s. Same layout as np.savez, one .npy per array in a zip archive."""
+def save_reference(path, images, summary, resize, batch_size=100):
+    """Write an ADM-style reference batch: arr_0, the images (copied a batch at a time), the moments as
+    mu, sigma, mu_s, sigma_s, and `resize` (the Inception input pipeline behind them) as inception_resize, which the
+    ADM evaluator ignores. Same layout as np.savez, one .npy per array in a zip archive."""
     batches = images.batches(batch_size)
     first = next(batches)
     header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,
@@ -314,6 +314,8 @@ def save_reference(path, images, summary, batch_size=100):
             for name, array in zip(names, getattr(summary, field)):
                 with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, np.asarray(array))
+        with archive.open(f"{RESIZE_KEY}.npy", "w") as member:
+            np.lib.format.write_array(member, np.asarray(resize))
 
 
 def load_reference(path, extractor, batch_size=50, device="cpu", on_batch=None):
@@ -334,11 +336,9 @@ def load_reference(path, extractor, batch_size=50, device="cpu", on_batch=None):
 
 
 def fid_report(samples, reference=None):
-    """IS of the samples (10 splits; from 10 samples on); with a reference: FID, sFID (when the reference has spatial
-    moments) and precision/recall (k = 3, when the reference has images). None marks what cannot be computed."""
-    enough = samples.count >= INCEPTION_SCORE_SPLITS
-    inception_mean, inception_std = inception_score(samples.logits) if enough else (None, None)
-    report = {"samples": samples.count, "inception_score": inception_mean, "inception_score_std": inception_std}
+    """IS of the samples (the ADM split rule); with a reference: FID, sFID (when the reference has spatial moments)
+    and precision/recall (k = 3, when the reference has images). None marks what cannot be computed."""
+    report = {"samples": samples.count, "inception_score": inception_score(samples.logits)}
     if reference is None:
         return report
     report["reference"] = reference.count

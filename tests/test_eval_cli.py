@@ -54,7 +54,8 @@ def test_fid_round_trip_on_the_same_images(images, samples_npz, tmp_path, capsys
     reference, metrics_json = tmp_path / "ref.npz", tmp_path / "metrics.json"
     run_fid("--samples", samples_npz, "--write-ref", reference)
     with np.load(reference) as stored:
-        assert sorted(stored.files) == ["arr_0", "mu", "mu_s", "sigma", "sigma_s"]
+        assert sorted(stored.files) == ["arr_0", "inception_resize", "mu", "mu_s", "sigma", "sigma_s"]
+        assert stored["inception_resize"] == "tf1"  # the default pipeline, recorded
         np.testing.assert_array_equal(stored["arr_0"], images)
         features = features_of(images)
         np.testing.assert_allclose(stored["mu"], features["pool"].mean(axis=0), rtol=1e-6)
@@ -68,7 +69,7 @@ def test_fid_round_trip_on_the_same_images(images, samples_npz, tmp_path, capsys
     assert report["samples"] == report["reference"] == 64
     assert "samples: 64/64 images" in out and "reference: 64/64 images" in out  # progress lines
     assert [line.split()[0] for line in out.splitlines()[-8:]] == [
-        "samples", "inception_score", "inception_score_std", "reference", "fid", "sfid", "precision", "recall"]
+        "resize", "samples", "inception_score", "reference", "fid", "sfid", "precision", "recall"]
     saved = json.loads(metrics_json.read_text())
     assert saved["command"] == "fid" and saved["metrics"] == pytest.approx(report)
 
@@ -138,13 +139,62 @@ def test_control_cli_on_identical_maps(tmp_path):
                                           for name, value in expected[task].items()}}
 
 
+def test_resize_follows_the_reference_and_refuses_a_mismatch(images, samples_npz, tmp_path, capsys, monkeypatch):
+    """The pipeline a --write-ref reference records is the default; another one is refused; pytorch against an ADM
+    batch's stored statistics (no record) is warned about. The FID Inception is built with the chosen pipeline."""
+    built = []
+
+    class Inception:  # stands in for FIDInceptionV3(weights, resize=...).to(device)
+        def __init__(self, weights, resize):
+            built.append(resize)
+
+        def to(self, device):
+            return tiny_extractor
+
+    monkeypatch.setattr(eval_cli, "FIDInceptionV3", Inception)
+    pytorch_ref, adm_ref = tmp_path / "pytorch_ref.npz", tmp_path / "adm_ref.npz"
+    eval_cli.main(["fid", "--samples", str(samples_npz), "--write-ref", str(pytorch_ref), "--resize", "pytorch"])
+    with np.load(pytorch_ref) as stored:
+        assert stored["inception_resize"] == "pytorch"
+        np.savez(adm_ref, mu=stored["mu"], sigma=stored["sigma"])  # stored statistics, no record: an ADM batch
+    assert eval_cli.main(["fid", "--samples", str(samples_npz), "--ref", str(pytorch_ref)])["resize"] == "pytorch"
+    assert eval_cli.main(["fid", "--samples", str(samples_npz), "--ref", str(adm_ref)])["resize"] == "tf1"
+    assert eval_cli.main(["fid", "--samples", str(samples_npz)])["resize"] == "tf1"
+    assert built == ["pytorch", "pytorch", "tf1", "tf1"]
+    capsys.readouterr()
+    report = eval_cli.main(["fid", "--samples", str(samples_npz), "--ref", str(adm_ref), "--resize", "pytorch"])
+    assert report["resize"] == "pytorch" and abs(report["fid"]) < 1e-9
+    assert "warning: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stopped:
+        eval_cli.main(["fid", "--samples", str(samples_npz), "--ref", str(pytorch_ref), "--resize", "tf1"])
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err == (f"error: {pytorch_ref} holds statistics of --resize pytorch; scoring the "
+                                       f"samples with --resize tf1 would compare two input pipelines (leave --resize "
+                                       f"out to follow the reference)\n")
+
+
+def test_inception_file_that_is_not_the_weights(samples_npz, tmp_path, capsys):
+    """One error line naming the file and what it holds, exit status 2, no download advice (the file exists)."""
+    not_weights = tmp_path / "model.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "args": {"lr": 1e-4}}, not_weights)
+    with pytest.raises(SystemExit) as stopped:
+        eval_cli.main(["fid", "--samples", str(samples_npz), "--inception", str(not_weights)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {not_weights} (0.0 MB) holds 2 entries (0 tensors; keys model, args), none of the "
+                          f"FID Inception's keys (expected e.g. Conv2d_1a_3x3.conv.weight); --inception expects "
+                          f"pt_inception-2015-12-05-6726825d.pth")
+    assert err.count("\n") == 1 and "https://" not in err and "weights_only" not in err
+
+
 def test_cli_runs_as_a_script_and_explains_missing_weights(samples_npz, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "REF_INCEPTION_WEIGHTS"}
     env["OMP_NUM_THREADS"] = "1"
     result = subprocess.run([sys.executable, "eval.py", "fid", "--samples", str(samples_npz)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "pt_inception-2015-12-05-6726825d.pth" in result.stderr and "REF_INCEPTION_WEIGHTS" in result.stderr
+    assert "https://github.com/mseitzer/pytorch-fid/releases" in result.stderr  # where to get them
 
     maps = np.random.default_rng(2).integers(0, 5, (2, 16, 16)).astype(np.uint8)
     np.savez(tmp_path / "seg.npz", arr_0=maps)

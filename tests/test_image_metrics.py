@@ -1,5 +1,6 @@
 """Image metrics: Frechet distance against closed forms, streaming moments, IS, SSIM / MS-SSIM against an independent
 scipy computation, depth RMSE and mIoU on hand-made cases, and the FID Inception's layout, forward and weights."""
+import copy
 import math
 
 import numpy as np
@@ -9,7 +10,7 @@ import scipy.stats
 import torch
 import torch.nn.functional as F
 
-from ref.inception import WEIGHTS_ENV, WEIGHTS_URL, FIDInceptionV3, InceptionWeightsError, pool_3x3
+from ref.inception import WEIGHTS_ENV, WEIGHTS_URL, FIDInceptionV3, InceptionWeightsError, resize_bilinear_tf1
 from ref.metrics import (RunningMoments, SegmentationIoU, depth_rmse, frechet_distance, inception_score, ms_ssim,
                          ssim)
 
@@ -99,16 +100,32 @@ def test_running_moments_keep_precision_under_a_large_mean():
     np.testing.assert_allclose(moments.cov, np.cov(spread, rowvar=False), rtol=1e-8)
 
 
-def test_inception_score_on_confident_predictions():
-    one_hot = 100.0 * np.eye(10)  # near one-hot p(y|x) after the softmax
-    uniform_classes = np.tile(one_hot, (10, 1))  # every split holds each class once
-    assert inception_score(uniform_classes, splits=10)[0] == pytest.approx(10.0, rel=1e-6)
-    assert inception_score(np.tile(one_hot[:1], (100, 1)), splits=10)[0] == pytest.approx(1.0, rel=1e-6)
-    # split 1: one class only (IS 1); split 2: ten classes (IS 10)
-    mean, std = inception_score(np.concatenate([np.tile(one_hot[:1], (10, 1)), one_hot]), splits=2)
-    assert (mean, std) == (pytest.approx(5.5, rel=1e-6), pytest.approx(4.5, rel=1e-6))
-    with pytest.raises(ValueError, match="at least 10 samples"):
-        inception_score(one_hot[:5], splits=10)
+def kl(p, m):
+    return sum(p_k * math.log(p_k / m_k) for p_k, m_k in zip(p, m))
+
+
+def test_inception_score_on_hand_computed_softmax_rows():
+    """Splits of 3 as the ADM evaluator cuts them: rows 0-2, 3-5, then row 6 alone. Logits log p (plus a per-row
+    constant, which the softmax removes) give back the rows p."""
+    rows = [(0.8, 0.2), (0.2, 0.8), (0.5, 0.5),  # marginal (0.5, 0.5)
+            (0.5, 0.5), (0.5, 0.5), (0.5, 0.5),  # every row is the marginal: KL 0, IS 1
+            (0.9, 0.1)]  # alone, it is its own marginal: IS 1
+    logits = np.log(rows) + np.arange(7.0)[:, None]
+    first = math.exp((kl(rows[0], (0.5, 0.5)) + kl(rows[1], (0.5, 0.5))) / 3)
+    assert inception_score(logits, split_size=3) == pytest.approx((first + 1 + 1) / 3, rel=1e-12)
+    # one split of all 7 rows: marginal (3.9 / 7, 3.1 / 7), another number
+    whole = math.exp(sum(kl(row, (3.9 / 7, 3.1 / 7)) for row in rows) / 7)
+    assert inception_score(logits, split_size=7) == pytest.approx(whole, rel=1e-12)
+    assert abs(whole - (first + 2) / 3) > 0.05
+
+
+def test_inception_score_splits_of_5000_with_a_shorter_last_one():
+    """12,000 samples: 5000, 5000, 2000, as ADM's compute_inception_score; confident one-hot predictions give the
+    number of classes each split holds: 4 classes, 2 classes, then 5 classes."""
+    labels = np.concatenate([np.arange(5000) % 4, np.arange(5000) % 2, np.arange(2000) % 5])
+    logits = 50.0 * np.eye(5)[labels]  # near one-hot p(y|x)
+    assert inception_score(logits) == pytest.approx((4 + 2 + 5) / 3, rel=1e-6)
+    assert inception_score(logits[:3]) == pytest.approx(3.0, rel=1e-6)  # under 5000 samples: one split
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -286,16 +303,27 @@ def test_inception_layout_equals_the_public_file(network):
     assert 23.8e6 < parameters < 23.9e6  # 23,850,960
 
 
+def mixed_6d_conv_code(n, c, h, w):
+    """The value the forward below plants at Mixed_6d's 1x1 branch (TF's mixed_6/conv) for sample n, channel c,
+    row h, column w: distinct integers scaled by 2^-16, exact in float32 and of an activation's size."""
+    return (100_000 * n + 1000 * c + 20 * h + w) / 2 ** 16
+
+
 @pytest.fixture(scope="module")
 def forwards(network):
-    """Outputs at 299 and at another size, with what Mixed_6d's 1x1 branch gave (one forward each: they are slow)."""
+    """Outputs at 299 and at another size, one forward each (they are slow), with Mixed_6d's 1x1 branch replaced by
+    `mixed_6d_conv_code` and Mixed_7c's output captured."""
     results = []
     for shape in [(1, 3, 299, 299), (2, 3, 64, 96)]:
+        n, c, h, w = torch.meshgrid(*(torch.arange(size) for size in (shape[0], 192, 17, 17)), indexing="ij")
+        code = mixed_6d_conv_code(n, c, h, w).float()  # (N, 192, 17, 17)
         captured = {}
-        hook = network.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: captured.update(out=out))
+        hooks = [network.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: code),
+                 network.Mixed_7c.register_forward_hook(lambda module, args, out: captured.update(mixed_7c=out))]
         with torch.inference_mode():
-            results.append((shape, network(torch.rand(shape)), captured["out"]))
-        hook.remove()
+            results.append((shape, network(torch.rand(shape)), captured["mixed_7c"]))
+        for hook in hooks:
+            hook.remove()
     return results
 
 
@@ -306,22 +334,173 @@ def test_inception_forward_at_299_and_other_sizes(forwards):
         assert all(torch.isfinite(value).all() for value in out.values())
 
 
-def test_inception_spatial_features_are_mixed_6d_conv_in_tf_order(forwards):
-    for shape, out, mixed_6d_conv in forwards:
-        assert mixed_6d_conv.shape == (shape[0], 192, 17, 17)
-        expected = mixed_6d_conv[:, :7].permute(0, 2, 3, 1).reshape(shape[0], -1)  # (H, W, C): ADM flattens NHWC
-        torch.testing.assert_close(out["spatial"], expected, rtol=0, atol=0)
+def test_inception_spatial_features_on_a_hand_case(forwards):
+    """ADM: spatial = mixed_6/conv[..., :7] of the NHWC tensor, reshaped to (N, -1): feature (h 17 + w) 7 + c."""
+    for shape, out, _ in forwards:
+        for n in range(shape[0]):
+            for k, (h, w, c) in {0: (0, 0, 0), 1: (0, 0, 1), 6: (0, 0, 6), 7: (0, 1, 0), 119: (1, 0, 0),
+                                 2022: (16, 16, 6)}.items():
+                assert out["spatial"][n, k] == mixed_6d_conv_code(n, c, h, w), (n, k)
+            assert out["spatial"][n].max() == mixed_6d_conv_code(n, 6, 16, 16)  # channel 7 on is left out
 
 
-def test_inception_pools_follow_the_tf_graph(network):
-    ones = torch.ones(1, 1, 5, 5)
-    torch.testing.assert_close(pool_3x3(ones, "avg"), ones)  # zero padding excluded: 4/9 at corners otherwise
-    average = lambda x: F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)  # noqa: E731
-    maximum = lambda x: F.max_pool2d(x, 3, stride=1, padding=1)  # noqa: E731
-    for block, channels, pooled in [(network.Mixed_7b, 1280, average), (network.Mixed_7c, 2048, maximum)]:
-        x = torch.rand(1, channels, 8, 8)
-        with torch.inference_mode():
-            torch.testing.assert_close(block.branches(x)[3], block.branch_pool(pooled(x)), rtol=0, atol=0)
+def test_inception_pool_and_is_logits_from_mixed_7c(network, forwards):
+    """pool_3 is the spatial mean of Mixed_7c; the IS logits multiply it by the fc weight without the bias."""
+    assert network.fc.bias.abs().max() > 0.01  # a bias large enough to show if it were added
+    for _, out, mixed_7c in forwards:
+        pool = mixed_7c.double().mean(dim=(2, 3))
+        torch.testing.assert_close(out["pool"].double(), pool, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out["logits"].double(), pool @ network.fc.weight.double().T, rtol=0, atol=1e-3)
+
+
+def conv_bn_relu(unit, x):
+    """One conv + BatchNorm + ReLU unit from plain ops: 'SAME' padding from the kernel's shape (every unit of the
+    blocks below has stride 1), BatchNorm's inference formula written out with TF's eps 0.001."""
+    weight, bn = unit.conv.weight, unit.bn
+    kernel_height, kernel_width = weight.shape[-2:]
+    y = F.conv2d(x, weight, padding=(kernel_height // 2, kernel_width // 2))
+    scale = bn.weight / torch.sqrt(bn.running_var + 0.001)
+    return torch.relu((y - bn.running_mean[:, None, None]) * scale[:, None, None] + bn.bias[:, None, None])
+
+
+def units(block, names, x):
+    for name in names:
+        x = conv_bn_relu(getattr(block, name), x)
+    return x
+
+
+def shifted_windows(x, fill):
+    """The nine 3x3-neighbourhood shifts of x, padded with `fill`. (N, C, H, W) -> (9, N, C, H, W)"""
+    height, width = x.shape[-2:]
+    padded = F.pad(x, (1, 1, 1, 1), value=fill)
+    return torch.stack([padded[..., i:i + height, j:j + width] for i in range(3) for j in range(3)])
+
+
+def tf_same_average(x):
+    """TF's 3x3 stride-1 'SAME' average: the sum over the window divided by the number of its in-image pixels."""
+    return shifted_windows(x, 0.0).sum(dim=0) / shifted_windows(torch.ones_like(x), 0.0).sum(dim=0)
+
+
+def randomised(block, seed):
+    """A copy of the block whose BatchNorms hold random statistics and affine terms, so that they matter."""
+    block, generator = copy.deepcopy(block), torch.Generator().manual_seed(seed)
+    for bn in (module for module in block.modules() if isinstance(module, torch.nn.BatchNorm2d)):
+        size = bn.num_features
+        bn.running_mean.copy_(0.1 * torch.randn(size, generator=generator))
+        bn.running_var.copy_(0.5 + torch.rand(size, generator=generator))
+        bn.weight.data.copy_(0.5 + torch.rand(size, generator=generator))
+        bn.bias.data.copy_(0.1 * torch.randn(size, generator=generator))
+    return block
+
+
+def test_inception_blocks_equal_an_independent_computation(network):
+    """Mixed_5b (A: 5x5, 'SAME' average pool), Mixed_6d (C: 1x7 / 7x1 pairs; sFID reads it) and Mixed_7c (E: split
+    1x3 / 3x1 heads, max pool), recomputed with plain torch ops in the graph's branch order."""
+    a, c, e = randomised(network.Mixed_5b, 0), randomised(network.Mixed_6d, 1), randomised(network.Mixed_7c, 2)
+    generator = torch.Generator().manual_seed(3)
+    x_a, x_c, x_e = (torch.rand(1, channels, size, size, generator=generator)
+                     for channels, size in ((192, 12), (768, 9), (2048, 5)))  # any size: every unit is 'SAME'
+    expected_a = torch.cat([conv_bn_relu(a.branch1x1, x_a), units(a, ["branch5x5_1", "branch5x5_2"], x_a),
+                            units(a, ["branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"], x_a),
+                            conv_bn_relu(a.branch_pool, tf_same_average(x_a))], dim=1)  # (1, 256, 12, 12)
+    expected_c = torch.cat([conv_bn_relu(c.branch1x1, x_c),
+                            units(c, ["branch7x7_1", "branch7x7_2", "branch7x7_3"], x_c),
+                            units(c, [f"branch7x7dbl_{i}" for i in range(1, 6)], x_c),
+                            conv_bn_relu(c.branch_pool, tf_same_average(x_c))], dim=1)  # (1, 768, 9, 9)
+    narrow, deep = conv_bn_relu(e.branch3x3_1, x_e), units(e, ["branch3x3dbl_1", "branch3x3dbl_2"], x_e)
+    expected_e = torch.cat([conv_bn_relu(e.branch1x1, x_e),
+                            conv_bn_relu(e.branch3x3_2a, narrow), conv_bn_relu(e.branch3x3_2b, narrow),
+                            conv_bn_relu(e.branch3x3dbl_3a, deep), conv_bn_relu(e.branch3x3dbl_3b, deep),
+                            conv_bn_relu(e.branch_pool, shifted_windows(x_e, -math.inf).amax(dim=0))], dim=1)
+    with torch.inference_mode():
+        for block, x, expected in ((a, x_a, expected_a), (c, x_c, expected_c), (e, x_e, expected_e)):
+            got = block(x)
+            assert got.shape == expected.shape
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+            assert expected.std() > 0.1 * expected.abs().mean()  # outputs that vary: the comparison has teeth
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The input pipelines: TF1's legacy bilinear resize and (u - 128) / 128, or pytorch-fid's
+# ---------------------------------------------------------------------------------------------------------------------
+
+def additive_image(values):
+    """image[y, x] = values[x] + 1000 values[y]: bilinear resizing acts on the two terms separately. (1, 1, n, n)"""
+    values = torch.tensor(values)
+    return (values[None, :] + 1000 * values[:, None])[None, None]
+
+
+@pytest.mark.parametrize("values, tf1, half_pixel", [
+    # 4 -> 3: TF1 reads 4 d / 3 = 0, 1.33, 2.67; PyTorch (d + 0.5) 4 / 3 - 0.5 = 0.17, 1.5, 2.83
+    ([0.0, 10.0, 20.0, 40.0], [0.0, 10 + 10 / 3, 20 + 20 * 2 / 3], [10 / 6, 15.0, 20 + 20 * 5 / 6]),
+    # 2 -> 5: TF1 reads 0, 0.4, 0.8, 1.2, 1.6, the last two clamped to pixel 1; PyTorch -0.3 (clamped to 0), 0.1, 0.5,
+    # 0.9, 1.3 (clamped to 1)
+    ([0.0, 10.0], [0.0, 4.0, 8.0, 10.0, 10.0], [0.0, 1.0, 5.0, 9.0, 10.0]),
+])
+def test_tf1_resize_reads_at_d_in_over_out(values, tf1, half_pixel):
+    size = len(tf1)
+    torch.testing.assert_close(resize_bilinear_tf1(additive_image(values), size), additive_image(tf1))
+    pytorch = F.interpolate(additive_image(values), size=(size, size), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(pytorch, additive_image(half_pixel))
+
+
+def reference_tf1_resize(image, size):
+    """numpy float64 (H, W) -> (size, size): the bilinear weights written out, reading input (d in / out)."""
+    def taps(in_size):
+        position = np.arange(size) * in_size / size
+        lower = np.floor(position).astype(int)
+        return lower, np.minimum(lower + 1, in_size - 1), position - lower
+    (y0, y1, wy), (x0, x1, wx) = taps(image.shape[0]), taps(image.shape[1])
+    wy, wx = wy[:, None], wx[None, :]
+    return ((1 - wy) * (1 - wx) * image[np.ix_(y0, x0)] + (1 - wy) * wx * image[np.ix_(y0, x1)]
+            + wy * (1 - wx) * image[np.ix_(y1, x0)] + wy * wx * image[np.ix_(y1, x1)])
+
+
+def test_tf1_resize_matches_the_weights_written_out():
+    images = torch.rand(2, 3, 7, 10, generator=torch.Generator().manual_seed(8)) * 255
+    for size in (13, 4, 7):  # up, down in both directions, and down in x only
+        got = resize_bilinear_tf1(images, size)
+        expected = np.stack([[reference_tf1_resize(channel, size) for channel in image]
+                             for image in images.double().numpy()])
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-4)
+    pixels = torch.randint(0, 256, (1, 3, 299, 299)).float()
+    assert torch.equal(resize_bilinear_tf1(pixels, 299), pixels)  # same size: the pixels as they are
+
+
+class FirstConvInput(Exception):
+    pass
+
+
+def first_conv_input(network, images):
+    """What the Inception's first convolution receives; the forward stops there."""
+    def stop(module, args):
+        raise FirstConvInput(args[0])
+    hook = network.Conv2d_1a_3x3.register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(FirstConvInput) as stopped:
+            network(images)
+    finally:
+        hook.remove()
+    return stopped.value.args[0]
+
+
+def test_inception_input_pipelines(network):
+    generator = torch.Generator().manual_seed(9)
+    pixels = torch.randint(0, 256, (2, 3, 299, 299), generator=generator)
+    images = pixels.float() / 255  # as eval.py reads uint8 images
+    assert network.resize == "tf1"  # the default
+    assert torch.equal(first_conv_input(network, images), (pixels.float() - 128) / 128)  # the graph's Sub, Mul
+    pytorch_fid = FIDInceptionV3(random_weights=True, resize="pytorch")
+    torch.testing.assert_close(first_conv_input(pytorch_fid, images), (pixels.float() - 127.5) / 127.5)
+    # at 64 x 96 the TF path resizes the 8-bit values themselves
+    small = torch.randint(0, 256, (1, 3, 64, 96), generator=generator)
+    tf_input = first_conv_input(network, small.float() / 255)
+    expected = (np.stack([reference_tf1_resize(channel, 299) for channel in small[0].double().numpy()]) - 128) / 128
+    np.testing.assert_allclose(tf_input[0].numpy(), expected, rtol=0, atol=1e-4)  # float32 positions, as in TF
+    shift = (tf_input - first_conv_input(pytorch_fid, small.float() / 255)).abs().mean()
+    assert shift > 0.01  # random pixels: the two resizes read far-apart values
+    with pytest.raises(ValueError, match="tf1, pytorch"):
+        FIDInceptionV3(random_weights=True, resize="bicubic")
 
 
 def test_inception_loads_the_weight_file(network, weights_file, monkeypatch):
@@ -339,30 +518,50 @@ def test_inception_accepts_a_file_without_batch_counters(network, tmp_path):
     assert torch.equal(FIDInceptionV3(path).fc.weight, network.fc.weight)
 
 
-def test_inception_weight_errors_are_clear(network, weights_file, tmp_path, monkeypatch):
-    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+def weights_error(path=None):
+    """The one-line message FIDInceptionV3 refuses `path` with."""
     with pytest.raises(InceptionWeightsError) as error:
-        FIDInceptionV3()
+        FIDInceptionV3(path)
     message = str(error.value)
-    assert "--inception" in message and WEIGHTS_ENV in message
-    assert "pt_inception-2015-12-05-6726825d.pth" in message and "95.6 MB" in message and WEIGHTS_URL in message
+    assert "\n" not in message and "weights_only" not in message
+    return message
 
-    missing = tmp_path / "nowhere.pth"
-    with pytest.raises(InceptionWeightsError, match="nowhere.pth: no such file"):
-        FIDInceptionV3(missing)
 
+def test_missing_inception_weights_say_where_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.delenv(WEIGHTS_ENV, raising=False)
+    for message in (weights_error(), weights_error(tmp_path / "nowhere.pth")):
+        assert "--inception" in message and WEIGHTS_ENV in message and WEIGHTS_URL in message
+        assert "pt_inception-2015-12-05-6726825d.pth (about 95.6 MB" in message
+    assert "nowhere.pth: no such file" in weights_error(tmp_path / "nowhere.pth")
+
+
+def test_a_file_that_is_not_the_inception_weights_is_named_with_what_it_holds(network, weights_file, tmp_path):
+    """No download advice here: the file exists; the message says what is in it and what --inception expects."""
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(weights_file.read_bytes()[:1_000_000])
-    with pytest.raises(InceptionWeightsError, match=r"truncated.pth \(1.0 MB\) could not be read") as error:
-        FIDInceptionV3(truncated)
-    assert "95.6 MB" in str(error.value) and WEIGHTS_URL in str(error.value)
-
+    web_page = tmp_path / "page.pth"
+    web_page.write_text("<html>Not Found</html>")
+    foreign = tmp_path / "foreign.pth"
+    torch.save({"encoder.weight": torch.zeros(3, 3), "encoder.bias": torch.zeros(3), "step": 7}, foreign)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "ema": {"w": torch.zeros(2)}, "opt": {}, "args": {}}, checkpoint)
+    a_tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), a_tensor)
     state = network.state_dict()
     state.pop("Mixed_6d.branch1x1.conv.weight")
     state["fc.weight"] = torch.zeros(1000, 2048)
     malformed = tmp_path / "malformed.pth"
     torch.save(state, malformed)
-    with pytest.raises(InceptionWeightsError, match="not laid out as the public file") as error:
-        FIDInceptionV3(malformed)
-    assert "missing Mixed_6d.branch1x1.conv.weight" in str(error.value)
-    assert "fc.weight: shape (1000, 2048), expected (1008, 2048)" in str(error.value)
+    expected = {truncated: "truncated.pth (1.0 MB) could not be read as a PyTorch state dict of tensors",
+                web_page: "page.pth (0.0 MB) could not be read as a PyTorch state dict of tensors",
+                foreign: "foreign.pth (0.0 MB) holds 3 entries (2 tensors; keys encoder.weight, encoder.bias, step), "
+                         "none of the FID Inception's keys (expected e.g. Conv2d_1a_3x3.conv.weight)",
+                checkpoint: "checkpoint.pt (0.0 MB) holds 4 entries (0 tensors; keys model, ema, opt, ...), none of",
+                a_tensor: "tensor.pt (0.0 MB) holds a Tensor, not a state dict",
+                malformed: "is not laid out as the public file: fc.weight: shape (1000, 2048), expected (1008, 2048); "
+                           "missing Mixed_6d.branch1x1.conv.weight"}
+    for path, found in expected.items():
+        message = weights_error(path)
+        assert message.startswith(str(path)) and found in message, message
+        assert message.endswith("fc.weight, fc.bias)") and "--inception expects pt_inception-2015-12-05" in message
+        assert WEIGHTS_URL not in message

@@ -109,7 +109,7 @@ def test_round_trip_on_the_same_images_gives_zero_distance(classifier, tmp_path)
 # Bad classifier files
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_missing_or_foreign_classifier_file_is_a_clear_error(tmp_path):
+def test_missing_or_foreign_classifier_file_is_a_clear_error(tmp_path, capsys):
     samples = save_npz(tmp_path / "samples.npz", true_images(8))
     widths_changed = ShapesClassifier()
     torch.save({"config": {"image_size": 32, "widths": [16, 32, 64, 256], "num_classes": 5},
@@ -122,6 +122,7 @@ def test_missing_or_foreign_classifier_file_is_a_clear_error(tmp_path):
     for classifier_path, problem in expected.items():
         with pytest.raises(SystemExit) as exit_info:
             fd_shapes(classifier_path, samples, "--ref-shapes", 8)
-        message = str(exit_info.value.code)
+        message = capsys.readouterr().err
+        assert exit_info.value.code == 2
         assert message.startswith("error: shapes classifier") and problem in message
         assert "python eval.py train-shapes-classifier" in message or problem == "weights do not fit its config"
