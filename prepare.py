@@ -80,8 +80,19 @@ class Plan(NamedTuple):
 
 
 def differences(stored, settings):
-    return "; ".join(f"{name}: {stored.get(name)!r} there, {value!r} here" for name, value in settings.items()
+    """The settings that differ, each value's text cut at 60 characters (the class list is long)."""
+    return "; ".join(f"{name}: {stored.get(name)!r:.60} there, {value!r:.60} here" for name, value in settings.items()
                      if stored.get(name) != value)
+
+
+def read_settings(path):
+    """The settings stored in a prepare.json / settings.json, or None when there is no such file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
 
 
 def make_plan(args):
@@ -102,20 +113,18 @@ def make_plan(args):
                     scale_factor=vae.scaling_factor, files=len(images.files), classes=images.classes,
                     listing_sha256=latents.listing_digest(images, Path(args.data_path)),
                     vae_sha256=training.weights_digest(vae.state_dict()))
-    record = args.out / "prepare.json"
-    if record.is_file():
-        stored = json.loads(record.read_text())
-        if differences(stored, settings):
-            raise ValueError(f"{args.out} holds latents prepared otherwise ({differences(stored, settings)}); "
+    finished = read_settings(args.out / "prepare.json")
+    if finished is not None:
+        if differences(finished, settings):
+            raise ValueError(f"{args.out} holds latents prepared otherwise ({differences(finished, settings)}); "
                              f"choose another --out")
         return None
     if args.out.exists() and not (args.out.is_dir() and not any(args.out.iterdir())):
         raise ValueError(f"{args.out} exists and is not a finished preparation; choose another --out")
-    started = args.staging / "settings.json"
-    if started.is_file() and differences(json.loads(started.read_text()), settings):
-        raise ValueError(f"{args.staging} is a preparation with other settings "
-                         f"({differences(json.loads(started.read_text()), settings)}); rerun it with its settings or "
-                         f"delete {args.staging}")
+    started = read_settings(args.staging / "settings.json")
+    if started is not None and differences(started, settings):
+        raise ValueError(f"{args.staging} is a preparation with other settings ({differences(started, settings)}); "
+                         f"rerun it with its settings or delete {args.staging}")
     return Plan(images, vae, settings, math.ceil(len(images.files) / args.shard_size))
 
 
@@ -180,7 +189,8 @@ def encode_shard(args, plan, shard, device, progress):
     if flip:
         arrays.update(labels_flip=arrays["labels"], latents_flip=torch.cat(mirrored) if mirrored else empty)
     if skipped:
-        training.atomic_write(args.staging / f"skipped_{shard:05d}.txt", lambda file: file.write("".join(skipped).encode()))
+        training.atomic_write(args.staging / f"skipped_{shard:05d}.txt",
+                              lambda file: file.write("".join(skipped).encode()))
     for name in sorted(arrays, key=lambda name: name == "latents"):  # the latents last: they mark the shard done
         write_array(args.staging / f"{name}_{shard:05d}.npy", arrays[name].numpy())
     progress.advance(0, shard=shard)

@@ -3,6 +3,7 @@
 1 and 2 ranks and after a stop and rerun, corrupt images skipped and listed, bad input refused with nothing written."""
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ import prepare
 from ref.data import LatentShards
 from ref.safetensors import save_file
 from ref.training import stream_seed
-from ref.vae import MODELS
+from ref.vae import MODELS, to_diffusers
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -38,8 +39,9 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def vae(tmp_path_factory):
-    """A tiny VAE with random weights everywhere (norm affines near 1), written as .safetensors and as a .pt
-    checkpoint {"state_dict": ...}. -> (model, safetensors path, pt path)"""
+    """A tiny VAE with random weights everywhere (norm affines near 1), written as .safetensors, as a .pt checkpoint
+    {"state_dict": ...} and as a diffusers pipeline folder (vae/diffusion_pytorch_model.safetensors in the diffusers
+    layout). -> (model, safetensors path, pt path, diffusers folder)"""
     model = MODELS["tiny"]().eval()
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -48,7 +50,10 @@ def vae(tmp_path_factory):
     folder = tmp_path_factory.mktemp("vae")
     save_file(model.state_dict(), folder / "tiny.safetensors")
     torch.save({"state_dict": model.state_dict()}, folder / "tiny.pt")
-    return model, folder / "tiny.safetensors", folder / "tiny.pt"
+    (folder / "pipeline" / "vae").mkdir(parents=True)
+    save_file(to_diffusers(model.state_dict(), len(model.encoder.down)),
+              folder / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors")
+    return model, folder / "tiny.safetensors", folder / "tiny.pt", folder / "pipeline"
 
 
 def arguments(folder, vae_file, out, *extra):
@@ -111,7 +116,7 @@ def test_moments_of_the_crop_and_of_its_mirror(folder, vae, uninterrupted):
 
 
 def test_posterior_samples_from_per_item_seeds_and_their_statistics(folder, vae, tmp_path):
-    model, _, pt_file = vae
+    model, _, pt_file, _ = vae
     out = tmp_path / "shards"
     run(*arguments(folder, pt_file, out, "--store", "sample", "--no-flip", "--seed", 5))
     shards = LatentShards(out, latent_shape=(4, LATENT_SIDE, LATENT_SIDE), scale_factor=1.0)
@@ -130,14 +135,24 @@ def test_posterior_samples_from_per_item_seeds_and_their_statistics(folder, vae,
     torch.testing.assert_close(statistics["std"], every.std(dim=(0, 2, 3), keepdim=True), atol=1e-6, rtol=1e-5)
 
 
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def test_two_ranks_write_the_same_files(folder, vae, uninterrupted, tmp_path):
+    """Two processes with the environment torchrun gives its workers (no launcher process: one torch import less)."""
     out = tmp_path / "shards"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "prepare.py", *map(str, arguments(folder, vae[1], out, *MOMENTS_FLIPPED))],
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert "ETA" in result.stdout
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()))
+    ranks = [subprocess.Popen([sys.executable, "prepare.py", *map(str, arguments(folder, vae[1], out,
+                                                                                 *MOMENTS_FLIPPED))],
+                              cwd=REPO, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert "ETA" in outputs[0][0] and "2 rank(s)" in outputs[0][0] and "rank 0 encodes 2 shard(s)" in outputs[0][0]
     assert folder_bytes(out) == folder_bytes(uninterrupted)
 
 
@@ -167,7 +182,7 @@ def test_a_corrupt_image_is_skipped_and_listed(folder, vae, uninterrupted, tmp_p
     broken = images / "cat" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n but no image data")
     out = tmp_path / "shards"
-    run(*arguments(images, vae[1], out, "--store", "moments", "--no-flip"))
+    run(*arguments(images, vae[3], out, "--store", "moments", "--no-flip"))  # the same weights, diffusers layout
     assert f"warning: skipped cannot read image {broken}" in capsys.readouterr().err
     assert (out / "skipped.txt").read_text().startswith(f"{broken}\t")
     record = json.loads((out / "prepare.json").read_text())
@@ -181,7 +196,9 @@ def test_a_corrupt_image_is_skipped_and_listed(folder, vae, uninterrupted, tmp_p
 
 
 def test_bad_input_is_one_error_and_nothing_written(folder, vae, tmp_path, capsys):
-    empty, texts, garbage, taken = (tmp_path / name for name in ("empty", "texts", "garbage.pt", "taken"))
+    empty, texts, garbage, foreign, taken = (tmp_path / name for name in ("empty", "texts", "garbage.pt",
+                                                                          "foreign.pt", "taken"))
+    torch.save({"encoder.conv_in.weight": torch.zeros(1), "classifier.weight": torch.zeros(1)}, foreign)
     empty.mkdir()
     (texts / "cat").mkdir(parents=True)
     (texts / "cat" / "notes.txt").write_text("not an image")
@@ -189,8 +206,14 @@ def test_bad_input_is_one_error_and_nothing_written(folder, vae, tmp_path, capsy
     taken.mkdir()
     (taken / "something.txt").write_text("a file of another program")
     cases = [
-        (arguments(folder, vae[1], tmp_path / "out", "--vae-kind", "sd"), "is not a 'sd' VAE: checkpoint does not fit"),
-        (arguments(folder, garbage, tmp_path / "out"), f"cannot read checkpoint {garbage}"),
+        (arguments(folder, vae[1], tmp_path / "out", "--vae-kind", "sd"),
+         "is not a 'sd' VAE: its weights are those of the 'tiny' preset"),
+        (arguments(folder, foreign, tmp_path / "out"),
+         f"is not a 'tiny' VAE: missing keys ({len(vae[0].state_dict()) - 1}), e.g. encoder.conv_in.bias; unexpected "
+         f"keys (1), e.g. classifier.weight; shape mismatches (1), e.g. encoder.conv_in.weight expected (32, 3, 3, 3), "
+         f"got (1,)\n"),
+        (arguments(folder, empty, tmp_path / "out"), f"VAE folder {empty} holds none of diffusion_pytorch_model."),
+        (arguments(folder, garbage, tmp_path / "out"), f"cannot read {garbage}: not a .safetensors file nor a PyTorch"),
         (arguments(empty, vae[1], tmp_path / "out"), f"image folder {empty} is empty"),
         (arguments(texts, vae[1], tmp_path / "out"), "notes.txt is not an image file"),
         (arguments(folder, vae[1], tmp_path / "out", "--image-size", 30), "not a multiple of the tiny VAE's"),
@@ -201,6 +224,6 @@ def test_bad_input_is_one_error_and_nothing_written(folder, vae, tmp_path, capsy
             run(*argv)
         error = capsys.readouterr().err
         assert exit_info.value.code == 2 and error.startswith("error: ") and expected in error, error
-        assert "Traceback" not in error
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "garbage.pt", "taken", "texts"]
+        assert error.count("\n") == 1 and "Traceback" not in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "foreign.pt", "garbage.pt", "taken", "texts"]
     assert [path.name for path in taken.iterdir()] == ["something.txt"]
