@@ -5,16 +5,18 @@
                               [--shard-size N] [--seed S] [--workers W]
     torchrun --nproc_per_node=N prepare.py latents ...
 
-Images are center-cropped as ADM / DiT do (ref.data.center_crop) and encoded by the VAE (ref/vae.py; the file in any
-layout ref.vae.load_state reads). What is stored (ref/latents.py): for the SiT / IG recipe (sd) the posterior moments,
-from which training draws a fresh latent every step; for LightningDiT (vavae-f16d32) one posterior sample per item
-plus SHARDS/latents_stats.pt, the per-channel mean and std its latent normalisation divides by. Mirrored images: as the
-releases, off for sd (the IG release's SiT never flips), on for vavae-f16d32 (LightningDiT stores both).
+Images are center-cropped as ADM / DiT do (ref.data.center_crop) and encoded by the VAE (ref/vae.py; a file in any
+layout ref.vae.load_state reads, or a diffusers folder). What is stored (ref/latents.py): for the SiT / IG recipe (sd)
+the posterior moments, from which training draws a fresh latent every step; for LightningDiT (vavae-f16d32) one
+posterior sample per item plus SHARDS/latents_stats.pt, the per-channel mean and std its latent normalisation divides
+by. Mirrored images: as the releases, off for sd (the IG release's SiT never flips), on for vavae-f16d32 (LightningDiT
+stores both).
 
 SHARDS/latents_KKKKK.npy (N_k, C, h, w) float32 and labels_KKKKK.npy (N_k,) int64, latents_flip_KKKKK.npy and
-labels_flip_KKKKK.npy with --flip: ref.data.LatentShards reads them (latent_shape (C, h, w), scale_factor 1), the
-mirrored images as items N + i. SHARDS/prepare.json records the settings and counts, SHARDS/skipped.txt the images that
-could not be decoded (path, tab, reason; each also reported on stderr): they are skipped, not stored.
+labels_flip_KKKKK.npy with --flip: ref.data.LatentShards reads them (latent_shape (C, h, w), scale_factor 1); with
+N images stored, item N + i is the mirror of item i. SHARDS/prepare.json records the settings and counts,
+SHARDS/skipped.txt the images that could not be decoded (path, tab, reason; each also reported on stderr): they are
+skipped, not stored.
 
 Shard k holds files [k * shard_size, (k + 1) * shard_size) of the sorted listing; rank r encodes shards r, r + W, ...,
 and every shard's content depends on its files alone, so the result is the same for any number of ranks. Work goes to
@@ -188,9 +190,11 @@ def encode_shard(args, plan, shard, device, progress):
               "latents": torch.cat(stored) if stored else empty}
     if flip:
         arrays.update(labels_flip=arrays["labels"], latents_flip=torch.cat(mirrored) if mirrored else empty)
+    skipped_file = args.staging / f"skipped_{shard:05d}.txt"
     if skipped:
-        training.atomic_write(args.staging / f"skipped_{shard:05d}.txt",
-                              lambda file: file.write("".join(skipped).encode()))
+        training.atomic_write(skipped_file, lambda file: file.write("".join(skipped).encode()))
+    else:  # a list left by an earlier, killed attempt at this shard
+        skipped_file.unlink(missing_ok=True)
     for name in sorted(arrays, key=lambda name: name == "latents"):  # the latents last: they mark the shard done
         write_array(args.staging / f"{name}_{shard:05d}.npy", arrays[name].numpy())
     progress.advance(0, shard=shard)
@@ -214,8 +218,8 @@ def finish(args, plan):
     os.replace(staging, args.out)  # atomic; replaces an empty args.out
     for leftover in [args.out / "settings.json", *args.out.glob("skipped_*.txt")]:
         leftover.unlink()
-    print(f"{items} images ({items * (2 if args.flip else 1)} items with mirrors) in {plan.num_shards} shards: "
-          f"{args.out}; {skipped.count(chr(10))} skipped (skipped.txt)", flush=True)
+    print(f"{items} images{' and their mirrors' if args.flip else ''} in {plan.num_shards} shards: {args.out}; "
+          f"{skipped.count(chr(10))} skipped (skipped.txt)", flush=True)
 
 
 def prepare_latents(args, world):

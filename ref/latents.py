@@ -6,12 +6,13 @@ What a shard holds, per VAE recipe (`STORES`):
            `AutoencoderKL.sample(mean, logvar, generator)` with the sample's own generator, then scales it by 0.18215.
            (The IG release stores mean and std, REPA's `img-mean-std` files, and draws mean + std * randn per step.)
   sample   the LightningDiT recipe (VA-VAE): one posterior sample per item, (N, C, h, w), as its extract_features.py
-           stores `posterior.sample()`; here item i's noise comes from a generator seeded by (seed, i), so the result
-           does not depend on ranks or batches. Training normalises by the per-channel statistics file.
+           stores `posterior.sample()`; here the noise of file i comes from a generator seeded by (seed, i), of its
+           mirror by (seed, F + i) (F files), so the result does not depend on ranks or batches. Training normalises
+           by the per-channel statistics file.
 
 Shards are files [k * shard_size, (k + 1) * shard_size) of the sorted ImageFolder listing; their items are numbered
-through the shards as ref.data.LatentShards reads them. With flip, the mirrored images are items N + i (N files), as in
-ImageFolder(flip=True): they live in latents_flip_k.npy, which sorts after every latents_k.npy.
+through the shards as ref.data.LatentShards reads them. With flip, the mirror of item i is item N + i (N images
+stored), as in ImageFolder(flip=True): the mirrors live in latents_flip_k.npy, which sorts after every latents_k.npy.
 """
 import hashlib
 from pathlib import Path
