@@ -1,0 +1,164 @@
+"""Latent preparation (prepare.py latents): an image folder encoded by a KL autoencoder (ref/vae.py) into shards.
+
+What a shard holds, per VAE recipe (`STORES`):
+  moments  the SiT / IG recipe (SD VAE): the posterior moments, mean and logvar concatenated on the channel axis as
+           LDM's quant_conv returns them, (N, 2C, h, w). The training step draws a fresh latent from them every time,
+           `AutoencoderKL.sample(mean, logvar, generator)` with the sample's own generator, then scales it by 0.18215.
+           (The IG release stores mean and std, REPA's `img-mean-std` files, and draws mean + std * randn per step.)
+  sample   the LightningDiT recipe (VA-VAE): one posterior sample per item, (N, C, h, w), as its extract_features.py
+           stores `posterior.sample()`; here the noise of file i comes from a generator seeded by (seed, i), of its
+           mirror by (seed, F + i) (F files), so the result does not depend on ranks or batches. Training normalises
+           by the per-channel statistics file.
+
+Shards are files [k * shard_size, (k + 1) * shard_size) of the sorted ImageFolder listing; their items are numbered
+through the shards as ref.data.LatentShards reads them. With flip, the mirror of item i is item N + i (N images
+stored), as in ImageFolder(flip=True): the mirrors live in latents_flip_k.npy, which sorts after every latents_k.npy.
+"""
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
+from ref.safetensors import load_file
+from ref.training import stream_seed
+from ref.vae import MODELS, load_state, native_state
+
+STORES = ("moments", "sample")
+# What each release stores: the IG release's SiT (REPA's preprocessing) encodes each image once, unflipped; LightningDiT
+# encodes each image and its mirror and reads one of the two at random.
+RECIPES = {"sd": dict(store="moments", flip=False), "vavae-f16d32": dict(store="sample", flip=True),
+           "tiny": dict(store="moments", flip=False)}
+DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+STATS_FILE = "latents_stats.pt"  # LightningDiT's name: {"mean", "std"}, each (1, C, 1, 1) float32
+
+
+def on_meta(kind):
+    with torch.device("meta"):
+        return MODELS[kind]()
+
+
+def misfit_summary(kind, state):
+    """One line on why `state` is not a `kind` VAE: the preset it does fit, else each kind of problem with a count
+    and its first key (ref.checkpoints.check_state_fits lists them all, one line per kind)."""
+    for other in MODELS:
+        try:
+            check_state_fits(on_meta(other), *native_state(on_meta(other), state))
+            return f"its weights are those of the {other!r} preset"
+        except ValueError as error:
+            if other == kind:
+                problems = str(error).splitlines()[1:]  # "  missing keys (194): key; key; ..."
+    return "; ".join(label.strip() + ", e.g. " + keys.split("; ")[0]
+                     for label, keys in (line.split(": ", 1) for line in problems))
+
+
+def read_torch_file(path):
+    """ref.checkpoints.read_checkpoint; a file it cannot read raises a one-line ValueError naming it (torch's own
+    message spans lines and advises an unsafe load)."""
+    try:
+        return read_checkpoint(path)
+    except Exception as error:  # unpickling fails in many ways; each means "not a file of tensors we can read"
+        raise ValueError(f"cannot read {path}: not a .safetensors file nor a PyTorch file holding only tensors and "
+                         f"plain containers ({type(error).__name__})") from None
+
+
+def read_vae(path, kind):
+    """The `kind` preset of ref.vae.MODELS with the weights of `path` (.safetensors, or a PyTorch file holding a state
+    dict in any layout ref.vae.load_state reads, or a diffusers folder holding one), frozen, on the CPU. Built on the
+    meta device, so a file of the wrong kind is refused before any weight is initialised. A file that is not such a
+    VAE raises ValueError naming it, in one line."""
+    path = Path(path)
+    if path.is_dir():  # a diffusers model folder (sd-vae-ft-ema as published), or a pipeline folder with vae/ in it
+        candidates = [path / folder / name for folder in ("", "vae") for name in DIFFUSERS_WEIGHTS]
+        path = next((candidate for candidate in candidates if candidate.is_file()), None)
+        if path is None:
+            raise ValueError(f"VAE folder {candidates[0].parent} holds none of {', '.join(DIFFUSERS_WEIGHTS)} "
+                             f"(itself or in vae/)")
+    if not path.is_file():
+        raise ValueError(f"VAE file {path} does not exist")
+    contents = load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
+    if not isinstance(contents, dict):
+        raise ValueError(f"{path} holds a {type(contents).__name__}, not a state dict of a VAE")
+    state = unwrap_state(contents)[0]
+    model = on_meta(kind).to_empty(device="cpu")
+    try:
+        load_state(model, state)
+    except ValueError:
+        raise ValueError(f"{path} is not a {kind!r} VAE: {misfit_summary(kind, state)}") from None
+    return model.eval().requires_grad_(False)
+
+
+def listing_digest(images, root):
+    """sha256 of the listing of ImageFolder `images` read from `root` (relative path and label of every file, in
+    order): a changed folder changes it."""
+    digest = hashlib.sha256()
+    for path, label in zip(images.files, images.labels):
+        digest.update(f"{path.relative_to(root)}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def shard_files(shard, flip):
+    """File names of shard `shard`: labels and latents, and their mirrored counterparts with flip."""
+    stems = [f"{shard:05d}"] + ([f"flip_{shard:05d}"] if flip else [])
+    return [f"{kind}_{stem}.npy" for stem in stems for kind in ("labels", "latents")]
+
+
+class ShardImages(Dataset):
+    """Files [start, stop) of an ImageFolder. Item -> (file index, image (3, S, S) in [-1, 1] or None, label,
+    the reason the file could not be read or None): a corrupt file is reported, not raised."""
+
+    def __init__(self, images, start, stop):
+        self.images, self.indices = images, range(start, stop)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, position):
+        index = self.indices[position]
+        try:
+            image, label = self.images[index]
+        except ValueError as error:  # ref.data.read_image: the file names itself
+            return index, None, self.images.labels[index], str(error)
+        return index, image, label, None
+
+
+def collate_items(items):
+    """-> (file indices of the readable images, their images (B, 3, S, S), labels (B,), [(file index, reason)])."""
+    readable = [item for item in items if item[1] is not None]
+    images = torch.stack([item[1] for item in readable]) if readable else None
+    return ([item[0] for item in readable], images, torch.tensor([item[2] for item in readable], dtype=torch.int64),
+            [(item[0], item[3]) for item in items if item[1] is None])
+
+
+@torch.no_grad()
+def encode_items(vae, images, items, store, seed):
+    """What a shard stores (`STORES`) for images (B, 3, S, S) on the VAE's device whose dataset item numbers are
+    `items`: moments (B, 2C, h, w) or a posterior sample (B, C, h, w), float32 on the CPU."""
+    mean, logvar = (moment.float().cpu() for moment in vae.encode(images))  # (B, C, h, w) each
+    if store == "moments":
+        return torch.cat([mean, logvar], dim=1)
+    generators = [torch.Generator().manual_seed(stream_seed(seed, item)) for item in items]
+    return torch.cat([vae.sample(mean[i:i + 1], logvar[i:i + 1], generator) for i, generator in enumerate(generators)])
+
+
+def channel_statistics(arrays, chunk=1024):
+    """Per-channel mean and standard deviation (unbiased, as torch.std) over every item and position of arrays
+    (N_k, C, h, w), read `chunk` items at a time in float64 and combined exactly (Chan, Golub and LeVeque's pairwise
+    update of count, mean and sum of squared deviations). -> {"mean", "std"}, each (1, C, 1, 1) float32, the layout
+    of LightningDiT's latents_stats.pt."""
+    count, mean, squares = 0, 0.0, 0.0
+    for array in arrays:
+        for start in range(0, len(array), chunk):
+            x = np.asarray(array[start:start + chunk], dtype=np.float64)  # (n, C, h, w)
+            n = x.shape[0] * x.shape[2] * x.shape[3]
+            part_mean = x.mean(axis=(0, 2, 3))  # (C,)
+            part_squares = ((x - part_mean[:, None, None]) ** 2).sum(axis=(0, 2, 3))
+            delta, total = part_mean - mean, count + n
+            mean = mean + delta * n / total
+            squares = squares + part_squares + delta ** 2 * count * n / total
+            count = total
+    std = np.sqrt(squares / (count - 1))
+    return {name: torch.from_numpy(value).float().reshape(1, -1, 1, 1) for name, value in (("mean", mean),
+                                                                                            ("std", std))}
