@@ -294,7 +294,8 @@ def test_a_count_below_one_is_a_usage_error(flags, tmp_path, capsys):
 
 
 def write_not_checkpoints(root):
-    """Files that are not checkpoints train.py can read -> {path: what the message must say}."""
+    """Files that are not checkpoints train.py can read -> {path: what the message must say (its parts in torch's
+    words kept short: they may vary between torch versions)}."""
     (root / "notes.pt").write_text("weights: see the paper\n")
     (root / "empty.pt").write_bytes(b"")
     torch.save({"model": {"w": torch.zeros(64, 64)}}, root / "whole.pt")
@@ -303,25 +304,26 @@ def write_not_checkpoints(root):
     return {root / "notes.pt": "is not a PyTorch checkpoint (neither a zip archive nor a pickle; its first bytes are "
                                "b'weights:'); expected a file written by train.py or torch.save",
             root / "empty.pt": "is empty; expected a file written by train.py or torch.save",
-            root / "truncated.pt": "is a zip archive that torch.load cannot read (PytorchStreamReader failed reading "
-                                   "zip archive: failed finding central directory): a checkpoint cut short or damaged",
-            root / "object.pt": "holds objects a weights-only load refuses (Unsupported global: GLOBAL "
-                                "fractions.Fraction was not an allowed global by default)"}
+            root / "truncated.pt": ["is a zip archive that torch.load cannot read (", "central directory",
+                                    "): a checkpoint cut short or damaged"],
+            root / "object.pt": ["holds objects a weights-only load refuses (", "fractions.Fraction"]}
 
 
 def test_a_file_that_is_not_a_checkpoint_is_named_without_unsafe_advice(tmp_path, capsys):
     """read_checkpoint says what the file is not and what was expected, and never suggests weights_only=False; so do
     sample.py FILE and train.py's partner runs (here the probe's --base)."""
-    for path, message in write_not_checkpoints(tmp_path).items():
+    for path, parts in write_not_checkpoints(tmp_path).items():
+        parts = [parts] if isinstance(parts, str) else parts
         with pytest.raises(ValueError) as error_info:
             read_checkpoint(path)
-        assert str(error_info.value).startswith(f"{path} {message}") and "weights_only" not in str(error_info.value)
+        assert str(error_info.value).startswith(f"{path} {parts[0]}") and "weights_only" not in str(error_info.value)
         with pytest.raises(SystemExit) as exit_info:
             sample.main([str(path), "--out", str(tmp_path / "samples")])
-        error = capsys.readouterr().err
-        assert exit_info.value.code == 2 and error.count("\n") == 1 and message in error
-        error = train_error(["--config", "shapes-probe", "--base", path, "--out", tmp_path / "run"], capsys)
-        assert error.count("\n") == 1 and message in error and "weights_only" not in error
+        errors = [capsys.readouterr().err]
+        assert exit_info.value.code == 2
+        errors.append(train_error(["--config", "shapes-probe", "--base", path, "--out", tmp_path / "run"], capsys))
+        for error in [str(error_info.value) + "\n", *errors]:
+            assert error.count("\n") == 1 and all(part in error for part in parts) and "weights_only" not in error
     assert not (tmp_path / "samples").exists() and not (tmp_path / "run").exists()
 
 
