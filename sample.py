@@ -89,6 +89,11 @@ def checkpoint_file(run):
     return path
 
 
+def default_out(path, tag):
+    """samples-TAG beside the checkpoint; for any file but latest.pt (a snapshot) samples-<its name>-TAG."""
+    return path.parent / ("samples-" + ("" if path.name == "latest.pt" else path.stem + "-") + tag)
+
+
 def load_model(args, path, checkpoint):
     """-> (model with the chosen weights, description: objective, beta_schedule, latent, step, config).
     checkpoint: the train.py checkpoint at path, or None for a foreign one (--model)."""
@@ -269,7 +274,7 @@ def sample_controlnet(args, path, base, controlnet, config):
                         network_evaluations_per_sample=steps * (2 if args.cfg != 1.0 else 1),
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
         tag = f"ddim{steps}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}x{args.seeds_per_control}"
-        out = Path(args.out) if args.out else path.parent / f"samples-{tag}"
+        out = Path(args.out) if args.out else default_out(path, tag)
         write_outputs(out, samples, scene_indices, settings, 1 + args.seeds_per_control, args.grid_rows,
                       control_pictures(samples, scene_indices, config, args.seeds_per_control))
         print(f"wrote {args.num_samples} samples to {out} ({settings['seconds']:.1f} s, "
@@ -303,7 +308,7 @@ def main(argv=None):
                         network_evaluations_per_sample=passes * (2 if args.cfg != 1.0 else 1),
                         seconds=time.perf_counter() - start, world_size=dist.world_size, device=str(dist.device))
         tag = f"{sampler}{settings['steps'] or ''}-ig{args.ig:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}"
-        out = Path(args.out) if args.out else Path(spec["checkpoint"]).parent / f"samples-{tag}"
+        out = Path(args.out) if args.out else default_out(path, tag)
         columns = model.num_classes if model.num_classes <= 16 else 8
         write_outputs(out, samples, sample_labels(np.arange(args.num_samples), args, model.num_classes), settings,
                       columns, args.grid_rows)

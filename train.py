@@ -12,7 +12,10 @@ release, t ~ U(0, 1)) or DDPM eps (DiT), each with the IG auxiliary term lambda 
 0.999, no weight decay), gradient clipping, label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on
 CUDA. Rerun the same command to resume from OUT/latest.pt: the data order and every random draw are functions of the
 seed and the step, so the resumed run is bitwise the uninterrupted one. Rank 0 writes OUT/latest.pt (atomically),
-OUT/log.txt and OUT/metrics.jsonl (loss, images/s, MFU). Bad input: a message and exit status 2, nothing written.
+OUT/log.txt and OUT/metrics.jsonl (loss, images/s, MFU); with --snapshot-every N, counted in training images (EDM's
+habit), also a numbered copy OUT/snapshot-<images seen, 9 digits>.pt whenever the images seen pass a multiple of N, for
+FID-vs-training curves (`sample.py OUT/snapshot-....pt`); the cadence may change on resume. Bad input (a count below 1,
+a file that is not a checkpoint, ...): one `error:` line and exit status 2, nothing written.
 """
 import argparse
 from pathlib import Path

@@ -1,14 +1,50 @@
 """Reading checkpoint files and checking that a state dict fits a model, shared by every network in ref/."""
 import argparse
+import pickle
+import re
+from pathlib import Path
 
 import torch
+
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6: a zip archive holding data.pkl and the tensor bytes
+PICKLE_PROTOCOL_OPCODE = b"\x80"  # the legacy torch.save format: pickles from the first byte
+EXPECTED = "expected a file written by train.py or torch.save (tensors in plain containers)"
 
 
 def read_checkpoint(path):
     """torch.load restricted to tensors and plain containers, plus the argparse.Namespace that the DiT, SiT and IG
-    training scripts store under "args"."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    training scripts store under "args". A file that is not such a checkpoint (missing, empty, another format, cut
+    short, or holding other Python objects, which a weights-only load refuses and this reader never loads) raises a
+    ValueError saying what the file is and what was expected."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as file:
+            head = file.read(16)
+    except OSError as error:
+        raise ValueError(f"cannot open {path}: {error.strerror}") from None
+    if not head:
+        raise ValueError(f"{path} is empty; {EXPECTED}")
+    if not head.startswith((ZIP_MAGIC, PICKLE_PROTOCOL_OPCODE)):
+        raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle; its first bytes are "
+                         f"{head[:8]!r}); {EXPECTED}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # the weights-only unpickler met something other than tensors
+        raise ValueError(f"{path} holds objects a weights-only load refuses ({first_sentence(error)}); {EXPECTED}. "
+                         f"Loading such a file unrestricted can run code from it, so it is not read") from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:  # zip or pickle stream cut short or damaged
+        archive = "zip archive" if head.startswith(ZIP_MAGIC) else "pickle"
+        raise ValueError(f"{path} is a {archive} that torch.load cannot read ({first_sentence(error)}): a checkpoint "
+                         f"cut short or damaged, or another kind of file; {EXPECTED}") from None
+
+
+def first_sentence(error):
+    """The gist of a torch.load error: the weights-only unpickler's own reason (without torch's advice to load
+    unsafely) or the first sentence of a reader error (without the C++ assertion's location)."""
+    text = str(error).split("WeightsUnpickler error:", 1)[-1].strip()
+    text = re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", text)
+    return re.split(r"\.\s|\n", text)[0].strip() or type(error).__name__
 
 
 def check_state_fits(model, state, original_key, optional_prefixes=()):

@@ -76,6 +76,8 @@ FIELDS = {  # name: (type, help); every field is a flag --name-with-dashes
     "ema_decay": (float, "EMA decay per step"),
     "seed": (int, "seed of the initial weights, the data order and every training draw"),
     "checkpoint_every": (int, "steps between checkpoints (out/latest.pt); one is also written at the end"),
+    "snapshot_every": (optional_int, "training IMAGES between kept copies of latest.pt, out/snapshot-<images "
+                                     "seen>.pt, for FID-vs-training curves; none: no snapshots"),
     "log_every": (int, "steps between progress lines"),
     "workers": (int, "data-loading worker processes per rank (0: load in the training process)"),
     "bf16": (bool, "CUDA: bf16 autocast (TF32 matmuls are always on); ignored on the CPU"),
@@ -98,12 +100,17 @@ FIELDS = {  # name: (type, help); every field is a flag --name-with-dashes
 }
 
 # Fields that may change when a run is resumed: how far and how it runs, not what it computes.
-RUN_FIELDS = {"config", "steps", "checkpoint_every", "log_every", "workers", "compile", "gradient_checkpointing",
-              "peak_tflops", "stop_after"}
+RUN_FIELDS = {"config", "steps", "checkpoint_every", "snapshot_every", "log_every", "workers", "compile",
+              "gradient_checkpointing", "peak_tflops", "stop_after"}
+# Counts that must be positive (None allowed where the field is optional) and counts that may be zero.
+POSITIVE_FIELDS = ("steps", "batch_size", "checkpoint_every", "snapshot_every", "log_every", "stop_after",
+                   "shapes_items", "image_size", "num_classes", "depth", "hidden_size", "num_heads", "patch_size")
+NON_NEGATIVE_FIELDS = ("workers",)
 
 _RUN_DEFAULTS = dict(data_path=None, shapes_items=1_000_000, flip=False, objective="flow", beta_schedule="linear",
                      aux_weight=0.5, label_dropout=0.1, lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True,
-                     compile=False, gradient_checkpointing=False, peak_tflops=None, stop_after=None)
+                     compile=False, gradient_checkpointing=False, peak_tflops=None, stop_after=None,
+                     snapshot_every=None)
 _SHAPES = dict(_RUN_DEFAULTS, job="dit", data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES))
 # SiT / IG release settings (docs: IG notes): batch 256, lr 1e-4, EMA 0.9999, SD-VAE latents of 256 px ImageNet.
 _IMAGENET = dict(_RUN_DEFAULTS, job="dit", data="latents", image_size=256, num_classes=1000, batch_size=256,
@@ -188,6 +195,16 @@ def default_out(config):
     """runs/<config>, or runs/<config>-<task> for a run of the InnerControl pipeline that has a task."""
     task = config.get("task") if config["job"] in ("estimator", "probe", "controlnet") else None
     return Path("runs") / (config["config"] + (f"-{task}" if task else ""))
+
+
+def check_counts(config):
+    """A count of POSITIVE_FIELDS below 1 or of NON_NEGATIVE_FIELDS below 0 raises ValueError naming its flag."""
+    for names, low in ((POSITIVE_FIELDS, 1), (NON_NEGATIVE_FIELDS, 0)):
+        for name in names:
+            value = config.get(name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if low else 'zero or more'}, "
+                                 f"got {value}")
 
 
 def check_resumable(stored, config, path):
@@ -345,6 +362,16 @@ def save_checkpoint(path, model, ema, optimizer, step, config):
     atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
+def snapshot_path(out, step, config):
+    """out/snapshot-<images seen>.pt when this step's image count, step x batch size, reaches a multiple of
+    snapshot_every (every count in images, as EDM2: the snapshots of two runs are comparable at any batch size);
+    else None. Nine digits, so the names sort in training order up to 10^9 images."""
+    every, images = config["snapshot_every"], step * config["batch_size"]
+    if every and images // every > (images - config["batch_size"]) // every:
+        return Path(out) / f"snapshot-{images:09d}.pt"
+    return None
+
+
 def weights_digest(state_dict):
     """sha256 of every tensor's bytes in key order: equal digests mean bitwise-equal weights."""
     digest = hashlib.sha256()
@@ -437,9 +464,11 @@ def training_flops_per_image(config, dataset):
 def fit(config, out, world):
     """Train the config's job (ref/jobs.py) into `out`: AdamW (betas 0.9, 0.999, no weight decay), gradient clipping,
     EMA, bf16 autocast on CUDA, DDP over the ranks, optional torch.compile; resume from out/latest.pt; progress,
-    log.txt and metrics.jsonl on rank 0. Bad input: a message and exit status 2, nothing written."""
+    log.txt, metrics.jsonl and the numbered snapshots on rank 0 (latest.pt is rewritten with each snapshot). Bad
+    input: a message and exit status 2, nothing written."""
     checkpoint_path = out / "latest.pt"
     try:  # bad input stops here, before anything is written
+        check_counts(config)
         job = make_job(config)
         dataset = job.make_dataset()
         stream_positions(0, config["batch_size"], world.rank, world.world_size)  # checks the batch splits over ranks
@@ -512,7 +541,10 @@ def fit(config, out, world):
                              seconds=now - run_start))
             loss_sum.zero_()
             interval_start, interval_steps = time.perf_counter(), 0
-        if world.is_main and (done % config["checkpoint_every"] == 0 or done == stop):
+        snapshot = snapshot_path(out, done, config)
+        if world.is_main and snapshot:  # before latest.pt: a kill between the two makes the resumed run rewrite it
+            save_checkpoint(snapshot, model, ema, optimizer, done, config)
+        if world.is_main and (done % config["checkpoint_every"] == 0 or done == stop or snapshot):
             save_checkpoint(checkpoint_path, model, ema, optimizer, done, config)
 
     if start >= stop:
