@@ -2,8 +2,8 @@
 file made for another task by name, before any key is compared: a DPT file given as the HED annotator is reported as
 "FILE holds DPT depth weights (dpt.* keys), not the HED annotator's weights (...)", not as 300 missing keys.
 
-State dicts are read from PyTorch files (torch.load restricted to tensors, ref.checkpoints.read_checkpoint) or from
-.safetensors files (ref.safetensors, the format of Hugging Face model repositories).
+State dicts are read by ref.checkpoints.read_checkpoint (PyTorch files restricted to tensors, .safetensors, model
+folders).
 """
 import os
 import zipfile
@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 
 from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
-from ref.safetensors import load_file
 
 
 @dataclass(frozen=True)
@@ -58,10 +57,9 @@ def read_state(path, expected):
     if is_torchscript(path):
         raise ValueError(f"{path} holds {TORCHSCRIPT}, not {expected}")
     try:
-        raw = load_file(path) if path.endswith(".safetensors") else read_checkpoint(path)
-    except Exception as error:  # a truncated download, an HTML page, a pickle of something else: all the same here
-        reason = f"{type(error).__name__}: {str(error).split('. ')[0]}"  # torch's advice after that does not apply
-        raise ValueError(f"{path} could not be read as a state dict ({expected} expected): {reason}") from error
+        raw = read_checkpoint(path)
+    except ValueError as error:
+        raise ValueError(f"{error}; here {expected} were expected") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict ({expected} expected)")
     return unwrap_state(raw)

@@ -1,4 +1,8 @@
-"""Reading checkpoint files and checking that a state dict fits a model, shared by every network in ref/."""
+"""Reading checkpoint files and checking that a state dict fits a model, shared by every network in ref/.
+
+One reader for every weights file: PyTorch files (.pt / .pth / .ckpt / .bin, torch.load restricted to tensors),
+.safetensors (ref.safetensors, memory-mapped) and a model folder in the diffusers / transformers layout (the weights
+file inside it)."""
 import argparse
 import pickle
 import re
@@ -6,12 +10,30 @@ from pathlib import Path
 
 import torch
 
+from ref.safetensors import load_file
+
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save since PyTorch 1.6: a zip archive holding data.pkl and the tensor bytes
 PICKLE_PROTOCOL_OPCODE = b"\x80"  # the legacy torch.save format: pickles from the first byte
 EXPECTED = "expected a file written by train.py or torch.save (tensors in plain containers)"
+# The weights file of a model folder as diffusers (first two) and transformers (last two) publish them.
+FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
+                  "pytorch_model.bin")
 
 
 def read_checkpoint(path):
+    """The contents of a weights file: .safetensors -> {name: tensor} (memory-mapped); a folder -> its FOLDER_WEIGHTS
+    file's contents; any other file -> read_torch_file. Every failure is a ValueError naming the file."""
+    path = Path(path)
+    if path.is_dir():
+        inside = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
+        if inside is None:
+            raise ValueError(f"{path} is a folder holding none of {', '.join(FOLDER_WEIGHTS)} (a diffusers or "
+                             f"transformers model folder was expected)")
+        path = inside
+    return load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
+
+
+def read_torch_file(path):
     """torch.load restricted to tensors and plain containers, plus the argparse.Namespace that the DiT, SiT and IG
     training scripts store under "args". A file that is not such a checkpoint (missing, empty, another format, cut
     short, or holding other Python objects, which a weights-only load refuses and this reader never loads) raises a

@@ -23,12 +23,13 @@ Input: RGB (N, 3, H, W) in [0, 1], any size, brought to 299 x 299 by one of two 
 At 256 -> 299 the two resizes sample 0.07 px apart: compare only numbers that went through the same pipeline.
 """
 import os
-import warnings
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ref.checkpoints import read_checkpoint
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + WEIGHTS_FILE
@@ -322,12 +323,6 @@ def layout(state_dict):
             for name, value in state_dict.items() if not name.endswith("num_batches_tracked")}
 
 
-def load_failure(error):
-    """What torch.load found wrong, in its own first sentence, without its advice on loading the file unsafely."""
-    text = str(error).split("WeightsUnpickler error:")[-1].strip()
-    return f"{type(error).__name__}: {text.splitlines()[0].split('. ')[0]}" if text else type(error).__name__
-
-
 def contents(state):
     """A dict loaded from a file, in a few words: how many entries and tensors, and the first keys."""
     tensors = sum(torch.is_tensor(value) for value in state.values())
@@ -338,12 +333,10 @@ def contents(state):
 def load_weights(model, path):
     """Load the port's state dict into `model`, refusing any file whose keys or shapes differ from the public one."""
     try:
-        with warnings.catch_warnings():  # torch's note on the pickle protocol is no business of the user's
-            warnings.simplefilter("ignore")
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a truncated download, an HTML page, a pickle of something else: all the same to us
-        raise wrong_weights(path, f"could not be read as a PyTorch state dict of tensors ({load_failure(error)}; "
-                                  f"a truncated download, a web page, a pickle of other objects?)") from error
+        state_dict = read_checkpoint(path)
+    except ValueError as error:  # a truncated download, an HTML page, a pickle of something else: all the same to us
+        raise wrong_weights(path, f"could not be read as a PyTorch state dict of tensors ({error}; a truncated "
+                                  f"download, a web page, a pickle of other objects?)") from None
     if not isinstance(state_dict, dict):
         raise wrong_weights(path, f"holds a {type(state_dict).__name__}, not a state dict")
     expected, found = layout(model.state_dict()), layout(state_dict)

@@ -22,7 +22,6 @@ import torch
 from torch.utils.data import Dataset
 
 from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
-from ref.safetensors import load_file
 from ref.training import stream_seed
 from ref.vae import MODELS, load_state, native_state
 
@@ -31,7 +30,6 @@ STORES = ("moments", "sample")
 # encodes each image and its mirror and reads one of the two at random.
 RECIPES = {"sd": dict(store="moments", flip=False), "vavae-f16d32": dict(store="sample", flip=True),
            "tiny": dict(store="moments", flip=False)}
-DIFFUSERS_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 STATS_FILE = "latents_stats.pt"  # LightningDiT's name: {"mean", "std"}, each (1, C, 1, 1) float32
 
 
@@ -54,31 +52,17 @@ def misfit_summary(kind, state):
                      for label, keys in (line.split(": ", 1) for line in problems))
 
 
-def read_torch_file(path):
-    """ref.checkpoints.read_checkpoint; a file it cannot read raises a one-line ValueError naming it (torch's own
-    message spans lines and advises an unsafe load)."""
-    try:
-        return read_checkpoint(path)
-    except Exception as error:  # unpickling fails in many ways; each means "not a file of tensors we can read"
-        raise ValueError(f"cannot read {path}: not a .safetensors file nor a PyTorch file holding only tensors and "
-                         f"plain containers ({type(error).__name__})") from None
-
-
 def read_vae(path, kind):
     """The `kind` preset of ref.vae.MODELS with the weights of `path` (.safetensors, or a PyTorch file holding a state
     dict in any layout ref.vae.load_state reads, or a diffusers folder holding one), frozen, on the CPU. Built on the
     meta device, so a file of the wrong kind is refused before any weight is initialised. A file that is not such a
     VAE raises ValueError naming it, in one line."""
     path = Path(path)
-    if path.is_dir():  # a diffusers model folder (sd-vae-ft-ema as published), or a pipeline folder with vae/ in it
-        candidates = [path / folder / name for folder in ("", "vae") for name in DIFFUSERS_WEIGHTS]
-        path = next((candidate for candidate in candidates if candidate.is_file()), None)
-        if path is None:
-            raise ValueError(f"VAE folder {candidates[0].parent} holds none of {', '.join(DIFFUSERS_WEIGHTS)} "
-                             f"(itself or in vae/)")
-    if not path.is_file():
+    if (path / "vae").is_dir():  # a diffusers pipeline folder: its VAE is the model folder vae/
+        path = path / "vae"
+    if not path.exists():
         raise ValueError(f"VAE file {path} does not exist")
-    contents = load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
+    contents = read_checkpoint(path)
     if not isinstance(contents, dict):
         raise ValueError(f"{path} holds a {type(contents).__name__}, not a state dict of a VAE")
     state = unwrap_state(contents)[0]

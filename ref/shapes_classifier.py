@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ref.checkpoints import read_checkpoint
 from ref.data import SHAPE_CLASSES, Shapes, batch_indices
 from ref.metrics import frechet_distance, precision_recall
 
@@ -158,8 +159,8 @@ def load_classifier(path):
     if not os.path.isfile(path):
         raise ShapesClassifierError(f"shapes classifier {path}: no such file; {train_hint}")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle, zip and torch errors alike: the file is not a readable checkpoint
+        saved = read_checkpoint(path)
+    except ValueError as error:
         raise ShapesClassifierError(f"shapes classifier {path}: cannot read it ({error}); {train_hint}") from None
     if not isinstance(saved, dict) or not {"config", "state_dict"} <= saved.keys():
         found = sorted(saved) if isinstance(saved, dict) else type(saved).__name__

@@ -130,5 +130,5 @@ def test_a_damaged_hed_file_lists_what_differs(hed, tmp_path):
     assert "block1.convs.0.weight expected (64, 3, 3, 3), got (32, 3, 3, 3)" in message
     unreadable = tmp_path / "page.html"
     unreadable.write_text("<html>not found</html>")
-    with pytest.raises(ValueError, match="page.html could not be read as a state dict"):
+    with pytest.raises(ValueError, match="page.html is not a PyTorch checkpoint"):
         HEDAnnotator(str(unreadable))

@@ -212,8 +212,8 @@ def test_bad_input_is_one_error_and_nothing_written(folder, vae, tmp_path, capsy
          f"is not a 'tiny' VAE: missing keys ({len(vae[0].state_dict()) - 1}), e.g. encoder.conv_in.bias; unexpected "
          f"keys (1), e.g. classifier.weight; shape mismatches (1), e.g. encoder.conv_in.weight expected (32, 3, 3, 3), "
          f"got (1,)\n"),
-        (arguments(folder, empty, tmp_path / "out"), f"VAE folder {empty} holds none of diffusion_pytorch_model."),
-        (arguments(folder, garbage, tmp_path / "out"), f"cannot read {garbage}: not a .safetensors file nor a PyTorch"),
+        (arguments(folder, empty, tmp_path / "out"), f"{empty} is a folder holding none of diffusion_pytorch_model."),
+        (arguments(folder, garbage, tmp_path / "out"), f"{garbage} is not a PyTorch checkpoint (neither a zip"),
         (arguments(empty, vae[1], tmp_path / "out"), f"image folder {empty} is empty"),
         (arguments(texts, vae[1], tmp_path / "out"), "notes.txt is not an image file"),
         (arguments(folder, vae[1], tmp_path / "out", "--image-size", 30), "not a multiple of the tiny VAE's"),
