@@ -150,7 +150,8 @@ def ddim(denoise, noise, schedule, timesteps, prediction="eps", eta=0.0, model_d
 def ddpm_ancestral(denoise, noise, schedule, prediction="eps", model_dtype=torch.float32,
                    randn_like=torch.randn_like, model_timesteps=None, learned_variance=False):
     """Ancestral sampling over every step of `schedule` (Ho et al. 2020, Alg. 2), written through the posterior
-    q(x_{t-1} | x_t, x0) of Eq. 6-7: mean = c0 x0 + ct x_t, variance beta_tilde = beta_t (1 - abar_{t-1}) / (1 - abar_t).
+    q(x_{t-1} | x_t, x0) of Eq. 6-7: mean = c0 x0 + ct x_t, variance beta_tilde = beta_t (1 - abar_{t-1}) /
+    (1 - abar_t).
     model_timesteps: the timestep the network is given at each step, for a respaced schedule
         (DDPMSchedule.respaced; ADM's timestep_map); None: the step itself.
     learned_variance: the network returns 2C channels, its prediction then the variance values of

@@ -84,7 +84,8 @@ def test_flow_velocity_is_the_time_derivative_of_the_interpolant():
 
 def test_posterior_and_learned_variance_on_their_closed_forms():
     """Linear betas: beta_tilde_1 = beta_1 (1 - abar_0) / (1 - abar_1) with abar_0 = 1 - beta_0 and abar_1 =
-    (1 - beta_0)(1 - beta_1); the learned variance's values -1, 1 and 0 give beta_tilde, beta and their geometric mean."""
+    (1 - beta_0)(1 - beta_1); the learned variance's values -1, 1 and 0 give beta_tilde, beta and their geometric
+    mean."""
     schedule = DDPMSchedule.named("linear")
     beta_0, beta_1 = 1e-4, 1e-4 + (0.02 - 1e-4) / 999
     beta_tilde = beta_1 * beta_0 / (1 - (1 - beta_0) * (1 - beta_1))
