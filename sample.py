@@ -2,17 +2,32 @@
 
     python sample.py runs/shapes-tiny [--num-samples 64] [--seed 0] [--batch-size 32] [--sampler em|heun|ddpm|ddim]
                      [--steps N] [--ig W] [--ig-interval LO HI] [--cfg S] [--cfg-interval LO HI] [--out DIR]
-    python sample.py SiT-XL-2-IG.pt --model DiT-XL/2 --intermediate-block 8 --ig 1.4 --cfg 1.35 --cfg-interval 0 0.7
+    python sample.py SiT-XL-2-IG.pt --checkpoint-kind ig-sit --model SiT-XL/2 --ig 1.4 --cfg 1.35 --cfg-interval 0 0.7
+    python sample.py DiT-XL-2-256x256.pt --checkpoint-kind dit --model DiT-XL/2 --cfg 1.5      # DDPM, 250 steps
+    python sample.py SiT-XL-2-256x256.pt --checkpoint-kind sit --model SiT-XL/2 --cfg 1.5      # Euler-Maruyama, 250
     python sample.py runs/shapes-innercontrol-depth --num-samples 200 --seeds-per-control 2 --cfg 3 --steps 20
     torchrun --nproc_per_node=N sample.py ...
 
 RUN is a run folder (its latest.pt) or a checkpoint of train.py; its EMA weights are used (--weights model: the raw
-ones). With --model PRESET, RUN is an official DiT or IG-release SiT checkpoint (ref.dit.load_checkpoint), described by
---image-size, --num-classes, --learn-sigma, --intermediate-block and --objective (the official SiT checkpoints run time
-the other way, t = 0 noise, and do not sample correctly here).
+ones). --checkpoint-kind says what else it may be, with --model PRESET for its size (--image-size, --num-classes):
+  own     a train.py run (the default): objective, head and schedule from its config.
+  dit     facebookresearch/DiT: eps prediction with learned sigma (2C output channels). Its own protocol: DDPM
+          ancestral sampling respaced to 250 steps (space_timesteps) with the learned variance of the extra channels,
+          CFG on the first 3 latent channels with the rest (the 4th and the variance) from the conditional branch,
+          as its forward_with_cfg; --sampler ddim also fits. No IG head.
+  sit     willisma/SiT: velocity with learned sigma, time the other way (t = 0 noise, velocity x0 - eps), turned into
+          this repository's convention (ref.dit.reversed_time); Euler-Maruyama (its sample.py SDE: 250 steps, last
+          step Mean 0.04, diffusion form "sigma", which is g(t)^2 = 2t here) or Heun; CFG on 3 channels as its
+          forward_with_cfg. No IG head.
+  ig-sit  the IG release (CVL-UESTC/Internal-Guidance): velocity, t = 1 noise as here, the IG head `final_layer_xr`
+          after block 8 or its training args' encoder_depth (a different --intermediate-block is refused); CFG on
+          every channel, as its samplers.py.
 Flow models (t = 1 noise -> 0 data): Euler-Maruyama, the IG default (250 steps on the grid 1 -> 0.04, then a mean step
-to 0), or Heun on a uniform grid. Eps models: DDPM ancestral (every one of the 1000 steps) or DDIM. Guidance goes
-through ref.guidance.guided_denoiser; intervals are in t in [0, 1] (t = 1 noise; for eps models t = timestep / 1000).
+to 0; --diffusion sbdm: SiT's "SBDM" coefficient instead of g(t)^2 = 2t), or Heun on a uniform grid. Eps models:
+DDPM ancestral (respaced to --steps as ADM / DiT do; own runs: every one of the T steps by default) or DDIM. Guidance
+goes through ref.guidance.guided_denoiser; intervals are in t in [0, 1] (t = 1 noise; for eps models t = timestep /
+1000); a step outside the CFG interval runs the conditional branch only, and settings.json reports the network
+evaluations counted per sample.
 Sample i has label i mod num_classes (or --class-label) and its own generator, seeded with seed + i, for its initial
 noise and every step's noise: the samples do not depend on the batch size or the number of ranks (up to float32
 rounding: CPU matmul kernels round differently for different row counts, ~1e-7, which can move a rare pixel by one
@@ -40,14 +55,23 @@ from PIL import Image
 
 from ref import jobs, training
 from ref.data import SD_VAE_SCALE_FACTOR, Shapes
-from ref.dit import MODELS, load_checkpoint
+from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS, ig_release_head_block, load_checkpoint, reversed_time
 from ref.guidance import guided_denoiser
 from ref.innercontrol import EVAL_SCENE_SEED, generate
-from ref.samplers import ddim, ddpm_ancestral, euler_maruyama, heun, spaced_timesteps, uniform_grid
+from ref.samplers import (DIFFUSIONS, SBDM_T_MAX, ddim, ddpm_ancestral, euler_maruyama, heun, respaced_timesteps,
+                          spaced_timesteps, uniform_grid)
 from ref.schedules import DDPMSchedule
 
 SAMPLERS = {"flow": ("em", "heun"), "eps": ("ddpm", "ddim")}  # the first is the default
-DEFAULT_STEPS = {"em": 250, "heun": 50, "ddim": 50}
+DEFAULT_STEPS = {"em": 250, "heun": 50, "ddim": 50}  # ddpm: every step of an own run, DiT's 250 for dit
+# What a foreign checkpoint is (see the module docstring): the objective its network predicts, whether it has the
+# learned-sigma channels, whether it runs time the other way, the channels its own CFG guides (None: all), whether it
+# can have the IG head, and its DDPM step count.
+CHECKPOINT_KINDS = {
+    "dit": dict(objective="eps", learn_sigma=True, reversed_time=False, cfg_channels=3, ig_head=False, ddpm_steps=250),
+    "sit": dict(objective="flow", learn_sigma=True, reversed_time=True, cfg_channels=3, ig_head=False),
+    "ig-sit": dict(objective="flow", learn_sigma=False, reversed_time=False, cfg_channels=None, ig_head=True),
+}
 
 
 def parse_args(argv=None):
@@ -59,8 +83,11 @@ def parse_args(argv=None):
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
     parser.add_argument("--class-label", type=int, help="one label for every sample (default: i mod num_classes)")
     parser.add_argument("--sampler", choices=sum(SAMPLERS.values(), ()), help="default: em (flow), ddpm (eps)")
-    parser.add_argument("--steps", type=int, help="em 250, heun 50, ddim 50 by default; ddpm takes every step")
+    parser.add_argument("--steps", type=int, help="em 250, heun 50, ddim 50 by default; ddpm: every step of an own "
+                        "run, 250 for dit (fewer: respaced as ADM / DiT)")
     parser.add_argument("--eta", type=float, default=0.0, help="ddim: 0 deterministic, 1 DDPM-like")
+    parser.add_argument("--diffusion", choices=tuple(DIFFUSIONS), default="ig",
+                        help="em: g(t)^2 = 2t (ig: REPA / IG release; also SiT's sample.py default) or SiT's SBDM")
     parser.add_argument("--ig", type=float, default=1.0, help="IG weight w: D_i + w (D_f - D_i); 1 = off")
     parser.add_argument("--ig-interval", type=float, nargs=2, default=(0.0, 1.0), metavar=("LO", "HI"))
     parser.add_argument("--cfg", type=float, default=1.0, help="CFG weight s; 1 = off")
@@ -70,13 +97,14 @@ def parse_args(argv=None):
     parser.add_argument("--seeds-per-control", type=int, default=1,
                         help="controlnet runs: samples per evaluation scene (sample i follows scene i // this)")
     parser.add_argument("--out", help="output folder (default: samples-<settings> beside the checkpoint)")
-    foreign = parser.add_argument_group("foreign checkpoints (official DiT, IG-release SiT)")
-    foreign.add_argument("--model", choices=list(MODELS), help="size preset; RUN is then a foreign checkpoint")
+    foreign = parser.add_argument_group("foreign checkpoints (official DiT / SiT, IG-release SiT)")
+    foreign.add_argument("--checkpoint-kind", choices=("own", *CHECKPOINT_KINDS), default="own")
+    foreign.add_argument("--model", choices=list(MODELS), help="size preset of a foreign checkpoint")
     foreign.add_argument("--image-size", type=int, default=256, help="image side; the latents are 1/8 of it")
     foreign.add_argument("--num-classes", type=int, default=1000)
-    foreign.add_argument("--learn-sigma", action="store_true", help="official DiT / SiT checkpoints: True")
-    foreign.add_argument("--intermediate-block", type=int, help="IG head after this block (IG release XL: 8)")
-    foreign.add_argument("--objective", choices=tuple(SAMPLERS), default="flow")
+    foreign.add_argument("--intermediate-block", type=int,
+                         help=f"ig-sit: the IG head's block when the file does not say (default "
+                              f"{IG_RELEASE_HEAD_BLOCK}); one that differs from the file's is refused")
     return parser.parse_args(argv)
 
 
@@ -94,54 +122,92 @@ def default_out(path, tag):
     return path.parent / ("samples-" + ("" if path.name == "latest.pt" else path.stem + "-") + tag)
 
 
+def foreign_head_block(args, kind, contents):
+    """The IG head's block of a foreign checkpoint (None: no head); combinations that cannot be right raise."""
+    if not CHECKPOINT_KINDS[kind]["ig_head"]:
+        if args.intermediate_block is not None:
+            raise ValueError(f"a {kind} checkpoint has no IG intermediate head; --intermediate-block is for ig-sit")
+        return None
+    in_file = ig_release_head_block(contents)
+    if in_file is not None and args.intermediate_block not in (None, in_file):
+        raise ValueError(f"the checkpoint's training args put the IG head after block {in_file} (encoder_depth); "
+                         f"--intermediate-block {args.intermediate_block} would read it as another block")
+    return in_file or args.intermediate_block or IG_RELEASE_HEAD_BLOCK
+
+
+def check_kind_flags(args):
+    own = args.checkpoint_kind == "own"
+    if own and (args.model or args.intermediate_block is not None):
+        raise ValueError("--model and --intermediate-block describe a foreign checkpoint (--checkpoint-kind dit, sit "
+                         "or ig-sit); a train.py run brings its own")
+    if not own and args.model is None:
+        raise ValueError(f"--checkpoint-kind {args.checkpoint_kind} needs --model, the checkpoint's size preset")
+
+
 def load_model(args, path, checkpoint):
-    """-> (model with the chosen weights, description: objective, beta_schedule, latent, step, config).
-    checkpoint: the train.py checkpoint at path, or None for a foreign one (--model)."""
-    if args.model:
-        model = MODELS[args.model](input_size=args.image_size // jobs.LATENT_DOWNSAMPLING,
-                                   in_channels=jobs.LATENT_CHANNELS, num_classes=args.num_classes,
-                                   learn_sigma=args.learn_sigma, intermediate_block=args.intermediate_block)
-        load_checkpoint(model, jobs.read_checkpoint_file(path), prefer=args.weights)
-        return model, dict(objective=args.objective, beta_schedule="linear", latent=True, step=None, config=None,
-                           checkpoint=str(path))
-    model, config = jobs.load_trained(path, "dit", args.weights, checkpoint)
-    return model, dict(objective=config["objective"], beta_schedule=config["beta_schedule"],
-                       latent=config["data"] == "latents", step=checkpoint["step"], config=config,
-                       checkpoint=str(path))
+    """-> (model with the chosen weights, spec: checkpoint_kind, objective, learn_sigma, reversed_time, cfg_channels,
+    ddpm_steps, beta_schedule, latent, step, config, checkpoint), or ValueError.
+    checkpoint: the train.py checkpoint at path (kind own), or None for a foreign one."""
+    if args.checkpoint_kind == "own":
+        model, config = jobs.load_trained(path, "dit", args.weights, checkpoint)
+        return model, dict(checkpoint_kind="own", objective=config["objective"], learn_sigma=False,
+                           reversed_time=False, cfg_channels=None, ddpm_steps=None,
+                           beta_schedule=config["beta_schedule"], latent=config["data"] == "latents",
+                           step=checkpoint["step"], config=config, checkpoint=str(path))
+    kind = CHECKPOINT_KINDS[args.checkpoint_kind]
+    contents = jobs.read_checkpoint_file(path)
+    model = MODELS[args.model](input_size=args.image_size // jobs.LATENT_DOWNSAMPLING,
+                               in_channels=jobs.LATENT_CHANNELS, num_classes=args.num_classes,
+                               learn_sigma=kind["learn_sigma"],
+                               intermediate_block=foreign_head_block(args, args.checkpoint_kind, contents))
+    load_checkpoint(model, contents, prefer=args.weights)
+    return model, dict(kind, checkpoint_kind=args.checkpoint_kind, ddpm_steps=kind.get("ddpm_steps"),
+                       beta_schedule="linear", latent=True, step=None, config=None, checkpoint=str(path))
 
 
-def make_sampler(args, objective, beta_schedule):
-    """-> (run(denoise, noise, draws) -> x0 (N, C, H, W) float64, network passes per sample, the factor from t in
-    [0, 1] to the model's time (1 for flow models, T for DDPM))."""
+def make_sampler(args, model, spec):
+    """-> (run(denoise, noise, draws) -> x0 (N, C, H, W) float64, the network as the sampler calls it
+    (x, t, y) -> (final, intermediate), the factor from t in [0, 1] to the model's time (1 for flow, T for DDPM),
+    sampler name, steps)."""
+    objective = spec["objective"]
     sampler = args.sampler or SAMPLERS[objective][0]
     if sampler not in SAMPLERS[objective]:
-        raise ValueError(f"sampler {sampler} does not fit a {objective} model; choose one of {SAMPLERS[objective]}")
-    if sampler == "ddpm" and args.steps is not None:
-        raise ValueError("ddpm takes every one of the 1000 steps; for fewer, use --sampler ddim --steps N")
-    steps = args.steps or DEFAULT_STEPS.get(sampler)
-    if sampler == "em":
-        grid = uniform_grid(steps)  # SiT / IG: `steps` points 1 -> 0.04, then the deterministic mean step to 0
+        raise ValueError(f"--sampler {sampler} does not fit a {spec['checkpoint_kind']} checkpoint, which predicts "
+                         f"{objective}; choose one of {SAMPLERS[objective]}")
+    if args.diffusion != "ig" and sampler != "em":
+        raise ValueError(f"--diffusion {args.diffusion} is the em sampler's diffusion coefficient, not {sampler}'s")
+    steps = args.steps or (spec["ddpm_steps"] if sampler == "ddpm" else DEFAULT_STEPS[sampler])
+    network = reversed_time(model) if spec["reversed_time"] else model
+    if sampler == "em":  # SiT / IG: `steps` points 1 -> 0.04, then the deterministic mean step to 0
+        grid = uniform_grid(steps, t_max=SBDM_T_MAX if args.diffusion == "sbdm" else 1.0)
 
         def run(denoise, noise, draws):
-            return euler_maruyama(denoise, noise, grid, randn_like=draws.randn_like)
-        return run, steps, 1.0
+            return euler_maruyama(denoise, noise, grid, randn_like=draws.randn_like,
+                                  diffusion=DIFFUSIONS[args.diffusion])
+        return run, network, 1.0, sampler, steps
     if sampler == "heun":
         grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)  # uniform in t; the last step is Euler
 
         def run(denoise, noise, draws):
             return heun(denoise, noise, grid)
-        return run, 2 * steps - 1, 1.0
-    schedule = DDPMSchedule.named(beta_schedule)
+        return run, network, 1.0, sampler, steps
+    schedule = DDPMSchedule.named(spec["beta_schedule"])
     if sampler == "ddim":
         timesteps = spaced_timesteps(schedule, steps)
 
         def run(denoise, noise, draws):
             return ddim(denoise, noise, schedule, timesteps, eta=args.eta, randn_like=draws.randn_like)
-        return run, steps, schedule.num_timesteps
+        return run, network, schedule.num_timesteps, sampler, steps
+    kept = respaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)
+    respaced = schedule.respaced(kept)
+    if spec["learn_sigma"]:
+        def network(x, t, y):  # DiT's learned variance: the prediction and the variance channels
+            return model(x, t, y, with_variance=True)
 
     def run(denoise, noise, draws):
-        return ddpm_ancestral(denoise, noise, schedule, randn_like=draws.randn_like)
-    return run, schedule.num_timesteps, schedule.num_timesteps
+        return ddpm_ancestral(denoise, noise, respaced, randn_like=draws.randn_like, model_timesteps=kept,
+                              learned_variance=spec["learn_sigma"])
+    return run, network, schedule.num_timesteps, sampler, len(kept)
 
 
 def check_guidance(args, model):
@@ -172,22 +238,31 @@ def sample_labels(indices, args, num_classes):
     return indices % num_classes if args.class_label is None else np.full(len(indices), args.class_label)
 
 
-def sample_share(args, model, latent, run_sampler, interval_scale, dist):
-    """This rank's samples r, r + W, ... -> (indices, outputs): uint8 images (n, H, W, 3) or latents (n, C, h, w)."""
+def sample_share(args, model, spec, sampling, dist):
+    """This rank's samples r, r + W, ... -> ((indices, outputs), network evaluations per sample, counted). outputs:
+    uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (run, network, interval_scale)."""
+    run_sampler, network, interval_scale = sampling
+    rows = 0
+
+    def counted_network(x, t, y):
+        nonlocal rows
+        rows += len(x)
+        return network(x, t, y)
     indices = np.arange(dist.rank, args.num_samples, dist.world_size)
     shape = (model.in_channels, model.input_size, model.input_size)
-    outputs = [np.zeros((0, *shape), np.float32) if latent else np.zeros((0, *shape[1:], 3), np.uint8)]
+    outputs = [np.zeros((0, *shape), np.float32) if spec["latent"] else np.zeros((0, *shape[1:], 3), np.uint8)]
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start:start + args.batch_size]
         draws = training.SampleDraws(args.seed + int(i) for i in batch)
         labels = torch.as_tensor(sample_labels(batch, args, model.num_classes), device=dist.device)
-        denoise = guided_denoiser(model, labels, model.num_classes, w_ig=args.ig, w_cfg=args.cfg,
+        denoise = guided_denoiser(counted_network, labels, model.num_classes, w_ig=args.ig, w_cfg=args.cfg,
                                   ig_interval=[interval_scale * t for t in args.ig_interval],
-                                  cfg_interval=[interval_scale * t for t in args.cfg_interval])
+                                  cfg_interval=[interval_scale * t for t in args.cfg_interval],
+                                  cfg_channels=spec["cfg_channels"])
         with training.autocast(dist.device, args.bf16):
             x = run_sampler(denoise, draws.randn(*shape).to(dist.device), draws).float().cpu()  # (n, C, H, W)
-        outputs.append((x / SD_VAE_SCALE_FACTOR).numpy() if latent else to_uint8(x))
-    return indices, np.concatenate(outputs)
+        outputs.append((x / SD_VAE_SCALE_FACTOR).numpy() if spec["latent"] else to_uint8(x))
+    return (indices, np.concatenate(outputs)), rows / max(len(indices), 1)
 
 
 def gather_in_order(share):
@@ -284,14 +359,15 @@ def sample_controlnet(args, path, base, controlnet, config):
 def main(argv=None):
     args = parse_args(argv)
     try:  # bad input stops here, before anything is written
+        check_kind_flags(args)
         path = checkpoint_file(args.run)
-        checkpoint = None if args.model else jobs.read_run_checkpoint(path)
+        checkpoint = jobs.read_run_checkpoint(path) if args.checkpoint_kind == "own" else None
         controlled = checkpoint is not None and checkpoint["args"]["job"] == "controlnet"
         if controlled:
             networks = load_controlnet(args, path, checkpoint)
         else:
             model, spec = load_model(args, path, checkpoint)
-            run_sampler, passes, interval_scale = make_sampler(args, spec["objective"], spec["beta_schedule"])
+            run_sampler, network, interval_scale, sampler, steps = make_sampler(args, model, spec)
             check_guidance(args, model)
     except ValueError as error:
         training.exit_with_error(error)
@@ -300,14 +376,14 @@ def main(argv=None):
     with training.distributed() as dist:
         model.to(dist.device).eval()
         start = time.perf_counter()
-        samples = gather_in_order(sample_share(args, model, spec["latent"], run_sampler, interval_scale, dist))
+        share, evaluations = sample_share(args, model, spec, (run_sampler, network, interval_scale), dist)
+        samples = gather_in_order(share)
         if not dist.is_main:
             return
-        sampler = args.sampler or SAMPLERS[spec["objective"]][0]
-        settings = dict(vars(args), **spec, sampler=sampler, steps=args.steps or DEFAULT_STEPS.get(sampler),
-                        network_evaluations_per_sample=passes * (2 if args.cfg != 1.0 else 1),
+        settings = dict(vars(args), **spec, sampler=sampler, steps=steps,
+                        network_evaluations_per_sample=int(evaluations) if evaluations.is_integer() else evaluations,
                         seconds=time.perf_counter() - start, world_size=dist.world_size, device=str(dist.device))
-        tag = f"{sampler}{settings['steps'] or ''}-ig{args.ig:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}"
+        tag = f"{sampler}{steps}-ig{args.ig:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}"
         out = Path(args.out) if args.out else default_out(path, tag)
         columns = model.num_classes if model.num_classes <= 16 else 8
         write_outputs(out, samples, sample_labels(np.arange(args.num_samples), args, model.num_classes), settings,

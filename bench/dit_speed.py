@@ -16,7 +16,9 @@ fastest round, the one least disturbed by other work on the machine (interleavin
   - a training step: label dropout 0.1, forward+backward, gradient clipping at 1, AdamW, EMA update; images/s;
   - one network evaluation per guidance mode through ref/guidance.guided_denoiser on the EMA model: none, IG (both
     heads come from the one pass), CFG and IG+CFG (conditional and unconditional halves in one batch of twice the
-    images), per sampled image; and the whole Euler-Maruyama sampler of --sampler-steps steps per mode.
+    images), per sampled image; and the whole Euler-Maruyama sampler of --sampler-steps steps per mode, with the
+    network evaluations it made per image, counted: IG+CFG on the IG release's CFG interval [0, 0.7] runs the
+    unconditional branch only at the steps inside it.
 On CUDA: TF32 matmuls and convolutions, and with --dtype bf16 the network runs under the bf16 autocast of training
 and sampling (ref/training.autocast; weights and optimiser stay float32). The CPU runs float32.
 
@@ -49,6 +51,7 @@ GUIDANCE_MODES = {  # guided_denoiser weights; the IG release's SiT-XL/2 values 
     "IG": {"w_ig": 1.4},
     "CFG": {"w_cfg": 1.35},
     "IG+CFG": {"w_ig": 1.4, "w_cfg": 1.35},
+    "IG+CFG, CFG on [0, 0.7]": {"w_ig": 1.4, "w_cfg": 1.35, "cfg_interval": (0.0, 0.7)},  # the release's gen.sh
 }
 
 
@@ -119,12 +122,20 @@ def main(args):
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, model, 0.9999)
 
-    def guided_runs(weights):
+    evaluations = {}  # per mode: [network rows, sampler runs], from the sampler's runs
+
+    def guided_runs(mode, weights):
         """(one guided evaluation of the noise at t = 0.5, the whole sampler) for one guidance mode."""
         denoise = guided_denoiser(ema, y, null_y=args.num_classes, **weights)
         noise = torch.randn(batch, *shape, device=device)
         t = torch.full((batch,), 0.5, device=device)
         grid = uniform_grid(args.sampler_steps)
+        counts = evaluations.setdefault(mode, [0, 0])
+
+        def counted_network(x, t, labels):
+            counts[0] += len(x)
+            return ema(x, t, labels)
+        counted = guided_denoiser(counted_network, y, null_y=args.num_classes, **weights)
 
         @torch.inference_mode()
         def evaluate():
@@ -133,13 +144,14 @@ def main(args):
 
         @torch.inference_mode()
         def sample():
+            counts[1] += 1
             with mixed_precision:
-                euler_maruyama(denoise, noise, grid)
+                euler_maruyama(counted, noise, grid)
         return evaluate, sample
 
     runs = {"forward+backward": forward_backward, "training step (AdamW + EMA)": training_step}
     for mode, weights in GUIDANCE_MODES.items():
-        runs[f"eval {mode}"], runs[f"sampler {mode}"] = guided_runs(weights)
+        runs[f"eval {mode}"], runs[f"sampler {mode}"] = guided_runs(mode, weights)
     flops = {"training": counted_flops(forward_backward) / batch}  # per image
     optimizer.zero_grad(set_to_none=True)
     flops.update({mode: counted_flops(runs[f"eval {mode}"]) / batch for mode in GUIDANCE_MODES})
@@ -171,13 +183,14 @@ def main(args):
         print(f"{name:30} {1e3 * seconds[name]:>10.2f} {1 / seconds[name]:>10.2f} {flops['training'] / 1e9:>12.2f} "
               f"{mfu(flops['training'], seconds[name])}")
 
-    print(f"\n{'sampling (EMA model)':22} {'ms/image/eval':>14} {'vs none':>8} {'GFLOP/image':>12} {'MFU':>7} "
-          f"{f'{args.sampler_steps}-step EM s/image':>22} {'vs none':>8}")
+    print(f"\n{'sampling (EMA model)':24} {'ms/image/eval':>14} {'vs none':>8} {'GFLOP/image':>12} {'MFU':>7} "
+          f"{f'{args.sampler_steps}-step EM s/image':>22} {'vs none':>8} {'NFE/image':>10}")
     for mode in GUIDANCE_MODES:
         evaluation, sampler = seconds[f"eval {mode}"], seconds[f"sampler {mode}"]
-        print(f"{mode:22} {1e3 * evaluation:>14.2f} {evaluation / seconds['eval none']:>7.2f}x "
+        rows, sampler_runs = evaluations[mode]
+        print(f"{mode:24} {1e3 * evaluation:>14.2f} {evaluation / seconds['eval none']:>7.2f}x "
               f"{flops[mode] / 1e9:>12.2f} {mfu(flops[mode], evaluation)} {sampler:>22.3f} "
-              f"{sampler / seconds['sampler none']:>7.2f}x")
+              f"{sampler / seconds['sampler none']:>7.2f}x {rows / (sampler_runs * batch):>10g}")
     if device.type == "cuda":
         print(f"\npeak CUDA memory (training and sampling): {torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB")
 

@@ -2,7 +2,8 @@
 
 DiT and SiT are one network; they differ in the objective (DDPM eps vs flow-matching velocity) and in what `t` means,
 which the network never sees: it embeds whatever `t` it is given (DiT: the integer step in [0, 1000); the IG SiT
-release: t in [0, 1], t = 0 data, fed as is). SiT-X/p as the IG release trains it is `MODELS["DiT-X/p"]()`; the
+release: t in [0, 1], t = 0 data, fed as is; the official SiT: t in [0, 1], t = 0 noise, see `reversed_time`).
+SiT-X/p as the IG release trains it is `MODELS["SiT-X/p"]()`, the same network as `MODELS["DiT-X/p"]()`; the
 official DiT and SiT checkpoints need learn_sigma=True.
 
 Internal Guidance adds an intermediate head: a separate copy of the final layer reading the tokens after block k. It is
@@ -167,7 +168,8 @@ class DiT(nn.Module):
     intermediate_block: k, the 1-indexed block whose output tokens feed the IG intermediate head (paper: 4 of 12 for
         SiT-B/2, 8 for L and XL; see IG_HEAD_BLOCK); None gives a plain DiT / SiT whose second output is None.
     learn_sigma: DiT's learned variance doubles the output channels (needed to load the official DiT and SiT
-        checkpoints); forward keeps the first C channels, the prediction, and drops the variance ones, as SiT does.
+        checkpoints); forward keeps the first C channels, the prediction, and drops the variance ones, as SiT does,
+        unless asked for them (with_variance, DiT's sampler).
     class_dropout_prob: label dropout rate of CFG training (applied by the caller: ref.losses.drop_labels with
         null label num_classes); > 0 gives the embedding table the null label's row.
     gradient_checkpointing: recompute each block in the backward pass instead of storing its activations.
@@ -223,16 +225,18 @@ class DiT(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def unpatchify(self, patches):
-        """(N, T, p*p*C_out) -> (N, C, H, W): patches back in raster order; learned-variance channels dropped."""
+    def unpatchify(self, patches, channels):
+        """(N, T, p*p*C_out) -> (N, channels, H, W): patches back in raster order, the first `channels` of C_out."""
         n, p, grid = patches.shape[0], self.patch_size, self.input_size // self.patch_size
         image = patches.reshape(n, grid, grid, p, p, self.out_channels)  # (N, G, G, p, p, C_out)
         image = image.permute(0, 5, 1, 3, 2, 4)  # (N, C_out, G, p, G, p)
-        return image.reshape(n, self.out_channels, grid * p, grid * p)[:, :self.in_channels]  # (N, C, H, W)
+        return image.reshape(n, self.out_channels, grid * p, grid * p)[:, :channels]  # (N, channels, H, W)
 
-    def forward(self, x, t, y):
+    def forward(self, x, t, y, with_variance=False):
         """x (N, C, H, W), t (N,), y (N,) labels (num_classes = null) -> (final, intermediate), each (N, C, H, W);
-        intermediate is None without the IG head."""
+        intermediate is None without the IG head. with_variance: (N, 2C, H, W) each for a learn_sigma model, the
+        prediction then the learned-variance values (ref.schedules.DDPMSchedule.learned_log_variance)."""
+        channels = self.out_channels if with_variance else self.in_channels
         c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         intermediate = None
@@ -242,16 +246,16 @@ class DiT(nn.Module):
             else:
                 tokens = block(tokens, c)  # (N, T, D)
             if index == self.intermediate_block:
-                intermediate = self.unpatchify(self.intermediate_head(tokens, c))  # (N, C, H, W)
-        final = self.unpatchify(self.final_layer(tokens, c))  # (N, C, H, W)
+                intermediate = self.unpatchify(self.intermediate_head(tokens, c), channels)  # (N, C, H, W)
+        final = self.unpatchify(self.final_layer(tokens, c), channels)  # (N, C, H, W)
         return final, intermediate
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Size presets (DiT Table 1); SiT uses the same ones
+# Size presets (DiT Table 1); SiT uses the same ones, under its own names
 # ---------------------------------------------------------------------------------------------------------------------
 
-MODELS = {
+DIT_MODELS = {
     "DiT-S/2": lambda **kwargs: DiT(depth=12, hidden_size=384, patch_size=2, num_heads=6, **kwargs),
     "DiT-S/4": lambda **kwargs: DiT(depth=12, hidden_size=384, patch_size=4, num_heads=6, **kwargs),
     "DiT-S/8": lambda **kwargs: DiT(depth=12, hidden_size=384, patch_size=8, num_heads=6, **kwargs),
@@ -265,6 +269,7 @@ MODELS = {
     "DiT-XL/4": lambda **kwargs: DiT(depth=28, hidden_size=1152, patch_size=4, num_heads=16, **kwargs),
     "DiT-XL/8": lambda **kwargs: DiT(depth=28, hidden_size=1152, patch_size=8, num_heads=16, **kwargs),
 }
+MODELS = {**DIT_MODELS, **{"SiT" + name[len("DiT"):]: factory for name, factory in DIT_MODELS.items()}}
 
 # The paper's head position by depth: after block 4 of 12 (SiT-B/2; S, also 12 deep, by analogy), 8 for L and XL.
 IG_HEAD_BLOCK = {12: 4, 24: 8, 28: 8}
@@ -286,6 +291,24 @@ def ig_head_overhead(model):
 # ---------------------------------------------------------------------------------------------------------------------
 
 IG_RELEASE_HEAD = "final_layer_xr."  # the IG release's name of the head, CVL-UESTC/Internal-Guidance SiT/models/sit.py
+IG_RELEASE_HEAD_BLOCK = 8  # that SiT's encoder_depth default, for every size
+
+
+def ig_release_head_block(checkpoint):
+    """The block after which an IG-release checkpoint's head sits, from the training args its train.py stores
+    (an argparse.Namespace under "args"): their encoder_depth; None when the file carries no such args.
+    The release's train.py records --encoder-depth (default 8) but builds SiT without it, at the class default
+    IG_RELEASE_HEAD_BLOCK; the two agree unless that flag was changed."""
+    return getattr(checkpoint.get("args"), "encoder_depth", None) if isinstance(checkpoint, dict) else None
+
+
+def reversed_time(model):
+    """An official SiT network (willisma/SiT: x_s = s x0 + (1 - s) eps, s = 0 noise, s = 1 data, velocity x0 - eps) in
+    this repository's flow convention (t = 1 - s, velocity eps - x0): (x, t, y) -> (-velocity(x, 1 - t, y), None)."""
+    def forward(x, t, y):
+        final, _ = model(x, 1 - t, y)
+        return -final, None
+    return forward
 
 
 def canonical_key(key):

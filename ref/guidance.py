@@ -40,25 +40,35 @@ def interval_weight(w, t, interval):
     return torch.where((t >= lo) & (t <= hi), torch.as_tensor(w, dtype=t.dtype), torch.ones_like(t))
 
 
-def guided_denoiser(model, y, null_y=None, w_ig=1.0, w_cfg=1.0, ig_interval=(0.0, 1.0), cfg_interval=(0.0, 1.0)):
+def guided_denoiser(model, y, null_y=None, w_ig=1.0, w_cfg=1.0, ig_interval=(0.0, 1.0), cfg_interval=(0.0, 1.0),
+                    cfg_channels=None):
     """Wrap a network `model(x, t, y) -> (final, intermediate)` into `denoise(x, t)` with IG and/or CFG, each on its
-    own interval of t (IG on each branch, then CFG, as `ig_then_cfg`). With w_cfg != 1 the conditional and
-    unconditional branches share one batched evaluation, the unconditional one with label `null_y`.
+    own interval of t (IG on each branch, then CFG, as `ig_then_cfg`).
+    With w_cfg != 1, the samples whose t lies in cfg_interval also run the unconditional branch (label `null_y`), in
+    the same batched evaluation; the others run the conditional one only, so a step outside the interval costs one
+    network evaluation, as in the REPA / IG release samplers.
+    cfg_channels: guide only the first cfg_channels channels and take the rest from the conditional branch, as the
+        official DiT's and SiT's forward_with_cfg do (3 of the 4 latent channels, and DiT's variance channels); None:
+        every channel.
     This is the one guidance entry point every model uses."""
-    use_cfg = w_cfg != 1.0
+    if w_cfg != 1.0 and null_y is None:
+        raise ValueError("CFG (w_cfg != 1) needs the null label null_y of a model trained with label dropout")
+    cfg_lo, cfg_hi = cfg_interval
 
     def denoise(x, t):  # x: (N, ...), t: (N,)
-        per_sample = (-1,) + (1,) * (x.ndim - 1)
-        if use_cfg:
-            x, t, labels = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_y)])
-        else:
-            labels = y
-        final, intermediate = model(x, t, labels)  # (N or 2N, ...) each
+        n, per_sample = len(x), (-1,) + (1,) * (x.ndim - 1)
+        guided = (t >= cfg_lo) & (t <= cfg_hi) & (w_cfg != 1.0)  # (N,) the samples that also run unconditionally
+        labels = y
+        if guided.any():  # G = guided.sum() unconditional rows after the N conditional ones
+            x, t = torch.cat([x, x[guided]]), torch.cat([t, t[guided]])
+            labels = torch.cat([y, torch.full_like(y[guided], null_y)])
+        final, intermediate = model(x, t, labels)  # (N + G, ...) each
         if w_ig != 1.0:
             final = internal_guidance(final, intermediate, interval_weight(w_ig, t, ig_interval).reshape(per_sample))
-        if not use_cfg:
-            return final
-        (cond, uncond), (t, _) = final.chunk(2), t.chunk(2)
-        return cfg(cond, uncond, interval_weight(w_cfg, t, cfg_interval).reshape(per_sample))
+        out, uncond = final[:n], final[n:]  # (N, ...), (G, ...)
+        if len(uncond):
+            out = out.clone()
+            out[guided, :cfg_channels] = cfg(out[guided, :cfg_channels], uncond[:, :cfg_channels], w_cfg)
+        return out
 
     return denoise

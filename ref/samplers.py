@@ -2,10 +2,12 @@
 
 Flow family (t = 1 noise -> t = 0 data; the callable returns the velocity v, see ref/schedules.py):
   - `heun`: deterministic 2nd-order solver of the probability-flow ODE dx/dt = v (EDM, Karras et al. 2022, Alg. 1).
-  - `euler_maruyama`: the reverse SDE of the SiT / Internal Guidance release, diffusion g(t)^2 = 2t.
+  - `euler_maruyama`: the reverse SDE dx = [v - (g^2 / 2) score] dt + g dW with the final mean step; the diffusion
+    g(t)^2 = 2t of REPA and the Internal Guidance release (`ig_diffusion`), or SiT's "SBDM" form (`sbdm_diffusion`).
   The state is integrated in float64; the network is called in its own dtype (`model_dtype`).
 DDPM family (integer timesteps; the callable returns eps, x0 or v as `prediction` says):
-  - `ddpm_ancestral` (Ho et al. 2020, Alg. 2) and `ddim` (Song et al. 2021, Eq. 12, eta = 0 deterministic).
+  - `ddpm_ancestral` (Ho et al. 2020, Alg. 2; optionally respaced and with the learned variance of ADM / DiT) and
+    `ddim` (Song et al. 2021, Eq. 12, eta = 0 deterministic).
 
 Randomness comes from `randn_like` (default torch.randn_like), so callers can draw per-sample seeded noise.
 """
@@ -26,7 +28,9 @@ def uniform_grid(steps, t_max=1.0, t_min=0.04):
 
 
 def rho_grid(steps, t_max=1.0, t_min=0.002, rho=7.0):
-    """EDM's spacing (Karras et al. 2022, Eq. 5) applied to t: dense near the data end. `steps` points, then 0."""
+    """EDM's rho formula (Karras et al. 2022, Eq. 5) applied to t itself: `steps` points from t_max to t_min, dense
+    near the data end, then 0. Not EDM's own grid: EDM spaces sigma = t / (1 - t) of this interpolant (t_max = 1 is
+    sigma = inf there), while this spaces t; it is the toy's Heun grid, not a reproduction of EDM's schedule."""
     i = torch.arange(steps, dtype=torch.float64) / max(steps - 1, 1)
     t = (t_max ** (1 / rho) + i * (t_min ** (1 / rho) - t_max ** (1 / rho))) ** rho
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
@@ -59,19 +63,38 @@ def heun(velocity, noise, grid, model_dtype=torch.float32):
     return x
 
 
+def ig_diffusion(t):
+    """g(t)^2 = 2t: `compute_diffusion` of REPA's and the IG release's samplers.py (SiT/samplers.py), the production
+    setting of the IG paper's numbers. SiT's sample.py default, diffusion form "sigma" (w_t = sigma_t in its reversed
+    time), is the same g(t)^2 = 2t written in t = 1 noise."""
+    return 2 * t
+
+
+def sbdm_diffusion(t):
+    """g(t)^2 = 2t / (1 - t): SiT's "SBDM" form (w_t = the drift variance of its linear path, (1 - s) / s at its time
+    s = 1 - t), the default of its transport.Sampler.sample_sde, not of its sample.py. Infinite at t = 1, so SiT starts
+    its grid at t = 1 - sample_eps = 1 - 1e-3 (SBDM_T_MAX)."""
+    return 2 * t / (1 - t)
+
+
+SBDM_T_MAX = 1 - 1e-3
+DIFFUSIONS = {"ig": ig_diffusion, "sbdm": sbdm_diffusion}
+
+
 @torch.no_grad()
-def euler_maruyama(velocity, noise, grid, model_dtype=torch.float32, randn_like=torch.randn_like):
-    """Reverse SDE dx = [v - (g^2 / 2) score] dt + g dW, g(t)^2 = 2t, score from v (ref/schedules.py), from grid[0] to
-    grid[-1] = 0. The last interval is one deterministic mean step (no noise), as in the SiT release.
-    Network evaluations: len(grid) - 1."""
+def euler_maruyama(velocity, noise, grid, model_dtype=torch.float32, randn_like=torch.randn_like,
+                   diffusion=ig_diffusion):
+    """Reverse SDE dx = [v - (g^2 / 2) score] dt + g dW, score from v (ref/schedules.py), from grid[0] to
+    grid[-1] = 0; diffusion(t) -> g(t)^2 (`ig_diffusion` = 2t, `sbdm_diffusion`). The last interval is one
+    deterministic mean step (no noise), as in the SiT and IG releases. Network evaluations: len(grid) - 1."""
     x = noise.to(torch.float64)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         h = t_cur - t_next  # positive: we move backwards in t
         v = _call(velocity, x, t_cur, model_dtype)
-        drift = v - t_cur * FLOW.score_from_v(x, v, t_cur)  # = v - (g^2 / 2) * score
-        x = x - h * drift
+        g2 = diffusion(t_cur)
+        x = x - h * (v - g2 / 2 * FLOW.score_from_v(x, v, t_cur))
         if t_next > 0:
-            x = x + (2 * t_cur * h).sqrt() * randn_like(x)
+            x = x + (g2 * h).sqrt() * randn_like(x)
     return x
 
 
@@ -82,6 +105,20 @@ def euler_maruyama(velocity, noise, grid, model_dtype=torch.float32, randn_like=
 def spaced_timesteps(schedule, steps):
     """`steps` integer timesteps evenly spread over [0, T), descending (the DDIM "uniform" skip)."""
     return torch.linspace(schedule.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
+
+
+def respaced_timesteps(num_timesteps, count):
+    """The timesteps ADM's and DiT's `space_timesteps(num_timesteps, str(count))` keep (one section): round(i * stride)
+    for i < count, stride = (T - 1) / (count - 1), summed and rounded as they do (Python's round, half to even), so the
+    same steps come out; ascending. DiT's sample.py: count 250 of 1000."""
+    if not 1 <= count <= num_timesteps:
+        raise ValueError(f"cannot respace {num_timesteps} timesteps to {count}")
+    stride = (num_timesteps - 1) / (count - 1) if count > 1 else 1
+    kept, position = [], 0.0
+    for _ in range(count):
+        kept.append(round(position))
+        position += stride
+    return kept
 
 
 @torch.no_grad()
@@ -111,15 +148,29 @@ def ddim(denoise, noise, schedule, timesteps, prediction="eps", eta=0.0, model_d
 
 @torch.no_grad()
 def ddpm_ancestral(denoise, noise, schedule, prediction="eps", model_dtype=torch.float32,
-                   randn_like=torch.randn_like):
-    """Ancestral sampling over every timestep (Ho et al. 2020, Alg. 2), written through the posterior
-    q(x_{t-1} | x_t, x0) of Eq. 6-7: mean = c0 x0 + ct x_t, variance beta_tilde = beta_t (1 - abar_{t-1}) / (1 - abar_t)."""
+                   randn_like=torch.randn_like, model_timesteps=None, learned_variance=False):
+    """Ancestral sampling over every step of `schedule` (Ho et al. 2020, Alg. 2), written through the posterior
+    q(x_{t-1} | x_t, x0) of Eq. 6-7: mean = c0 x0 + ct x_t, variance beta_tilde = beta_t (1 - abar_{t-1}) /
+    (1 - abar_t).
+    model_timesteps: the timestep the network is given at each step, for a respaced schedule
+        (DDPMSchedule.respaced; ADM's timestep_map); None: the step itself.
+    learned_variance: the network returns 2C channels, its prediction then the variance values of
+        DDPMSchedule.learned_log_variance (ADM / DiT "learned range"), which replace beta_tilde.
+    At the last step the sample is the x0 estimate (the posterior mean there)."""
     x = noise.to(torch.float64)
     for t in range(schedule.num_timesteps - 1, -1, -1):
-        x0, _ = schedule.x0_eps(x, _call(denoise, x, t, model_dtype), t, prediction)
+        model_t = t if model_timesteps is None else model_timesteps[t]
+        output = _call(denoise, x, model_t, model_dtype)  # (N, C or 2C, ...)
+        if learned_variance:
+            output, variance_values = output.chunk(2, dim=1)
+        x0, _ = schedule.x0_eps(x, output, t, prediction)
         if t == 0:
             return x0
         beta, abar, abar_prev = schedule.betas[t], schedule.abar(t), schedule.abar(t - 1)
         mean = (abar_prev.sqrt() * beta * x0 + (1 - beta).sqrt() * (1 - abar_prev) * x) / (1 - abar)
-        x = mean + (beta * (1 - abar_prev) / (1 - abar)).sqrt() * randn_like(x)
+        if learned_variance:
+            std = (0.5 * schedule.learned_log_variance(variance_values, t)).exp()
+        else:
+            std = schedule.posterior_variance(t).sqrt()
+        x = mean + std * randn_like(x)
     return x

@@ -114,6 +114,26 @@ class DDPMSchedule(Schedule):
         abar = self.abar(t)
         return abar.sqrt(), (1 - abar).sqrt()
 
+    def respaced(self, kept):
+        """The process on the `kept` timesteps only (ADM / DiT SpacedDiffusion): step k of the new schedule has
+        beta'_k = 1 - abar_{kept[k]} / abar_{kept[k-1]} (abar before the first is 1), so abar'_k = abar_{kept[k]}.
+        kept: ascending timesteps of this schedule. -> DDPMSchedule of len(kept) steps"""
+        abar = self.alphas_cumprod[torch.as_tensor(kept, dtype=torch.long)]
+        previous = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        return DDPMSchedule(1 - abar / previous)
+
+    def posterior_variance(self, t):
+        """Variance of q(x_{t-1} | x_t, x0) (Ho et al. 2020, Eq. 7): beta_tilde_t = beta_t (1 - abar_{t-1}) /
+        (1 - abar_t), for an integer t >= 1."""
+        return self.betas[t] * (1 - self.abar(t - 1)) / (1 - self.abar(t))
+
+    def learned_log_variance(self, values, t):
+        """The learned variance of Nichol & Dhariwal 2021, Eq. 15, as ADM and DiT read it from the network's extra
+        channels: log Sigma = frac log beta_t + (1 - frac) log beta_tilde_t with frac = (values + 1) / 2, values
+        nominally in [-1, 1]; an integer t >= 1 (at t = 0 no noise is added)."""
+        frac = (values + 1) / 2
+        return frac * self.betas[t].log() + (1 - frac) * self.posterior_variance(t).log()
+
     def v_target(self, x0, eps, t):
         """Salimans & Ho 2022: v = alpha_t eps - sigma_t x0."""
         alpha, sigma = self._coefs(t, x0)

@@ -88,14 +88,25 @@ def test_forward_gives_final_and_intermediate_images(learn_sigma):
 
 
 def test_unpatchify_puts_each_patch_value_at_its_pixel():
-    model = tiny(learn_sigma=True)  # 6 output channels, the first 3 kept
+    model = tiny(learn_sigma=True)  # 6 output channels: 3 of the prediction, 3 of the learned variance
     p, grid, out_channels = 2, 4, 6
     patches = torch.randn(2, grid * grid, p * p * out_channels)
-    image = model.unpatchify(patches)
-    assert image.shape == (2, 3, 8, 8)
-    for row, col, i, j, channel in itertools.product(range(grid), range(grid), range(p), range(p), range(3)):
+    image = model.unpatchify(patches, out_channels)
+    assert image.shape == (2, 6, 8, 8) and torch.equal(model.unpatchify(patches, 3), image[:, :3])
+    for row, col, i, j, channel in itertools.product(range(grid), range(grid), range(p), range(p), range(6)):
         expected = patches[:, row * grid + col, (i * p + j) * out_channels + channel]
         assert torch.equal(image[:, channel, row * p + i, col * p + j], expected)
+
+
+def test_with_variance_keeps_the_learned_variance_channels_behind_the_prediction():
+    model = randomise(tiny(learn_sigma=True, intermediate_block=2))
+    x, t, y = inputs()
+    final, intermediate = model(x, t, y)
+    full_final, full_intermediate = model(x, t, y, with_variance=True)
+    assert full_final.shape == full_intermediate.shape == (3, 6, 8, 8)
+    assert torch.equal(full_final[:, :3], final) and torch.equal(full_intermediate[:, :3], intermediate)
+    assert full_final[:, 3:].std() > 0.1  # the variance values are the head's other outputs, not a copy
+    assert not torch.allclose(full_final[:, 3:], final)
 
 
 def test_attention_packs_qkv_as_torch_multihead_attention_does():
@@ -198,7 +209,11 @@ def test_head_position_outside_the_blocks_is_refused(k):
 @pytest.mark.parametrize("name, millions", [("DiT-S/2", 33), ("DiT-B/2", 130), ("DiT-L/2", 458), ("DiT-XL/2", 675)])
 def test_preset_sizes_match_dit_table_1(name, millions):
     assert abs(count_parameters(on_meta(name, learn_sigma=True)) / 1e6 - millions) < 0.6  # the table rounds loosely
-    assert set(MODELS) == {f"DiT-{size}/{patch}" for size in ("S", "B", "L", "XL") for patch in (2, 4, 8)}
+    assert set(MODELS) == {f"{family}-{size}/{patch}" for family in ("DiT", "SiT") for size in ("S", "B", "L", "XL")
+                           for patch in (2, 4, 8)}
+    sit = on_meta("SiT" + name[3:], learn_sigma=True)  # SiT-X/p: the same network under SiT's name
+    assert count_parameters(sit) == count_parameters(on_meta(name, learn_sigma=True)) and len(sit.blocks) == {
+        "S": 12, "B": 12, "L": 24, "XL": 28}[name[4:-2]]
 
 
 def test_ig_head_overhead_on_sit_xl2_matches_the_paper():

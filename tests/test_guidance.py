@@ -1,26 +1,24 @@
+"""Guidance formulas on hand-computed numbers, and guided_denoiser: IG then CFG, intervals, the unconditional branch
+run only where CFG acts, DiT's 3-channel CFG, and the missing null label refused."""
+import pytest
 import torch
 
 from ref import guidance
 
 
-def test_weight_one_is_the_identity_and_zero_the_weaker_prediction():
-    g = torch.Generator().manual_seed(0)
-    strong, weak = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+def test_extrapolation_on_hand_computed_numbers():
+    strong, weak = torch.tensor([3.0, -1.0]), torch.tensor([1.0, 1.0])
+    # w = 2: 1 + 2 (3 - 1) = 5 and 1 + 2 (-1 - 1) = -3; w = 1 the stronger, w = 0 the weaker prediction
     for method in (guidance.cfg, guidance.internal_guidance, guidance.autoguidance):
-        assert torch.allclose(method(strong, weak, 1.0), strong)
-        assert torch.allclose(method(strong, weak, 0.0), weak)
-        assert torch.allclose(method(strong, weak, 2.5), weak + 2.5 * (strong - weak))
+        assert method(strong, weak, 2.0).tolist() == [5.0, -3.0]
+        assert method(strong, weak, 1.0).tolist() == [3.0, -1.0] and method(strong, weak, 0.0).tolist() == [1.0, 1.0]
 
 
-def test_ig_then_cfg_matches_the_formula():
-    g = torch.Generator().manual_seed(1)
-    fc, ic, fu, iu = (torch.randn(5, 2, generator=g) for _ in range(4))
-    w, s = 1.4, 1.35
-    expected_c, expected_u = ic + w * (fc - ic), iu + w * (fu - iu)
-    expected = expected_u + s * (expected_c - expected_u)
-    assert torch.allclose(guidance.ig_then_cfg(fc, ic, fu, iu, w, s), expected)
-    # with both weights 1 it is the plain conditional final output
-    assert torch.allclose(guidance.ig_then_cfg(fc, ic, fu, iu, 1.0, 1.0), fc)
+def test_ig_then_cfg_on_hand_computed_numbers():
+    # IG w = 2 on each branch: cond 1 + 2 (2 - 1) = 3, uncond 0 + 2 (1 - 0) = 2; CFG s = 3: 2 + 3 (3 - 2) = 5
+    final_c, inter_c, final_u, inter_u = (torch.tensor([v]) for v in (2.0, 1.0, 1.0, 0.0))
+    assert guidance.ig_then_cfg(final_c, inter_c, final_u, inter_u, 2.0, 3.0).item() == 5.0
+    assert guidance.ig_then_cfg(final_c, inter_c, final_u, inter_u, 1.0, 1.0).item() == 2.0  # the conditional final
 
 
 def test_interval_weight_is_piecewise_constant():
@@ -28,35 +26,46 @@ def test_interval_weight_is_piecewise_constant():
     assert torch.equal(guidance.interval_weight(2.3, t, (0.3, 1.0)), torch.tensor([1.0, 1.0, 2.3, 2.3, 2.3]))
 
 
-class FakeModel:
-    """Outputs that depend on x, t and the label, so mixing up branches or samples shows; counts its calls."""
+class LabelTable:
+    """final = F[y], intermediate = I[y], whatever x and t are (two channels); counts the rows it is given."""
+    final = torch.tensor([[1.0, 10.0], [2.0, 20.0], [0.0, 0.0]])  # labels 0, 1 and the null label 2
+    intermediate = torch.tensor([[0.5, 5.0], [1.0, 10.0], [-1.0, -2.0]])
 
     def __init__(self):
-        self.calls = []
+        self.rows = []
 
     def __call__(self, x, t, y):
-        self.calls.append(len(x))
-        final = x * 2 + t[:, None] + y[:, None].float() * 10
-        intermediate = x - t[:, None] + y[:, None].float()
-        return final, intermediate
+        self.rows.append(len(x))
+        return self.final[y], self.intermediate[y]
 
 
-def test_guided_denoiser_composes_ig_and_cfg_with_intervals_in_one_batched_call():
-    g = torch.Generator().manual_seed(2)
-    x, t = torch.randn(6, 2, generator=g), torch.tensor([0.1, 0.2, 0.5, 0.6, 0.9, 1.0])
-    y, null = torch.tensor([0, 1, 2, 0, 1, 2]), 3
-    model = FakeModel()
-    assert torch.equal(guidance.guided_denoiser(model, y)(x, t), model(x, t, y)[0])  # w = 1: the plain output
+def test_guided_denoiser_on_hand_computed_values_with_intervals():
+    """t = 0.2: CFG only (s = 3): F_null + 3 (F - F_null) = 3 F. t = 0.9: IG only (w = 2): I + 2 (F - I) = 2 F - I.
+    t = 0.5: both: IG first on each branch, then CFG."""
+    model = LabelTable()
+    denoise = guidance.guided_denoiser(model, torch.tensor([0, 1, 1]), null_y=2, w_ig=2.0, w_cfg=3.0,
+                                       ig_interval=(0.4, 1.0), cfg_interval=(0.0, 0.6))
+    out = denoise(torch.zeros(3, 2), torch.tensor([0.2, 0.9, 0.5]))
+    # label 1 at t = 0.5: IG cond 2 F - I = (3, 30), IG null 2 (0, 0) - (-1, -2) = (1, 2); CFG 1 + 3 (3 - 1) = 7, ...
+    assert out.tolist() == [[3.0, 30.0], [3.0, 30.0], [7.0, 86.0]]
+    assert model.rows == [5]  # three conditional rows and the unconditional rows of t = 0.2 and 0.5 only
 
-    model.calls.clear()
-    denoise = guidance.guided_denoiser(model, y, null, w_ig=1.7, w_cfg=1.5, ig_interval=(0.3, 1.0),
-                                       cfg_interval=(0.0, 0.7))
-    out = denoise(x, t)
-    assert model.calls == [12]  # both branches in one evaluation
-    fc, ic = model(x, t, y)
-    fu, iu = model(x, t, torch.full_like(y, null))
-    w = torch.where((t >= 0.3), 1.7, 1.0)[:, None]
-    s = torch.where((t <= 0.7), 1.5, 1.0)[:, None]
-    assert torch.allclose(out, guidance.ig_then_cfg(fc, ic, fu, iu, w, s))
-    only_ig = guidance.guided_denoiser(model, y, w_ig=1.7)(x, t)
-    assert torch.allclose(only_ig, guidance.internal_guidance(fc, ic, 1.7))
+
+def test_cfg_outside_its_interval_costs_one_evaluation_and_changes_nothing():
+    model = LabelTable()
+    denoise = guidance.guided_denoiser(model, torch.tensor([0, 1]), null_y=2, w_cfg=3.0, cfg_interval=(0.0, 0.7))
+    out = denoise(torch.zeros(2, 2), torch.tensor([0.9, 0.9]))
+    assert model.rows == [2] and torch.equal(out, LabelTable.final[:2])
+
+
+def test_cfg_channels_guides_the_first_channels_and_takes_the_rest_from_the_conditional_branch():
+    """DiT's forward_with_cfg: only channel 0 here (of 2) is guided; channel 1 is the conditional output."""
+    model = LabelTable()
+    out = guidance.guided_denoiser(model, torch.tensor([1]), null_y=2, w_cfg=3.0, cfg_channels=1)(
+        torch.zeros(1, 2), torch.tensor([0.5]))
+    assert out.tolist() == [[6.0, 20.0]]  # 0 + 3 (2 - 0) = 6; 20 as the conditional branch gives it
+
+
+def test_cfg_without_a_null_label_is_refused():
+    with pytest.raises(ValueError, match="needs the null label"):
+        guidance.guided_denoiser(LabelTable(), torch.tensor([0]), w_cfg=1.5)

@@ -1,6 +1,9 @@
 """sample.py: the same samples whatever the batch size and the number of ranks, sample i drawn from seed + i, the
-output files, guidance flags and intervals reaching the network, eps and latent models, foreign checkpoints with the
-IG release's key names, and bad input (exit 2, a message, nothing written)."""
+output files, guidance flags and intervals reaching the network (against the formulas, on a network whose outputs are
+known), the real network-evaluation count, eps and latent models, foreign checkpoints (official DiT and SiT against
+re-derivations of their own samplers, the IG release's head block), and bad input (exit 2, a message, nothing
+written)."""
+import argparse
 import json
 import os
 import subprocess
@@ -14,6 +17,7 @@ from PIL import Image
 
 import sample
 from ref import jobs, training
+from ref.data import SD_VAE_SCALE_FACTOR
 from ref.dit import MODELS
 
 torch.set_num_threads(1)
@@ -91,7 +95,8 @@ def test_output_files(run, tmp_path):
         assert grid.size == (5 * 32, 2 * 32)
         assert np.array_equal(np.asarray(grid)[32:64, 32:64], images[6])
     settings = json.loads((tmp_path / "settings.json").read_text())
-    assert settings["sampler"] == "em" and settings["steps"] == 8 and settings["network_evaluations_per_sample"] == 16
+    # 8 steps at t_i = 1 - 0.96 i / 7; those of i >= 3 (t <= 0.589) lie in the CFG interval [0, 0.7]: 8 + 5 evaluations
+    assert settings["sampler"] == "em" and settings["steps"] == 8 and settings["network_evaluations_per_sample"] == 13
     assert settings["ig_interval"] == [0.3, 1.0] and settings["config"]["depth"] == 2 and settings["step"] == 0
 
 
@@ -105,16 +110,17 @@ def test_guidance_weights_and_intervals_reach_the_network(run, tmp_path):
         assert_same_images(outside, unguided)  # an interval that holds no t of the grid: no guidance
 
 
-def test_eps_model_ddim_and_ddpm(tmp_path, capsys):
+def test_eps_model_ddim_and_ddpm_and_the_ddpm_interval_scaling(tmp_path):
     run = make_run(tmp_path / "eps", objective="eps")
     ddim, _ = sample_images(run, tmp_path / "ddim", "--num-samples", 2, "--sampler", "ddim", "--steps", 4,
                             "--ig", 2, "--ig-interval", 0.3, 1)
     ddpm, _ = sample_images(run, tmp_path / "ddpm", "--num-samples", 1)  # the default: all 1000 steps
     assert ddim.shape == (2, 32, 32, 3) and ddpm.shape == (1, 32, 32, 3)
     assert json.loads((tmp_path / "ddpm" / "settings.json").read_text())["network_evaluations_per_sample"] == 1000
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main([str(run), "--sampler", "em", "--out", str(tmp_path / "em")])
-    assert exit_info.value.code == 2 and "does not fit a eps model" in capsys.readouterr().err
+    # respaced to 10 steps: timesteps round(111 i) = 0, 111, ..., 999; t = timestep / 1000 in [0, 0.5] for the five
+    # of 0..444, so CFG adds 5 evaluations (an unscaled interval would hold timestep 0 only: 11)
+    sample_images(run, tmp_path / "half", "--num-samples", 1, "--steps", 10, "--cfg", 2, "--cfg-interval", 0, 0.5)
+    assert json.loads((tmp_path / "half" / "settings.json").read_text())["network_evaluations_per_sample"] == 15
 
 
 def test_latent_model_writes_latents_and_says_why(tmp_path, capsys):
@@ -126,22 +132,159 @@ def test_latent_model_writes_latents_and_says_why(tmp_path, capsys):
     assert not (tmp_path / "out" / "samples.npz").exists()
 
 
-def test_ig_release_checkpoint_loads_with_a_preset(tmp_path):
-    """The IG release names its head final_layer_xr; --model DiT-S/2 --intermediate-block 4 reads it."""
+def random_state(preset, scale=0.02, seed=0, **kwargs):
+    """A random state dict of a preset at 64 px (8 x 8 latents), with the official checkpoints' key names."""
     with torch.device("meta"):
-        shapes = MODELS["DiT-S/2"](input_size=8, intermediate_block=4).state_dict()
-    generator = torch.Generator().manual_seed(0)
-    release = {key.replace("intermediate_head.", "final_layer_xr."): torch.randn(value.shape, generator=generator) / 50
-               for key, value in shapes.items()}
-    torch.save({"ema": release}, tmp_path / "sit-ig.pt")
-    sample.main([str(tmp_path / "sit-ig.pt"), "--model", "DiT-S/2", "--image-size", "64", "--intermediate-block", "4",
-                 "--ig", "2", "--num-samples", "2", "--sampler", "heun", "--steps", "2",
-                 "--out", str(tmp_path / "out")])
-    latents = np.load(tmp_path / "out" / "latents.npy")
-    assert latents.shape == (2, 4, 8, 8) and np.isfinite(latents).all()
+        shapes = MODELS[preset](input_size=8, **kwargs).state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    return {key: scale * torch.randn(value.shape, generator=generator) for key, value in shapes.items()}
 
 
-BAD_INPUT = ["missing", "not a checkpoint", "another model", "ig without head", "foreign mismatch"]
+def foreign_latents(path, out, *flags):
+    """sample.py on a foreign checkpoint at 64 px -> (latents times the VAE scale factor, settings)."""
+    sample.main([str(path), "--image-size", "64", "--out", str(out), *map(str, flags)])
+    return np.load(out / "latents.npy") * SD_VAE_SCALE_FACTOR, json.loads((out / "settings.json").read_text())
+
+
+def seeded_noise(sample_index, shape=(4, 8, 8)):
+    """Sample i's generator (seed 0 + i): its initial noise, then one draw per noisy step, in that order."""
+    generator = torch.Generator().manual_seed(sample_index)
+    return lambda: torch.randn(shape, generator=generator, dtype=torch.float32).double()
+
+
+def test_official_dit_checkpoint_follows_dit_s_own_sampler(tmp_path):
+    """A DiT-layout state dict (learned sigma: 8 output channels) sampled with --checkpoint-kind dit equals DiT's
+    sample.py re-derived here from its diffusion/ code: 5 respaced timesteps, the learned-range variance, CFG on the
+    first 3 channels with the 4th and the variance values from the conditional branch."""
+    state = random_state("DiT-S/2", learn_sigma=True)
+    torch.save(state, tmp_path / "dit.pt")  # the official files are raw EMA state dicts
+    latents, settings = foreign_latents(tmp_path / "dit.pt", tmp_path / "out", "--checkpoint-kind", "dit",
+                                        "--model", "DiT-S/2", "--num-samples", 2, "--steps", 5, "--cfg", 1.5)
+    assert settings["sampler"] == "ddpm" and settings["network_evaluations_per_sample"] == 10
+
+    model = MODELS["DiT-S/2"](input_size=8, learn_sigma=True)
+    model.load_state_dict(state)
+    kept = [0, 250, 500, 749, 999]  # space_timesteps(1000, "5"): round(249.75 i), 499.5 rounding half to even
+    abar_all = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    abar = abar_all[kept]
+    abar_prev = np.append(1.0, abar[:-1])
+    betas = 1 - abar / abar_prev
+    posterior_variance = betas * (1 - abar_prev) / (1 - abar)
+    log_variance_clipped = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
+    labels, null = torch.tensor([0, 1]), torch.tensor([1000, 1000])
+    draws = [seeded_noise(i) for i in range(2)]
+    x = torch.stack([draw() for draw in draws])
+    with torch.no_grad():
+        for i in reversed(range(5)):
+            t = torch.full((4,), kept[i])
+            out, _ = model(torch.cat([x, x]).float(), t, torch.cat([labels, null]), with_variance=True)
+            cond, uncond = out.double().chunk(2)
+            eps = torch.cat([uncond[:, :3] + 1.5 * (cond[:, :3] - uncond[:, :3]), cond[:, 3:4]], dim=1)
+            frac = (cond[:, 4:] + 1) / 2
+            log_variance = frac * np.log(betas[i]) + (1 - frac) * log_variance_clipped[i]
+            x0 = (x - np.sqrt(1 - abar[i]) * eps) / np.sqrt(abar[i])
+            mean = (betas[i] * np.sqrt(abar_prev[i]) * x0 + (1 - abar_prev[i]) * np.sqrt(1 - betas[i]) * x) / (
+                1 - abar[i])
+            x = mean + (0.5 * log_variance).exp() * torch.stack([draw() for draw in draws]) if i > 0 else mean
+    np.testing.assert_allclose(latents, x.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_official_sit_checkpoint_follows_sit_s_own_sde_sampler(tmp_path):
+    """A SiT-layout file (learned sigma, time from noise s = 0 to data s = 1) sampled with --checkpoint-kind sit
+    equals SiT's sample.py SDE re-derived here in its own time: Euler-Maruyama on s = linspace(0, 0.96, 6) with
+    drift v + w score, w = sigma_s = 1 - s, noise sqrt(2 w) dW, score (s v - x) / (1 - s), then the Mean last step of
+    0.04; CFG on 3 channels. The samples equal it only if the time and the sign are turned."""
+    state = random_state("SiT-S/2", learn_sigma=True)
+    torch.save({"ema": state}, tmp_path / "sit.pt")
+    latents, settings = foreign_latents(tmp_path / "sit.pt", tmp_path / "out", "--checkpoint-kind", "sit",
+                                        "--model", "SiT-S/2", "--num-samples", 2, "--steps", 6, "--cfg", 1.5)
+    assert settings["sampler"] == "em" and settings["network_evaluations_per_sample"] == 12
+
+    model = MODELS["SiT-S/2"](input_size=8, learn_sigma=True)
+    model.load_state_dict(state)
+    labels, null = torch.tensor([0, 1]), torch.tensor([1000, 1000])
+    draws = [seeded_noise(i) for i in range(2)]
+    x = torch.stack([draw() for draw in draws])
+    times = np.linspace(0, 0.96, 6)
+    dt = times[1] - times[0]
+
+    def drift(x, s):
+        out, _ = model(torch.cat([x, x]).float(), torch.full((4,), s, dtype=torch.float32), torch.cat([labels, null]))
+        cond, uncond = out.double().chunk(2)
+        velocity = torch.cat([uncond[:, :3] + 1.5 * (cond[:, :3] - uncond[:, :3]), cond[:, 3:]], dim=1)
+        return velocity + (1 - s) * (s * velocity - x) / (1 - s)
+    with torch.no_grad():
+        for s in times[:-1]:
+            x = x + drift(x, s) * dt + np.sqrt(2 * (1 - s) * dt) * torch.stack([draw() for draw in draws])
+        x = x + drift(x, times[-1]) * 0.04
+    np.testing.assert_allclose(latents, x.numpy(), rtol=1e-4, atol=1e-5)
+
+
+class KnownOutputs(torch.nn.Module):
+    """A stand-in network whose outputs are known: final (1 + t) F[y] and intermediate (1 + t) I[y], constant
+    fields; nothing to load (its values are no parameters), so any preset name can build it."""
+
+    def __init__(self, input_size, in_channels, num_classes, learn_sigma, intermediate_block):
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.input_size, self.in_channels, self.num_classes = input_size, in_channels, num_classes
+        self.class_dropout_prob, self.intermediate_head = 0.1, intermediate_block
+        self.final_values, self.intermediate_values = torch.randn(2, num_classes + 1, in_channels, generator=generator)
+
+    def forward(self, x, t, y):
+        scale = (1 + t.double())[:, None, None, None]
+        field = lambda values: scale * values[y][:, :, None, None].expand(x.shape).double()  # noqa: E731
+        return field(self.final_values), field(self.intermediate_values)
+
+
+def test_guidance_weights_and_intervals_follow_the_formulas(tmp_path, monkeypatch):
+    """Heun on the grid 1, 0.5, 0 with a network that ignores x: the sample is noise - D(1) / 4 - 3 D(0.5) / 4.
+    IG on [0.6, 1] acts at t = 1 only, CFG on [0, 0.7] at t = 0.5 only: D(1) = I + w (F - I) of the class,
+    D(0.5) = F_null + s (F - F_null); 1 + 2 + 2 network evaluations."""
+    monkeypatch.setitem(sample.MODELS, "known", KnownOutputs)
+    torch.save({}, tmp_path / "known.pt")
+    w, s = 1.7, 2.5
+    latents, settings = foreign_latents(tmp_path / "known.pt", tmp_path / "out", "--checkpoint-kind", "ig-sit",
+                                        "--model", "known", "--num-classes", 3, "--num-samples", 2, "--sampler",
+                                        "heun", "--steps", 2, "--ig", w, "--ig-interval", 0.6, 1, "--cfg", s,
+                                        "--cfg-interval", 0, 0.7)
+    assert settings["network_evaluations_per_sample"] == 5
+    network = KnownOutputs(8, 4, 3, False, 8)
+    final, intermediate = (values.double()[:, :, None, None] for values in
+                           (network.final_values, network.intermediate_values))
+    for i in range(2):  # labels 0, 1; the null label is 3
+        at_one = 2 * (intermediate[i] + w * (final[i] - intermediate[i]))
+        at_half = 1.5 * (final[3] + s * (final[i] - final[3]))
+        expected = seeded_noise(i)() - at_one / 4 - 3 * at_half / 4
+        np.testing.assert_allclose(latents[i], expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def ig_release_file(path, **args):
+    """An IG-release SiT-S/2 checkpoint: the head under final_layer_xr, the EMA weights, args if given."""
+    release = {key.replace("intermediate_head.", "final_layer_xr."): value
+               for key, value in random_state("SiT-S/2", intermediate_block=4).items()}
+    torch.save({"ema": release, **({"args": argparse.Namespace(**args)} if args else {})}, path)
+    return path
+
+
+def test_ig_release_head_block_comes_from_the_file(tmp_path):
+    """With encoder_depth 4 in its training args, the file samples as a head after block 4 given by hand, and not as
+    the release default 8, which the same keys would also fit."""
+    flags = ["--checkpoint-kind", "ig-sit", "--model", "SiT-S/2", "--ig", 3, "--num-samples", 2, "--sampler", "heun",
+             "--steps", 2]
+    with_args = ig_release_file(tmp_path / "with-args.pt", encoder_depth=4, model="SiT-S/2")
+    without = ig_release_file(tmp_path / "without.pt")
+    from_file, settings = foreign_latents(with_args, tmp_path / "file", *flags)
+    by_hand, _ = foreign_latents(without, tmp_path / "hand", *flags, "--intermediate-block", 4)
+    default, _ = foreign_latents(without, tmp_path / "default", *flags)
+    assert settings["network_evaluations_per_sample"] == 3 and settings["cfg_channels"] is None
+    np.testing.assert_array_equal(from_file, by_hand)
+    assert np.abs(from_file - default).max() > 1e-3
+
+
+BAD_INPUT = ["missing", "not a checkpoint", "another model", "ig without head", "foreign mismatch", "preset on own",
+             "kind without preset", "flow sampler on dit", "head block on dit", "head block against the file",
+             "sbdm on heun"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
@@ -149,15 +292,31 @@ def test_bad_input_exits_2_with_the_message_and_writes_nothing(case, run, tmp_pa
     argv, message = {
         "missing": ([str(tmp_path / "nowhere")], "no checkpoint at"),
         "not a checkpoint": ([str(tmp_path / "junk.pt")], "cannot read checkpoint"),
-        "another model": ([str(run), "--model", "DiT-S/2"], "does not fit this DiT"),
+        "another model": ([str(run), "--checkpoint-kind", "ig-sit", "--model", "DiT-S/2"], "does not fit this DiT"),
         "ig without head": ([str(make_run(tmp_path / "plain", intermediate_block=None)), "--ig", "2"],
                             "needs a model with the IG intermediate head"),
-        "foreign mismatch": ([str(tmp_path / "dit-s4.pt"), "--model", "DiT-S/2", "--image-size", "64"],
+        "foreign mismatch": ([str(tmp_path / "dit-s4.pt"), "--checkpoint-kind", "dit", "--model", "DiT-S/2",
+                              "--image-size", "64"],
                              "x_embedder.proj.weight expected (384, 4, 2, 2), got (384, 4, 4, 4)"),
+        "preset on own": ([str(run), "--model", "DiT-S/2"], "--model and --intermediate-block describe a foreign"),
+        "kind without preset": ([str(tmp_path / "dit.pt"), "--checkpoint-kind", "dit"], "dit needs --model"),
+        "flow sampler on dit": ([str(tmp_path / "dit.pt"), "--checkpoint-kind", "dit", "--model", "DiT-S/2",
+                                 "--image-size", "64", "--sampler", "em"],
+                                "--sampler em does not fit a dit checkpoint"),
+        "head block on dit": ([str(tmp_path / "dit.pt"), "--checkpoint-kind", "dit", "--model", "DiT-S/2",
+                               "--intermediate-block", "4"], "a dit checkpoint has no IG intermediate head"),
+        "head block against the file": ([str(tmp_path / "ig.pt"), "--checkpoint-kind", "ig-sit", "--model", "SiT-S/2",
+                                         "--image-size", "64", "--intermediate-block", "8"],
+                                        "training args put the IG head after block 4"),
+        "sbdm on heun": ([str(run), "--sampler", "heun", "--diffusion", "sbdm"], "em sampler's diffusion coefficient"),
     }[case]
     (tmp_path / "junk.pt").write_bytes(b"\x00 not a pickle")
     if case == "foreign mismatch":
-        torch.save(MODELS["DiT-S/4"](input_size=8).state_dict(), tmp_path / "dit-s4.pt")
+        torch.save(MODELS["DiT-S/4"](input_size=8, learn_sigma=True).state_dict(), tmp_path / "dit-s4.pt")
+    if "dit" in case:
+        torch.save(random_state("DiT-S/2", learn_sigma=True), tmp_path / "dit.pt")
+    if case == "head block against the file":
+        ig_release_file(tmp_path / "ig.pt", encoder_depth=4)
     with pytest.raises(SystemExit) as exit_info:
         sample.main([*argv, "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2

@@ -142,3 +142,94 @@ def test_grids_and_evaluation_counts():
     calls.clear()
     samplers.euler_maruyama(velocity, torch.zeros(3, 2), uniform)
     assert len(calls) == 250
+
+
+def wavy_velocity(x, t):
+    """A nonlinear stand-in for a network: any velocity field serves to compare two integrators."""
+    return torch.sin(3 * x) * (1 + t[:, None]) + 0.5 * x
+
+
+def seeded_randn(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda x: torch.randn(x.shape, generator=g, dtype=x.dtype)
+
+
+def test_production_sde_matches_the_ig_release_sampler_re_derived():
+    """The IG paper's numbers come from REPA's / the IG release's euler_maruyama_sampler (SiT/samplers.py), written
+    here again in its own terms: t on linspace(1, 0.04, steps) then 0; score from the velocity with alpha = 1 - t,
+    sigma = t: ((t - 1) v - x) / t; diffusion g^2 = 2t; drift v - g^2 / 2 score; x += drift dt + sqrt(g^2 |dt|) z;
+    the last step, 0.04 -> 0, the drift alone (the mean step). euler_maruyama on uniform_grid, with its default
+    diffusion, must agree; with another g it must not."""
+    steps = 12
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    times = torch.cat([torch.linspace(1, 0.04, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    draw = seeded_randn(1)
+    x = noise.clone()
+    for i in range(steps):
+        t_cur, dt = times[i], times[i + 1] - times[i]
+        v = wavy_velocity(x, t_cur.expand(64))
+        drift = v - 0.5 * (2 * t_cur) * (((t_cur - 1) * v - x) / t_cur)
+        x = x + drift * dt + ((2 * t_cur).sqrt() * dt.abs().sqrt() * draw(x) if i < steps - 1 else 0)
+    ours = samplers.euler_maruyama(wavy_velocity, noise, samplers.uniform_grid(steps), model_dtype=torch.float64,
+                                   randn_like=seeded_randn(1))
+    assert torch.allclose(ours, x, rtol=1e-10, atol=1e-12)
+    halved = samplers.euler_maruyama(wavy_velocity, noise, samplers.uniform_grid(steps), model_dtype=torch.float64,
+                                     randn_like=seeded_randn(1), diffusion=lambda t: t)  # g^2 = t
+    assert (halved - x).abs().mean() > 0.05
+
+
+def test_sbdm_diffusion_matches_sit_s_sbdm_sampler_in_its_own_time():
+    """SiT's transport code with diffusion_form "SBDM", re-derived in its time s = 1 - t (s = 0 noise): s on
+    linspace(1e-3, 0.96, steps), its velocity -v(x, 1 - s), w = (1 - s) / s, score (s v - x) / (1 - s), drift
+    v + w score, x += drift ds + sqrt(2 w ds) z, then the Mean step of 0.04."""
+    steps = 10
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    times = torch.linspace(1e-3, 0.96, steps, dtype=torch.float64)
+    ds = times[1] - times[0]
+    draw = seeded_randn(3)
+
+    def drift(x, s):
+        v = -wavy_velocity(x, (1 - s).expand(64))
+        return v + (1 - s) / s * (s * v - x) / (1 - s)
+    x = noise.clone()
+    for s in times[:-1]:
+        x = x + drift(x, s) * ds + (2 * (1 - s) / s * ds).sqrt() * draw(x)
+    x = x + drift(x, times[-1]) * 0.04
+    grid = samplers.uniform_grid(steps, t_max=samplers.SBDM_T_MAX)
+    ours = samplers.euler_maruyama(wavy_velocity, noise, grid, model_dtype=torch.float64, randn_like=seeded_randn(3),
+                                   diffusion=samplers.sbdm_diffusion)
+    assert torch.allclose(ours, x, rtol=1e-9, atol=1e-10)
+
+
+def test_respaced_timesteps_are_dit_s_space_timesteps():
+    """Hand cases: 5 of 1000 at stride 249.75 -> 0, 250, 500 (499.5 rounds half to even), 749, 999; 250 of 1000 at
+    stride 999 / 249 = 4.012 -> 0, 4, 8, 12, 16, ...; all 1000 -> every step."""
+    assert samplers.respaced_timesteps(1000, 5) == [0, 250, 500, 749, 999]
+    dit = samplers.respaced_timesteps(1000, 250)
+    assert dit[:5] == [0, 4, 8, 12, 16] and dit[-1] == 999 and len(set(dit)) == 250
+    assert samplers.respaced_timesteps(1000, 1000) == list(range(1000))
+    with pytest.raises(ValueError, match="cannot respace"):
+        samplers.respaced_timesteps(1000, 1001)
+
+
+def test_learned_variance_ancestral_sampling_on_a_respaced_schedule():
+    """Values -1 select beta_tilde: the fixed-variance sampler exactly. Values +1 select beta (DDPM's larger choice):
+    with the exact eps it reproduces the Gaussian on DiT's 250 respaced steps (std 0.303 for 0.3), where beta_tilde
+    at this spacing under-disperses (0.286): the variance channels change the samples."""
+    base = DDPMSchedule.named("linear")
+    kept = samplers.respaced_timesteps(1000, 250)
+    schedule = base.respaced(kept)
+    noise = torch.randn(20000, 1, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    exact = gaussian_eps(base)
+
+    def with_values(value):
+        return lambda x, t: torch.cat([exact(x, t), torch.full_like(x, value)], dim=1)
+
+    def run(denoise, learned):
+        return samplers.ddpm_ancestral(denoise, noise, schedule, model_dtype=torch.float64, model_timesteps=kept,
+                                       randn_like=seeded_randn(5), learned_variance=learned)
+    fixed = run(exact, False)
+    assert torch.allclose(run(with_values(-1.0), True), fixed, rtol=1e-12, atol=1e-12)
+    large = run(with_values(1.0), True)
+    assert large.mean().item() == pytest.approx(MEAN, abs=0.01) and large.std().item() == pytest.approx(STD, rel=0.03)
+    assert fixed.std() < STD * 0.97 < large.std()

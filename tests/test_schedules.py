@@ -43,8 +43,33 @@ def test_parameterisations_round_trip(schedule):
     for kind, prediction in (("eps", eps), ("x0", x0), ("v", v)):
         x0_back, eps_back = schedule.x0_eps(x_t, prediction, t, kind)
         assert torch.allclose(x0_back, x0, atol=1e-8) and torch.allclose(eps_back, eps, atol=1e-8), kind
-    _, sigma = schedule.alpha_sigma(t)
-    assert torch.allclose(schedule.score_from_eps(eps, t), -eps / sigma.reshape(-1, 1, 1, 1))
+
+
+MEAN, STD = 0.7, 0.3  # 1D Gaussian data: p_t is Gaussian, so its score and E[eps | x_t] are closed forms
+
+
+def gaussian_log_density_score(schedule, x_t, t):
+    """grad_x log p_t(x) by autograd of the log-density of N(alpha MEAN, alpha^2 STD^2 + sigma^2)."""
+    alpha, sigma = (c.reshape(-1, 1) for c in schedule.alpha_sigma(t))
+    x = x_t.clone().requires_grad_(True)
+    log_density = torch.distributions.Normal(alpha * MEAN, (alpha ** 2 * STD ** 2 + sigma ** 2).sqrt()).log_prob(x)
+    return torch.autograd.grad(log_density.sum(), x)[0]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["linear", "scaled_linear", "cosine", "flow"])
+def test_score_conversions_equal_the_gradient_of_the_log_density(schedule):
+    """E[eps | x_t] = sigma (x_t - alpha MEAN) / (alpha^2 STD^2 + sigma^2) for Gaussian data (and the velocity
+    E[eps - x0 | x_t] from it); score_from_eps and score_from_v of them must equal autograd's score."""
+    g = torch.Generator().manual_seed(3)
+    t = random_times(schedule, 32, g)
+    x_t = 2 * torch.randn(32, 1, generator=g, dtype=torch.float64)
+    alpha, sigma = (c.reshape(-1, 1) for c in schedule.alpha_sigma(t))
+    eps = sigma * (x_t - alpha * MEAN) / (alpha ** 2 * STD ** 2 + sigma ** 2)
+    score = gaussian_log_density_score(schedule, x_t, t)
+    assert torch.allclose(schedule.score_from_eps(eps, t), score, rtol=1e-9)
+    if isinstance(schedule, FlowSchedule):
+        velocity = eps - (x_t - sigma * eps) / alpha  # E[eps - x0 | x_t], x0 = (x_t - sigma eps) / alpha
+        assert torch.allclose(schedule.score_from_v(x_t, velocity, t), score, rtol=1e-9)
 
 
 def test_flow_velocity_is_the_time_derivative_of_the_interpolant():
@@ -55,10 +80,29 @@ def test_flow_velocity_is_the_time_derivative_of_the_interpolant():
     x_t = flow.add_noise(x0, eps, t)
     derivative = torch.stack([torch.autograd.grad(x_t[:, i].sum(), t, retain_graph=True)[0] for i in range(2)], 1)
     assert torch.allclose(derivative, flow.v_target(x0, eps, t))
-    # score from v: -((1 - t) v + x_t) / t, as written in the IG notes
-    t = t.detach()
-    x_t, v = flow.add_noise(x0, eps, t), flow.v_target(x0, eps, t)
-    assert torch.allclose(flow.score_from_v(x_t, v, t), -((1 - t[:, None]) * v + x_t) / t[:, None])
+
+
+def test_posterior_and_learned_variance_on_their_closed_forms():
+    """Linear betas: beta_tilde_1 = beta_1 (1 - abar_0) / (1 - abar_1) with abar_0 = 1 - beta_0 and abar_1 =
+    (1 - beta_0)(1 - beta_1); the learned variance's values -1, 1 and 0 give beta_tilde, beta and their geometric
+    mean."""
+    schedule = DDPMSchedule.named("linear")
+    beta_0, beta_1 = 1e-4, 1e-4 + (0.02 - 1e-4) / 999
+    beta_tilde = beta_1 * beta_0 / (1 - (1 - beta_0) * (1 - beta_1))
+    assert schedule.posterior_variance(1).item() == pytest.approx(beta_tilde, rel=1e-12)
+    log_variance = schedule.learned_log_variance(torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64), 1).exp()
+    assert log_variance.tolist() == pytest.approx([beta_tilde, beta_1, (beta_tilde * beta_1) ** 0.5], rel=1e-12)
+
+
+def test_respaced_schedule_keeps_the_kept_abar():
+    """ADM / DiT respacing: abar' of the respaced schedule is abar at the kept timesteps, so its betas are
+    1 - abar_k / abar_{k-1}: the kept steps of 0, 250, 500 have abar'_1 = (1 - beta_1) ... (1 - beta_250)."""
+    schedule = DDPMSchedule.named("linear")
+    respaced = schedule.respaced([0, 250, 500])
+    betas = [1e-4 + (0.02 - 1e-4) * i / 999 for i in range(1000)]
+    assert respaced.num_timesteps == 3 and respaced.betas[0].item() == pytest.approx(betas[0], rel=1e-12)
+    assert respaced.betas[1].item() == pytest.approx(1 - math.prod(1 - b for b in betas[1:251]), rel=1e-10)
+    assert respaced.abar(2).item() == pytest.approx(math.prod(1 - b for b in betas[:501]), rel=1e-10)
 
 
 def test_ddpm_v_is_the_rotation_of_eps_and_x0():
