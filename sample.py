@@ -55,6 +55,7 @@ from PIL import Image
 
 from ref import jobs, training
 from ref.data import SD_VAE_SCALE_FACTOR, Shapes
+from ref.checkpoints import read_checkpoint
 from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS, ig_release_head_block, load_checkpoint, reversed_time
 from ref.guidance import guided_denoiser
 from ref.innercontrol import EVAL_SCENE_SEED, generate
@@ -155,7 +156,7 @@ def load_model(args, path, checkpoint):
                            beta_schedule=config["beta_schedule"], latent=config["data"] == "latents",
                            step=checkpoint["step"], config=config, checkpoint=str(path))
     kind = CHECKPOINT_KINDS[args.checkpoint_kind]
-    contents = jobs.read_checkpoint_file(path)
+    contents = read_checkpoint(path)
     model = MODELS[args.model](input_size=args.image_size // jobs.LATENT_DOWNSAMPLING,
                                in_channels=jobs.LATENT_CHANNELS, num_classes=args.num_classes,
                                learn_sigma=kind["learn_sigma"],

@@ -39,18 +39,10 @@ LATENT_CHANNELS, LATENT_DOWNSAMPLING = 4, 8  # SD-VAE: 256 px image -> (4, 32, 3
 # Loading the trained networks of other runs
 # ---------------------------------------------------------------------------------------------------------------------
 
-def read_checkpoint_file(path):
-    """ref.checkpoints.read_checkpoint, with every failure to read the file as a ValueError naming it."""
-    try:
-        return read_checkpoint(path)
-    except Exception as error:  # unpickling fails in many ways; each means "not a checkpoint we can read"
-        raise ValueError(f"cannot read checkpoint {path}: {error}") from None
-
-
 def read_run_checkpoint(path):
     """A checkpoint written by train.py: {model, ema, opt, step, args}, args the config with its `job`. Anything
     else (a missing, truncated or foreign file) raises ValueError naming the file."""
-    checkpoint = read_checkpoint_file(path)
+    checkpoint = read_checkpoint(path)
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
             and checkpoint["args"].get("job") in JOBS):
         raise ValueError(f"{path} is not a checkpoint written by train.py (no config with a known job under 'args')")

@@ -251,8 +251,8 @@ class LightningDiT(nn.Module):
             else:
                 tokens = block(tokens, c, self.feat_rope)  # (N, T, D)
             if index == self.intermediate_block:
-                intermediate = -self.unpatchify(self.intermediate_head(tokens, c))  # (N, C, H, W)
-        final = -self.unpatchify(self.final_layer(tokens, c))  # (N, C, H, W); the release predicts x0 - eps
+                intermediate = -self.unpatchify(self.intermediate_head(tokens, c), self.out_channels)  # (N, C, H, W)
+        final = -self.unpatchify(self.final_layer(tokens, c), self.out_channels)  # the release predicts x0 - eps
         return final, intermediate
 
 

@@ -111,7 +111,7 @@ def test_bad_pipeline_input_exits_2_naming_what_was_expected(stages, tmp_path, c
          "unknown task 'normals'; choose one of depth, segmentation"),
         (["--config", "shapes-probe", "--base", str(stages["reward"])],
          "is a 'estimator' run; a 'unet' run was expected"),
-        (["--config", "shapes-probe", "--base", str(tmp_path / "none.pt")], "cannot read checkpoint"),
+        (["--config", "shapes-probe", "--base", str(tmp_path / "none.pt")], "cannot open"),
         (innercontrol_flags(stages, reward_model=""), "needs --reward-model"),
         (innercontrol_flags(stages, task="segmentation"), "is a estimator run for the task 'depth'"),
     ]

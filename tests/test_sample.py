@@ -291,7 +291,7 @@ BAD_INPUT = ["missing", "not a checkpoint", "another model", "ig without head", 
 def test_bad_input_exits_2_with_the_message_and_writes_nothing(case, run, tmp_path, capsys):
     argv, message = {
         "missing": ([str(tmp_path / "nowhere")], "no checkpoint at"),
-        "not a checkpoint": ([str(tmp_path / "junk.pt")], "cannot read checkpoint"),
+        "not a checkpoint": ([str(tmp_path / "junk.pt")], "is not a PyTorch checkpoint"),
         "another model": ([str(run), "--checkpoint-kind", "ig-sit", "--model", "DiT-S/2"], "does not fit this DiT"),
         "ig without head": ([str(make_run(tmp_path / "plain", intermediate_block=None)), "--ig", "2"],
                             "needs a model with the IG intermediate head"),
