@@ -5,9 +5,10 @@ SD1.5 single file (v1-5-pruned.ckpt / -emaonly, .ckpt or .safetensors; raw or un
     first_stage_model.*       the VAE (ref.vae)
     cond_stage_model.*        the CLIP text encoder (ref.clip; cond_stage_model.transformer.text_model.*)
     model_ema.*               in "full" files only: the UNet's EMA weights, each named by its UNet key without the
-                              dots (LDM's LitEma: model.diffusion_model.out.2.bias -> model_ema.diffusion_modelout2bias);
-                              model.diffusion_model.* then holds the non-EMA training weights. An "emaonly" file has
-                              no model_ema.*: its model.diffusion_model.* are the EMA weights.
+                              dots (LDM's LitEma: model.diffusion_model.out.2.bias ->
+                              model_ema.diffusion_modelout2bias); model.diffusion_model.* then holds the non-EMA
+                              training weights. An "emaonly" file has no model_ema.*: its model.diffusion_model.* are
+                              the EMA weights. `prefer` chooses ("ema", the default, or "model"; see split_sd15).
     betas, alphas_cumprod, .. LDM's noise-schedule buffers: not read (the schedule is ref.schedules')
 ControlNet 1.0 files hold control_model.* beside a whole SD1.5 model, ControlNet 1.1 files control_model.* alone or,
 once extracted, the same keys bare (ref.controlnet's names).

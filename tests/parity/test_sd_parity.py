@@ -18,10 +18,10 @@ TINY = CONFIGS["tiny"] | dict(in_channels=4)
 
 
 def randomise(model, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator) + (parameter.ndim == 1))
+    """Every parameter N(0, 0.1^2): the zero inits (zero convs, out convs, proj_out) would hide layers."""
+    count = sum(parameter.numel() for parameter in model.parameters())
+    noise = 0.1 * torch.randn(count, generator=torch.Generator().manual_seed(seed))
+    torch.nn.utils.vector_to_parameters(noise, model.parameters())
     return model
 
 
