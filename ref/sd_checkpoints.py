@@ -95,6 +95,8 @@ def split_sd15(state, prefer="ema"):
     """An SD1.5 single file's state dict -> {"unet" | "vae" | "text_encoder": ({key: tensor}, {key: key in file})},
     prefixes stripped. The UNet: its EMA copies when prefer="ema" and the file has them (a full file), otherwise
     model.diffusion_model.* (prefer="model": a full file's non-EMA weights; an emaonly file's EMA weights)."""
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
     parts = {}
     for part, prefix in SD15_PARTS.items():
         original = {key[len(prefix):]: key for key in state if key.startswith(prefix)}

@@ -188,6 +188,11 @@ def test_emaonly_safetensors_gives_its_unet_and_split_names_the_file_keys(tmp_pa
         "cond_stage_model.transformer.text_model.final_layer_norm.weight"
 
 
+def test_prefer_is_ema_or_model():
+    with pytest.raises(ValueError, match="prefer must be 'ema' or 'model', got 'EMA'"):
+        split_sd15(sd15_state(*tiny_parts(seed=1)), prefer="EMA")
+
+
 class ModelCheckpoint:
     """Stands for pytorch_lightning's callback class, which Lightning 1.4 (SD v1's training) pickled as a dict key."""
 
