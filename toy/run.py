@@ -27,14 +27,14 @@ from toy.model import HEADS, ToyDenoiser
 from toy.plot import draw_panels
 from toy.training import TARGETS, train
 
-WEIGHTS = [1.5, 2.0, 2.5, 3.0]  # every method's sweep; the Autoguidance toy guides at w = 2-3
+WEIGHTS = [1.25, 1.5, 2.0, 2.5, 3.0]  # every method's sweep; the Autoguidance toy guides at w = 2-3
 SWEEP = dict(ig_weights=WEIGHTS, autoguidance_weights=WEIGHTS, cfg_weights=WEIGHTS,
              ig_cfg_weights=[(w, 1.5) for w in WEIGHTS])
 CONFIGS = {  # the guide: half the width, 1/8 of the iterations (the Autoguidance toy's 512 vs 4096)
     "full": dict(main_iterations=2048, guide_iterations=256, batch=256, samples=6000, selection_samples=3000,
                  selection_seeds=1, heun_steps=32, **SWEEP),
-    "long": dict(main_iterations=4096, guide_iterations=512, batch=256, samples=6000, selection_samples=6000,
-                 selection_seeds=2, heun_steps=32, **SWEEP),
+    "long": dict(main_iterations=4096, guide_iterations=512, batch=256, samples=6000, selection_samples=3000,
+                 selection_seeds=1, heun_steps=32, **SWEEP),
     "quick": dict(main_iterations=384, guide_iterations=48, batch=128, samples=3000, selection_samples=2000,
                   selection_seeds=1, heun_steps=32, ig_weights=[1.5, 2.0], autoguidance_weights=[2.0],
                   cfg_weights=[1.5], ig_cfg_weights=[(1.5, 1.5)]),
@@ -180,8 +180,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="first held-out training seed")
     parser.add_argument("--seeds", type=int, default=3, help="number of held-out training seeds")
     parser.add_argument("--config", choices=list(CONFIGS), default="full",
-                        help="full: the default run; long: twice the main iterations at twice the batch, 2 selection "
-                             "seeds; quick: a smoke run")
+                        help="full: the default run; long: twice the iterations (the Autoguidance toy's 4096 and 512, "
+                             "at batch 256); quick: a smoke run")
     parser.add_argument("--quick", action="store_const", const="quick", dest="config", help="same as --config quick")
     parser.add_argument("--parameterisation", choices=list(HEADS), default="energy",
                         help="energy: each head reads a log-density and returns its velocity (the Autoguidance toy's "
