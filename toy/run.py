@@ -1,7 +1,7 @@
 """The main job: reproduce Internal Guidance's outlier reduction on the 2D fractal mixture, measured out of sample.
 
     python -m toy.run [--out runs/toy] [--seed 0] [--seeds 3] [--config full|long|quick] [--quick]
-                      [--parameterisation energy|velocity] [--target exact|noisy]
+                      [--parameterisation energy|velocity] [--target exact|noisy] [--workers 2]
 
 1. Selection: for each selection seed (training seeds SELECTION_SEED + i, their own initial noise), train the main
    MLP (with its IG head and label dropout) and the smaller, shorter-trained autoguidance guide, sample class A with
@@ -10,12 +10,15 @@
    unguided.
 2. Held out: for the training seeds --seed .. --seed + --seeds - 1, train afresh and sample each method at its chosen
    weight only, from fresh initial noise. These are the numbers reported, with each seed's outlier reduction.
+Every seed's models are trained in --workers processes of one thread each, while the main process samples.
 Writes metrics.json, samples.npz (the first held-out seed) and toy.png under --out.
 """
 import argparse
 import json
+import multiprocessing
 import pathlib
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import torch
@@ -96,17 +99,38 @@ def sample(denoise, noise, config, model_dtype=torch.float32):
     return samplers.heun(denoise, noise, grid, model_dtype=model_dtype)
 
 
-def train_pair(seed, config, mixtures, log, parameterisation, target):
-    """The main model (IG head after hidden layer 1) and the autoguidance guide for one training seed."""
-    torch.manual_seed(seed)
-    main = train(ToyDenoiser(hidden=64, intermediate_layer=1, parameterisation=parameterisation), mixtures,
-                 config["main_iterations"], batch=config["batch"], target=target, seed=seed, log=log,
-                 name=f"seed {seed} main")
-    torch.manual_seed(seed + 1000)
-    guide = train(ToyDenoiser(hidden=32, intermediate_layer=None, parameterisation=parameterisation), mixtures,
-                  config["guide_iterations"], batch=config["batch"], target=target, seed=seed + 1000, log=log,
-                  name=f"seed {seed} guide")
-    return main, guide
+MAIN, GUIDE = dict(hidden=64, intermediate_layer=1), dict(hidden=32, intermediate_layer=None)  # the guide: no IG head
+
+
+def train_pair(seed, config, parameterisation, target):
+    """Train one training seed's main model and guide on one thread (a worker process's job); every draw, the
+    initialisation included, is seeded, so the result does not depend on which process runs it.
+    -> (main state, guide state, CPU seconds)"""
+    torch.set_num_threads(1)
+    cpu = time.process_time()
+    mixtures = [fractal_mixture("A"), fractal_mixture("B")]
+    states = []
+    for size, iterations, model_seed in ((MAIN, "main_iterations", seed), (GUIDE, "guide_iterations", seed + 1000)):
+        torch.manual_seed(model_seed)
+        model = ToyDenoiser(parameterisation=parameterisation, **size)
+        states.append(train(model, mixtures, config[iterations], batch=config["batch"], target=target,
+                            seed=model_seed, log=None).state_dict())
+    return states[0], states[1], time.process_time() - cpu
+
+
+def trained_pair(future, parameterisation, phases):
+    """Wait for a worker's train_pair and rebuild its two models in eval mode; the workers' CPU time is counted under
+    "training" (whose wall time is the time spent waiting for them)."""
+    wall = time.time()
+    main_state, guide_state, cpu = future.result()
+    spent = phases.seconds.setdefault("training", dict(wall_s=0.0, cpu_s=0.0))
+    spent["wall_s"] += time.time() - wall
+    spent["cpu_s"] += cpu
+    models = []
+    for size, state in ((MAIN, main_state), (GUIDE, guide_state)):
+        models.append(ToyDenoiser(parameterisation=parameterisation, **size))
+        models[-1].load_state_dict(state)
+    return models[0].eval(), models[1].eval()
 
 
 def measure_methods(main, guide, runs, noise, config, truth):
@@ -189,7 +213,11 @@ def main(argv=None):
     parser.add_argument("--target", choices=TARGETS, default="exact",
                         help="exact: regress the exact velocity of the noisy mixture (the Autoguidance toy's "
                              "training); noisy: the single-sample target eps - x0 (plain flow matching)")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="processes training the models in parallel, one thread each")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.exit(2, "error: expected --workers >= 1\n")
     if args.seeds < 1 or args.seed < 0 or args.seed + args.seeds > SELECTION_SEED:
         parser.exit(2, f"error: expected --seeds >= 1 and held-out seeds within 0..{SELECTION_SEED - 1}\n")
     config = CONFIGS[args.config]
@@ -199,14 +227,21 @@ def main(argv=None):
     log = lambda message: print(f"[{time.time() - phases.start:6.1f} s] {message}", flush=True)  # noqa: E731
 
     truth = phases("truth", Truth)
-    mixtures = [truth.mixture, fractal_mixture("B")]
-    models = lambda seed: phases("training", train_pair, seed, config, mixtures, log,  # noqa: E731
-                                 args.parameterisation, args.target)
+    selection_seeds = [SELECTION_SEED + i for i in range(config["selection_seeds"])]
+    held_out_seeds = list(range(args.seed, args.seed + args.seeds))
+    workers = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
+    training = {seed: workers.submit(train_pair, seed, config, args.parameterisation, args.target)
+                for seed in selection_seeds + held_out_seeds}  # selection seeds first: their sampling overlaps
+    models = lambda seed: trained_pair(training[seed], args.parameterisation, phases)  # noqa: E731
 
     def noise_for(seed, n):
         return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed + 777), dtype=torch.float64)
 
-    selection_seeds = [SELECTION_SEED + i for i in range(config["selection_seeds"])]
+    # the exact denoiser's ceiling, on held-out seed 0's noise, while the workers train
+    noise = noise_for(held_out_seeds[0], config["samples"])
+    exact_velocity = CountedNetwork(lambda x, t, y: truth.mixture.velocity(x, t))
+    exact = phases("exact denoiser", sample, lambda x, t: exact_velocity(x, t, None), noise, config)
+
     selection = []
     for seed in selection_seeds:
         main_model, guide = models(seed)
@@ -219,7 +254,6 @@ def main(argv=None):
     best, floor = choose_weights(selection_table)
     log("chosen weights: " + json.dumps({m: dict(w) for m, w in best.items()}))
 
-    held_out_seeds = list(range(args.seed, args.seed + args.seeds))
     per_seed, figure_samples = [], None
     for seed in held_out_seeds:
         main_model, guide = models(seed)
@@ -230,10 +264,8 @@ def main(argv=None):
         figure_samples = figure_samples or {m: samples[(m, w)] for m, w in best.items()}
         log(f"held-out seed {seed}: " + ", ".join(f"{m} {r['outlier_rate']:.4f}/{r['recall']:.3f}"
                                                   for m, r in per_seed[-1].items()))
+    workers.shutdown()
 
-    noise = noise_for(held_out_seeds[0], config["samples"])
-    exact_velocity = CountedNetwork(lambda x, t, y: truth.mixture.velocity(x, t))
-    exact = phases("exact denoiser", sample, lambda x, t: exact_velocity(x, t, None), noise, config)
     held_out = {m: {k: float(np.mean([r[m][k] for r in per_seed])) for k in per_seed[0][m]} for m in best}
     methods = {m: dict(held_out[m], weights=dict(best[m]), outlier_reduction_per_seed=reductions(per_seed, m),
                        meets_recall_floor_in_selection=selection_table[(m, best[m])]["recall"] >= floor)
@@ -247,7 +279,8 @@ def main(argv=None):
                                          for (m, w), r in selection_table.items()]),
                    threshold_logp=float(np.quantile(truth.logp_true, 0.01)), outlier_distance=truth.outliers.threshold,
                    config=dict(config, name=args.config, parameterisation=args.parameterisation, target=args.target),
-                   phases=phases.seconds, wall_time_s=time.time() - phases.start, cpu_time_s=time.process_time())
+                   phases=phases.seconds, wall_time_s=time.time() - phases.start,
+                   cpu_time_s=time.process_time() + phases.seconds["training"]["cpu_s"])
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     np.savez(out / "samples.npz", exact=exact.float().numpy(), **figure_samples)
     draw_panels(truth.mixture, dict(truth=truth.pr_reference.numpy(), **figure_samples, exact=exact.numpy()),
