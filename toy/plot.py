@@ -42,6 +42,6 @@ def draw_panels(mixture, sample_sets, metrics, path, points_per_panel=2000):
         if name in metrics:
             m = metrics[name]
             weights = " ".join(f"{k}={v}" for k, v in m["weights"].items())
-            caption.text((left, top + 14), f"outliers {100 * m['outlier_rate']:.2f}%  recall {m['recall']:.3f}  {weights}",
-                         fill="black", font=font)
+            caption.text((left, top + 14), f"outliers {100 * m['outlier_rate']:.2f}%  recall {m['recall']:.3f}  "
+                         f"{weights}", fill="black", font=font)
     figure.save(path)

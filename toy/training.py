@@ -1,16 +1,26 @@
-"""Training the toy denoisers: flow matching on exact samples of the mixture, with the IG auxiliary loss, label dropout
-for CFG, an Adam schedule and power-function EMA weights (the recipe of the Autoguidance toy, moved to the flow
-schedule)."""
+"""Training the toy denoisers as the Autoguidance toy does, moved to the flow schedule: regression onto the exact
+velocity of the noisy mixture (its closed form, toy/mixture.py) at points drawn from it, with the IG auxiliary loss,
+label dropout for CFG, an Adam schedule and power-function EMA weights.
+
+The Autoguidance toy regresses the exact score with the loss sigma^2 |s_net - s|^2; under x_t = (1 - t) x0 + t eps the
+velocity is v = -(t s + x_t) / (1 - t), so |v_net - v|^2 = sigma^2 |s_net - s|^2 with sigma = t / (1 - t): the same
+loss, written on the velocity. target="noisy" trains on the single-sample target eps - x0 instead (plain flow matching,
+the old recipe), whose expectation given x_t is the same exact velocity.
+"""
 import copy
 import time
 
 import torch
 
 from ref.ema import power_function_decay, power_function_gamma, update_ema
-from ref.losses import drop_labels, flow_matching_loss
+from ref.losses import drop_labels, internal_guidance_loss
+from ref.schedules import FlowSchedule
+from toy.mixture import equal_mixture
 
 # Noise levels as in the Autoguidance toy: ln(sigma) ~ N(-2.3, 1.5^2) with sigma = t / (1 - t), i.e. logit(t) normal.
 LOGIT_T_MEAN, LOGIT_T_STD = -2.3, 1.5
+TARGETS = ("exact", "noisy")
+FLOW = FlowSchedule()
 
 
 def training_batch(mixtures, batch, generator):
@@ -23,12 +33,24 @@ def training_batch(mixtures, batch, generator):
     return x0.float(), y
 
 
+def exact_velocity(label_mixtures, x_t, t, y):
+    """E[eps - x0 | x_t, y] with label_mixtures[y] the law of x0 given label y (the null label's: all classes).
+    x_t: (B, 2), t: (B,), y: (B,) -> (B, 2) in x_t's dtype"""
+    velocity = torch.empty_like(x_t)
+    for label, mixture in enumerate(label_mixtures):
+        index = (y == label).nonzero().squeeze(1)
+        velocity[index] = mixture.velocity(x_t[index], t[index])
+    return velocity
+
+
 def train(model, mixtures, iterations, batch=2048, lr=1e-2, lr_decay_start=512, ema_std=0.010, label_dropout=0.1,
-          aux_weight=0.5, seed=0, log=print, name="model"):
+          aux_weight=0.5, target="exact", seed=0, log=print, name="model"):
     """Adam (betas 0.9, 0.99) with lr / sqrt(max(i / lr_decay_start, 1)) and a power-function EMA of relative width
     `ema_std`, as the Autoguidance toy: the averaging profile's width is that fraction of the iterations so far, so
-    the shorter-trained guide is its own last weights and never part initialisation. Every random draw of the loop
-    comes from a generator seeded with `seed` (the caller seeds the initialisation). Returns the EMA copy."""
+    the shorter-trained guide is its own last weights and never part initialisation. mixtures: one per class; the
+    null label's law is their equal mixture. Every random draw of the loop comes from a generator seeded with `seed`
+    (the caller seeds the initialisation). Returns the EMA copy."""
+    label_mixtures = list(mixtures) + [equal_mixture(mixtures)]  # indexed by label, model.null_label last
     generator = torch.Generator().manual_seed(seed)
     gamma = power_function_gamma(ema_std)
     ema = copy.deepcopy(model).requires_grad_(False)
@@ -40,7 +62,12 @@ def train(model, mixtures, iterations, batch=2048, lr=1e-2, lr_decay_start=512, 
         y = drop_labels(y, label_dropout, model.null_label, generator)
         t = torch.sigmoid(LOGIT_T_MEAN + LOGIT_T_STD * torch.randn(batch, generator=generator))
         eps = torch.randn(batch, 2, generator=generator)
-        loss = flow_matching_loss(model, x0, t, y, eps, aux_weight).mean()
+        x_t = FLOW.add_noise(x0, eps, t)
+        if target == "exact":
+            velocity = exact_velocity(label_mixtures, x_t, t, y)
+        else:
+            velocity = FLOW.v_target(x0, eps, t)
+        loss = internal_guidance_loss(*model(x_t, t, y), velocity, aux_weight).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
