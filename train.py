@@ -6,8 +6,9 @@ probe, ControlNet with Eq. 8.
     torchrun --nproc_per_node=N train.py --config sit-xl2-imagenet --data-path LATENT_SHARDS [...]
     python train.py --config shapes-probe --task segmentation [...]
 
-Named configs and their fields live in ref/training.py (CONFIGS); every field is a flag (--help lists them); what a
-job trains and its loss are in ref/jobs.py. DiT objectives: flow matching with the velocity target (SiT / the IG
+Named configs and their fields live in ref/configs.py and shapes/runs.py; every field is a flag (--help lists them).
+The loop is ref/trainer.py; the training steps are ref/internal_guidance.py (IG) and ref/innercontrol.py (Eq. 8),
+the testbed's other runs are in shapes/runs.py. DiT objectives: flow matching with the velocity target (SiT / the IG
 release, t ~ U(0, 1)) or DDPM eps (DiT), each with the IG auxiliary term lambda ||D_i - target||^2. AdamW (betas 0.9,
 0.999, no weight decay), gradient clipping, label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on
 CUDA. Rerun the same command to resume from OUT/latest.pt: the data order and every random draw are functions of the
@@ -20,22 +21,27 @@ a file that is not a checkpoint, ...): one `error:` line and exit status 2, noth
 import argparse
 from pathlib import Path
 
-from ref import training
+from ref import configs
+from ref.runtime import distributed
+from ref.trainer import fit
+from shapes.runs import SHAPES_CONFIGS, make_run
+
+CONFIGS = {**configs.CONFIGS, **SHAPES_CONFIGS}
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_config_flags(parser)
+    configs.add_config_flags(parser, CONFIGS)
     parser.add_argument("--out", help="run folder (default runs/<config>, runs/<config>-<task> for a task's stage)")
     args = parser.parse_args(argv)
-    config = training.resolve_config(args)
-    return config, Path(args.out) if args.out else training.default_out(config)
+    config = configs.resolve_config(args, CONFIGS)
+    return config, Path(args.out) if args.out else configs.default_out(config)
 
 
 def main(argv=None):
     config, out = parse_args(argv)
-    with training.distributed() as world:
-        training.fit(config, out, world)
+    with distributed() as world:
+        fit(make_run, config, out, world)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,13 @@ fastest round, the one least disturbed by other work on the machine (interleavin
     network evaluations it made per image, counted: IG+CFG on the IG release's CFG interval [0, 0.7] runs the
     unconditional branch only at the steps inside it.
 On CUDA: TF32 matmuls and convolutions, and with --dtype bf16 the network runs under the bf16 autocast of training
-and sampling (ref/training.autocast; weights and optimiser stay float32). The CPU runs float32.
+and sampling (ref/runtime.autocast; weights and optimiser stay float32). The CPU runs float32.
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward (sampling) and one forward+backward
 (training) at the benchmark batch. While counting, attention runs on SDPA's math backend, whose matmuls the counter
 sees (torch has no FLOP formula for the fused CPU kernel); the backward is counted as plain matmul gradients, without
 a fused kernel's recomputation. MFU = counted FLOPs / time / peak, peak from --peak-tflops, else the dense bf16 peak
-of a known GPU (ref/training.peak_flops, the table train.py's MFU uses; a --dtype fp32 run is measured against it too),
+of a known GPU (ref/runtime.peak_flops, the table train.py's MFU uses; a --dtype fp32 run is measured against it too),
 else (the CPU, an unknown GPU) the "measured peak": the best throughput of a 2048 x 2048 matmul on the device in the
 benchmark dtype, timed before every measurement (so a CPU's MFU is against what its BLAS reaches on this machine at
 its least loaded, not a vendor figure).
@@ -43,8 +43,8 @@ from ref.dit import IG_HEAD_BLOCK, MODELS, count_parameters
 from ref.ema import update_ema
 from ref.guidance import guided_denoiser
 from ref.losses import drop_labels, flow_matching_loss
+from ref.runtime import autocast, peak_flops
 from ref.samplers import euler_maruyama, uniform_grid
-from ref.training import autocast, peak_flops
 
 GUIDANCE_MODES = {  # guided_denoiser weights; the IG release's SiT-XL/2 values (w = 1.4, s = 1.35 together)
     "none": {},

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import eval as eval_cli
-from ref.data import SHAPE_CLASSES, Shapes
-from ref.shapes_classifier import (TEST_SEED, ShapesClassifier, ShapesImages, held_out_accuracy, load_classifier,
+from shapes.classifier import (TEST_SEED, ShapesClassifier, ShapesImages, held_out_accuracy, load_classifier,
                                    render, to_unit_range, train_classifier)
+from shapes.data import SHAPE_CLASSES, Shapes
 
 torch.set_num_threads(1)
 SCENES = 400  # images per sample set

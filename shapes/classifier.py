@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.checkpoints import read_checkpoint
-from ref.data import SHAPE_CLASSES, Shapes, batch_indices
+from ref.data import batch_indices
 from ref.metrics import frechet_distance, precision_recall
+from shapes.data import SHAPE_CLASSES, Shapes
 
 TRAIN_SEED, TEST_SEED = 1000, 1001  # Shapes seeds of the classifier's training and test scenes
 TRAIN_ITEMS = 1_000_000  # the training stream: far more scenes than a training run reads, so none repeats

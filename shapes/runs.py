@@ -1,16 +1,14 @@
-"""The kinds of training run (config field `job`), each as the pieces the one training loop (ref/training.py, `fit`)
-needs: the trainable network, its frozen partners, the data, the per-sample random draws and the per-sample loss.
+"""The testbed's kinds of run (config field `job`) for ref.trainer.fit, and its named configs:
 
-    dit         DiT / SiT with the IG head; flow matching (velocity) or DDPM eps, + lambda ||D_i - target||^2 (IG)
+    dit         the IG run (ref/internal_guidance.py) on shapes scenes as well as image folders and latents
     unet        the text-conditioned UNet on shapes, DDPM eps: InnerControl's base model (pipeline step 1)
     estimator   a control estimator image -> depth / segmentation / edges: reward model or evaluation model (step 2)
     probe       the readout probe H on the frozen base UNet's decoder features at random t (step 3)
-    controlnet  a ControlNet on the frozen base UNet: diffusion loss + alpha reward + beta alignment (Eq. 8; steps 4-5)
+    controlnet  a ControlNet on the frozen base UNet, trained by ref.innercontrol.innercontrol_training_step
+                (diffusion loss + alpha reward + beta alignment, Eq. 8; steps 4-5)
 
-A job object: `make_dataset()`; `build()` the trainable network (random init from the seed, or a run's weights);
-`collate(samples)` -> a tuple of CPU tensors; `draw(batch, draws)` -> the loss inputs with each sample's random draws
-(from ref.training.SampleDraws, always in the order: condition dropout, t, noise); `to(device)` moves the frozen
-partners; `loss(net, *inputs)` -> (B,) per-sample loss. Frozen partners are other runs' EMA weights (`load_trained`).
+Each run gives what the loop needs (ref/trainer.py): `make_dataset()`, `build()`, `collate(samples)`, `to(device)`,
+`loss(net, batch, draws, device)` -> (B,). Frozen partners are other runs' EMA weights (`load_trained`).
 """
 from dataclasses import dataclass
 
@@ -19,132 +17,52 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ref.checkpoints import check_state_fits, read_checkpoint
-from ref.control_models import ControlEstimator
+from ref.checkpoints import check_state_fits
+from ref.configs import RUN_DEFAULTS
 from ref.controlnet import ControlNet
-from ref.data import CAPTION_VOCABULARY, MAX_OBJECTS, SHAPE_CLASSES, ImageFolder, LatentShards, Shapes
-from ref.dit import DiT
-from ref.losses import (alignment_loss, control_loss, ddpm_eps_loss, drop_labels, flow_matching_loss,
-                        innercontrol_loss, innercontrol_task, mean_squared_error, range_probability,
-                        reward_loss)
+from ref.innercontrol import (InnerControlTerms, alignment_loss, control_loss, innercontrol_task,
+                              innercontrol_training_step, range_probability)
+from ref.internal_guidance import DiTRun
+from ref.losses import mean_squared_error
 from ref.probes import ReadoutProbe
+from ref.runtime import check_job, load_trained_network, read_run_checkpoint
 from ref.schedules import DDPMSchedule
-from ref.text import PAD, TextEncoder, Tokenizer
 from ref.unet import MODELS as UNETS
+from shapes.control_models import ControlEstimator
+from shapes.data import CAPTION_VOCABULARY, MAX_OBJECTS, SHAPE_CLASSES, Shapes
+from shapes.text import PAD, TextEncoder, Tokenizer
 
-LATENT_CHANNELS, LATENT_DOWNSAMPLING = 4, 8  # SD-VAE: 256 px image -> (4, 32, 32) latent
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading the trained networks of other runs
 # ---------------------------------------------------------------------------------------------------------------------
 
-def read_run_checkpoint(path):
-    """A checkpoint written by train.py: {model, ema, opt, step, args}, args the config with its `job`. Anything
-    else (a missing, truncated or foreign file) raises ValueError naming the file."""
-    checkpoint = read_checkpoint(path)
-    if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
-            and checkpoint["args"].get("job") in JOBS):
-        raise ValueError(f"{path} is not a checkpoint written by train.py (no config with a known job under 'args')")
-    return checkpoint
-
-
-def check_job(checkpoint, expected_job, path):
-    """A train.py checkpoint of another job than `expected_job` raises ValueError naming both."""
-    if checkpoint["args"]["job"] != expected_job:
-        raise ValueError(f"{path} is a {checkpoint['args']['job']!r} run; a {expected_job!r} run was expected here")
-
-
 def load_trained(path, expected_job, weights="ema", checkpoint=None, load=True):
     """The network a train.py run trained, with its `weights` ("ema" or "model"), frozen, on the CPU, and its
     config. checkpoint: the file's contents when the caller has read them already. A run of another job than
     `expected_job` raises ValueError. load False: the same architecture untrained, on the default device (what a
-    job built on the meta device needs of its partners: load_trained itself and the FLOP count build so)."""
-    checkpoint = read_run_checkpoint(path) if checkpoint is None else checkpoint
-    check_job(checkpoint, expected_job, path)
-    config = checkpoint["args"]
+    run built on the meta device needs of its partners: the FLOP count builds so)."""
+    def build(config):
+        return RUNS[expected_job](config, load=False).build()
     if not load:
-        return JOBS[expected_job](config, load=False).build(), config
-    with torch.device("meta"):  # no random init of weights that are overwritten next
-        network = JOBS[expected_job](config, load=False).build()
-    check_state_fits(network, checkpoint[weights], {key: key for key in checkpoint[weights]})
-    network.load_state_dict(checkpoint[weights], assign=True)
-    return network.requires_grad_(False).eval(), config
+        checkpoint = read_run_checkpoint(path) if checkpoint is None else checkpoint
+        check_job(checkpoint, expected_job, path)
+        return build(checkpoint["args"]), checkpoint["args"]
+    return load_trained_network(path, expected_job, build, weights, checkpoint)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# DiT / SiT with the IG head
+# The IG run on shapes scenes
 # ---------------------------------------------------------------------------------------------------------------------
 
-def network_input_shape(config):
-    """(C, H, W) of what the DiT sees: RGB pixels in [-1, 1], or scaled SD-VAE latents at 1/8 of the image side."""
-    if config["data"] == "latents":
-        side = config["image_size"] // LATENT_DOWNSAMPLING
-        return LATENT_CHANNELS, side, side
-    return 3, config["image_size"], config["image_size"]
+class ShapesDiTRun(DiTRun):
+    """DiTRun with one more source of data: --data shapes, labelled by the front object's class."""
 
-
-def collate_inputs_labels(samples):
-    """Every dataset puts (input, label) first -> x (N, C, H, W), y (N,) long."""
-    return torch.stack([sample[0] for sample in samples]), torch.tensor([sample[1] for sample in samples])
-
-
-class DiTJob:
-    def __init__(self, config, load=True):
-        self.config = config
-        if config["objective"] not in ("flow", "eps"):
-            raise ValueError(f"unknown objective {config['objective']!r}; choose flow or eps")
-        self.schedule = DDPMSchedule.named(config["beta_schedule"]) if config["objective"] == "eps" else None
-
-    def make_dataset(self):
-        """The training data; bad input (missing, empty or malformed folders and shards, more classes than the
-        config has) raises ValueError naming the file or setting."""
-        config = self.config
-        if config["data"] == "shapes":
-            dataset, classes = Shapes(config["image_size"], num_items=config["shapes_items"]), len(SHAPE_CLASSES)
-        elif config["data"] in ("images", "latents"):
-            if not config["data_path"]:
-                raise ValueError(f"--data {config['data']} needs --data-path")
-            if config["data"] == "images":
-                dataset = ImageFolder(config["data_path"], config["image_size"], flip=config["flip"])
-                classes = len(dataset.classes)
-            else:
-                dataset = LatentShards(config["data_path"], network_input_shape(config))
-                classes = int(dataset.labels.max()) + 1
-        else:
-            raise ValueError(f"unknown data {config['data']!r}; choose shapes, images or latents")
-        if classes > config["num_classes"]:
-            raise ValueError(f"the data has {classes} classes but the config {config['num_classes']}; "
-                             f"set --num-classes")
-        return dataset
-
-    def build(self):
-        """The DiT / SiT of the config (learned sigma off: both objectives regress one prediction)."""
-        config = self.config
-        channels, side, _ = network_input_shape(config)
-        return DiT(input_size=side, patch_size=config["patch_size"], in_channels=channels,
-                   hidden_size=config["hidden_size"], depth=config["depth"], num_heads=config["num_heads"],
-                   num_classes=config["num_classes"], class_dropout_prob=config["label_dropout"],
-                   intermediate_block=config["intermediate_block"],
-                   gradient_checkpointing=config["gradient_checkpointing"])
-
-    collate = staticmethod(collate_inputs_labels)
-
-    def draw(self, batch, draws):
-        """The label dropped to the null label with probability label_dropout, then t, then the noise."""
-        x, y = batch
-        y = torch.cat([drop_labels(label[None], self.config["label_dropout"], self.config["num_classes"], generator)
-                       for label, generator in zip(y, draws.generators)])  # (N,), null label = num_classes
-        t = draws.rand() if self.schedule is None else draws.randint(self.schedule.num_timesteps)  # U(0,1) / U{0..T-1}
-        return x, y, t, draws.randn(*x.shape[1:])  # eps (N, C, H, W)
-
-    def to(self, device):
-        return self
-
-    def loss(self, net, x, y, t, eps):
-        if self.schedule is None:
-            return flow_matching_loss(net, x, t, y, eps, self.config["aux_weight"])
-        return ddpm_eps_loss(net, self.schedule, x, t, y, eps, self.config["aux_weight"])
+    def dataset_and_classes(self):
+        if self.config["data"] == "shapes":
+            return Shapes(self.config["image_size"], num_items=self.config["shapes_items"]), len(SHAPE_CLASSES)
+        return super().dataset_and_classes()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -241,7 +159,7 @@ class TextToImage(nn.Module):
         return self.unet(x, t, self.text_encoder(tokens), control=control, taps=taps)
 
 
-class ShapesJob:
+class ShapesRun:
     """What the pipeline's jobs share: shapes data at the config's size, the DDPM schedule, the task."""
 
     def __init__(self, config, load=True):
@@ -258,18 +176,22 @@ class ShapesJob:
     def collate(self, samples):
         return collate_shapes(samples, self.task_name)
 
-    def noise(self, x0, draws):
-        """t ~ U{0..T-1}, then eps, per sample."""
-        return draws.randint(self.schedule.num_timesteps), draws.randn(*x0.shape[1:])
+    def noised(self, images, tokens, draws, device):
+        """Caption dropout, then t ~ U{0..T-1}, then eps, per sample; on the device: images, tokens, t, eps."""
+        tokens = drop_captions(tokens, self.config["label_dropout"], draws)
+        t, eps = draws.randint(self.schedule.num_timesteps), draws.randn(*images.shape[1:])
+        return (tensor.to(device, non_blocking=True) for tensor in (images, tokens, t, eps))
 
     def to(self, device):
-        for name, value in vars(self).items():
-            if isinstance(value, nn.Module):
-                setattr(self, name, value.to(device))
+        """The frozen partners (the networks among its attributes and its InnerControl terms) onto the device."""
+        for holder in (self, getattr(self, "terms", self)):
+            for name, value in vars(holder).items():
+                if isinstance(value, nn.Module):
+                    setattr(holder, name, value.to(device))
         return self
 
 
-class UNetJob(ShapesJob):
+class UNetRun(ShapesRun):
     """Step 1: the base text-to-image model, eps prediction, captions dropped with probability label_dropout."""
 
     def collate(self, samples):
@@ -280,27 +202,20 @@ class UNetJob(ShapesJob):
         context_dim = unet.encoder_config["context_dim"]
         return TextToImage(unet, TextEncoder(len(CAPTION_TOKENIZER), CAPTION_TOKENIZER.max_length, context_dim))
 
-    def draw(self, batch, draws):
-        images, tokens = batch
-        tokens = drop_captions(tokens, self.config["label_dropout"], draws)
-        return (images, tokens, *self.noise(images, draws))
-
-    def loss(self, net, x0, tokens, t, eps):
+    def loss(self, net, batch, draws, device):
+        x0, tokens, t, eps = self.noised(*batch, draws, device)
         return mean_squared_error(net(self.schedule.add_noise(x0, eps, t), t, tokens), eps)
 
 
-class EstimatorJob(ShapesJob):
+class EstimatorRun(ShapesRun):
     """Step 2: a control estimator on (image, exact control) pairs; width = hidden_size, blocks per level = depth."""
 
     def build(self):
         output = "logits" if self.task.categorical else "sigmoid"
         return ControlEstimator(self.task.channels, self.config["hidden_size"], self.config["depth"], output)
 
-    def draw(self, batch, draws):
-        images, _, control = batch
-        return images, control
-
-    def loss(self, net, images, control):
+    def loss(self, net, batch, draws, device):
+        images, _, control = (tensor.to(device, non_blocking=True) for tensor in batch)
         return control_loss(net(images), control, self.task.settings.alignment_kind)
 
 
@@ -310,7 +225,7 @@ def required_run(config, field, role):
     return config[field]
 
 
-class ProbeJob(ShapesJob):
+class ProbeRun(ShapesRun):
     """Step 3: the readout probe on the frozen base UNet's decoder features (tap mode `tap_mode`) of noised real
     images at random t, regressing the control (the alignment loss of Eq. 7 with the probe trainable); its width P is
     hidden_size. Captions are dropped as in the ControlNet's training, so the probe knows the features of both."""
@@ -325,19 +240,17 @@ class ProbeJob(ShapesJob):
                             self.task.channels, self.config["image_size"], self.config["hidden_size"],
                             output="logits" if self.task.categorical else "tanh")
 
-    def draw(self, batch, draws):
+    def loss(self, net, batch, draws, device):
         images, tokens, control = batch
-        tokens = drop_captions(tokens, self.config["label_dropout"], draws)
-        return (images, tokens, control, *self.noise(images, draws))
-
-    def loss(self, net, x0, tokens, control, t, eps):
+        x0, tokens, t, eps = self.noised(images, tokens, draws, device)
+        control = control.to(device, non_blocking=True)
         with torch.no_grad():
             _, features = self.base(self.schedule.add_noise(x0, eps, t), t, tokens, taps=self.config["tap_mode"])
             t_emb = self.base.unet.embed_time(t)
         return alignment_loss(net, features, t_emb, control, self.task.settings.alignment_kind)
 
 
-class ControlNetJob(ShapesJob):
+class ControlNetRun(ShapesRun):
     """Steps 4-5: a ControlNet (initialised from the base UNet's encoder, or from the run `init`) on the frozen base,
     trained with Eq. 8: the diffusion loss, + alpha x the reward of `reward_model` on the one-step estimate over
     reward_range, + beta x the alignment of the frozen `probe` over align_range. alpha, beta and the ranges default to
@@ -347,23 +260,25 @@ class ControlNetJob(ShapesJob):
         super().__init__(config, load)
         self.load = load
         settings = self.task.settings
-        self.alpha = settings.alpha if config["alpha"] is None else config["alpha"]
-        self.beta = settings.beta if config["beta"] is None else config["beta"]
-        self.reward_range = tuple(config["reward_range"] or settings.reward_range)
-        self.align_range = tuple(config["align_range"] or settings.align_range)
-        for weight, t_range in ((self.alpha, self.reward_range), (self.beta, self.align_range)):
+        alpha = settings.alpha if config["alpha"] is None else config["alpha"]
+        beta = settings.beta if config["beta"] is None else config["beta"]
+        reward_range = tuple(config["reward_range"] or settings.reward_range)
+        align_range = tuple(config["align_range"] or settings.align_range)
+        for weight, t_range in ((alpha, reward_range), (beta, align_range)):
             if weight:
                 range_probability(t_range, self.schedule.num_timesteps)  # a range holding no step is refused here
         self.base, _ = load_trained(required_run(config, "base", "the base UNet run"), "unet", load=load)
-        self.reward_model = self.probe = None
-        if self.alpha:
+        reward_model = probe = tap_mode = None
+        if alpha:
             path = required_run(config, "reward_model", f"an estimator run of task {self.task_name}, for alpha > 0")
-            self.reward_model, _ = self.partner(path, "estimator", load)
-        if self.beta:
+            reward_model, _ = self.partner(path, "estimator", load)
+        if beta:
             path = required_run(config, "probe", f"a probe run of task {self.task_name}, for beta > 0")
-            self.probe, probe_config = self.partner(path, "probe", load)
-            self.tap_mode = probe_config["tap_mode"]
-            check_probe_fits(self.probe, self.base.unet, self.tap_mode, path)
+            probe, probe_config = self.partner(path, "probe", load)
+            tap_mode = probe_config["tap_mode"]
+            check_probe_fits(probe, self.base.unet, tap_mode, path)
+        self.terms = InnerControlTerms(alpha, reward_model, reward_range, settings.reward_kind, beta, probe, tap_mode,
+                                       align_range, settings.alignment_kind)
 
     def partner(self, path, job, load):
         """A frozen network of another run, of this task, and its config."""
@@ -382,29 +297,11 @@ class ControlNetJob(ShapesJob):
             controlnet.load_state_dict(checkpoint["model"])
         return controlnet
 
-    def draw(self, batch, draws):
+    def loss(self, net, batch, draws, device):
         images, tokens, control = batch
         tokens = drop_captions(tokens, self.config["label_dropout"], draws)
-        return (images, tokens, hint_of(control, self.task_name), control, *self.noise(images, draws))
-
-    def loss(self, net, x0, tokens, hint, control, t, eps):
-        settings = self.task.settings
-        x_t = self.schedule.add_noise(x0, eps, t)
-        with torch.no_grad():
-            context = self.base.text_encoder(tokens)  # (B, L, D_ctx)
-        residuals = net(x_t, hint, t, context)
-        if self.probe is None:
-            eps_hat, features = self.base.unet(x_t, t, context, control=residuals), None
-        else:
-            eps_hat, features = self.base.unet(x_t, t, context, control=residuals, taps=self.tap_mode)
-        reward = alignment = None
-        if self.reward_model is not None:  # Eq. 5-6
-            reward = reward_loss(self.reward_model, self.schedule, x_t, eps_hat, t, control, settings.reward_kind)
-        if self.probe is not None:  # Eq. 7
-            alignment = alignment_loss(self.probe, features, self.base.unet.embed_time(t), control,
-                                       settings.alignment_kind)
-        return innercontrol_loss(mean_squared_error(eps_hat, eps), reward, alignment, t, self.alpha, self.beta,
-                                 self.reward_range, self.align_range, self.schedule.num_timesteps)  # Eq. 8
+        return innercontrol_training_step(net, self.base, self.schedule, self.terms, images, tokens,
+                                          hint_of(control, self.task_name), control, draws, device)
 
 
 def check_probe_fits(probe, unet, tap_mode, path):
@@ -417,10 +314,63 @@ def check_probe_fits(probe, unet, tap_mode, path):
                          f"{channels} and width {t_emb_dim}")
 
 
-JOBS = {"dit": DiTJob, "unet": UNetJob, "estimator": EstimatorJob, "probe": ProbeJob, "controlnet": ControlNetJob}
+RUNS = {"dit": ShapesDiTRun, "unet": UNetRun, "estimator": EstimatorRun, "probe": ProbeRun,
+        "controlnet": ControlNetRun}
 
 
-def make_job(config, load=True):
-    if config["job"] not in JOBS:
-        raise ValueError(f"unknown job {config['job']!r}; choose one of {', '.join(JOBS)}")
-    return JOBS[config["job"]](config, load)
+def make_run(config, load=True):
+    """The run of a config, by its `job` (what ref.trainer.fit is given)."""
+    if config["job"] not in RUNS:
+        raise ValueError(f"unknown job {config['job']!r}; choose one of {', '.join(RUNS)}")
+    return RUNS[config["job"]](config, load)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Named configs of the testbed (train.py --config NAME; the ImageNet ones are in ref/configs.py)
+# ---------------------------------------------------------------------------------------------------------------------
+
+_SHAPES = dict(RUN_DEFAULTS, job="dit", data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES))
+SHAPES_CONFIGS = {
+    # A few minutes on 2 CPU cores: a 4-block, 96-wide DiT on 4x4 patches of 32 px shapes, the IG head after block 1.
+    # A higher lr and a shorter EMA than SiT's, for a run of a few hundred steps.
+    "shapes-tiny": dict(_SHAPES, depth=4, hidden_size=96, num_heads=4, patch_size=4, intermediate_block=1,
+                        batch_size=32, steps=300, lr=1e-3, ema_decay=0.98, checkpoint_every=100, log_every=25),
+    # The IG-at-image-scale CPU run (README), about 30 minutes on 2 cores (2 ranks of 1 thread): 6 blocks of width
+    # 192 (3 heads) on 4x4 patches, the IG head after block 2 of 6 (a third of the depth, as block 4 of 12 in
+    # SiT-B/2); 224,000 images. Half DiT-S's width buys 5x the images of a DiT-S-wide run in the same time (at 650
+    # steps that one drew no shapes yet); lr 1e-3, EMA 0.999 (a 1000-step window).
+    "shapes-small": dict(_SHAPES, depth=6, hidden_size=192, num_heads=3, patch_size=4, intermediate_block=2,
+                         batch_size=64, steps=3500, lr=1e-3, ema_decay=0.999, checkpoint_every=250, log_every=50),
+}
+# The InnerControl pipeline on 32 px shapes (README): pixel-space DDPM with SD1.5's scaled-linear betas (1000 steps;
+# Table 4's timestep ranges are in its steps; its terminal sqrt(abar) of 0.07, against 0.006 for the linear betas,
+# keeps the one-step x0 of an eps model usable at high t: with linear betas a 1000-step base sampled saturated
+# colours), captions dropped with probability label_dropout for CFG. Each stage reads the runs before it from their
+# default folders; "{task}" in a path is the run's task. Every stage of every task:
+# `train.py --config NAME --task TASK`.
+_PIPELINE = dict(RUN_DEFAULTS, data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES), objective="eps",
+                 beta_schedule="scaled_linear",
+                 unet="tiny", task="depth", tap_mode="conv", base="runs/shapes-unet/latest.pt",
+                 probe="runs/shapes-probe-{task}/latest.pt",
+                 reward_model="runs/shapes-estimator-reward-{task}/latest.pt", init=None, alpha=None, beta=None,
+                 reward_range=None, align_range=None, checkpoint_every=250, log_every=50)
+SHAPES_CONFIGS.update({
+    # The sizes are the documented CPU run of shapes/experiment.py (36 min for depth on 2 cores, README): short
+    # runs, so EMA windows of a fifth to a half of each run.
+    # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters)
+    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=1000, lr=1e-3, ema_decay=0.995),
+    # 2. control estimators: the reward model D (weaker: narrow, short) and the evaluation model (wider, longer)
+    "shapes-estimator-reward": dict(_PIPELINE, job="estimator", hidden_size=16, depth=1, batch_size=32, steps=300,
+                                    lr=1e-3, ema_decay=0.99),
+    "shapes-estimator-eval": dict(_PIPELINE, job="estimator", hidden_size=32, depth=2, batch_size=32, steps=1000,
+                                  lr=1e-3, ema_decay=0.995),
+    # 3. the readout probe on the frozen base (Adam lr 1e-3 and batch 16 as Readout Guidance; P = 64 for the tiny UNet)
+    "shapes-probe": dict(_PIPELINE, job="probe", hidden_size=64, batch_size=16, steps=1000, lr=1e-3, ema_decay=0.99),
+    # 4. the ControlNet fine-tuned with the diffusion loss alone (lr 3e-4: 1e-4 of the paper is for batch 256 and
+    #    thousands of steps)
+    "shapes-controlnet": dict(_PIPELINE, job="controlnet", alpha=0.0, beta=0.0, batch_size=32, steps=500, lr=3e-4,
+                              ema_decay=0.99),
+    # 5. continued from step 4 with Eq. 8 (alpha, beta, ranges: Table 4 unless given)
+    "shapes-innercontrol": dict(_PIPELINE, job="controlnet", init="runs/shapes-controlnet-{task}/latest.pt",
+                                batch_size=32, steps=200, lr=3e-4, ema_decay=0.98),
+})
