@@ -55,7 +55,7 @@ from PIL import Image
 
 from ref import runtime
 from ref.checkpoints import read_checkpoint
-from ref.data import SD_VAE_SCALE_FACTOR
+from ref.data import SD_VAE_SCALE_FACTOR, to_uint8
 from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS, ig_release_head_block, load_checkpoint, reversed_time
 from ref.guidance import guided_denoiser
 from ref.internal_guidance import LATENT_CHANNELS, LATENT_DOWNSAMPLING, dit_from_config
@@ -221,11 +221,6 @@ def check_guidance(args, model):
         raise ValueError("--cfg needs a model trained with label dropout (this one has no null label)")
     if args.class_label is not None and not 0 <= args.class_label < model.num_classes:
         raise ValueError(f"--class-label must be in [0, {model.num_classes}), got {args.class_label}")
-
-
-def to_uint8(x):
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, as DiT's sample_ddp.py: clamp(127.5 x + 128, 0, 255)."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def grid_image(images, columns):

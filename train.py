@@ -22,19 +22,29 @@ import argparse
 from pathlib import Path
 
 from ref import configs
-from ref.runtime import distributed
+from ref.runtime import distributed, exit_with_error
 from ref.trainer import fit
-from shapes.runs import SHAPES_CONFIGS, make_run
+from shapes.runs import SHAPES_CONFIGS, make_run, run_class
 
 CONFIGS = {**configs.CONFIGS, **SHAPES_CONFIGS}
 
 
 def parse_args(argv=None):
+    """-> (config, out). The flags are the chosen config's fields: `--config NAME --help` lists them."""
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--config", choices=list(CONFIGS))
+    chosen, _ = chooser.parse_known_args(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    configs.add_config_flags(parser, CONFIGS)
+    parser.add_argument("--config", required=True, choices=list(CONFIGS),
+                        help="named config (ref/configs.py, shapes/runs.py); with --help: its fields as flags")
     parser.add_argument("--out", help="run folder (default runs/<config>, runs/<config>-<task> for a task's stage)")
+    fields = run_class(CONFIGS[chosen.config]).fields if chosen.config else {}
+    configs.add_config_flags(parser.add_argument_group(f"fields of {chosen.config}"), fields)
     args = parser.parse_args(argv)
-    config = configs.resolve_config(args, CONFIGS)
+    try:
+        config = configs.resolve_config(args, CONFIGS[args.config], fields)
+    except ValueError as error:
+        exit_with_error(error)
     return config, Path(args.out) if args.out else configs.default_out(config)
 
 

@@ -1,6 +1,6 @@
-"""Configs of train.py: each run is one flat dict of fields, every field a command-line flag (`FIELDS` holds its type
-and help). Named presets: `CONFIGS` here (SiT + IG on ImageNet latents) and the testbed's in shapes/runs.py; a
-resumed run refuses settings that would change what it computes (`check_resumable`).
+"""Configs of train.py: each run is one flat dict of its kind's fields, every field a command-line flag (a run's
+`fields` holds each one's type and help). Named presets: `CONFIGS` here (SiT + IG on ImageNet latents) and the
+testbed's in shapes/runs.py; a resumed run refuses settings that would change what it computes (`check_resumable`).
 """
 import argparse
 from pathlib import Path
@@ -22,23 +22,9 @@ def optional_timestep_range(text):
     return [low, high]
 
 
-FIELDS = {  # name: (type, help); every field is a flag --name-with-dashes
-    "job": (str, "what the run trains (shapes/runs.py): dit | unet | estimator | probe | controlnet"),
-    "data": (str, "shapes (procedural, 3 x S x S pixels) | images (folder <class>/<image>) | latents (SD-VAE shards)"),
-    "data_path": (str, "the image folder or the folder of latents_*.npy / labels_*.npy shards"),
-    "image_size": (int, "image side in pixels (latents: the image they encode; the network sees image_size / 8)"),
-    "num_classes": (int, "class labels 0..num_classes-1; label num_classes is the null label of CFG"),
-    "shapes_items": (int, "shapes: epoch length (scenes are rendered from their index, so any length is free)"),
-    "flip": (bool, "images: add mirrored copies (the dataset doubles)"),
-    "depth": (int, "dit: transformer blocks; estimator: residual blocks per level"),
-    "hidden_size": (int, "dit: token width; estimator: channels at full resolution; probe: projection width P"),
-    "num_heads": (int, "attention heads"),
-    "patch_size": (int, "patch side in network-input pixels"),
-    "intermediate_block": (optional_int, "IG head after this block (1-indexed); none for a plain DiT / SiT"),
-    "objective": (str, "flow (SiT / IG: velocity eps - x0, t ~ U(0, 1)) | eps (DiT: DDPM noise, t ~ U{0..T-1})"),
-    "beta_schedule": (str, "eps objective: DDPM betas (linear, scaled_linear, cosine), 1000 steps"),
-    "aux_weight": (float, "lambda of the IG auxiliary loss ||D_i - target||^2"),
-    "label_dropout": (float, "probability of replacing a label by the null label (CFG training)"),
+# The fields of every run: how long, how fast, how it is checkpointed. Each kind of run adds its own (DiTRun.fields in
+# ref/internal_guidance.py, the testbed's runs in shapes/runs.py); name: (type, help), every field a flag --name.
+TRAINING_FIELDS = {
     "batch_size": (int, "global batch size, all ranks together"),
     "steps": (int, "training steps of the whole run"),
     "lr": (float, "AdamW learning rate (betas 0.9, 0.999, weight decay 0, constant)"),
@@ -52,21 +38,8 @@ FIELDS = {  # name: (type, help); every field is a flag --name-with-dashes
     "workers": (int, "data-loading worker processes per rank (0: load in the training process)"),
     "bf16": (bool, "CUDA: bf16 autocast (TF32 matmuls are always on); ignored on the CPU"),
     "compile": (bool, "torch.compile the model (before the DDP wrap)"),
-    "gradient_checkpointing": (bool, "recompute block activations in the backward pass to save memory"),
     "peak_tflops": (optional_float, "peak TFLOP/s of one device for MFU (default: the GPU's bf16 dense peak)"),
     "stop_after": (optional_int, "debug: checkpoint and stop after this step, as if killed there"),
-    # the InnerControl pipeline (jobs unet, estimator, probe, controlnet)
-    "unet": (str, "unet: the ref/unet.py preset of the base UNet (pixel space, 3 channels)"),
-    "task": (str, "estimator, probe, controlnet: depth | segmentation | edges"),
-    "tap_mode": (str, "probe: decoder features it reads, conv (ResBlocks) | attn (self-attention outputs)"),
-    "base": (str, "probe, controlnet: the base UNet run's latest.pt (its EMA weights, frozen)"),
-    "probe": (str, "controlnet: the probe run's latest.pt, for the alignment term (beta > 0)"),
-    "reward_model": (str, "controlnet: the reward estimator run's latest.pt, for the reward term (alpha > 0)"),
-    "init": (str, "controlnet: start from this controlnet run's weights (Eq. 8 after the plain fine-tune)"),
-    "alpha": (optional_float, "controlnet: reward weight (none: the task's Table 4 value; 0: no reward term)"),
-    "beta": (optional_float, "controlnet: alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
-    "reward_range": (optional_timestep_range, "controlnet: LOW,HIGH steps of the reward term (none: Table 4)"),
-    "align_range": (optional_timestep_range, "controlnet: LOW,HIGH steps of the alignment term (none: Table 4)"),
 }
 
 # Fields that may change when a run is resumed: how far and how it runs, not what it computes.
@@ -77,12 +50,13 @@ POSITIVE_FIELDS = ("steps", "batch_size", "checkpoint_every", "snapshot_every", 
                    "shapes_items", "image_size", "num_classes", "depth", "hidden_size", "num_heads", "patch_size")
 NON_NEGATIVE_FIELDS = ("workers",)
 
-RUN_DEFAULTS = dict(data_path=None, shapes_items=1_000_000, flip=False, objective="flow", beta_schedule="linear",
-                    aux_weight=0.5, label_dropout=0.1, lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True,
-                    compile=False, gradient_checkpointing=False, peak_tflops=None, stop_after=None,
-                    snapshot_every=None)
+RUN_DEFAULTS = dict(lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True, compile=False, peak_tflops=None,
+                    stop_after=None, snapshot_every=None)
+# The DiT / SiT runs' defaults besides (a preset of another kind leaves out what its kind does not declare).
+DIT_DEFAULTS = dict(RUN_DEFAULTS, job="dit", data_path=None, flip=False, objective="flow", beta_schedule="linear",
+                    aux_weight=0.5, label_dropout=0.1, gradient_checkpointing=False)
 # SiT / IG release settings (docs: IG notes): batch 256, lr 1e-4, EMA 0.9999, SD-VAE latents of 256 px ImageNet.
-_IMAGENET = dict(RUN_DEFAULTS, job="dit", data="latents", image_size=256, num_classes=1000, batch_size=256,
+_IMAGENET = dict(DIT_DEFAULTS, data="latents", image_size=256, num_classes=1000, batch_size=256,
                  ema_decay=0.9999, checkpoint_every=10_000, log_every=100, workers=4)
 
 CONFIGS = {
@@ -94,14 +68,9 @@ CONFIGS = {
                              steps=400_000),
 }
 
-PATH_FIELDS = ("base", "probe", "reward_model", "init")  # may name the run's task as {task}
-
-
-def add_config_flags(parser, configs):
-    """--config NAME (one of `configs`) and one flag per field; a flag left out keeps the named config's value."""
-    parser.add_argument("--config", required=True, choices=list(configs), help="named config (ref/configs.py, "
-                        "shapes/runs.py)")
-    for name, (kind, help_text) in FIELDS.items():
+def add_config_flags(parser, fields):
+    """One flag per field; a flag left out keeps the named config's value."""
+    for name, (kind, help_text) in fields.items():
         flag = "--" + name.replace("_", "-")
         if kind is bool:  # --flag / --no-flag
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
@@ -109,13 +78,17 @@ def add_config_flags(parser, configs):
             parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
 
 
-def resolve_config(args, configs):
-    """The named config with the flags given on the command line laid over it (a flag left out is no attribute)."""
-    overrides = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    config = dict(configs[args.config], **overrides, config=args.config)
-    for name in PATH_FIELDS:
-        if config.get(name):
-            config[name] = config[name].format(task=config["task"])
+def resolve_config(args, preset, fields):
+    """The named config `preset` cut to its kind's `fields`, with the flags given on the command line laid over it
+    (a flag left out is no attribute), and its `job` and `config` name."""
+    missing = sorted(set(fields) - set(preset))
+    if missing:
+        raise ValueError(f"config {args.config} gives no value for {', '.join(missing)}")
+    config = {name: getattr(args, name, preset[name]) for name in fields}
+    config.update(job=preset["job"], config=args.config)
+    if "task" in config:  # a path may name the run's task as {task}
+        config.update({name: value.replace("{task}", config["task"]) for name, value in config.items()
+                       if isinstance(value, str)})
     return config
 
 
@@ -136,10 +109,10 @@ def check_counts(config):
 
 
 def check_resumable(stored, config, path):
-    """Refuse to continue a run whose stored config differs from this one in anything but RUN_FIELDS."""
-    differences = [f"{name}: stored {stored.get(name)!r}, given {config.get(name)!r}"
-                   for name in sorted(set(stored) | set(config))
-                   if name not in RUN_FIELDS and stored.get(name) != config.get(name)]
+    """Refuse to continue a run whose stored config differs from this one in any of this run's fields but RUN_FIELDS
+    (a field the stored config has and this kind of run no longer declares is not read)."""
+    differences = [f"{name}: stored {stored.get(name)!r}, given {config[name]!r}" for name in sorted(config)
+                   if name not in RUN_FIELDS and stored.get(name) != config[name]]
     if differences:
         raise ValueError(f"{path} is a checkpoint of a different run; to resume it, give the stored settings (or "
                          f"choose another --out):\n  " + "\n  ".join(differences))

@@ -30,13 +30,20 @@ def check_index(index, length):
 IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".ppm", ".tif", ".tiff", ".webp")
 
 
-def read_image(path):
-    """Decode an image file to an RGB PIL image; a file pillow cannot read raises ValueError naming it."""
+def read_image(path, mode="RGB"):
+    """The project's one image reader: a file decoded to a PIL image in `mode` (a PIL mode; None keeps it as stored,
+    e.g. palette class indices); a file pillow cannot read raises ValueError naming it."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return image.convert(mode) if mode else image.copy()
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from None
+
+
+def to_uint8(images):
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, the project's one conversion to 8-bit pixels: DiT's
+    sample_ddp.py, clamp(127.5 x + 128, 0, 255) truncated, i.e. 127.5 (x + 1) rounded half up."""
+    return (127.5 * images + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def center_crop(image, size):

@@ -141,7 +141,8 @@ def range_probability(t_range, num_timesteps):
 
 def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range, align_range, num_timesteps=1000):
     """Eq. 8 per sample -> (B,):
-        L_i = L_diff,i + alpha 1[t_i in R_reward] L_reward,i / P(R_reward) + beta 1[t_i in R_align] L_align,i / P(R_align)
+        L_i = L_diff,i + alpha 1[t_i in R_reward] L_reward,i / P(R_reward)
+                       + beta 1[t_i in R_align] L_align,i / P(R_align)
 
     diffusion, reward, alignment: per-sample losses (B,); reward or alignment None leaves that term out (the rows of
     Table 2 without it). P(R) = (high - low + 1) / T is the probability of the range under the uniform training draw

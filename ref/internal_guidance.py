@@ -9,6 +9,7 @@ D_i + w (D_f - D_i), is ref.guidance.guided_denoiser.
 """
 import torch
 
+from ref.configs import TRAINING_FIELDS, optional_int
 from ref.data import ImageFolder, LatentShards
 from ref.dit import DiT
 from ref.losses import ddpm_eps_loss, drop_labels, flow_matching_loss
@@ -58,6 +59,24 @@ def collate_inputs_labels(samples):
 
 class DiTRun:
     """The IG run for ref.trainer.fit: a DiT / SiT with the IG head on an image folder or latent shards."""
+    fields = dict(
+        TRAINING_FIELDS,
+        data=(str, "images (folder <class>/<image>) | latents (SD-VAE shards)"),
+        data_path=(str, "the image folder or the folder of latents_*.npy / labels_*.npy shards"),
+        image_size=(int, "image side in pixels (latents: the image they encode; the network sees image_size / 8)"),
+        num_classes=(int, "class labels 0..num_classes-1; label num_classes is the null label of CFG"),
+        flip=(bool, "images: add mirrored copies (the dataset doubles)"),
+        depth=(int, "transformer blocks"),
+        hidden_size=(int, "token width"),
+        num_heads=(int, "attention heads"),
+        patch_size=(int, "patch side in network-input pixels"),
+        intermediate_block=(optional_int, "IG head after this block (1-indexed); none for a plain DiT / SiT"),
+        objective=(str, "flow (SiT / IG: velocity eps - x0, t ~ U(0, 1)) | eps (DiT: DDPM noise, t ~ U{0..T-1})"),
+        beta_schedule=(str, "eps objective: DDPM betas (linear, scaled_linear, cosine), 1000 steps"),
+        aux_weight=(float, "lambda of the IG auxiliary loss ||D_i - target||^2"),
+        label_dropout=(float, "probability of replacing a label by the null label (CFG training)"),
+        gradient_checkpointing=(bool, "recompute block activations in the backward pass to save memory"),
+    )
 
     def __init__(self, config, load=True):
         self.config = config

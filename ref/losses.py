@@ -25,13 +25,15 @@ def internal_guidance_loss(final, intermediate, target, aux_weight=0.5):
 
 
 def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5):
-    """Velocity regression on x_t = (1 - t) x0 + t eps with target v = eps - x0. model(x_t, t, y) -> (D_f, D_i). -> (N,)"""
+    """Velocity regression on x_t = (1 - t) x0 + t eps with target v = eps - x0. model(x_t, t, y) -> (D_f, D_i).
+    -> (N,)"""
     final, intermediate = model(FLOW.add_noise(x0, eps, t), t, y)
     return internal_guidance_loss(final, intermediate, FLOW.v_target(x0, eps, t), aux_weight)
 
 
 def ddpm_eps_loss(model, schedule, x0, t, y, eps, aux_weight=0.5):
-    """Noise regression (Ho et al. 2020, Eq. 14, the "simple" loss) on x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. -> (N,)"""
+    """Noise regression (Ho et al. 2020, Eq. 14, the "simple" loss) on x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps.
+    -> (N,)"""
     final, intermediate = model(schedule.add_noise(x0, eps, t), t, y)
     return internal_guidance_loss(final, intermediate, eps, aux_weight)
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.checkpoints import read_checkpoint
-from ref.data import batch_indices
+from ref.data import batch_indices, to_uint8
 from ref.metrics import frechet_distance, precision_recall
 from shapes.data import SHAPE_CLASSES, Shapes
 
@@ -39,16 +39,10 @@ class ShapesClassifierError(ValueError):
 # True scenes as uint8 images, the form samples take on disk
 # ---------------------------------------------------------------------------------------------------------------------
 
-def quantize(images):
-    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8, as an ADM .npz stores images."""
-    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).numpy()
-
-
 def render(dataset, indices):
     """Scenes `indices` of a Shapes dataset -> (images (B, H, W, 3) uint8, front-object labels (B,) int64)."""
     scenes = [dataset[int(index)] for index in indices]
-    images = quantize(torch.stack([scene.image for scene in scenes]))
+    images = to_uint8(torch.stack([scene.image for scene in scenes]))
     return images, torch.tensor([scene.label for scene in scenes])
 
 

@@ -26,9 +26,10 @@ from PIL import Image, ImageDraw
 import eval as evaluate
 import sample as sample_script
 import train as train_script
+from ref.data import to_uint8
 from ref.schedules import DDPMSchedule
 from shapes import runs
-from shapes.classifier import quantize, render, save_classifier, train_classifier
+from shapes.classifier import render, save_classifier, train_classifier
 from shapes.data import Shapes
 from shapes.evaluation import CONTROL_METRICS, EVAL_SCENE_SEED, errors_across_t
 from shapes.runs import SHAPES_CONFIGS
@@ -190,7 +191,7 @@ def line_chart(series, metric, size=(520, 320), margin=48):
 def picture(tensor, task):
     """A (3, H, W) image in [-1, 1], or a control reading (maps in [0, 1] or logits) -> (H, W, 3) uint8."""
     if tensor.shape[0] == 3:
-        return quantize(tensor[None])[0]
+        return to_uint8(tensor[None])[0]
     return runs.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
 
 

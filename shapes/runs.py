@@ -18,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.checkpoints import check_state_fits
-from ref.configs import RUN_DEFAULTS
+from ref.configs import (DIT_DEFAULTS, RUN_DEFAULTS, TRAINING_FIELDS, optional_float,
+                         optional_timestep_range)
 from ref.controlnet import ControlNet
 from ref.innercontrol import (InnerControlTerms, alignment_loss, control_loss, innercontrol_task,
                               innercontrol_training_step, range_probability)
@@ -58,6 +59,11 @@ def load_trained(path, expected_job, weights="ema", checkpoint=None, load=True):
 
 class ShapesDiTRun(DiTRun):
     """DiTRun with one more source of data: --data shapes, labelled by the front object's class."""
+    fields = dict(DiTRun.fields,
+                  data=(str, "shapes (procedural, 3 x S x S pixels) | images (folder <class>/<image>) | latents "
+                             "(SD-VAE shards)"),
+                  shapes_items=(int, "shapes: epoch length (scenes are rendered from their index, so any length is "
+                                     "free)"))
 
     def dataset_and_classes(self):
         if self.config["data"] == "shapes":
@@ -159,8 +165,35 @@ class TextToImage(nn.Module):
         return self.unet(x, t, self.text_encoder(tokens), control=control, taps=taps)
 
 
+PIPELINE_FIELDS = {  # the InnerControl pipeline's fields; each run declares those it reads
+    "image_size": (int, "image side in pixels"),
+    "shapes_items": (int, "epoch length (scenes are rendered from their index, so any length is free)"),
+    "beta_schedule": (str, "DDPM betas (linear, scaled_linear, cosine), 1000 steps"),
+    "label_dropout": (float, "probability of replacing a caption by the empty one (CFG training)"),
+    "unet": (str, "the ref/unet.py preset of the base UNet (pixel space, 3 channels)"),
+    "task": (str, "depth | segmentation | edges"),
+    "depth": (int, "residual blocks per level"),
+    "hidden_size": (int, "estimator: channels at full resolution; probe: projection width P"),
+    "tap_mode": (str, "decoder features the probe reads, conv (ResBlocks) | attn (self-attention outputs)"),
+    "base": (str, "the base UNet run's latest.pt (its EMA weights, frozen)"),
+    "probe": (str, "the probe run's latest.pt, for the alignment term (beta > 0)"),
+    "reward_model": (str, "the reward estimator run's latest.pt, for the reward term (alpha > 0)"),
+    "init": (str, "start from this controlnet run's weights (Eq. 8 after the plain fine-tune)"),
+    "alpha": (optional_float, "reward weight (none: the task's Table 4 value; 0: no reward term)"),
+    "beta": (optional_float, "alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
+    "reward_range": (optional_timestep_range, "LOW,HIGH steps of the reward term (none: Table 4)"),
+    "align_range": (optional_timestep_range, "LOW,HIGH steps of the alignment term (none: Table 4)"),
+}
+
+
+def pipeline_fields(*names):
+    """The fields of a pipeline run: the training fields, the scenes and the schedule, and `names`."""
+    return dict(TRAINING_FIELDS, **{name: PIPELINE_FIELDS[name]
+                                    for name in ("image_size", "shapes_items", "beta_schedule", *names)})
+
+
 class ShapesRun:
-    """What the pipeline's jobs share: shapes data at the config's size, the DDPM schedule, the task."""
+    """What the pipeline's runs share: shapes data at the config's size, the DDPM schedule, the task."""
 
     def __init__(self, config, load=True):
         self.config = config
@@ -169,8 +202,6 @@ class ShapesRun:
         self.task = None if self.task_name is None else shapes_task(self.task_name)
 
     def make_dataset(self):
-        if self.config["data"] != "shapes":
-            raise ValueError(f"the {self.config['job']} job trains on shapes only (got --data {self.config['data']})")
         return Shapes(self.config["image_size"], num_items=self.config["shapes_items"])
 
     def collate(self, samples):
@@ -193,6 +224,7 @@ class ShapesRun:
 
 class UNetRun(ShapesRun):
     """Step 1: the base text-to-image model, eps prediction, captions dropped with probability label_dropout."""
+    fields = pipeline_fields("unet", "label_dropout")
 
     def collate(self, samples):
         return collate_shapes(samples)  # images and captions; no control
@@ -209,6 +241,7 @@ class UNetRun(ShapesRun):
 
 class EstimatorRun(ShapesRun):
     """Step 2: a control estimator on (image, exact control) pairs; width = hidden_size, blocks per level = depth."""
+    fields = pipeline_fields("task", "hidden_size", "depth")
 
     def build(self):
         output = "logits" if self.task.categorical else "sigmoid"
@@ -229,6 +262,7 @@ class ProbeRun(ShapesRun):
     """Step 3: the readout probe on the frozen base UNet's decoder features (tap mode `tap_mode`) of noised real
     images at random t, regressing the control (the alignment loss of Eq. 7 with the probe trainable); its width P is
     hidden_size. Captions are dropped as in the ControlNet's training, so the probe knows the features of both."""
+    fields = pipeline_fields("task", "tap_mode", "base", "hidden_size", "label_dropout")
 
     def __init__(self, config, load=True):
         super().__init__(config, load)
@@ -255,6 +289,8 @@ class ControlNetRun(ShapesRun):
     trained with Eq. 8: the diffusion loss, + alpha x the reward of `reward_model` on the one-step estimate over
     reward_range, + beta x the alignment of the frozen `probe` over align_range. alpha, beta and the ranges default to
     the task's Table 4 column; alpha 0 / beta 0 leave the term (and its network) out."""
+    fields = pipeline_fields("task", "base", "probe", "reward_model", "init", "alpha", "beta", "reward_range",
+                             "align_range", "label_dropout")
 
     def __init__(self, config, load=True):
         super().__init__(config, load)
@@ -318,6 +354,12 @@ RUNS = {"dit": ShapesDiTRun, "unet": UNetRun, "estimator": EstimatorRun, "probe"
         "controlnet": ControlNetRun}
 
 
+def run_class(preset):
+    """The kind of run a named config is, for its fields: DiTRun for a DiT on images or latents (no shapes fields),
+    else its job's."""
+    return DiTRun if preset["job"] == "dit" and preset["data"] != "shapes" else RUNS[preset["job"]]
+
+
 def make_run(config, load=True):
     """The run of a config, by its `job` (what ref.trainer.fit is given)."""
     if config["job"] not in RUNS:
@@ -329,7 +371,7 @@ def make_run(config, load=True):
 # Named configs of the testbed (train.py --config NAME; the ImageNet ones are in ref/configs.py)
 # ---------------------------------------------------------------------------------------------------------------------
 
-_SHAPES = dict(RUN_DEFAULTS, job="dit", data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES))
+_SHAPES = dict(DIT_DEFAULTS, data="shapes", shapes_items=1_000_000, image_size=32, num_classes=len(SHAPE_CLASSES))
 SHAPES_CONFIGS = {
     # A few minutes on 2 CPU cores: a 4-block, 96-wide DiT on 4x4 patches of 32 px shapes, the IG head after block 1.
     # A higher lr and a shorter EMA than SiT's, for a run of a few hundred steps.
@@ -348,8 +390,7 @@ SHAPES_CONFIGS = {
 # colours), captions dropped with probability label_dropout for CFG. Each stage reads the runs before it from their
 # default folders; "{task}" in a path is the run's task. Every stage of every task:
 # `train.py --config NAME --task TASK`.
-_PIPELINE = dict(RUN_DEFAULTS, data="shapes", image_size=32, num_classes=len(SHAPE_CLASSES), objective="eps",
-                 beta_schedule="scaled_linear",
+_PIPELINE = dict(RUN_DEFAULTS, image_size=32, shapes_items=1_000_000, beta_schedule="scaled_linear", label_dropout=0.1,
                  unet="tiny", task="depth", tap_mode="conv", base="runs/shapes-unet/latest.pt",
                  probe="runs/shapes-probe-{task}/latest.pt",
                  reward_model="runs/shapes-estimator-reward-{task}/latest.pt", init=None, alpha=None, beta=None,

@@ -33,7 +33,8 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
     assert max(distance(start, ends[0]).values()) > 0
     for index, end in enumerate(ends[1:], start=1):
         moved = distance(ends[0], end)
-        assert max(moved.values()) > 1e-6 * max(distance(start, ends[0]).values()), list(experiment.DEPTH_ROWS)[index]
+        row = list(experiment.DEPTH_ROWS)[index]
+        assert max(moved.values()) > 1e-6 * max(distance(start, ends[0]).values()), row
     assert max(distance(ends[2], ends[3]).values()) > 0  # reward [0, 200] and [0, 920]: the range matters
     # a rerun finds every run finished and every sample folder written: nothing is trained or sampled again
     stamps = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}

@@ -343,3 +343,23 @@ def test_training_flops_match_the_closed_form():
     forward = depth * block + 2 * head + patch_embed + timestep_mlp + 2 * width * width
     dataset = runs.make_run(config).make_dataset()
     assert training_flops_per_image(runs.make_run, config, dataset) == 3 * forward - patch_embed - timestep_mlp
+
+
+def test_each_kind_of_run_has_its_own_fields_and_help(capsys):
+    """A DiT run carries no InnerControl field, a ControlNet run no DiT field; --help lists the chosen kind's fields
+    only, and a flag of another kind is refused."""
+    dit, _ = train.parse_args(["--config", "shapes-tiny"])
+    controlnet, _ = train.parse_args(["--config", "shapes-controlnet"])
+    assert "patch_size" in dit and "reward_range" not in dit and "task" not in dit
+    assert "reward_range" in controlnet and "patch_size" not in controlnet and "objective" not in controlnet
+    imagenet, _ = train.parse_args(["--config", "sit-b2-imagenet"])
+    assert set(imagenet) == set(dit) - {"shapes_items"}
+    for config, present, absent in (("shapes-controlnet", "--reward-range", "--patch-size"),
+                                    ("shapes-tiny", "--patch-size", "--reward-range")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--config", config, "--help"])
+        help_text = capsys.readouterr().out
+        assert present in help_text and absent not in help_text
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(["--config", config, absent, "1"])
+        assert exit_info.value.code == 2 and f"unrecognized arguments: {absent}" in capsys.readouterr().err
