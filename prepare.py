@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed
 from torch.utils.data import DataLoader
 
 from ref import latents, runtime
@@ -143,8 +143,8 @@ def shard_done(folder, shard, flip):
 
 
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 class Progress:

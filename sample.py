@@ -40,7 +40,7 @@ A controlnet run of the InnerControl pipeline (train.py --config shapes-controln
 its base UNet steered by the ControlNet: DDIM (50 steps by default) with CFG on the caption (--cfg, the control in both
 branches). Sample i follows the control and caption of evaluation scene i // --seeds-per-control (Shapes seed
 shapes.evaluation.EVAL_SCENE_SEED) from noise seeded with seed + i; arr_1 holds the scene indices, grid.png shows each
-control beside its samples; `eval.py innercontrol` scores them.
+control beside its samples; `evaluate.py innercontrol` scores them.
 Bad input: a message and exit status 2, nothing written.
 """
 import argparse
@@ -170,7 +170,7 @@ def load_model(args, path, checkpoint):
 
 
 def make_sampler(args, model, spec):
-    """-> (run(denoise, noise, draws) -> x0 (N, C, H, W) float64, the network as the sampler calls it
+    """-> (integrate(denoise, noise, draws) -> x0 (N, C, H, W) float64, the network as the sampler calls it
     (x, t, y) -> (final, intermediate), the factor from t in [0, 1] to the model's time (1 for flow, T for DDPM),
     sampler name, steps)."""
     objective = spec["objective"]
@@ -185,33 +185,33 @@ def make_sampler(args, model, spec):
     if sampler == "em":  # SiT / IG: `steps` points 1 -> 0.04, then the deterministic mean step to 0
         grid = uniform_grid(steps, t_max=SBDM_T_MAX if args.diffusion == "sbdm" else 1.0)
 
-        def run(denoise, noise, draws):
+        def integrate(denoise, noise, draws):
             return euler_maruyama(denoise, noise, grid, randn_like=draws.randn_like,
                                   diffusion=DIFFUSIONS[args.diffusion])
-        return run, network, 1.0, sampler, steps
+        return integrate, network, 1.0, sampler, steps
     if sampler == "heun":
         grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)  # uniform in t; the last step is Euler
 
-        def run(denoise, noise, draws):
+        def integrate(denoise, noise, draws):
             return heun(denoise, noise, grid)
-        return run, network, 1.0, sampler, steps
+        return integrate, network, 1.0, sampler, steps
     schedule = DDPMSchedule.named(spec["beta_schedule"])
     if sampler == "ddim":
         timesteps = spaced_timesteps(schedule, steps)
 
-        def run(denoise, noise, draws):
+        def integrate(denoise, noise, draws):
             return ddim(denoise, noise, schedule, timesteps, eta=args.eta, randn_like=draws.randn_like)
-        return run, network, schedule.num_timesteps, sampler, steps
+        return integrate, network, schedule.num_timesteps, sampler, steps
     kept = respaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)
     respaced = schedule.respaced(kept)
     if spec["learn_sigma"]:
         def network(x, t, y):  # DiT's learned variance: the prediction and the variance channels
             return model(x, t, y, with_variance=True)
 
-    def run(denoise, noise, draws):
+    def integrate(denoise, noise, draws):
         return ddpm_ancestral(denoise, noise, respaced, randn_like=draws.randn_like, model_timesteps=kept,
                               learned_variance=spec["learn_sigma"])
-    return run, network, schedule.num_timesteps, sampler, len(kept)
+    return integrate, network, schedule.num_timesteps, sampler, len(kept)
 
 
 def check_guidance(args, model):
@@ -239,8 +239,8 @@ def sample_labels(indices, args, num_classes):
 
 def sample_share(args, model, spec, sampling, world):
     """This rank's samples r, r + W, ... -> ((indices, outputs), network evaluations per sample, counted). outputs:
-    uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (run, network, interval_scale)."""
-    run_sampler, network, interval_scale = sampling
+    uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (integrate, network, interval_scale)."""
+    integrate, network, interval_scale = sampling
     rows = 0
 
     def counted_network(x, t, y):
@@ -259,7 +259,7 @@ def sample_share(args, model, spec, sampling, world):
                                   cfg_interval=[interval_scale * t for t in args.cfg_interval],
                                   cfg_channels=spec["cfg_channels"])
         with runtime.autocast(world.device, args.bf16):
-            x = run_sampler(denoise, draws.randn(*shape).to(world.device), draws).float().cpu()  # (n, C, H, W)
+            x = integrate(denoise, draws.randn(*shape).to(world.device), draws).float().cpu()  # (n, C, H, W)
         outputs.append((x / SD_VAE_SCALE_FACTOR).numpy() if spec["latent"] else to_uint8(x))
     return (indices, np.concatenate(outputs)), rows / max(len(indices), 1)
 
@@ -366,7 +366,7 @@ def main(argv=None):
             networks = load_controlnet(args, path, checkpoint)
         else:
             model, spec = load_model(args, path, checkpoint)
-            run_sampler, network, interval_scale, sampler, steps = make_sampler(args, model, spec)
+            integrate, network, interval_scale, sampler, steps = make_sampler(args, model, spec)
             check_guidance(args, model)
     except ValueError as error:
         runtime.exit_with_error(error)
@@ -375,7 +375,7 @@ def main(argv=None):
     with runtime.distributed() as world:
         model.to(world.device).eval()
         start = time.perf_counter()
-        share, evaluations = sample_share(args, model, spec, (run_sampler, network, interval_scale), world)
+        share, evaluations = sample_share(args, model, spec, (integrate, network, interval_scale), world)
         samples = gather_in_order(share)
         if not world.is_main:
             return

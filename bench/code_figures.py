@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("ref", "shapes", "toy", "bench")
-SCRIPTS = ("train", "sample", "eval", "prepare")
+SCRIPTS = ("train", "sample", "evaluate", "prepare")
 
 
 def project_modules():

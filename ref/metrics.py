@@ -413,7 +413,7 @@ def ms_ssim(x, y, data_range, window_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS
 def depth_rmse(predicted, control):
     """Per-image depth RMSE on the 0-255 scale of the ControlNet++ / InnerControl protocol: the input control depth
     min-max scaled to [0, 255], the evaluation model's depth of the generated image divided by its maximum and
-    scaled by 255 (ControlNet++ eval/eval.py), then sqrt of the mean squared difference (eval/eval_depth.py); the
+    scaled by 255 (ControlNet++ eval/evaluate.py), then sqrt of the mean squared difference (eval/eval_depth.py); the
     protocol averages it over images. Maps already saved by that pipeline are (nearly) unchanged by the two
     scalings. A constant control maps to 0. (N, H, W) x 2 -> (N,)"""
     predicted, control = predicted.double().flatten(1), control.double().flatten(1)  # (N, HW)

@@ -8,9 +8,10 @@ estimate) and Fig. 3 (one-step estimate, its reward-model reading, the probe's r
 Every stage is a train.py run in OUT (base UNet, reward and evaluation estimators, probe, fine-tuned ControlNet), each
 Table 2 row a train.py run that continues from the fine-tuned ControlNet for the same number of steps with its Eq. 8
 terms; rerunning the command resumes or skips what is done. Each row is sampled by sample.py (DDIM, caption CFG,
---seeds sampling seeds over the same evaluation scenes) and scored by eval.py innercontrol (the evaluation estimator's
-control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the estimator's floor). Writes
-OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and sampling run under torchrun with --nproc ranks.
+--seeds sampling seeds over the same evaluation scenes) and scored by evaluate.py innercontrol (the evaluation
+estimator's control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the estimator's
+floor). Writes OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and sampling run under torchrun with
+--nproc ranks.
 """
 import argparse
 import json
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-import eval as evaluate
+import evaluate
 import sample as sample_script
 import train as train_script
 from ref.data import to_uint8
@@ -59,7 +60,7 @@ FIG2_TIMESTEPS = list(range(0, 1000, 50)) + [999]
 IMAGE_SIZE = SHAPES_CONFIGS["shapes-unet"]["image_size"]
 
 
-def run(script, flags, nproc):
+def launch(script, flags, nproc):
     """SCRIPT's main(FLAGS) in this process, or SCRIPT under torchrun with nproc ranks of one thread each; a failure
     stops the experiment (finished runs are kept, so a rerun goes on from there)."""
     flags = list(map(str, flags))
@@ -77,8 +78,8 @@ def train(config, out, budget, nproc, **flags):
     """train.py --config CONFIG with the flags (and the budget's sizes) -> the run's checkpoint."""
     steps = budget["train"].get("steps", SHAPES_CONFIGS[config]["steps"])
     flags = dict(flags, **budget["train"], log_every=max(1, steps // 10), out=out)
-    run("train.py", ["--config", config, *[item for name, value in flags.items()
-                                          for item in (f"--{name.replace('_', '-')}", value)]], nproc)
+    launch("train.py", ["--config", config, *[item for name, value in flags.items()
+                                             for item in (f"--{name.replace('_', '-')}", value)]], nproc)
     return out / "latest.pt"
 
 
@@ -128,8 +129,8 @@ def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
         for seed in range(budget["seeds"]):
             folder = out / task / "samples" / f"row{index}-seed{seed}"
             if not (folder / "samples.npz").exists():
-                run("sample.py", [checkpoint, "--num-samples", budget["scenes"], "--seed", 1000 * seed,
-                                  "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--out", folder], nproc)
+                launch("sample.py", [checkpoint, "--num-samples", budget["scenes"], "--seed", 1000 * seed,
+                                     "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--out", folder], nproc)
             per_seed.append(score(folder, stages, classifier, budget))
         metrics = [key for key in per_seed[0] if isinstance(per_seed[0][key], float)]
         table[name] = {key: float(np.mean([report[key] for report in per_seed])) for key in metrics}

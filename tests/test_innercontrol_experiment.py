@@ -44,7 +44,8 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
 
 def distance(state, other):
     """{name: max |difference|} over the floating-point tensors of two state dicts."""
-    return {name: float((value - other[name]).abs().max()) for name, value in state.items() if value.is_floating_point()}
+    return {name: float((value - other[name]).abs().max()) for name, value in state.items()
+            if value.is_floating_point()}
 
 
 def test_control_scores_on_hand_cases():

@@ -322,7 +322,7 @@ def test_command_line_error_is_a_message_not_a_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_imagenet_configs_are_the_sit_presets():
-    for name, preset, block in (("sit-b2-imagenet", "DiT-B/2", 4), ("sit-xl2-imagenet", "DiT-XL/2", 8)):
+    for name, preset, block in (("sit-b2-imagenet", "SiT-B/2", 4), ("sit-xl2-imagenet", "SiT-XL/2", 8)):
         with torch.device("meta"):
             ours = DiTRun(CONFIGS[name]).build()
             theirs = MODELS[preset](intermediate_block=block)
