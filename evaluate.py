@@ -34,7 +34,7 @@ from ref import runtime
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
 from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
-from shapes import runs
+from shapes import pipeline, runs
 from shapes.classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
 from shapes.data import Shapes
@@ -153,10 +153,11 @@ def run_innercontrol(args):
         scene_indices = archive["arr_1"]
     size = settings["config"]["image_size"]
     scenes = Shapes(size, num_items=int(scene_indices.max()) + 1, seed=settings["scene_seed"])
-    score, done, progress = ControlScore(task, runs.SEGMENT_CLASSES), 0, Progress("control")
+    score, done, progress = ControlScore(task, pipeline.SEGMENT_CLASSES), 0, Progress("control")
     for batch in samples.batches(args.batch_size):
         images = 2 * to_unit_range(batch).to(args.device) - 1  # (B, 3, H, W) in [-1, 1]
-        controls = torch.stack([runs.control_of(scenes[int(i)], task) for i in scene_indices[done:done + len(batch)]])
+        indices = scene_indices[done:done + len(batch)]
+        controls = torch.stack([pipeline.control_of(scenes[int(i)], task) for i in indices])
         with torch.no_grad():
             score.update(estimator(images), controls)
         done += len(batch)

@@ -62,7 +62,7 @@ from ref.internal_guidance import LATENT_CHANNELS, LATENT_DOWNSAMPLING, dit_from
 from ref.samplers import (DIFFUSIONS, SBDM_T_MAX, ddim, ddpm_ancestral, euler_maruyama, heun, respaced_timesteps,
                           spaced_timesteps, uniform_grid)
 from ref.schedules import DDPMSchedule
-from shapes import runs
+from shapes import pipeline, runs
 from shapes.data import Shapes
 from shapes.evaluation import EVAL_SCENE_SEED, generate
 
@@ -313,9 +313,9 @@ def controlnet_share(args, base, controlnet, config, world):
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start:start + args.batch_size]
         samples = [scenes[int(i) // args.seeds_per_control] for i in batch]
-        _, tokens, control = runs.collate_shapes(samples, config["task"])
+        _, tokens, control = pipeline.collate_shapes(samples, config["task"])
         draws = runtime.SampleDraws(args.seed + int(i) for i in batch)
-        hint = runs.hint_of(control, config["task"]).to(world.device)
+        hint = pipeline.hint_of(control, config["task"]).to(world.device)
         noise = draws.randn(3, config["image_size"], config["image_size"]).to(world.device)
         with runtime.autocast(world.device, args.bf16):
             images = generate(base, controlnet, schedule, hint, tokens.to(world.device), noise,
@@ -329,8 +329,8 @@ def control_pictures(samples, scene_indices, config, seeds_per_control):
     scenes = Shapes(config["image_size"], num_items=int(scene_indices.max()) + 1, seed=EVAL_SCENE_SEED)
     rows = []
     for start in range(0, len(samples), seeds_per_control):
-        control = runs.control_of(scenes[int(scene_indices[start])], config["task"])
-        rows += [runs.control_picture(control, config["task"]), *samples[start:start + seeds_per_control]]
+        control = pipeline.control_of(scenes[int(scene_indices[start])], config["task"])
+        rows += [pipeline.control_picture(control, config["task"]), *samples[start:start + seeds_per_control]]
     return np.stack(rows)
 
 

@@ -29,7 +29,7 @@ import sample as sample_script
 import train as train_script
 from ref.data import to_uint8
 from ref.schedules import DDPMSchedule
-from shapes import runs
+from shapes import pipeline, runs
 from shapes.classifier import render, save_classifier, train_classifier
 from shapes.data import Shapes
 from shapes.evaluation import CONTROL_METRICS, EVAL_SCENE_SEED, errors_across_t
@@ -159,8 +159,8 @@ def figure_rows(task, stages, budget):
     probe, probe_config = runs.load_trained(stages["probe"], "probe")
     reward_model, _ = runs.load_trained(stages["reward"], "estimator")
     scenes = Shapes(config["image_size"], num_items=budget["fig_scenes"], seed=EVAL_SCENE_SEED)
-    images, tokens, control = runs.collate_shapes([scenes[i] for i in range(len(scenes))], task)
-    batch = images, tokens, control, runs.hint_of(control, task)
+    images, tokens, control = pipeline.collate_shapes([scenes[i] for i in range(len(scenes))], task)
+    batch = images, tokens, control, pipeline.hint_of(control, task)
     rows = errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
                            DDPMSchedule.named(config["beta_schedule"]), task, batch, FIG2_TIMESTEPS)
     return rows, images[0], control[0]
@@ -193,7 +193,7 @@ def picture(tensor, task):
     """A (3, H, W) image in [-1, 1], or a control reading (maps in [0, 1] or logits) -> (H, W, 3) uint8."""
     if tensor.shape[0] == 3:
         return to_uint8(tensor[None])[0]
-    return runs.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
+    return pipeline.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
 
 
 def write_figures(task, rows, image, control, folder, scale=4):
@@ -206,7 +206,7 @@ def write_figures(task, rows, image, control, folder, scale=4):
                        metric)
     chart.save(folder / "fig2.png")
     shown = [row for row in rows if row["t"] in (0, 200, 400, 600, 800, 999)]
-    exact = runs.control_picture(control, task)
+    exact = pipeline.control_picture(control, task)
     tiles = [[picture(image, task), exact, np.full_like(exact, 255)]]
     tiles += [[picture(row[key], task) for key in ("x0", "reward_estimate", "probe_estimate")] for row in shown]
     grid = np.concatenate([np.concatenate(tile_row, axis=1) for tile_row in tiles], axis=0)
@@ -218,7 +218,7 @@ def write_figures(task, rows, image, control, folder, scale=4):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="depth", choices=list(runs.SHAPES_TASKS))
+    parser.add_argument("--task", default="depth", choices=list(pipeline.SHAPES_TASKS))
     parser.add_argument("--out", default="runs/innercontrol")
     parser.add_argument("--nproc", type=int, default=1, help="ranks for training and sampling (torchrun)")
     parser.add_argument("--classifier", help="FD-shapes classifier (default: OUT/shapes-classifier.pt, trained "

@@ -12,7 +12,7 @@ from ref import runtime
 from ref.checkpoints import read_checkpoint
 from ref.probes import ReadoutProbe
 from ref.unet import MODELS as UNETS
-from shapes import runs
+from shapes import pipeline, runs
 from shapes.data import Shapes
 from shapes.text import PAD
 from tests.helpers import assert_same_state, train_error
@@ -41,7 +41,7 @@ def innercontrol_flags(stages, **overrides):
 
 
 def test_tokenizer_ids_padding_and_errors():
-    tokenizer = runs.CAPTION_TOKENIZER
+    tokenizer = pipeline.CAPTION_TOKENIZER
     tokens = tokenizer(["a red circle and a blue square", ""])
     words = tokenizer.vocabulary
     assert tokens[0, :7].tolist() == [words.index(w) + 1 for w in "a red circle and a blue square".split()]
@@ -96,7 +96,7 @@ def test_eq8_terms_act_exactly_inside_their_ranges(stages):
         per_sample_loss(reward_range="1000,1000", align_range="1000,1000")
     full, run, net, (x0, tokens, control) = per_sample_loss(reward_range="0,999", align_range="0,999")
     draws = runtime.SampleDraws(range(4))  # the draws of the run's step, in its order: caption dropout, t, eps
-    tokens = runs.drop_captions(tokens, run.config["label_dropout"], draws)
+    tokens = pipeline.drop_captions(tokens, run.config["label_dropout"], draws)
     t, eps, hint = draws.randint(1000), draws.randn(*x0.shape[1:]), control
     terms = run.terms
     with torch.no_grad():
