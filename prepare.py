@@ -36,10 +36,10 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.distributed as dist
+import torch.distributed
 from torch.utils.data import DataLoader
 
-from ref import latents, training
+from ref import latents, runtime
 from ref.data import ImageFolder
 from ref.vae import MODELS
 
@@ -114,7 +114,7 @@ def make_plan(args):
                     shard_size=args.shard_size, seed=args.seed, latent_shape=[channels, side, side],
                     scale_factor=vae.scaling_factor, files=len(images.files), classes=images.classes,
                     listing_sha256=latents.listing_digest(images, Path(args.data_path)),
-                    vae_sha256=training.weights_digest(vae.state_dict()))
+                    vae_sha256=runtime.weights_digest(vae.state_dict()))
     finished = read_settings(args.out / "prepare.json")
     if finished is not None:
         if differences(finished, settings):
@@ -131,11 +131,11 @@ def make_plan(args):
 
 
 def write_json(path, value):
-    training.atomic_write(path, lambda file: file.write((json.dumps(value, indent=1) + "\n").encode()))
+    runtime.atomic_write(path, lambda file: file.write((json.dumps(value, indent=1) + "\n").encode()))
 
 
 def write_array(path, array):
-    training.atomic_write(path, lambda file: np.save(file, array))
+    runtime.atomic_write(path, lambda file: np.save(file, array))
 
 
 def shard_done(folder, shard, flip):
@@ -143,8 +143,8 @@ def shard_done(folder, shard, flip):
 
 
 def barrier():
-    if dist.is_initialized():
-        dist.barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 class Progress:
@@ -161,8 +161,8 @@ class Progress:
             self.last, elapsed = now, now - self.start
             rate = self.done / elapsed if elapsed > 0 else float("inf")
             print(f"{'shard ' + str(shard) + ' written; ' if shard is not None else ''}rank 0: {self.done}/"
-                  f"{self.total} images, {rate:.1f} img/s, elapsed {training.format_seconds(elapsed)}, ETA "
-                  f"{training.format_seconds((self.total - self.done) / rate if rate else 0)}", flush=True)
+                  f"{self.total} images, {rate:.1f} img/s, elapsed {runtime.format_seconds(elapsed)}, ETA "
+                  f"{runtime.format_seconds((self.total - self.done) / rate if rate else 0)}", flush=True)
 
 
 def encode_shard(args, plan, shard, device, progress):
@@ -192,7 +192,7 @@ def encode_shard(args, plan, shard, device, progress):
         arrays.update(labels_flip=arrays["labels"], latents_flip=torch.cat(mirrored) if mirrored else empty)
     skipped_file = args.staging / f"skipped_{shard:05d}.txt"
     if skipped:
-        training.atomic_write(skipped_file, lambda file: file.write("".join(skipped).encode()))
+        runtime.atomic_write(skipped_file, lambda file: file.write("".join(skipped).encode()))
     else:  # a list left by an earlier, killed attempt at this shard
         skipped_file.unlink(missing_ok=True)
     for name in sorted(arrays, key=lambda name: name == "latents"):  # the latents last: they mark the shard done
@@ -208,12 +208,12 @@ def finish(args, plan):
                       if (staging / f"skipped_{k:05d}.txt").is_file())
     items = sum(len(np.load(staging / f"labels_{k:05d}.npy", mmap_mode="r")) for k in shards)
     if items == 0:
-        training.exit_with_error(f"none of the {len(plan.images.files)} images in {args.data_path} could be read")
-    training.atomic_write(staging / "skipped.txt", lambda file: file.write(skipped.encode()))
+        runtime.exit_with_error(f"none of the {len(plan.images.files)} images in {args.data_path} could be read")
+    runtime.atomic_write(staging / "skipped.txt", lambda file: file.write(skipped.encode()))
     if args.store == "sample":  # LightningDiT's latent normalisation: statistics of the unmirrored latents
         statistics = latents.channel_statistics(np.load(staging / f"latents_{k:05d}.npy", mmap_mode="r")
                                                 for k in shards)
-        training.atomic_write(staging / latents.STATS_FILE, lambda file: torch.save(statistics, file))
+        runtime.atomic_write(staging / latents.STATS_FILE, lambda file: torch.save(statistics, file))
     write_json(staging / "prepare.json", dict(plan.settings, items=items, skipped=skipped.count("\n")))
     os.replace(staging, args.out)  # atomic; replaces an empty args.out
     for leftover in [args.out / "settings.json", *args.out.glob("skipped_*.txt")]:
@@ -226,7 +226,7 @@ def prepare_latents(args, world):
     try:  # bad input stops here, before anything is written
         plan = make_plan(args)
     except ValueError as error:
-        training.exit_with_error(error)
+        runtime.exit_with_error(error)
     if plan is None:
         if world.is_main:
             print(f"{args.out} already holds this preparation; nothing to do", flush=True)
@@ -258,7 +258,7 @@ def prepare_latents(args, world):
 
 def main(argv=None):
     args = parse_args(argv)
-    with training.distributed() as world:
+    with runtime.distributed() as world:
         prepare_latents(args, world)
 
 

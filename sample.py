@@ -39,8 +39,8 @@ ready for the SD-VAE decoder, which this repository does not include yet, and OU
 A controlnet run of the InnerControl pipeline (train.py --config shapes-controlnet / shapes-innercontrol) samples
 its base UNet steered by the ControlNet: DDIM (50 steps by default) with CFG on the caption (--cfg, the control in both
 branches). Sample i follows the control and caption of evaluation scene i // --seeds-per-control (Shapes seed
-ref.innercontrol.EVAL_SCENE_SEED) from noise seeded with seed + i; arr_1 holds the scene indices, grid.png shows each
-control beside its samples; `eval.py innercontrol` scores them.
+shapes.evaluation.EVAL_SCENE_SEED) from noise seeded with seed + i; arr_1 holds the scene indices, grid.png shows each
+control beside its samples; `evaluate.py innercontrol` scores them.
 Bad input: a message and exit status 2, nothing written.
 """
 import argparse
@@ -53,15 +53,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ref import jobs, training
-from ref.data import SD_VAE_SCALE_FACTOR, Shapes
+from ref import runtime
 from ref.checkpoints import read_checkpoint
+from ref.data import SD_VAE_SCALE_FACTOR, to_uint8
 from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS, ig_release_head_block, load_checkpoint, reversed_time
 from ref.guidance import guided_denoiser
-from ref.innercontrol import EVAL_SCENE_SEED, generate
+from ref.internal_guidance import LATENT_CHANNELS, LATENT_DOWNSAMPLING, dit_from_config
 from ref.samplers import (DIFFUSIONS, SBDM_T_MAX, ddim, ddpm_ancestral, euler_maruyama, heun, respaced_timesteps,
                           spaced_timesteps, uniform_grid)
 from ref.schedules import DDPMSchedule
+from shapes import pipeline, runs
+from shapes.data import Shapes
+from shapes.evaluation import EVAL_SCENE_SEED, generate
 
 SAMPLERS = {"flow": ("em", "heun"), "eps": ("ddpm", "ddim")}  # the first is the default
 DEFAULT_STEPS = {"em": 250, "heun": 50, "ddim": 50}  # ddpm: every step of an own run, DiT's 250 for dit
@@ -150,15 +153,15 @@ def load_model(args, path, checkpoint):
     ddpm_steps, beta_schedule, latent, step, config, checkpoint), or ValueError.
     checkpoint: the train.py checkpoint at path (kind own), or None for a foreign one."""
     if args.checkpoint_kind == "own":
-        model, config = jobs.load_trained(path, "dit", args.weights, checkpoint)
+        model, config = runtime.load_trained_network(path, "dit", dit_from_config, args.weights, checkpoint)
         return model, dict(checkpoint_kind="own", objective=config["objective"], learn_sigma=False,
                            reversed_time=False, cfg_channels=None, ddpm_steps=None,
                            beta_schedule=config["beta_schedule"], latent=config["data"] == "latents",
                            step=checkpoint["step"], config=config, checkpoint=str(path))
     kind = CHECKPOINT_KINDS[args.checkpoint_kind]
     contents = read_checkpoint(path)
-    model = MODELS[args.model](input_size=args.image_size // jobs.LATENT_DOWNSAMPLING,
-                               in_channels=jobs.LATENT_CHANNELS, num_classes=args.num_classes,
+    model = MODELS[args.model](input_size=args.image_size // LATENT_DOWNSAMPLING,
+                               in_channels=LATENT_CHANNELS, num_classes=args.num_classes,
                                learn_sigma=kind["learn_sigma"],
                                intermediate_block=foreign_head_block(args, args.checkpoint_kind, contents))
     load_checkpoint(model, contents, prefer=args.weights)
@@ -167,7 +170,7 @@ def load_model(args, path, checkpoint):
 
 
 def make_sampler(args, model, spec):
-    """-> (run(denoise, noise, draws) -> x0 (N, C, H, W) float64, the network as the sampler calls it
+    """-> (integrate(denoise, noise, draws) -> x0 (N, C, H, W) float64, the network as the sampler calls it
     (x, t, y) -> (final, intermediate), the factor from t in [0, 1] to the model's time (1 for flow, T for DDPM),
     sampler name, steps)."""
     objective = spec["objective"]
@@ -182,33 +185,33 @@ def make_sampler(args, model, spec):
     if sampler == "em":  # SiT / IG: `steps` points 1 -> 0.04, then the deterministic mean step to 0
         grid = uniform_grid(steps, t_max=SBDM_T_MAX if args.diffusion == "sbdm" else 1.0)
 
-        def run(denoise, noise, draws):
+        def integrate(denoise, noise, draws):
             return euler_maruyama(denoise, noise, grid, randn_like=draws.randn_like,
                                   diffusion=DIFFUSIONS[args.diffusion])
-        return run, network, 1.0, sampler, steps
+        return integrate, network, 1.0, sampler, steps
     if sampler == "heun":
         grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)  # uniform in t; the last step is Euler
 
-        def run(denoise, noise, draws):
+        def integrate(denoise, noise, draws):
             return heun(denoise, noise, grid)
-        return run, network, 1.0, sampler, steps
+        return integrate, network, 1.0, sampler, steps
     schedule = DDPMSchedule.named(spec["beta_schedule"])
     if sampler == "ddim":
         timesteps = spaced_timesteps(schedule, steps)
 
-        def run(denoise, noise, draws):
+        def integrate(denoise, noise, draws):
             return ddim(denoise, noise, schedule, timesteps, eta=args.eta, randn_like=draws.randn_like)
-        return run, network, schedule.num_timesteps, sampler, steps
+        return integrate, network, schedule.num_timesteps, sampler, steps
     kept = respaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)
     respaced = schedule.respaced(kept)
     if spec["learn_sigma"]:
         def network(x, t, y):  # DiT's learned variance: the prediction and the variance channels
             return model(x, t, y, with_variance=True)
 
-    def run(denoise, noise, draws):
+    def integrate(denoise, noise, draws):
         return ddpm_ancestral(denoise, noise, respaced, randn_like=draws.randn_like, model_timesteps=kept,
                               learned_variance=spec["learn_sigma"])
-    return run, network, schedule.num_timesteps, sampler, len(kept)
+    return integrate, network, schedule.num_timesteps, sampler, len(kept)
 
 
 def check_guidance(args, model):
@@ -218,11 +221,6 @@ def check_guidance(args, model):
         raise ValueError("--cfg needs a model trained with label dropout (this one has no null label)")
     if args.class_label is not None and not 0 <= args.class_label < model.num_classes:
         raise ValueError(f"--class-label must be in [0, {model.num_classes}), got {args.class_label}")
-
-
-def to_uint8(x):
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8, as DiT's sample_ddp.py: clamp(127.5 x + 128, 0, 255)."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def grid_image(images, columns):
@@ -239,36 +237,36 @@ def sample_labels(indices, args, num_classes):
     return indices % num_classes if args.class_label is None else np.full(len(indices), args.class_label)
 
 
-def sample_share(args, model, spec, sampling, dist):
+def sample_share(args, model, spec, sampling, world):
     """This rank's samples r, r + W, ... -> ((indices, outputs), network evaluations per sample, counted). outputs:
-    uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (run, network, interval_scale)."""
-    run_sampler, network, interval_scale = sampling
+    uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (integrate, network, interval_scale)."""
+    integrate, network, interval_scale = sampling
     rows = 0
 
     def counted_network(x, t, y):
         nonlocal rows
         rows += len(x)
         return network(x, t, y)
-    indices = np.arange(dist.rank, args.num_samples, dist.world_size)
+    indices = np.arange(world.rank, args.num_samples, world.world_size)
     shape = (model.in_channels, model.input_size, model.input_size)
     outputs = [np.zeros((0, *shape), np.float32) if spec["latent"] else np.zeros((0, *shape[1:], 3), np.uint8)]
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start:start + args.batch_size]
-        draws = training.SampleDraws(args.seed + int(i) for i in batch)
-        labels = torch.as_tensor(sample_labels(batch, args, model.num_classes), device=dist.device)
+        draws = runtime.SampleDraws(args.seed + int(i) for i in batch)
+        labels = torch.as_tensor(sample_labels(batch, args, model.num_classes), device=world.device)
         denoise = guided_denoiser(counted_network, labels, model.num_classes, w_ig=args.ig, w_cfg=args.cfg,
                                   ig_interval=[interval_scale * t for t in args.ig_interval],
                                   cfg_interval=[interval_scale * t for t in args.cfg_interval],
                                   cfg_channels=spec["cfg_channels"])
-        with training.autocast(dist.device, args.bf16):
-            x = run_sampler(denoise, draws.randn(*shape).to(dist.device), draws).float().cpu()  # (n, C, H, W)
+        with runtime.autocast(world.device, args.bf16):
+            x = integrate(denoise, draws.randn(*shape).to(world.device), draws).float().cpu()  # (n, C, H, W)
         outputs.append((x / SD_VAE_SCALE_FACTOR).numpy() if spec["latent"] else to_uint8(x))
     return (indices, np.concatenate(outputs)), rows / max(len(indices), 1)
 
 
 def gather_in_order(share):
     """Every rank's (indices, samples) share -> on rank 0 all samples in sample order; None elsewhere."""
-    shares = training.gather_to_main(share)
+    shares = runtime.gather_to_main(share)
     if shares is None:
         return None
     indices = np.concatenate([indices for indices, _ in shares])  # rank order -> sample order
@@ -279,17 +277,17 @@ def write_outputs(out, samples, labels, settings, columns, rows, pictures=None):
     """pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
     out.mkdir(parents=True, exist_ok=True)
     if settings["latent"]:
-        training.atomic_write(out / "latents.npy", lambda file: np.save(file, samples))
-        training.atomic_write(out / "labels.npy", lambda file: np.save(file, labels))
+        runtime.atomic_write(out / "latents.npy", lambda file: np.save(file, samples))
+        runtime.atomic_write(out / "labels.npy", lambda file: np.save(file, labels))
         print("note: a VAE decoder is not part of this repository yet; wrote latents.npy (divided by the SD-VAE "
               "scale factor, ready for its decoder) and labels.npy instead of images")
     else:
-        training.atomic_write(out / "samples.npz", lambda file: np.savez(file, arr_0=samples, arr_1=labels))
+        runtime.atomic_write(out / "samples.npz", lambda file: np.savez(file, arr_0=samples, arr_1=labels))
         grid = io.BytesIO()
         pictures = samples if pictures is None else pictures
         Image.fromarray(grid_image(pictures[:rows * columns], columns)).save(grid, format="PNG")
-        training.atomic_write(out / "grid.png", lambda file: file.write(grid.getvalue()))
-    training.atomic_write(out / "settings.json", lambda file: file.write(json.dumps(settings, indent=2).encode()))
+        runtime.atomic_write(out / "grid.png", lambda file: file.write(grid.getvalue()))
+    runtime.atomic_write(out / "settings.json", lambda file: file.write(json.dumps(settings, indent=2).encode()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -300,8 +298,8 @@ def load_controlnet(args, path, checkpoint):
     """-> (base, controlnet, config) for a controlnet run; its base is the run's `base`."""
     if (args.sampler or "ddim") != "ddim" or args.ig != 1.0:
         raise ValueError("a controlnet run samples with DDIM (--sampler ddim) and caption CFG (--cfg); it has no IG")
-    controlnet, config = jobs.load_trained(path, "controlnet", args.weights, checkpoint)
-    base, _ = jobs.load_trained(config["base"], "unet")
+    controlnet, config = runs.load_trained(path, "controlnet", args.weights, checkpoint)
+    base, _ = runs.load_trained(config["base"], "unet")
     return base, controlnet, config
 
 
@@ -315,11 +313,11 @@ def controlnet_share(args, base, controlnet, config, world):
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start:start + args.batch_size]
         samples = [scenes[int(i) // args.seeds_per_control] for i in batch]
-        _, tokens, control = jobs.collate_shapes(samples, config["task"])
-        draws = training.SampleDraws(args.seed + int(i) for i in batch)
-        hint = jobs.hint_of(control, config["task"]).to(world.device)
+        _, tokens, control = pipeline.collate_shapes(samples, config["task"])
+        draws = runtime.SampleDraws(args.seed + int(i) for i in batch)
+        hint = pipeline.hint_of(control, config["task"]).to(world.device)
         noise = draws.randn(3, config["image_size"], config["image_size"]).to(world.device)
-        with training.autocast(world.device, args.bf16):
+        with runtime.autocast(world.device, args.bf16):
             images = generate(base, controlnet, schedule, hint, tokens.to(world.device), noise,
                               args.steps or DEFAULT_STEPS["ddim"], args.cfg)
         outputs.append(to_uint8(images.cpu()))
@@ -331,13 +329,13 @@ def control_pictures(samples, scene_indices, config, seeds_per_control):
     scenes = Shapes(config["image_size"], num_items=int(scene_indices.max()) + 1, seed=EVAL_SCENE_SEED)
     rows = []
     for start in range(0, len(samples), seeds_per_control):
-        control = jobs.control_of(scenes[int(scene_indices[start])], config["task"])
-        rows += [jobs.control_picture(control, config["task"]), *samples[start:start + seeds_per_control]]
+        control = pipeline.control_of(scenes[int(scene_indices[start])], config["task"])
+        rows += [pipeline.control_picture(control, config["task"]), *samples[start:start + seeds_per_control]]
     return np.stack(rows)
 
 
 def sample_controlnet(args, path, base, controlnet, config):
-    with training.distributed() as world:
+    with runtime.distributed() as world:
         base.to(world.device), controlnet.to(world.device)
         start = time.perf_counter()
         samples = gather_in_order(controlnet_share(args, base, controlnet, config, world))
@@ -362,28 +360,28 @@ def main(argv=None):
     try:  # bad input stops here, before anything is written
         check_kind_flags(args)
         path = checkpoint_file(args.run)
-        checkpoint = jobs.read_run_checkpoint(path) if args.checkpoint_kind == "own" else None
+        checkpoint = runtime.read_run_checkpoint(path) if args.checkpoint_kind == "own" else None
         controlled = checkpoint is not None and checkpoint["args"]["job"] == "controlnet"
         if controlled:
             networks = load_controlnet(args, path, checkpoint)
         else:
             model, spec = load_model(args, path, checkpoint)
-            run_sampler, network, interval_scale, sampler, steps = make_sampler(args, model, spec)
+            integrate, network, interval_scale, sampler, steps = make_sampler(args, model, spec)
             check_guidance(args, model)
     except ValueError as error:
-        training.exit_with_error(error)
+        runtime.exit_with_error(error)
     if controlled:
         return sample_controlnet(args, path, *networks)
-    with training.distributed() as dist:
-        model.to(dist.device).eval()
+    with runtime.distributed() as world:
+        model.to(world.device).eval()
         start = time.perf_counter()
-        share, evaluations = sample_share(args, model, spec, (run_sampler, network, interval_scale), dist)
+        share, evaluations = sample_share(args, model, spec, (integrate, network, interval_scale), world)
         samples = gather_in_order(share)
-        if not dist.is_main:
+        if not world.is_main:
             return
         settings = dict(vars(args), **spec, sampler=sampler, steps=steps,
                         network_evaluations_per_sample=int(evaluations) if evaluations.is_integer() else evaluations,
-                        seconds=time.perf_counter() - start, world_size=dist.world_size, device=str(dist.device))
+                        seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
         tag = f"{sampler}{steps}-ig{args.ig:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}"
         out = Path(args.out) if args.out else default_out(path, tag)
         columns = model.num_classes if model.num_classes <= 16 else 8

@@ -6,8 +6,9 @@ probe, ControlNet with Eq. 8.
     torchrun --nproc_per_node=N train.py --config sit-xl2-imagenet --data-path LATENT_SHARDS [...]
     python train.py --config shapes-probe --task segmentation [...]
 
-Named configs and their fields live in ref/training.py (CONFIGS); every field is a flag (--help lists them); what a
-job trains and its loss are in ref/jobs.py. DiT objectives: flow matching with the velocity target (SiT / the IG
+Named configs and their fields live in ref/configs.py and shapes/runs.py; every field is a flag (--help lists them).
+The loop is ref/trainer.py; the training steps are ref/internal_guidance.py (IG) and ref/innercontrol.py (Eq. 8),
+the testbed's other runs are in shapes/runs.py. DiT objectives: flow matching with the velocity target (SiT / the IG
 release, t ~ U(0, 1)) or DDPM eps (DiT), each with the IG auxiliary term lambda ||D_i - target||^2. AdamW (betas 0.9,
 0.999, no weight decay), gradient clipping, label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on
 CUDA. Rerun the same command to resume from OUT/latest.pt: the data order and every random draw are functions of the
@@ -20,22 +21,37 @@ a file that is not a checkpoint, ...): one `error:` line and exit status 2, noth
 import argparse
 from pathlib import Path
 
-from ref import training
+from ref import configs
+from ref.runtime import distributed, exit_with_error
+from ref.trainer import fit
+from shapes.runs import SHAPES_CONFIGS, make_run, run_class
+
+CONFIGS = {**configs.CONFIGS, **SHAPES_CONFIGS}
 
 
 def parse_args(argv=None):
+    """-> (config, out). The flags are the chosen config's fields: `--config NAME --help` lists them."""
+    chooser = argparse.ArgumentParser(add_help=False)
+    chooser.add_argument("--config", choices=list(CONFIGS))
+    chosen, _ = chooser.parse_known_args(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    training.add_config_flags(parser)
+    parser.add_argument("--config", required=True, choices=list(CONFIGS),
+                        help="named config (ref/configs.py, shapes/runs.py); with --help: its fields as flags")
     parser.add_argument("--out", help="run folder (default runs/<config>, runs/<config>-<task> for a task's stage)")
+    fields = run_class(CONFIGS[chosen.config]).fields if chosen.config else {}
+    configs.add_config_flags(parser.add_argument_group(f"fields of {chosen.config}"), fields)
     args = parser.parse_args(argv)
-    config = training.resolve_config(args)
-    return config, Path(args.out) if args.out else training.default_out(config)
+    try:
+        config = configs.resolve_config(args, CONFIGS[args.config], fields)
+    except ValueError as error:
+        exit_with_error(error)
+    return config, Path(args.out) if args.out else configs.default_out(config)
 
 
 def main(argv=None):
     config, out = parse_args(argv)
-    with training.distributed() as world:
-        training.fit(config, out, world)
+    with distributed() as world:
+        fit(make_run, config, out, world)
 
 
 if __name__ == "__main__":

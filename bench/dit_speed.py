@@ -20,13 +20,13 @@ fastest round, the one least disturbed by other work on the machine (interleavin
     network evaluations it made per image, counted: IG+CFG on the IG release's CFG interval [0, 0.7] runs the
     unconditional branch only at the steps inside it.
 On CUDA: TF32 matmuls and convolutions, and with --dtype bf16 the network runs under the bf16 autocast of training
-and sampling (ref/training.autocast; weights and optimiser stay float32). The CPU runs float32.
+and sampling (ref/runtime.autocast; weights and optimiser stay float32). The CPU runs float32.
 
 FLOPs are counted by torch.utils.flop_counter.FlopCounterMode over one forward (sampling) and one forward+backward
 (training) at the benchmark batch. While counting, attention runs on SDPA's math backend, whose matmuls the counter
 sees (torch has no FLOP formula for the fused CPU kernel); the backward is counted as plain matmul gradients, without
 a fused kernel's recomputation. MFU = counted FLOPs / time / peak, peak from --peak-tflops, else the dense bf16 peak
-of a known GPU (ref/training.peak_flops, the table train.py's MFU uses; a --dtype fp32 run is measured against it too),
+of a known GPU (ref/runtime.peak_flops, the table train.py's MFU uses; a --dtype fp32 run is measured against it too),
 else (the CPU, an unknown GPU) the "measured peak": the best throughput of a 2048 x 2048 matmul on the device in the
 benchmark dtype, timed before every measurement (so a CPU's MFU is against what its BLAS reaches on this machine at
 its least loaded, not a vendor figure).
@@ -43,8 +43,8 @@ from ref.dit import IG_HEAD_BLOCK, MODELS, count_parameters
 from ref.ema import update_ema
 from ref.guidance import guided_denoiser
 from ref.losses import drop_labels, flow_matching_loss
+from ref.runtime import autocast, peak_flops
 from ref.samplers import euler_maruyama, uniform_grid
-from ref.training import autocast, peak_flops
 
 GUIDANCE_MODES = {  # guided_denoiser weights; the IG release's SiT-XL/2 values (w = 1.4, s = 1.35 together)
     "none": {},
@@ -90,6 +90,33 @@ def counted_flops(run):
 # The benchmark
 # ---------------------------------------------------------------------------------------------------------------------
 
+def guided_runs(ema, y, weights, shape, device, args, mixed_precision, counts):
+    """(one guided evaluation of the noise at t = 0.5, the whole sampler) for one guidance mode; counts: [network
+    rows, sampler runs] of the sampler's runs, updated in place."""
+    batch = len(y)
+    denoise = guided_denoiser(ema, y, null_y=args.num_classes, **weights)
+    noise = torch.randn(batch, *shape, device=device)
+    t = torch.full((batch,), 0.5, device=device)
+    grid = uniform_grid(args.sampler_steps)
+
+    def counted_network(x, t, labels):
+        counts[0] += len(x)
+        return ema(x, t, labels)
+    counted = guided_denoiser(counted_network, y, null_y=args.num_classes, **weights)
+
+    @torch.inference_mode()
+    def evaluate():
+        with mixed_precision:
+            denoise(noise, t)
+
+    @torch.inference_mode()
+    def sample():
+        counts[1] += 1
+        with mixed_precision:
+            euler_maruyama(counted, noise, grid)
+    return evaluate, sample
+
+
 def main(args):
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -122,40 +149,22 @@ def main(args):
         optimizer.zero_grad(set_to_none=True)
         update_ema(ema, model, 0.9999)
 
-    evaluations = {}  # per mode: [network rows, sampler runs], from the sampler's runs
-
-    def guided_runs(mode, weights):
-        """(one guided evaluation of the noise at t = 0.5, the whole sampler) for one guidance mode."""
-        denoise = guided_denoiser(ema, y, null_y=args.num_classes, **weights)
-        noise = torch.randn(batch, *shape, device=device)
-        t = torch.full((batch,), 0.5, device=device)
-        grid = uniform_grid(args.sampler_steps)
-        counts = evaluations.setdefault(mode, [0, 0])
-
-        def counted_network(x, t, labels):
-            counts[0] += len(x)
-            return ema(x, t, labels)
-        counted = guided_denoiser(counted_network, y, null_y=args.num_classes, **weights)
-
-        @torch.inference_mode()
-        def evaluate():
-            with mixed_precision:
-                denoise(noise, t)
-
-        @torch.inference_mode()
-        def sample():
-            counts[1] += 1
-            with mixed_precision:
-                euler_maruyama(counted, noise, grid)
-        return evaluate, sample
+    evaluations = {mode: [0, 0] for mode in GUIDANCE_MODES}  # per mode: [network rows, sampler runs]
 
     runs = {"forward+backward": forward_backward, "training step (AdamW + EMA)": training_step}
     for mode, weights in GUIDANCE_MODES.items():
-        runs[f"eval {mode}"], runs[f"sampler {mode}"] = guided_runs(mode, weights)
+        runs[f"eval {mode}"], runs[f"sampler {mode}"] = guided_runs(ema, y, weights, shape, device, args,
+                                                                    mixed_precision, evaluations[mode])
     flops = {"training": counted_flops(forward_backward) / batch}  # per image
     optimizer.zero_grad(set_to_none=True)
     flops.update({mode: counted_flops(runs[f"eval {mode}"]) / batch for mode in GUIDANCE_MODES})
 
+    seconds, peak, peak_source = time_runs(runs, device, args)
+    print_report(args, model, depth, shape, device, seconds, flops, evaluations, peak, peak_source)
+
+
+def time_runs(runs, device, args):
+    """-> (seconds per image of each run, fastest of the rounds; peak FLOP/s; where the peak comes from)."""
     peak = peak_flops(device, args.peak_tflops)  # None on the CPU or an unknown GPU: measured below
     timed_runs = list(runs.items())
     if peak is None:  # a large matmul, timed before each measurement in every round
@@ -169,8 +178,12 @@ def main(args):
         peak = 2 * 2048 ** 3 / seconds.pop("peak matmul")
     else:
         peak_source = "--peak-tflops" if args.peak_tflops else "dense bf16 peak of the data sheet"
-    seconds = {name: value / batch for name, value in seconds.items()}  # per image
+    return {name: value / args.batch for name, value in seconds.items()}, peak, peak_source  # per image
 
+
+def print_report(args, model, depth, shape, device, seconds, flops, evaluations, peak, peak_source):
+    """The training and sampling tables: time per image, images/s, GFLOP per image, MFU, NFE."""
+    batch = args.batch
     tokens = (args.image_size // model.patch_size) ** 2
     print(f"{args.model} with the IG head after block {model.intermediate_block}/{depth}, "
           f"{count_parameters(model) / 1e6:.1f}M parameters; input {'x'.join(map(str, shape))} ({tokens} tokens); "

@@ -26,5 +26,5 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["DiT-B/2", "DiT-XL/2"])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=["SiT-B/2", "SiT-XL/2"])
     main(parser.parse_args())

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ref.data import Shapes
+from shapes.data import Shapes
 
 
 def main(args):

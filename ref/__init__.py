@@ -1,1 +1,1 @@
-"""Reference implementation of Internal Guidance and InnerControl: the library (imports nothing from toy/ or the scripts)."""
+"""The two papers' core (Internal Guidance, InnerControl): imports nothing outside ref/."""

@@ -23,7 +23,7 @@ Parameters: 122,377,985 (the full preset; the count of transformers' model with 
 
 Input as ControlNet++'s reward step: RGB in [0, 1] resized to 384 x 384 (bilinear; antialiased as torchvision's tensor
 resize), normalised with mean = std = 0.5; the predicted depth resized back (bilinear) to the control's size and each
-sample divided by its own maximum (ref.losses.max_normalised), so it lies in [0, 1] as the max-normalised control.
+sample divided by its own maximum (ref.innercontrol.max_normalised), so it lies in [0, 1] as the max-normalised control.
 """
 import math
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.annotator_weights import load_task_weights
-from ref.losses import max_normalised
+from ref.innercontrol import max_normalised
 
 INPUT_SIZE = 384
 HEAD_CHANNELS = 32

@@ -28,12 +28,6 @@ def autoguidance(main, guide, w):
     return extrapolate(guide, main, w)
 
 
-def ig_then_cfg(final_cond, intermediate_cond, final_uncond, intermediate_uncond, w_ig, w_cfg):
-    """IG on each branch, then CFG: D = D_u^IG + s (D_c^IG - D_u^IG) with D_y^IG = D_i,y + w (D_f,y - D_i,y)."""
-    return cfg(internal_guidance(final_cond, intermediate_cond, w_ig),
-               internal_guidance(final_uncond, intermediate_uncond, w_ig), w_cfg)
-
-
 def interval_weight(w, t, interval):
     """Piecewise-constant guidance: weight w for t inside [lo, hi], 1 (no guidance) outside. (N,) -> (N,)"""
     lo, hi = interval
@@ -43,7 +37,8 @@ def interval_weight(w, t, interval):
 def guided_denoiser(model, y, null_y=None, w_ig=1.0, w_cfg=1.0, ig_interval=(0.0, 1.0), cfg_interval=(0.0, 1.0),
                     cfg_channels=None):
     """Wrap a network `model(x, t, y) -> (final, intermediate)` into `denoise(x, t)` with IG and/or CFG, each on its
-    own interval of t (IG on each branch, then CFG, as `ig_then_cfg`).
+    own interval of t: IG on each branch, then CFG,
+        D = D_u^IG + s (D_c^IG - D_u^IG),   D_y^IG = D_i,y + w (D_f,y - D_i,y).
     With w_cfg != 1, the samples whose t lies in cfg_interval also run the unconditional branch (label `null_y`), in
     the same batched evaluation; the others run the conditional one only, so a step outside the interval costs one
     network evaluation, as in the REPA / IG release samplers.

@@ -1,105 +1,238 @@
-"""Generation with the ControlNet-steered base UNet, and the control-error measurements of the InnerControl
-evaluation on the shapes data (the protocol of ../shared/notes/innercontrol.md, scaled down).
-
-Generation: DDIM over evenly spaced steps, classifier-free guidance on the caption (the empty caption is the null
-condition) with the control given to both branches, as ControlNet samples by default. Evaluation: the evaluation
-estimator (a stronger network than the reward model, trained apart) reads the control back from each generated image;
-depth is scored by RMSE on the 0-255 scale, segmentation by mIoU over the whole set, edges by SSIM (data range 1; at
-32 px an image is too small for MS-SSIM's five scales). Fig. 2's measurement, `error_across_t`, compares the probe's
-reading of the decoder features with the reward model's reading of the one-step estimate at each noise level.
+"""InnerControl ("Heeding the Inner Voice", arXiv 2507.02321): ControlNet training with two control-consistency terms
+added to the diffusion loss (Eq. 8): the ControlNet++ reward on the one-step estimate of x0 (Eq. 5-6) and the
+alignment of a readout probe's estimate from the UNet decoder's features (Eq. 7), each switched on per sample by a
+timestep range; the per-task settings of Table 4; and the training step (`innercontrol_training_step`).
 """
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
-from ref.guidance import cfg
-from ref.losses import IGNORE_LABEL
-from ref.metrics import SegmentationIoU, depth_rmse, ssim
-from ref.samplers import ddim, spaced_timesteps
-from ref.text import PAD
-
-EVAL_SCENE_SEED = 2000  # Shapes seed of the evaluation scenes (controls and captions), away from training's 0
-CONTROL_METRICS = {"depth": "rmse", "segmentation": "miou", "edges": "ssim"}  # lower / higher / higher is better
+from ref.losses import mean_squared_error
 
 
-def controlled_denoiser(base, controlnet, hint, tokens, cfg_scale):
-    """denoise(x, t) -> eps for the sampler: the base UNet with the ControlNet's residuals for `hint` (B, C, H, W),
-    the caption `tokens` (B, L) guided against the empty caption with weight `cfg_scale` (1: no guidance, one pass)."""
-    def eps(x, t, tokens, hint):
+# ---------------------------------------------------------------------------------------------------------------------
+# InnerControl: control comparisons L(c_spatial, c_hat), shared by the reward (Eq. 6) and the alignment (Eq. 7) terms
+# ---------------------------------------------------------------------------------------------------------------------
+# Every comparison returns one value per sample, the mean over C, H, W taken BEFORE any timestep mask, as the
+# InnerControl release's `train/reward_control.py` does (a per-sample `.mean(dim=(-1, -2))` of the pixel loss), so
+# alpha and beta do not depend on the resolution.
+
+IGNORE_LABEL = 255  # segmentation pixels without a class; they add nothing to the cross-entropy
+CONTROL_LOSSES = ("mse", "max_normalised_mse", "sparse_mse", "cross_entropy")
+
+
+def max_normalised(maps, eps=1e-8):
+    """Each sample divided by its own maximum (ControlNet++ depth: the reward model's relative depth and the control
+    both mapped to (0, 1]). (B, ...) -> (B, ...); maps are non-negative."""
+    peak = maps.flatten(1).amax(1).clamp_min(eps)  # (B,)
+    return maps / peak.reshape((-1,) + (1,) * (maps.ndim - 1))
+
+
+def sparse_mse(prediction, target):
+    """Thin-edge MSE: the mean of the MSE over the background pixels (target == its per-sample minimum) and the MSE
+    over the foreground pixels, each averaged over its own pixels, so a few edge pixels weigh as much as the
+    background. A sample without foreground gets its background MSE. (B, C, H, W) x 2 -> (B,)"""
+    squared = (prediction - target).square().flatten(1)  # (B, CHW)
+    flat_target = target.flatten(1)  # (B, CHW)
+    background = flat_target == flat_target.amin(1, keepdim=True)  # (B, CHW), never empty
+    foreground = ~background
+    background_mse = (squared * background).sum(1) / background.sum(1)  # (B,)
+    foreground_mse = (squared * foreground).sum(1) / foreground.sum(1).clamp_min(1)  # (B,)
+    return torch.where(foreground.any(1), (background_mse + foreground_mse) / 2, background_mse)
+
+
+def cross_entropy(logits, labels):
+    """Pixel cross-entropy averaged over each sample's labelled pixels (label IGNORE_LABEL left out; a sample with
+    none gives 0). logits (B, K, H, W), labels (B, H, W) integer -> (B,)"""
+    pixels = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="none")  # (B, H, W), 0 if ignored
+    labelled = (labels != IGNORE_LABEL).flatten(1).sum(1)  # (B,)
+    return pixels.flatten(1).sum(1) / labelled.clamp_min(1)
+
+
+def control_loss(prediction, control, kind):
+    """L(c_spatial, c_hat) per sample -> (B,), computed in float32.
+
+    kind: "mse", "max_normalised_mse" (depth reward), "sparse_mse" (thin edges) on (B, C, H, W) maps of equal shape;
+        "cross_entropy" on logits (B, K, H, W) against class indices (B, H, W).
+    A control of another size or channel count than the prediction raises a ValueError naming both shapes."""
+    if kind not in CONTROL_LOSSES:
+        raise ValueError(f"control loss must be one of {CONTROL_LOSSES}, got {kind!r}")
+    prediction = prediction.float()
+    if kind == "cross_entropy":
+        if control.shape != prediction.shape[:1] + prediction.shape[2:] or control.is_floating_point():
+            raise ValueError(f"cross-entropy expects integer class indices of shape (B, H, W) = "
+                             f"{tuple(prediction.shape[:1] + prediction.shape[2:])} for logits "
+                             f"{tuple(prediction.shape)}, got {control.dtype} {tuple(control.shape)}")
+        return cross_entropy(prediction, control.long())
+    if control.shape != prediction.shape:
+        raise ValueError(f"control of shape {tuple(control.shape)} does not match the prediction's "
+                         f"{tuple(prediction.shape)} (B, C, H, W)")
+    control = control.float()
+    if kind == "sparse_mse":
+        return sparse_mse(prediction, control)
+    if kind == "max_normalised_mse":
+        prediction, control = max_normalised(prediction), max_normalised(control)
+    return mean_squared_error(prediction, control)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# ControlNet++ reward on the one-step estimate (Eq. 5-6)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def reward_loss(reward_model, schedule, x_t, eps_hat, t, control, kind, decode=None):
+    """L_reward = L(c_spatial, D[G(c_spatial, c_txt, x_t, t)]) per sample -> (B,).
+
+    reward_model: D, a callable image (B, 3, H, W) -> control estimate (frozen, but differentiable: the gradient must
+        reach eps_hat).
+    schedule: the DDPMSchedule of the diffusion model; x_t (B, C, h, w) the noised real sample ("disturb", not sample
+        from scratch), eps_hat its eps prediction, t (B,) integer steps.
+    decode: latents -> image (the VAE decoder and whatever input scaling D needs), or None in pixel space.
+    Every sample is scored; `innercontrol_loss` keeps the ones whose t lies in the reward range."""
+    x0_estimate = schedule.x0_from_eps(x_t, eps_hat, t)  # Eq. 5: (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t)
+    image = x0_estimate if decode is None else decode(x0_estimate)
+    return control_loss(reward_model(image), control, kind)  # Eq. 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# InnerControl alignment on the decoder features (Eq. 7)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def alignment_loss(probe, features, t_emb, control, kind):
+    """L_alignment = L(c_spatial, H_t), H_t = H(features_t, t), per sample -> (B,). The target is the input control.
+
+    probe: H (ref.probes.ReadoutProbe), frozen while the ControlNet trains; the gradient reaches the ControlNet
+        through the features (B, C_l, H_l, W_l) of the UNet decoder that received its residuals.
+    t_emb: the UNet's own timestep embedding of t, (B, D_t).
+    control: (B, C, H, W) in [0, 1] at the probe's output size: a tanh probe's [-1, 1] is read as (H + 1) / 2, as in
+        the InnerControl release; for kind "cross_entropy" the probe gives logits and the control is class indices.
+    Probe training (before the ControlNet's) minimises this same loss with the probe trainable and the UNet frozen."""
+    estimate = probe(features, t_emb)  # H_t
+    if kind != "cross_entropy":
+        estimate = (estimate + 1) / 2  # [-1, 1] -> [0, 1]
+    return control_loss(estimate, control, kind)  # Eq. 7
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The InnerControl objective (Eq. 8) and the per-task settings of Table 4
+# ---------------------------------------------------------------------------------------------------------------------
+
+def in_timestep_range(t, t_range):
+    """1[t in [low, high]], both ends included. t (B,) -> (B,) bool"""
+    low, high = t_range
+    return (t >= low) & (t <= high)
+
+
+def timestep_masked(per_sample_loss, t, t_range):
+    """1[t in range] * loss per sample -> (B,): in-range samples keep their loss, the others give exactly 0 and pass
+    no gradient (a select, not a product, so an out-of-range value is dropped, not multiplied)."""
+    in_range = in_timestep_range(t, t_range).to(per_sample_loss.device)
+    return torch.where(in_range, per_sample_loss, torch.zeros_like(per_sample_loss))
+
+
+def range_probability(t_range, num_timesteps):
+    """P(t in [low, high]) for the training draw t ~ U{0, ..., T - 1}: (high - low + 1) / T, the range clipped to
+    the schedule's steps."""
+    low, high = max(t_range[0], 0), min(t_range[1], num_timesteps - 1)
+    if high < low:
+        raise ValueError(f"timestep range {tuple(t_range)} holds none of the steps 0..{num_timesteps - 1}")
+    return (high - low + 1) / num_timesteps
+
+
+def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range, align_range, num_timesteps=1000):
+    """Eq. 8 per sample -> (B,):
+        L_i = L_diff,i + alpha 1[t_i in R_reward] L_reward,i / P(R_reward)
+                       + beta 1[t_i in R_align] L_align,i / P(R_align)
+
+    diffusion, reward, alignment: per-sample losses (B,); reward or alignment None leaves that term out (the rows of
+    Table 2 without it). P(R) = (high - low + 1) / T is the probability of the range under the uniform training draw
+    of t over T = num_timesteps steps.
+
+    alpha and beta weight each term's mean over the samples IN its range, as in ControlNet++ and the InnerControl
+    release, which compute  (mask * loss).sum() / (mask.sum() + 1e-10)  per batch. Here the caller takes the plain
+    batch mean, as for every loss, and E[1[t in R] L(t)] / P(R) = E[L(t) | t in R]: an unbiased estimate of the
+    same in-range mean that does not depend on how the batch is split over ranks (DDP averages per-rank means; the
+    release's ratio would change with the split). Without the 1 / P(R) the effective weight would be alpha P(R)
+    (depth's 0.5 on [0, 400] acting as 0.20) and widening a range would also raise its weight.
+    A batch with no sample in range adds an exact zero that keeps the graph."""
+    loss = diffusion
+    if reward is not None:
+        loss = loss + alpha / range_probability(reward_range, num_timesteps) * timestep_masked(reward, t, reward_range)
+    if alignment is not None:
+        loss = loss + beta / range_probability(align_range, num_timesteps) * timestep_masked(alignment, t, align_range)
+    return loss
+
+
+@dataclass(frozen=True)
+class InnerControlTask:
+    """One column of Table 4: reward weight alpha (as ControlNet++), reward range and comparison; alignment weight
+    beta, range and comparison. Ranges are inclusive [low, high] in DDPM steps of a 1000-step schedule."""
+    alpha: float
+    reward_range: tuple
+    reward_kind: str
+    beta: float
+    align_range: tuple
+    alignment_kind: str
+
+
+INNERCONTROL_TASKS = {
+    "depth": InnerControlTask(0.5, (0, 400), "max_normalised_mse", 1.0, (0, 920), "mse"),
+    "hed": InnerControlTask(1.0, (0, 400), "mse", 0.1, (0, 800), "sparse_mse"),
+    "lineart": InnerControlTask(10.0, (0, 200), "mse", 2.0, (0, 700), "mse"),
+    "segmentation": InnerControlTask(0.5, (0, 200), "cross_entropy", 0.05, (450, 980), "cross_entropy"),
+}
+
+
+def innercontrol_task(name):
+    if name not in INNERCONTROL_TASKS:
+        raise ValueError(f"unknown InnerControl task {name!r}; known tasks: {', '.join(INNERCONTROL_TASKS)}")
+    return INNERCONTROL_TASKS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The training step of the ControlNet (Eq. 5-8)
+# ---------------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class InnerControlTerms:
+    """What Eq. 8 adds to the diffusion loss: alpha, the reward model D (None: no reward term), its range and
+    comparison; beta, the frozen probe H (None: no alignment term), the UNet features it reads (`tap_mode`), its
+    range and comparison. Ranges are inclusive DDPM steps."""
+    alpha: float
+    reward_model: object
+    reward_range: tuple
+    reward_kind: str
+    beta: float
+    probe: object
+    tap_mode: str
+    align_range: tuple
+    alignment_kind: str
+
+
+def innercontrol_training_step(controlnet, base, schedule, terms, x0, tokens, hint, control, draws, device):
+    """Per-sample InnerControl loss (Eq. 8) of a ControlNet steering the frozen base model. -> (B,)
+
+    base: the text-to-image model, `base.text_encoder(tokens)` -> context and `base.unet(x_t, t, context,
+        control=residuals, taps=...)` -> eps (and the decoder features with taps); frozen.
+    x0 (B, C, H, W) real images, tokens (B, L) their captions (dropped for CFG already), hint (B, C_hint, H, W) the
+        ControlNet's input control, control the exact control the reward and the alignment compare against.
+    draws: each sample's generator (ref.runtime.SampleDraws): t ~ U{0..T-1}, then eps."""
+    t = draws.randint(schedule.num_timesteps)  # (B,)
+    eps = draws.randn(*x0.shape[1:])  # (B, C, H, W)
+    x0, tokens, hint, control, t, eps = (tensor.to(device, non_blocking=True)
+                                         for tensor in (x0, tokens, hint, control, t, eps))
+    x_t = schedule.add_noise(x0, eps, t)  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+    with torch.no_grad():
         context = base.text_encoder(tokens)  # (B, L, D_ctx)
-        return base.unet(x, t, context, control=controlnet(x, hint, t, context))
-
-    def denoise(x, t):
-        if cfg_scale == 1.0:
-            return eps(x, t, tokens, hint)
-        both = [torch.cat(pair) for pair in ((x, x), (t, t), (tokens, torch.full_like(tokens, PAD)), (hint, hint))]
-        cond, uncond = eps(*both).chunk(2)
-        return cfg(cond, uncond, cfg_scale)
-    return denoise
-
-
-@torch.no_grad()
-def generate(base, controlnet, schedule, hint, tokens, noise, steps, cfg_scale):
-    """Images (B, 3, H, W) in [-1, 1] (float32) from noise (B, 3, H, W) by `steps` DDIM steps (eta 0), every x0
-    estimate clipped to the pixel range [-1, 1]."""
-    denoise = controlled_denoiser(base, controlnet, hint, tokens, cfg_scale)
-    return ddim(denoise, noise, schedule, spaced_timesteps(schedule, steps), clip_x0=(-1.0, 1.0)).float()
-
-
-class ControlScore:
-    """The task's control metric accumulated over batches of (estimate, exact control):
-    depth: mean per-image RMSE (0-255); edges: mean per-image SSIM; segmentation: mIoU over the whole set.
-    estimate: maps (B, 1, H, W) in [0, 1], or logits (B, K, H, W) for segmentation; control: the exact control."""
-
-    def __init__(self, task, num_classes=None):
-        if task not in CONTROL_METRICS:
-            raise ValueError(f"unknown task {task!r}; choose one of {', '.join(CONTROL_METRICS)}")
-        self.task, self.per_image = task, []
-        self.iou = SegmentationIoU(num_classes, IGNORE_LABEL) if task == "segmentation" else None
-
-    def update(self, estimate, control):
-        estimate, control = estimate.detach().cpu().double(), control.detach().cpu()
-        if self.task == "segmentation":
-            self.iou.update(estimate.argmax(1), control)
-        elif self.task == "depth":
-            self.per_image.append(depth_rmse(255 * estimate[:, 0], 255 * control[:, 0].double()))
-        else:
-            self.per_image.append(ssim(estimate, control.double(), data_range=1.0))
-
-    def result(self):
-        """{metric name: value}."""
-        if self.task == "segmentation":
-            return {"miou": self.iou.miou}
-        return {CONTROL_METRICS[self.task]: float(torch.cat(self.per_image).mean())}
-
-
-def probe_reading(probe, features, t_emb):
-    """The probe's control estimate in the estimators' form: maps in [0, 1] ((H + 1) / 2 of a tanh probe), or logits."""
-    estimate = probe(features, t_emb)
-    return estimate if probe.output == "logits" else (estimate + 1) / 2
-
-
-@torch.no_grad()
-def errors_across_t(base, controlnet, probe, tap_mode, reward_model, schedule, task, batch, timesteps, seed=0):
-    """Fig. 2's measurement: at each t, noise the real images (one noise draw, seeded, shared by every t), run the
-    ControlNet-steered UNet once, and score (ControlScore) the probe's reading of its decoder features and the reward
-    model's reading of the one-step estimate x0 = (x_t - sqrt(1 - abar_t) eps_hat) / sqrt(abar_t) (Eq. 5).
-    batch: images (B, 3, H, W), tokens (B, L), control, hint. -> one row per t: {"t", "probe": {metric: value},
-    "reward": {...}, "x0": (3, H, W) one-step estimate of sample 0, "reward_estimate", "probe_estimate": its
-    readings}"""
-    images, tokens, control, hint = batch
-    eps = torch.randn(images.shape, generator=torch.Generator().manual_seed(seed)).to(images)
-    context = base.text_encoder(tokens)
-    rows = []
-    for step in timesteps:
-        t = torch.full((len(images),), int(step), dtype=torch.long, device=images.device)
-        x_t = schedule.add_noise(images, eps, t)
-        eps_hat, features = base.unet(x_t, t, context, control=controlnet(x_t, hint, t, context), taps=tap_mode)
-        x0 = schedule.x0_from_eps(x_t, eps_hat, t)
-        readings = {"probe": probe_reading(probe, features, base.unet.embed_time(t)), "reward": reward_model(x0)}
-        row = {"t": int(step), "x0": x0[0].cpu()}
-        for name, estimate in readings.items():
-            score = ControlScore(task, estimate.shape[1] if estimate.shape[1] > 1 else None)
-            score.update(estimate, control)
-            row[name] = score.result()
-            row[f"{name}_estimate"] = estimate[0].cpu()
-        rows.append(row)
-    return rows
+    residuals = controlnet(x_t, hint, t, context)
+    if terms.probe is None:
+        eps_hat, features = base.unet(x_t, t, context, control=residuals), None
+    else:
+        eps_hat, features = base.unet(x_t, t, context, control=residuals, taps=terms.tap_mode)
+    reward = alignment = None
+    if terms.reward_model is not None:  # Eq. 5-6: D reads the control back from the one-step estimate of x0
+        reward = reward_loss(terms.reward_model, schedule, x_t, eps_hat, t, control, terms.reward_kind)
+    if terms.probe is not None:  # Eq. 7: H reads the control back from the decoder features
+        alignment = alignment_loss(terms.probe, features, base.unet.embed_time(t), control, terms.alignment_kind)
+    return innercontrol_loss(mean_squared_error(eps_hat, eps), reward, alignment, t, terms.alpha, terms.beta,
+                             terms.reward_range, terms.align_range, schedule.num_timesteps)  # Eq. 8

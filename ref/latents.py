@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
-from ref.training import stream_seed
+from ref.runtime import stream_seed
 from ref.vae import MODELS, load_state, native_state
 
 STORES = ("moments", "sample")

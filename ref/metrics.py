@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ref.data import read_image
+
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Outliers
@@ -200,12 +202,6 @@ def npy_in_npz(path, name):
             yield member, shape, dtype
 
 
-def read_image(path):
-    """An image file as stored: (H, W) for grayscale and palette (class indices) images, (H, W, C) otherwise."""
-    with Image.open(path) as image:
-        return np.asarray(image)
-
-
 def to_mode(image, mode):
     """(H, W[, C]) array -> the same image in PIL `mode` ("RGB", "L"); None keeps it as stored (label maps)."""
     if mode is None:
@@ -237,7 +233,7 @@ class ImageSource:
         """Yield (B, H, W[, C]) arrays in order."""
         if self.path.is_dir():
             for start in range(0, self.count, batch_size):
-                yield self.stack([read_image(f) for f in self.files[start:start + batch_size]])
+                yield self.stack([np.asarray(read_image(f, mode=None)) for f in self.files[start:start + batch_size]])
             return
         with npy_in_npz(self.path, "arr_0") as (member, shape, dtype):
             image_bytes = int(np.prod(shape[1:])) * dtype.itemsize
@@ -417,7 +413,7 @@ def ms_ssim(x, y, data_range, window_size=11, sigma=1.5, weights=MS_SSIM_WEIGHTS
 def depth_rmse(predicted, control):
     """Per-image depth RMSE on the 0-255 scale of the ControlNet++ / InnerControl protocol: the input control depth
     min-max scaled to [0, 255], the evaluation model's depth of the generated image divided by its maximum and
-    scaled by 255 (ControlNet++ eval/eval.py), then sqrt of the mean squared difference (eval/eval_depth.py); the
+    scaled by 255 (ControlNet++ eval/evaluate.py), then sqrt of the mean squared difference (eval/eval_depth.py); the
     protocol averages it over images. Maps already saved by that pipeline are (nearly) unchanged by the two
     scalings. A constant control maps to 0. (N, H, W) x 2 -> (N,)"""
     predicted, control = predicted.double().flatten(1), control.double().flatten(1)  # (N, HW)

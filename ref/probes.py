@@ -14,8 +14,8 @@ classes) for segmentation, compared with class indices by cross-entropy, since a
 and so the softmax confidence.
 
 The probe takes plain tensors, so it does not depend on which UNet produced the features; it is trained as a
-train.py job (ref/jobs.py, ProbeJob), and a probe run used on another UNet (other feature channels) is refused with
-both channel lists named (ref.jobs.check_probe_fits).
+train.py run (the testbed's ProbeRun, shapes/runs.py), and a probe run used on another UNet (other feature channels)
+is refused with both channel lists named (check_probe_fits there).
 """
 import math
 

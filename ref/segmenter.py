@@ -17,14 +17,14 @@ model's weights) or an output other than floating logits of shape (B, K, h, w) i
 file and what came out.
 
 This wrapper takes RGB in [0, 1], normalises it, and resizes the logits bilinearly to the control's size, so the
-reward (Eq. 6) is the per-sample cross-entropy of ref.losses against the label map, label 255 left out.
+reward (Eq. 6) is the per-sample cross-entropy of ref.innercontrol against the label map, label 255 left out.
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.annotator_weights import refuse_unless_torchscript
-from ref.losses import control_loss
+from ref.innercontrol import control_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

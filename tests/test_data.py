@@ -8,8 +8,9 @@ import scipy.ndimage
 import torch
 from PIL import Image
 
-from ref.data import (CAPTION_VOCABULARY, COLORS, GROUND_COLOR, SHAPE_CLASSES, SHAPE_DISTANCES, ImageFolder,
-                      LatentShards, Shapes, batch_indices, epoch_permutation, occluding_contours, shade)
+from ref.data import ImageFolder, LatentShards, batch_indices, epoch_permutation
+from shapes.data import (CAPTION_VOCABULARY, COLORS, GROUND_COLOR, SHAPE_CLASSES, SHAPE_DISTANCES, Shapes,
+                         occluding_contours, shade)
 
 torch.set_num_threads(1)
 

@@ -15,10 +15,13 @@ def test_extrapolation_on_hand_computed_numbers():
 
 
 def test_ig_then_cfg_on_hand_computed_numbers():
+    # label 0 -> (D_f, D_i) = (2, 1); null label 1 -> (1, 0).
     # IG w = 2 on each branch: cond 1 + 2 (2 - 1) = 3, uncond 0 + 2 (1 - 0) = 2; CFG s = 3: 2 + 3 (3 - 2) = 5
-    final_c, inter_c, final_u, inter_u = (torch.tensor([v]) for v in (2.0, 1.0, 1.0, 0.0))
-    assert guidance.ig_then_cfg(final_c, inter_c, final_u, inter_u, 2.0, 3.0).item() == 5.0
-    assert guidance.ig_then_cfg(final_c, inter_c, final_u, inter_u, 1.0, 1.0).item() == 2.0  # the conditional final
+    def model(x, t, y):
+        return torch.tensor([2.0, 1.0])[y][:, None], torch.tensor([1.0, 0.0])[y][:, None]
+    x, t, y = torch.zeros(1, 1), torch.tensor([0.5]), torch.tensor([0])
+    assert guidance.guided_denoiser(model, y, 1, w_ig=2.0, w_cfg=3.0)(x, t).item() == 5.0
+    assert guidance.guided_denoiser(model, y, 1)(x, t).item() == 2.0  # the conditional final
 
 
 def test_interval_weight_is_piecewise_constant():

@@ -1,4 +1,4 @@
-"""experiments/innercontrol.py --quick: every stage, every Table 2 row, sampling, scoring and both figures run through
+"""shapes/experiment.py --quick: every stage, every Table 2 row, sampling, scoring and both figures run through
 the real scripts on toy budgets; the table has the paper's rows and the figures' measurement covers t in [0, 999]; each
 row's Eq. 8 terms change what its ControlNet learns from the same start, data and draws."""
 import json
@@ -7,20 +7,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from experiments import innercontrol
 from ref.checkpoints import read_checkpoint
-from ref.innercontrol import ControlScore
+from shapes import experiment
+from shapes.evaluation import ControlScore
 
 torch.set_num_threads(1)
 
 
 def test_quick_run_writes_the_table_and_figures(tmp_path):
-    report = innercontrol.main(["--quick", "--out", str(tmp_path)])
+    report = experiment.main(["--quick", "--out", str(tmp_path)])
     folder = tmp_path / "depth"
-    assert list(report["table"]) == ["real images", *innercontrol.DEPTH_ROWS]
+    assert list(report["table"]) == ["real images", *experiment.DEPTH_ROWS]
     for row in report["table"].values():
         assert 0 <= row["rmse"] <= 255 and np.isfinite(row["fd_shapes"])
-    assert [row["t"] for row in report["errors_across_t"]] == innercontrol.FIG2_TIMESTEPS
+    assert [row["t"] for row in report["errors_across_t"]] == experiment.FIG2_TIMESTEPS
     assert json.loads((folder / "table.json").read_text())["task"] == "depth"
     assert (folder / "table.md").read_text().count("\n") == 2 + len(report["table"])
     for name in ("fig2.png", "fig3.png"):
@@ -29,21 +29,23 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
     # each row with a reward or alignment term ended somewhere else than the plain row (and than each other)
     start = read_checkpoint(folder / "controlnet" / "latest.pt")["model"]
     ends = [read_checkpoint(folder / "rows" / f"row{index}" / "latest.pt")["model"]
-            for index in range(len(innercontrol.DEPTH_ROWS))]
+            for index in range(len(experiment.DEPTH_ROWS))]
     assert max(distance(start, ends[0]).values()) > 0
     for index, end in enumerate(ends[1:], start=1):
         moved = distance(ends[0], end)
-        assert max(moved.values()) > 1e-6 * max(distance(start, ends[0]).values()), list(innercontrol.DEPTH_ROWS)[index]
+        row = list(experiment.DEPTH_ROWS)[index]
+        assert max(moved.values()) > 1e-6 * max(distance(start, ends[0]).values()), row
     assert max(distance(ends[2], ends[3]).values()) > 0  # reward [0, 200] and [0, 920]: the range matters
     # a rerun finds every run finished and every sample folder written: nothing is trained or sampled again
     stamps = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
-    innercontrol.main(["--quick", "--out", str(tmp_path)])
+    experiment.main(["--quick", "--out", str(tmp_path)])
     assert stamps == {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
 
 
 def distance(state, other):
     """{name: max |difference|} over the floating-point tensors of two state dicts."""
-    return {name: float((value - other[name]).abs().max()) for name, value in state.items() if value.is_floating_point()}
+    return {name: float((value - other[name]).abs().max()) for name, value in state.items()
+            if value.is_floating_point()}
 
 
 def test_control_scores_on_hand_cases():

@@ -1,4 +1,4 @@
-"""The InnerControl pipeline as train.py jobs (ref/jobs.py): captions tokenised; every stage trains through the one
+"""The InnerControl pipeline as train.py runs (shapes/runs.py): captions tokenised; every stage trains through the one
 loop; the Eq. 8 stage starts from --init and resumes bitwise; its reward and alignment terms act exactly inside their
 timestep ranges; bad input (unknown task, a run of the wrong job, a missing reward model, a probe for another UNet)
 exits 2 naming what was expected."""
@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import train
-from ref import jobs, training
+from ref import runtime
 from ref.checkpoints import read_checkpoint
-from ref.data import Shapes
 from ref.probes import ReadoutProbe
-from ref.text import PAD
 from ref.unet import MODELS as UNETS
-from tests.test_train import assert_same_state, train_error
+from shapes import pipeline, runs
+from shapes.data import Shapes
+from shapes.text import PAD
+from tests.helpers import assert_same_state, train_error
 
 torch.set_num_threads(1)
 SMALL = ["--batch-size", "4", "--log-every", "1", "--checkpoint-every", "2"]
@@ -24,13 +25,13 @@ SMALL = ["--batch-size", "4", "--log-every", "1", "--checkpoint-every", "2"]
 def stages(tmp_path_factory):
     """Base UNet, depth reward estimator, depth probe and a fine-tuned ControlNet, a few steps each."""
     root = tmp_path_factory.mktemp("pipeline")
-    runs = {name: root / name for name in ("unet", "reward", "probe", "controlnet")}
-    base = ["--base", str(runs["unet"] / "latest.pt")]
-    train.main(["--config", "shapes-unet", "--steps", "2", *SMALL, "--out", str(runs["unet"])])
-    train.main(["--config", "shapes-estimator-reward", "--steps", "2", *SMALL, "--out", str(runs["reward"])])
-    train.main(["--config", "shapes-probe", "--steps", "2", *SMALL, *base, "--out", str(runs["probe"])])
-    train.main(["--config", "shapes-controlnet", "--steps", "2", *SMALL, *base, "--out", str(runs["controlnet"])])
-    return {name: path / "latest.pt" for name, path in runs.items()}
+    folders = {name: root / name for name in ("unet", "reward", "probe", "controlnet")}
+    base = ["--base", str(folders["unet"] / "latest.pt")]
+    train.main(["--config", "shapes-unet", "--steps", "2", *SMALL, "--out", str(folders["unet"])])
+    train.main(["--config", "shapes-estimator-reward", "--steps", "2", *SMALL, "--out", str(folders["reward"])])
+    train.main(["--config", "shapes-probe", "--steps", "2", *SMALL, *base, "--out", str(folders["probe"])])
+    train.main(["--config", "shapes-controlnet", "--steps", "2", *SMALL, *base, "--out", str(folders["controlnet"])])
+    return {name: path / "latest.pt" for name, path in folders.items()}
 
 
 def innercontrol_flags(stages, **overrides):
@@ -40,7 +41,7 @@ def innercontrol_flags(stages, **overrides):
 
 
 def test_tokenizer_ids_padding_and_errors():
-    tokenizer = jobs.CAPTION_TOKENIZER
+    tokenizer = pipeline.CAPTION_TOKENIZER
     tokens = tokenizer(["a red circle and a blue square", ""])
     words = tokenizer.vocabulary
     assert tokens[0, :7].tolist() == [words.index(w) + 1 for w in "a red circle and a blue square".split()]
@@ -57,8 +58,8 @@ def test_every_stage_trained_and_the_controlnet_starts_from_the_base(stages):
     for name, path in stages.items():
         checkpoint = read_checkpoint(path)
         assert checkpoint["step"] == 2 and checkpoint["args"]["job"] == {"reward": "estimator"}.get(name, name)
-    controlnet, _ = jobs.load_trained(stages["controlnet"], "controlnet", weights="model")
-    base, _ = jobs.load_trained(stages["unet"], "unet")
+    controlnet, _ = runs.load_trained(stages["controlnet"], "controlnet", weights="model")
+    base, _ = runs.load_trained(stages["unet"], "unet")
     copied = {key: value for key, value in base.unet.state_dict().items() if key.startswith("input_blocks.")}
     moved = [key for key, value in copied.items() if not torch.equal(controlnet.state_dict()[key], value)]
     assert moved  # two steps of training moved the encoder copy, which started as the base's (ControlNet.from_unet)
@@ -66,7 +67,7 @@ def test_every_stage_trained_and_the_controlnet_starts_from_the_base(stages):
 
 def test_innercontrol_starts_from_init_and_resumes_bitwise(stages, tmp_path):
     config, _ = train.parse_args(innercontrol_flags(stages))
-    started = jobs.make_job(config).build()
+    started = runs.make_run(config).build()
     assert_same_state(started.state_dict(), read_checkpoint(stages["controlnet"])["model"])
     train.main(innercontrol_flags(stages, out=tmp_path / "whole"))
     train.main(innercontrol_flags(stages, out=tmp_path / "split", stop_after=2))
@@ -82,26 +83,30 @@ def test_eq8_terms_act_exactly_inside_their_ranges(stages):
     beta = 0) plus exactly alpha x reward + beta x alignment; a range holding no step is refused."""
     def per_sample_loss(**overrides):
         config, _ = train.parse_args(innercontrol_flags(stages, **overrides))
-        job = jobs.make_job(config)
+        run = runs.make_run(config)
         torch.manual_seed(0)
-        net = job.build()
-        dataset = job.make_dataset()
-        inputs = job.draw(job.collate([dataset[i] for i in range(4)]), training.SampleDraws(range(4)))
+        net = run.build()
+        dataset = run.make_dataset()
+        batch = run.collate([dataset[i] for i in range(4)])
         with torch.no_grad():
-            return job.loss(net, *inputs), job, net, inputs
+            return run.loss(net, batch, runtime.SampleDraws(range(4)), torch.device("cpu")), run, net, batch
 
     plain, *_ = per_sample_loss(alpha=0, beta=0)
     with pytest.raises(ValueError, match=r"timestep range \(1000, 1000\) holds none of the steps 0..999"):
         per_sample_loss(reward_range="1000,1000", align_range="1000,1000")
-    full, job, net, (x0, tokens, hint, control, t, eps) = per_sample_loss(reward_range="0,999", align_range="0,999")
+    full, run, net, (x0, tokens, control) = per_sample_loss(reward_range="0,999", align_range="0,999")
+    draws = runtime.SampleDraws(range(4))  # the draws of the run's step, in its order: caption dropout, t, eps
+    tokens = pipeline.drop_captions(tokens, run.config["label_dropout"], draws)
+    t, eps, hint = draws.randint(1000), draws.randn(*x0.shape[1:]), control
+    terms = run.terms
     with torch.no_grad():
-        x_t = job.schedule.add_noise(x0, eps, t)
-        eps_hat, features = job.base.unet(x_t, t, job.base.text_encoder(tokens), control=net(
-            x_t, hint, t, job.base.text_encoder(tokens)), taps=job.tap_mode)
-        reward = job.reward_model(job.schedule.x0_from_eps(x_t, eps_hat, t))  # (B, 1, H, W) depth in [0, 1]
+        x_t = run.schedule.add_noise(x0, eps, t)
+        eps_hat, features = run.base.unet(x_t, t, run.base.text_encoder(tokens), control=net(
+            x_t, hint, t, run.base.text_encoder(tokens)), taps=terms.tap_mode)
+        reward = terms.reward_model(run.schedule.x0_from_eps(x_t, eps_hat, t))  # (B, 1, H, W) depth in [0, 1]
         reward = (reward / reward.flatten(1).amax(1)[:, None, None, None]
                   - control / control.flatten(1).amax(1)[:, None, None, None]).square().flatten(1).mean(1)
-        alignment = ((job.probe(features, job.base.unet.embed_time(t)) + 1) / 2 - control).square().flatten(1).mean(1)
+        alignment = ((terms.probe(features, run.base.unet.embed_time(t)) + 1) / 2 - control).square().flatten(1).mean(1)
     torch.testing.assert_close(full, plain + 0.5 * reward + 1.0 * alignment, rtol=1e-5, atol=1e-6)
 
 
@@ -124,10 +129,10 @@ def test_bad_pipeline_input_exits_2_naming_what_was_expected(stages, tmp_path, c
 def test_a_probe_for_another_unet_is_refused_naming_both_channel_lists():
     tiny, wider = UNETS["tiny"](), UNETS["tiny"](model_channels=64)
     probe = ReadoutProbe(tiny.tap_channels("conv"), tiny.time_embed[-1].out_features, 1, 32, 32)
-    jobs.check_probe_fits(probe, tiny, "conv", "probe.pt")
+    runs.check_probe_fits(probe, tiny, "conv", "probe.pt")
     assert wider.tap_channels("conv") == [2 * c for c in tiny.tap_channels("conv")]
     with pytest.raises(ValueError, match=re.escape(
             f"probe.pt was trained on 4 'conv' feature maps with channels {tiny.tap_channels('conv')} and a timestep "
             f"embedding of width 128; this base UNet gives 4 maps with channels {wider.tap_channels('conv')} and "
             f"width 256")):
-        jobs.check_probe_fits(probe, wider, "conv", "probe.pt")
+        runs.check_probe_fits(probe, wider, "conv", "probe.pt")

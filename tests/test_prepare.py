@@ -15,8 +15,8 @@ from PIL import Image
 
 import prepare
 from ref.data import LatentShards
+from ref.runtime import stream_seed
 from ref.safetensors import save_file
-from ref.training import stream_seed
 from ref.vae import MODELS, to_diffusers
 
 torch.set_num_threads(1)

@@ -6,8 +6,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ref.losses import (INNERCONTROL_TASKS, alignment_loss, control_loss, innercontrol_loss, innercontrol_task,
-                        range_probability, reward_loss, timestep_masked)
+from ref.innercontrol import (INNERCONTROL_TASKS, alignment_loss, control_loss, innercontrol_loss, innercontrol_task,
+                              range_probability, reward_loss, timestep_masked)
 from ref.probes import ReadoutProbe
 from ref.schedules import DDPMSchedule
 

@@ -16,14 +16,16 @@ import torch
 from PIL import Image
 
 import sample
-from ref import jobs, training
+from ref import runtime
 from ref.data import SD_VAE_SCALE_FACTOR
 from ref.dit import MODELS
+from ref.internal_guidance import dit_from_config
+from shapes.runs import SHAPES_CONFIGS
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-TINY = dict(training.CONFIGS["shapes-tiny"], depth=2, hidden_size=32, num_heads=4, config="shapes-tiny")
+TINY = dict(SHAPES_CONFIGS["shapes-tiny"], depth=2, hidden_size=32, num_heads=4, config="shapes-tiny")
 GUIDED = ["--steps", "8", "--ig", "1.5", "--ig-interval", "0.3", "1", "--cfg", "1.5", "--cfg-interval", "0", "0.7"]
 
 
@@ -39,10 +41,10 @@ def randomise(model, seed=0, scale=0.05):
 def make_run(folder, **overrides):
     """A run folder whose latest.pt holds a random tiny model (as train.py writes it)."""
     config = dict(TINY, **overrides)
-    model = randomise(jobs.DiTJob(config).build())
+    model = randomise(dit_from_config(config))
     folder.mkdir(parents=True)
     optimizer = torch.optim.AdamW(model.parameters())
-    training.save_checkpoint(folder / "latest.pt", model, model, optimizer, 0, config)
+    runtime.save_checkpoint(folder / "latest.pt", model, model, optimizer, 0, config)
     return folder
 
 

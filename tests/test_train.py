@@ -20,10 +20,16 @@ import torch
 
 import sample
 import train
-from ref import jobs, training
+from ref import internal_guidance, runtime
 from ref.checkpoints import read_checkpoint
+from ref.configs import CONFIGS
 from ref.data import SD_VAE_SCALE_FACTOR, batch_indices
 from ref.dit import MODELS, count_parameters
+from ref.internal_guidance import DiTRun
+from ref.trainer import training_flops_per_image
+from shapes import runs
+from shapes.runs import SHAPES_CONFIGS
+from tests.helpers import assert_same_state, train_error
 
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
@@ -44,30 +50,6 @@ def run_script(*args):
 
 def file_digest(path):
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def train_error(argv, capsys):
-    """train.main(argv) must stop with exit status 2; -> what it wrote to stderr."""
-    with pytest.raises(SystemExit) as exit_info:
-        train.main(list(map(str, argv)))
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
-
-
-def assert_same_state(a, b):
-    """Nested dicts / lists of tensors and numbers, bitwise equal."""
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same_state(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_state(x, y)
-    else:
-        assert a == b
 
 
 def logged_losses(out):
@@ -93,7 +75,7 @@ def test_two_ranks_end_with_identical_weights(uninterrupted, tmp_path):
     digests = dict(re.findall(r"rank (\d): weights sha256 (\w+)", result.stdout))
     assert sorted(digests) == ["0", "1"] and digests["0"] == digests["1"]
     checkpoint = read_checkpoint(tmp_path / "latest.pt")
-    assert training.weights_digest(checkpoint["model"]) == digests["0"]
+    assert runtime.weights_digest(checkpoint["model"]) == digests["0"]
     # The per-sample draws do not depend on the number of ranks: the first loss (before any update) is the
     # single-process one, and after 6 steps the weights differ only by the order of the gradient sums.
     single, single_out = uninterrupted
@@ -181,7 +163,7 @@ def test_trains_on_latent_shards(tmp_path, monkeypatch):
         np.save(tmp_path / f"latents_{shard:05d}.npy", latents[6 * shard:6 * (shard + 1)])
         np.save(tmp_path / f"labels_{shard:05d}.npy", labels[6 * shard:6 * (shard + 1)])
     seen = []  # (x0 given to the loss, labels given to the network) of every training step
-    real_loss = jobs.flow_matching_loss
+    real_loss = internal_guidance.flow_matching_loss
 
     def recording_loss(model, x0, t, y, eps, aux_weight):
         if x0.device.type == "meta":  # the FLOP count
@@ -192,7 +174,7 @@ def test_trains_on_latent_shards(tmp_path, monkeypatch):
             return model(x_t, t, y_seen)
         return real_loss(network, x0, t, y, eps, aux_weight)
 
-    monkeypatch.setattr(jobs, "flow_matching_loss", recording_loss)
+    monkeypatch.setattr(internal_guidance, "flow_matching_loss", recording_loss)
     train.main(["--config", "sit-b2-imagenet", "--data-path", str(tmp_path), "--image-size", "32", "--num-classes",
                 "10", "--depth", "2", "--intermediate-block", "1", "--hidden-size", "32", "--num-heads", "4",
                 "--batch-size", "4", "--steps", "40", "--lr", "1e-2", "--label-dropout", "0", "--log-every", "1",
@@ -340,9 +322,9 @@ def test_command_line_error_is_a_message_not_a_traceback(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_imagenet_configs_are_the_sit_presets():
-    for name, preset, block in (("sit-b2-imagenet", "DiT-B/2", 4), ("sit-xl2-imagenet", "DiT-XL/2", 8)):
+    for name, preset, block in (("sit-b2-imagenet", "SiT-B/2", 4), ("sit-xl2-imagenet", "SiT-XL/2", 8)):
         with torch.device("meta"):
-            ours = jobs.DiTJob(training.CONFIGS[name]).build()
+            ours = DiTRun(CONFIGS[name]).build()
             theirs = MODELS[preset](intermediate_block=block)
         shapes = [{key: value.shape for key, value in model.state_dict().items()} for model in (ours, theirs)]
         assert shapes[0] == shapes[1]
@@ -352,12 +334,32 @@ def test_imagenet_configs_are_the_sit_presets():
 def test_training_flops_match_the_closed_form():
     """Forward: every matmul 2 m n k. Backward: twice that, except where the input needs no gradient (the patch
     convolution and the first timestep-MLP layer: weight gradient only), so the total is 3 F - F_patch - F_tmlp."""
-    config = dict(training.CONFIGS["shapes-tiny"], depth=2, hidden_size=32, num_heads=4, patch_size=4)
+    config = dict(SHAPES_CONFIGS["shapes-tiny"], depth=2, hidden_size=32, num_heads=4, patch_size=4)
     width, tokens, patch, channels, depth = 32, (32 // 4) ** 2, 4, 3, 2
     block = (2 * tokens * width * 3 * width + 2 * tokens * width * width + 2 * 2 * tokens * width * 4 * width
              + 2 * 2 * tokens * tokens * width + 2 * width * 6 * width)  # qkv, proj, MLP, QK^T and AV, adaLN
     head = 2 * width * 2 * width + 2 * tokens * width * patch * patch * channels  # final layer (twice: IG head)
     patch_embed, timestep_mlp = 2 * tokens * channels * patch * patch * width, 2 * 256 * width
     forward = depth * block + 2 * head + patch_embed + timestep_mlp + 2 * width * width
-    dataset = jobs.make_job(config).make_dataset()
-    assert training.training_flops_per_image(config, dataset) == 3 * forward - patch_embed - timestep_mlp
+    dataset = runs.make_run(config).make_dataset()
+    assert training_flops_per_image(runs.make_run, config, dataset) == 3 * forward - patch_embed - timestep_mlp
+
+
+def test_each_kind_of_run_has_its_own_fields_and_help(capsys):
+    """A DiT run carries no InnerControl field, a ControlNet run no DiT field; --help lists the chosen kind's fields
+    only, and a flag of another kind is refused."""
+    dit, _ = train.parse_args(["--config", "shapes-tiny"])
+    controlnet, _ = train.parse_args(["--config", "shapes-controlnet"])
+    assert "patch_size" in dit and "reward_range" not in dit and "task" not in dit
+    assert "reward_range" in controlnet and "patch_size" not in controlnet and "objective" not in controlnet
+    imagenet, _ = train.parse_args(["--config", "sit-b2-imagenet"])
+    assert set(imagenet) == set(dit) - {"shapes_items"}
+    for config, present, absent in (("shapes-controlnet", "--reward-range", "--patch-size"),
+                                    ("shapes-tiny", "--patch-size", "--reward-range")):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--config", config, "--help"])
+        help_text = capsys.readouterr().out
+        assert present in help_text and absent not in help_text
+        with pytest.raises(SystemExit) as exit_info:
+            train.parse_args(["--config", config, absent, "1"])
+        assert exit_info.value.code == 2 and f"unrecognized arguments: {absent}" in capsys.readouterr().err

@@ -23,8 +23,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.checkpoints import read_checkpoint
-from ref.data import SHAPE_CLASSES, Shapes, batch_indices
+from ref.data import batch_indices, to_uint8
 from ref.metrics import frechet_distance, precision_recall
+from shapes.data import SHAPE_CLASSES, Shapes
 
 TRAIN_SEED, TEST_SEED = 1000, 1001  # Shapes seeds of the classifier's training and test scenes
 TRAIN_ITEMS = 1_000_000  # the training stream: far more scenes than a training run reads, so none repeats
@@ -38,16 +39,10 @@ class ShapesClassifierError(ValueError):
 # True scenes as uint8 images, the form samples take on disk
 # ---------------------------------------------------------------------------------------------------------------------
 
-def quantize(images):
-    """(N, 3, H, W) float in [-1, 1] -> (N, H, W, 3) uint8, as an ADM .npz stores images."""
-    pixels = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).numpy()
-
-
 def render(dataset, indices):
     """Scenes `indices` of a Shapes dataset -> (images (B, H, W, 3) uint8, front-object labels (B,) int64)."""
     scenes = [dataset[int(index)] for index in indices]
-    images = quantize(torch.stack([scene.image for scene in scenes]))
+    images = to_uint8(torch.stack([scene.image for scene in scenes]))
     return images, torch.tensor([scene.label for scene in scenes])
 
 
@@ -155,7 +150,7 @@ def save_classifier(model, path, **metadata):
 def load_classifier(path):
     """A classifier written by `save_classifier`, in eval mode. Raises ShapesClassifierError, saying how to train one,
     for a missing file, a file torch cannot read, or weights of another layout."""
-    train_hint = f"train one with: python eval.py train-shapes-classifier --classifier {path}"
+    train_hint = f"train one with: python evaluate.py train-shapes-classifier --classifier {path}"
     if not os.path.isfile(path):
         raise ShapesClassifierError(f"shapes classifier {path}: no such file; {train_hint}")
     try:

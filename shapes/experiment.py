@@ -2,15 +2,16 @@
 analogs of its Fig. 2 (control error across t: probe on the decoder features vs reward model on the one-step
 estimate) and Fig. 3 (one-step estimate, its reward-model reading, the probe's reading, across noise levels).
 
-    python -m experiments.innercontrol [--task depth|segmentation|edges] [--nproc 2] [--out runs/innercontrol]
-    python -m experiments.innercontrol --quick          # seconds: every step on toy budgets (the tests run it)
+    python -m shapes.experiment [--task depth|segmentation|edges] [--nproc 2] [--out runs/innercontrol]
+    python -m shapes.experiment --quick          # seconds: every step on toy budgets (the tests run it)
 
 Every stage is a train.py run in OUT (base UNet, reward and evaluation estimators, probe, fine-tuned ControlNet), each
 Table 2 row a train.py run that continues from the fine-tuned ControlNet for the same number of steps with its Eq. 8
 terms; rerunning the command resumes or skips what is done. Each row is sampled by sample.py (DDIM, caption CFG,
---seeds sampling seeds over the same evaluation scenes) and scored by eval.py innercontrol (the evaluation estimator's
-control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the estimator's floor). Writes
-OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and sampling run under torchrun with --nproc ranks.
+--seeds sampling seeds over the same evaluation scenes) and scored by evaluate.py innercontrol (the evaluation
+estimator's control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the estimator's
+floor). Writes OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and sampling run under torchrun with
+--nproc ranks.
 """
 import argparse
 import json
@@ -23,15 +24,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-import eval as evaluate
+import evaluate
 import sample as sample_script
 import train as train_script
-from ref import jobs
-from ref.data import Shapes
-from ref.innercontrol import CONTROL_METRICS, EVAL_SCENE_SEED, errors_across_t
+from ref.data import to_uint8
 from ref.schedules import DDPMSchedule
-from ref.shapes_classifier import quantize, render, save_classifier, train_classifier
-from ref.training import CONFIGS
+from shapes import pipeline, runs
+from shapes.classifier import render, save_classifier, train_classifier
+from shapes.data import Shapes
+from shapes.evaluation import CONTROL_METRICS, EVAL_SCENE_SEED, errors_across_t
+from shapes.runs import SHAPES_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = {"train.py": train_script.main, "sample.py": sample_script.main}
@@ -47,7 +49,7 @@ DEPTH_ROWS = {
 OTHER_ROWS = {"fine-tuned ControlNet": dict(alpha=0, beta=0), "Eq. 8 (Table 4 settings)": {}}
 
 # Sampling and evaluation sizes; "train" overrides every stage's steps and batch size (the full run keeps the
-# configs' own, ref/training.py). "full" is the documented CPU run (README).
+# configs' own, shapes/runs.py). "full" is the documented CPU run (README).
 BUDGETS = {
     "full": dict(train={}, scenes=50, seeds=2, sample_steps=20, cfg=3.0, ref_shapes=2000, fig_scenes=64,
                  classifier_steps=2000),
@@ -55,10 +57,10 @@ BUDGETS = {
                   fig_scenes=2, classifier_steps=2),
 }
 FIG2_TIMESTEPS = list(range(0, 1000, 50)) + [999]
-IMAGE_SIZE = CONFIGS["shapes-unet"]["image_size"]
+IMAGE_SIZE = SHAPES_CONFIGS["shapes-unet"]["image_size"]
 
 
-def run(script, flags, nproc):
+def launch(script, flags, nproc):
     """SCRIPT's main(FLAGS) in this process, or SCRIPT under torchrun with nproc ranks of one thread each; a failure
     stops the experiment (finished runs are kept, so a rerun goes on from there)."""
     flags = list(map(str, flags))
@@ -74,10 +76,10 @@ def run(script, flags, nproc):
 
 def train(config, out, budget, nproc, **flags):
     """train.py --config CONFIG with the flags (and the budget's sizes) -> the run's checkpoint."""
-    steps = budget["train"].get("steps", CONFIGS[config]["steps"])
+    steps = budget["train"].get("steps", SHAPES_CONFIGS[config]["steps"])
     flags = dict(flags, **budget["train"], log_every=max(1, steps // 10), out=out)
-    run("train.py", ["--config", config, *[item for name, value in flags.items()
-                                          for item in (f"--{name.replace('_', '-')}", value)]], nproc)
+    launch("train.py", ["--config", config, *[item for name, value in flags.items()
+                                             for item in (f"--{name.replace('_', '-')}", value)]], nproc)
     return out / "latest.pt"
 
 
@@ -127,8 +129,8 @@ def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
         for seed in range(budget["seeds"]):
             folder = out / task / "samples" / f"row{index}-seed{seed}"
             if not (folder / "samples.npz").exists():
-                run("sample.py", [checkpoint, "--num-samples", budget["scenes"], "--seed", 1000 * seed,
-                                  "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--out", folder], nproc)
+                launch("sample.py", [checkpoint, "--num-samples", budget["scenes"], "--seed", 1000 * seed,
+                                     "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--out", folder], nproc)
             per_seed.append(score(folder, stages, classifier, budget))
         metrics = [key for key in per_seed[0] if isinstance(per_seed[0][key], float)]
         table[name] = {key: float(np.mean([report[key] for report in per_seed])) for key in metrics}
@@ -152,13 +154,13 @@ def markdown_table(task, table):
 
 def figure_rows(task, stages, budget):
     """errors_across_t on the fine-tuned ControlNet over the first fig_scenes evaluation scenes."""
-    base, _ = jobs.load_trained(stages["unet"], "unet")
-    controlnet, config = jobs.load_trained(stages["controlnet"], "controlnet")
-    probe, probe_config = jobs.load_trained(stages["probe"], "probe")
-    reward_model, _ = jobs.load_trained(stages["reward"], "estimator")
+    base, _ = runs.load_trained(stages["unet"], "unet")
+    controlnet, config = runs.load_trained(stages["controlnet"], "controlnet")
+    probe, probe_config = runs.load_trained(stages["probe"], "probe")
+    reward_model, _ = runs.load_trained(stages["reward"], "estimator")
     scenes = Shapes(config["image_size"], num_items=budget["fig_scenes"], seed=EVAL_SCENE_SEED)
-    images, tokens, control = jobs.collate_shapes([scenes[i] for i in range(len(scenes))], task)
-    batch = images, tokens, control, jobs.hint_of(control, task)
+    images, tokens, control = pipeline.collate_shapes([scenes[i] for i in range(len(scenes))], task)
+    batch = images, tokens, control, pipeline.hint_of(control, task)
     rows = errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
                            DDPMSchedule.named(config["beta_schedule"]), task, batch, FIG2_TIMESTEPS)
     return rows, images[0], control[0]
@@ -190,8 +192,8 @@ def line_chart(series, metric, size=(520, 320), margin=48):
 def picture(tensor, task):
     """A (3, H, W) image in [-1, 1], or a control reading (maps in [0, 1] or logits) -> (H, W, 3) uint8."""
     if tensor.shape[0] == 3:
-        return quantize(tensor[None])[0]
-    return jobs.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
+        return to_uint8(tensor[None])[0]
+    return pipeline.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
 
 
 def write_figures(task, rows, image, control, folder, scale=4):
@@ -204,7 +206,7 @@ def write_figures(task, rows, image, control, folder, scale=4):
                        metric)
     chart.save(folder / "fig2.png")
     shown = [row for row in rows if row["t"] in (0, 200, 400, 600, 800, 999)]
-    exact = jobs.control_picture(control, task)
+    exact = pipeline.control_picture(control, task)
     tiles = [[picture(image, task), exact, np.full_like(exact, 255)]]
     tiles += [[picture(row[key], task) for key in ("x0", "reward_estimate", "probe_estimate")] for row in shown]
     grid = np.concatenate([np.concatenate(tile_row, axis=1) for tile_row in tiles], axis=0)
@@ -216,7 +218,7 @@ def write_figures(task, rows, image, control, folder, scale=4):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", default="depth", choices=list(jobs.SHAPES_TASKS))
+    parser.add_argument("--task", default="depth", choices=list(pipeline.SHAPES_TASKS))
     parser.add_argument("--out", default="runs/innercontrol")
     parser.add_argument("--nproc", type=int, default=1, help="ranks for training and sampling (torchrun)")
     parser.add_argument("--classifier", help="FD-shapes classifier (default: OUT/shapes-classifier.pt, trained "

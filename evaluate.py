@@ -1,15 +1,15 @@
 """Evaluate generated images: the ADM image metrics (IG), FD-shapes on the Shapes data, and the control-alignment
 metrics (InnerControl).
 
-    python eval.py fid --samples S.npz --ref R.npz [--inception PATH] [--out metrics.json]
-    python eval.py fid --samples IMAGES --write-ref R.npz [--inception PATH]
-    python eval.py train-shapes-classifier [--classifier PATH] [--steps 2000] [--image-size 32]
-    python eval.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N) [--classifier PATH] [--out metrics.json]
-    python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
-    python eval.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
+    python evaluate.py fid --samples S.npz --ref R.npz [--inception PATH] [--out metrics.json]
+    python evaluate.py fid --samples IMAGES --write-ref R.npz [--inception PATH]
+    python evaluate.py train-shapes-classifier [--classifier PATH] [--steps 2000] [--image-size 32]
+    python evaluate.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N) [--classifier PATH] [--out metrics.json]
+    python evaluate.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
+    python evaluate.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
 
-fid: IS, FID, sFID and precision/recall as the ADM evaluator computes them; `python eval.py fid --help` says how, and
-what is left different.
+fid: IS, FID, sFID and precision/recall as the ADM evaluator computes them; `python evaluate.py fid --help` says how,
+and what is left different.
 fd-shapes: FD-shapes (the Frechet distance of the Shapes classifier's 128-d features; not FID) and precision/recall
 (k = 3) against reference images: an .npz or folder (--ref), or the first N true scenes of Shapes(seed=--ref-seed) at
 the samples' size, rendered on the fly (--ref-shapes N); with labels in the samples' arr_1, label_accuracy too. The
@@ -30,16 +30,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ref import jobs, training
-from ref.data import Shapes
+from ref import runtime
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
-from ref.innercontrol import ControlScore
 from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
-from ref.shapes_classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
+from shapes import pipeline, runs
+from shapes.classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
+from shapes.data import Shapes
+from shapes.evaluation import ControlScore
 
-DEFAULT_CLASSIFIER = "runs/shapes_classifier.pt"
+DEFAULT_CLASSIFIER = "runs/shapes-classifier.pt"
 FID_HELP = """IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch
 (stored mu/sigma/mu_s/sigma_s are used when present, images in arr_0 give precision/recall). Samples are ADM-style
 .npz (arr_0: (N, H, W, 3) uint8) or folders of images. --write-ref writes the samples as a reference batch
@@ -143,7 +144,7 @@ def run_innercontrol(args):
     if settings.get("job") != "controlnet":
         raise ValueError(f"{folder} holds samples of a {settings.get('job', 'dit')} run, not of a controlnet run")
     task = settings["task"]
-    estimator, estimator_config = jobs.load_trained(args.estimator, "estimator")
+    estimator, estimator_config = runs.load_trained(args.estimator, "estimator")
     if estimator_config["task"] != task:
         raise ValueError(f"{args.estimator} estimates {estimator_config['task']}; the samples are for {task}")
     estimator.to(args.device)
@@ -152,10 +153,11 @@ def run_innercontrol(args):
         scene_indices = archive["arr_1"]
     size = settings["config"]["image_size"]
     scenes = Shapes(size, num_items=int(scene_indices.max()) + 1, seed=settings["scene_seed"])
-    score, done, progress = ControlScore(task, jobs.SEGMENT_CLASSES), 0, Progress("control")
+    score, done, progress = ControlScore(task, pipeline.SEGMENT_CLASSES), 0, Progress("control")
     for batch in samples.batches(args.batch_size):
         images = 2 * to_unit_range(batch).to(args.device) - 1  # (B, 3, H, W) in [-1, 1]
-        controls = torch.stack([jobs.control_of(scenes[int(i)], task) for i in scene_indices[done:done + len(batch)]])
+        indices = scene_indices[done:done + len(batch)]
+        controls = torch.stack([pipeline.control_of(scenes[int(i)], task) for i in indices])
         with torch.no_grad():
             score.update(estimator(images), controls)
         done += len(batch)
@@ -255,7 +257,7 @@ def main(argv=None, extractor=None):
     try:
         report = commands[args.command]()
     except (ValueError, InceptionWeightsError) as error:  # bad input (ShapesClassifierError is a ValueError)
-        training.exit_with_error(error)
+        runtime.exit_with_error(error)
     print_table(report)
     if args.out:
         with open(args.out, "w") as f:

@@ -1,0 +1,120 @@
+"""Configs of train.py: each run is one flat dict of its kind's fields, every field a command-line flag (a run's
+`fields` holds each one's type and help). Named presets: `CONFIGS` here (SiT + IG on ImageNet latents) and the
+testbed's in shapes/runs.py; a resumed run refuses settings that would change what it computes (`check_resumable`).
+"""
+import argparse
+from pathlib import Path
+
+
+def optional_int(text):
+    return None if text.lower() == "none" else int(text)
+
+
+def optional_float(text):
+    return None if text.lower() == "none" else float(text)
+
+
+def optional_timestep_range(text):
+    """"LOW,HIGH" -> [LOW, HIGH] (inclusive DDPM steps), "none" -> None."""
+    if text.lower() == "none":
+        return None
+    low, high = (int(value) for value in text.split(","))
+    return [low, high]
+
+
+# The fields of every run: how long, how fast, how it is checkpointed. Each kind of run adds its own (DiTRun.fields in
+# ref/internal_guidance.py, the testbed's runs in shapes/runs.py); name: (type, help), every field a flag --name.
+TRAINING_FIELDS = {
+    "batch_size": (int, "global batch size, all ranks together"),
+    "steps": (int, "training steps of the whole run"),
+    "lr": (float, "AdamW learning rate (betas 0.9, 0.999, weight decay 0, constant)"),
+    "grad_clip": (float, "clip the global gradient norm to this"),
+    "ema_decay": (float, "EMA decay per step"),
+    "seed": (int, "seed of the initial weights, the data order and every training draw"),
+    "checkpoint_every": (int, "steps between checkpoints (out/latest.pt); one is also written at the end"),
+    "snapshot_every": (optional_int, "training IMAGES between kept copies of latest.pt, out/snapshot-<images "
+                                     "seen>.pt, for FID-vs-training curves; none: no snapshots"),
+    "log_every": (int, "steps between progress lines"),
+    "workers": (int, "data-loading worker processes per rank (0: load in the training process)"),
+    "bf16": (bool, "CUDA: bf16 autocast (TF32 matmuls are always on); ignored on the CPU"),
+    "compile": (bool, "torch.compile the model (before the DDP wrap)"),
+    "peak_tflops": (optional_float, "peak TFLOP/s of one device for MFU (default: the GPU's bf16 dense peak)"),
+    "stop_after": (optional_int, "debug: checkpoint and stop after this step, as if killed there"),
+}
+
+# Fields that may change when a run is resumed: how far and how it runs, not what it computes.
+RUN_FIELDS = {"config", "steps", "checkpoint_every", "snapshot_every", "log_every", "workers", "compile",
+              "gradient_checkpointing", "peak_tflops", "stop_after"}
+# Counts that must be positive (None allowed where the field is optional) and counts that may be zero.
+POSITIVE_FIELDS = ("steps", "batch_size", "checkpoint_every", "snapshot_every", "log_every", "stop_after",
+                   "shapes_items", "image_size", "num_classes", "depth", "hidden_size", "num_heads", "patch_size")
+NON_NEGATIVE_FIELDS = ("workers",)
+
+RUN_DEFAULTS = dict(lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True, compile=False, peak_tflops=None,
+                    stop_after=None, snapshot_every=None)
+# The DiT / SiT runs' defaults besides (a preset of another kind leaves out what its kind does not declare).
+DIT_DEFAULTS = dict(RUN_DEFAULTS, job="dit", data_path=None, flip=False, objective="flow", beta_schedule="linear",
+                    aux_weight=0.5, label_dropout=0.1, gradient_checkpointing=False)
+# SiT / IG release settings (docs: IG notes): batch 256, lr 1e-4, EMA 0.9999, SD-VAE latents of 256 px ImageNet.
+_IMAGENET = dict(DIT_DEFAULTS, data="latents", image_size=256, num_classes=1000, batch_size=256,
+                 ema_decay=0.9999, checkpoint_every=10_000, log_every=100, workers=4)
+
+CONFIGS = {
+    # SiT-B/2 + IG (head after block 4 of 12), the paper's ablation model, 400K iterations.
+    "sit-b2-imagenet": dict(_IMAGENET, depth=12, hidden_size=768, num_heads=12, patch_size=2, intermediate_block=4,
+                            steps=400_000),
+    # SiT-XL/2 + IG (head after block 8 of 28); 400K iterations = 80 epochs of ImageNet at batch 256.
+    "sit-xl2-imagenet": dict(_IMAGENET, depth=28, hidden_size=1152, num_heads=16, patch_size=2, intermediate_block=8,
+                             steps=400_000),
+}
+
+def add_config_flags(parser, fields):
+    """One flag per field; a flag left out keeps the named config's value."""
+    for name, (kind, help_text) in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:  # --flag / --no-flag
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=argparse.SUPPRESS, help=help_text)
+
+
+def resolve_config(args, preset, fields):
+    """The named config `preset` cut to its kind's `fields`, with the flags given on the command line laid over it
+    (a flag left out is no attribute), and its `job` and `config` name."""
+    missing = sorted(set(fields) - set(preset))
+    if missing:
+        raise ValueError(f"config {args.config} gives no value for {', '.join(missing)}")
+    config = {name: getattr(args, name, preset[name]) for name in fields}
+    config.update(job=preset["job"], config=args.config)
+    if "task" in config:  # a path may name the run's task as {task}
+        config.update({name: value.replace("{task}", config["task"]) for name, value in config.items()
+                       if isinstance(value, str)})
+    return config
+
+
+def default_out(config):
+    """runs/<config>, or runs/<config>-<task> for a run of the InnerControl pipeline that has a task."""
+    task = config.get("task") if config["job"] in ("estimator", "probe", "controlnet") else None
+    return Path("runs") / (config["config"] + (f"-{task}" if task else ""))
+
+
+def check_counts(config):
+    """A count of POSITIVE_FIELDS below 1 or of NON_NEGATIVE_FIELDS below 0 raises ValueError naming its flag."""
+    for names, low in ((POSITIVE_FIELDS, 1), (NON_NEGATIVE_FIELDS, 0)):
+        for name in names:
+            value = config.get(name)
+            if value is not None and value < low:
+                raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if low else 'zero or more'}, "
+                                 f"got {value}")
+
+
+def check_resumable(stored, config, path):
+    """Refuse to continue a run whose stored config differs from this one in any of this run's fields but RUN_FIELDS
+    (a field the stored config has and this kind of run no longer declares is not read)."""
+    differences = [f"{name}: stored {stored.get(name)!r}, given {config[name]!r}" for name in sorted(config)
+                   if name not in RUN_FIELDS and stored.get(name) != config[name]]
+    if differences:
+        raise ValueError(f"{path} is a checkpoint of a different run; to resume it, give the stored settings (or "
+                         f"choose another --out):\n  " + "\n  ".join(differences))
+
+
