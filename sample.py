@@ -40,7 +40,7 @@ A controlnet run of the InnerControl pipeline (train.py --config shapes-controln
 its base UNet steered by the ControlNet: DDIM (50 steps by default) with CFG on the caption (--cfg, the control in both
 branches). Sample i follows the control and caption of evaluation scene i // --seeds-per-control (Shapes seed
 shapes.evaluation.EVAL_SCENE_SEED) from noise seeded with seed + i; arr_1 holds the scene indices, grid.png shows each
-control beside its samples; `evaluate.py innercontrol` scores them.
+control beside its samples; `eval.py innercontrol` scores them.
 Bad input: a message and exit status 2, nothing written.
 """
 import argparse

@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("ref", "shapes", "toy", "bench")
-SCRIPTS = ("train", "sample", "evaluate", "prepare")
+SCRIPTS = ("train", "sample", "eval", "prepare")
 
 
 def project_modules():

@@ -4,7 +4,7 @@ Usage (from the repository root):
     python -m bench.inception_speed [--batch 50] [--size 299] [--threads 2] [--repeats 3] [--device cpu] [--resize tf1]
 
 Random weights (speed does not depend on them), float32, inference mode; the first batch is a warm-up and not timed.
---resize picks the input pipeline (ref/inception.py): tf1, the TF graph's (evaluate.py's default), or pytorch.
+--resize picks the input pipeline (ref/inception.py): tf1, the TF graph's (eval.py's default), or pytorch.
 """
 import argparse
 import time

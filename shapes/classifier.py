@@ -150,7 +150,7 @@ def save_classifier(model, path, **metadata):
 def load_classifier(path):
     """A classifier written by `save_classifier`, in eval mode. Raises ShapesClassifierError, saying how to train one,
     for a missing file, a file torch cannot read, or weights of another layout."""
-    train_hint = f"train one with: python evaluate.py train-shapes-classifier --classifier {path}"
+    train_hint = f"train one with: python eval.py train-shapes-classifier --classifier {path}"
     if not os.path.isfile(path):
         raise ShapesClassifierError(f"shapes classifier {path}: no such file; {train_hint}")
     try:

@@ -8,7 +8,7 @@ estimate) and Fig. 3 (one-step estimate, its reward-model reading, the probe's r
 Every stage is a train.py run in OUT (base UNet, reward and evaluation estimators, probe, fine-tuned ControlNet), each
 Table 2 row a train.py run that continues from the fine-tuned ControlNet for the same number of steps with its Eq. 8
 terms; rerunning the command resumes or skips what is done. Each row is sampled by sample.py (DDIM, caption CFG,
---seeds sampling seeds over the same evaluation scenes) and scored by evaluate.py innercontrol (the evaluation
+--seeds sampling seeds over the same evaluation scenes) and scored by eval.py innercontrol (the evaluation
 estimator's control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the estimator's
 floor). Writes OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and sampling run under torchrun with
 --nproc ranks.
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-import evaluate
+import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 import sample as sample_script
 import train as train_script
 from ref.data import to_uint8
@@ -116,7 +116,7 @@ def real_images_samples(task, folder, budget, image_size):
 
 
 def score(samples, stages, classifier, budget):
-    return evaluate.main(["innercontrol", "--samples", str(samples), "--estimator", str(stages["eval"]),
+    return eval_script.main(["innercontrol", "--samples", str(samples), "--estimator", str(stages["eval"]),
                           "--classifier", str(classifier), "--ref-shapes", str(budget["ref_shapes"])])
 
 

@@ -1,4 +1,4 @@
-"""evaluate.py end to end: ADM-style .npz round trips (FD 0 and precision = recall = 1 on the same images), reference
+"""eval.py end to end: ADM-style .npz round trips (FD 0 and precision = recall = 1 on the same images), reference
 batches written and read back, folders, stored statistics, the control metrics, and the error without weights.
 
 A small fixed feature extractor stands in for the FID Inception (injected through `eval.main(extractor=...)`), so no
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import evaluate
+import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 from ref.metrics import ImageSource, frechet_distance
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +46,7 @@ def samples_npz(images, tmp_path):
 
 
 def run_fid(*args, capsys=None):
-    report = evaluate.main(["fid", *map(str, args), "--batch-size", "10"], extractor=tiny_extractor)
+    report = eval_script.main(["fid", *map(str, args), "--batch-size", "10"], extractor=tiny_extractor)
     return report, (capsys.readouterr().out if capsys else "")
 
 
@@ -133,7 +133,7 @@ def test_control_cli_on_identical_maps(tmp_path):
         for i, image in enumerate(task_maps):
             Image.fromarray(image).save(folder / f"{i}.png")
         np.savez(tmp_path / f"{task}.npz", arr_0=task_maps)
-        report = evaluate.main(["control", "--task", task, "--generated", str(folder),
+        report = eval_script.main(["control", "--task", task, "--generated", str(folder),
                                 "--controls", str(tmp_path / f"{task}.npz"), "--num-classes", "5"])
         assert report == {"images": 3, **{name: pytest.approx(value, abs=1e-12)
                                           for name, value in expected[task].items()}}
@@ -153,20 +153,20 @@ def test_resize_follows_the_reference_and_refuses_a_mismatch(images, samples_npz
 
     monkeypatch.setattr(evaluate, "FIDInceptionV3", Inception)
     pytorch_ref, adm_ref = tmp_path / "pytorch_ref.npz", tmp_path / "adm_ref.npz"
-    evaluate.main(["fid", "--samples", str(samples_npz), "--write-ref", str(pytorch_ref), "--resize", "pytorch"])
+    eval_script.main(["fid", "--samples", str(samples_npz), "--write-ref", str(pytorch_ref), "--resize", "pytorch"])
     with np.load(pytorch_ref) as stored:
         assert stored["inception_resize"] == "pytorch"
         np.savez(adm_ref, mu=stored["mu"], sigma=stored["sigma"])  # stored statistics, no record: an ADM batch
-    assert evaluate.main(["fid", "--samples", str(samples_npz), "--ref", str(pytorch_ref)])["resize"] == "pytorch"
-    assert evaluate.main(["fid", "--samples", str(samples_npz), "--ref", str(adm_ref)])["resize"] == "tf1"
-    assert evaluate.main(["fid", "--samples", str(samples_npz)])["resize"] == "tf1"
+    assert eval_script.main(["fid", "--samples", str(samples_npz), "--ref", str(pytorch_ref)])["resize"] == "pytorch"
+    assert eval_script.main(["fid", "--samples", str(samples_npz), "--ref", str(adm_ref)])["resize"] == "tf1"
+    assert eval_script.main(["fid", "--samples", str(samples_npz)])["resize"] == "tf1"
     assert built == ["pytorch", "pytorch", "tf1", "tf1"]
     capsys.readouterr()
-    report = evaluate.main(["fid", "--samples", str(samples_npz), "--ref", str(adm_ref), "--resize", "pytorch"])
+    report = eval_script.main(["fid", "--samples", str(samples_npz), "--ref", str(adm_ref), "--resize", "pytorch"])
     assert report["resize"] == "pytorch" and abs(report["fid"]) < 1e-9
     assert "warning: " in capsys.readouterr().err
     with pytest.raises(SystemExit) as stopped:
-        evaluate.main(["fid", "--samples", str(samples_npz), "--ref", str(pytorch_ref), "--resize", "tf1"])
+        eval_script.main(["fid", "--samples", str(samples_npz), "--ref", str(pytorch_ref), "--resize", "tf1"])
     assert stopped.value.code == 2
     assert capsys.readouterr().err == (f"error: {pytorch_ref} holds statistics of --resize pytorch; scoring the "
                                        f"samples with --resize tf1 would compare two input pipelines (leave --resize "
@@ -178,7 +178,7 @@ def test_inception_file_that_is_not_the_weights(samples_npz, tmp_path, capsys):
     not_weights = tmp_path / "model.pt"
     torch.save({"model": {"w": torch.zeros(2)}, "args": {"lr": 1e-4}}, not_weights)
     with pytest.raises(SystemExit) as stopped:
-        evaluate.main(["fid", "--samples", str(samples_npz), "--inception", str(not_weights)])
+        eval_script.main(["fid", "--samples", str(samples_npz), "--inception", str(not_weights)])
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {not_weights} (0.0 MB) holds 2 entries (0 tensors; keys model, args), none of the "
@@ -190,7 +190,7 @@ def test_inception_file_that_is_not_the_weights(samples_npz, tmp_path, capsys):
 def test_cli_runs_as_a_script_and_explains_missing_weights(samples_npz, tmp_path):
     env = {key: value for key, value in os.environ.items() if key != "REF_INCEPTION_WEIGHTS"}
     env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run([sys.executable, "evaluate.py", "fid", "--samples", str(samples_npz)], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "eval.py", "fid", "--samples", str(samples_npz)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
     assert "pt_inception-2015-12-05-6726825d.pth" in result.stderr and "REF_INCEPTION_WEIGHTS" in result.stderr
@@ -198,7 +198,7 @@ def test_cli_runs_as_a_script_and_explains_missing_weights(samples_npz, tmp_path
 
     maps = np.random.default_rng(2).integers(0, 5, (2, 16, 16)).astype(np.uint8)
     np.savez(tmp_path / "seg.npz", arr_0=maps)
-    result = subprocess.run([sys.executable, "evaluate.py", "control", "--task", "seg", "--num-classes", "5",
+    result = subprocess.run([sys.executable, "eval.py", "control", "--task", "seg", "--num-classes", "5",
                              "--generated", str(tmp_path / "seg.npz"), "--controls", str(tmp_path / "seg.npz"),
                              "--out", str(tmp_path / "seg.json")],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)

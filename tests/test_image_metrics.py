@@ -487,7 +487,7 @@ def first_conv_input(network, images):
 def test_inception_input_pipelines(network):
     generator = torch.Generator().manual_seed(9)
     pixels = torch.randint(0, 256, (2, 3, 299, 299), generator=generator)
-    images = pixels.float() / 255  # as evaluate.py reads uint8 images
+    images = pixels.float() / 255  # as eval.py reads uint8 images
     assert network.resize == "tf1"  # the default
     assert torch.equal(first_conv_input(network, images), (pixels.float() - 128) / 128)  # the graph's Sub, Mul
     pytorch_fid = FIDInceptionV3(random_weights=True, resize="pytorch")

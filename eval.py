@@ -1,14 +1,14 @@
 """Evaluate generated images: the ADM image metrics (IG), FD-shapes on the Shapes data, and the control-alignment
 metrics (InnerControl).
 
-    python evaluate.py fid --samples S.npz --ref R.npz [--inception PATH] [--out metrics.json]
-    python evaluate.py fid --samples IMAGES --write-ref R.npz [--inception PATH]
-    python evaluate.py train-shapes-classifier [--classifier PATH] [--steps 2000] [--image-size 32]
-    python evaluate.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N) [--classifier PATH] [--out metrics.json]
-    python evaluate.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
-    python evaluate.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
+    python eval.py fid --samples S.npz --ref R.npz [--inception PATH] [--out metrics.json]
+    python eval.py fid --samples IMAGES --write-ref R.npz [--inception PATH]
+    python eval.py train-shapes-classifier [--classifier PATH] [--steps 2000] [--image-size 32]
+    python eval.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N) [--classifier PATH] [--out metrics.json]
+    python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
+    python eval.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
 
-fid: IS, FID, sFID and precision/recall as the ADM evaluator computes them; `python evaluate.py fid --help` says how,
+fid: IS, FID, sFID and precision/recall as the ADM evaluator computes them; `python eval.py fid --help` says how,
 and what is left different.
 fd-shapes: FD-shapes (the Frechet distance of the Shapes classifier's 128-d features; not FID) and precision/recall
 (k = 3) against reference images: an .npz or folder (--ref), or the first N true scenes of Shapes(seed=--ref-seed) at
