@@ -151,7 +151,7 @@ def test_resize_follows_the_reference_and_refuses_a_mismatch(images, samples_npz
         def to(self, device):
             return tiny_extractor
 
-    monkeypatch.setattr(evaluate, "FIDInceptionV3", Inception)
+    monkeypatch.setattr(eval_script, "FIDInceptionV3", Inception)
     pytorch_ref, adm_ref = tmp_path / "pytorch_ref.npz", tmp_path / "adm_ref.npz"
     eval_script.main(["fid", "--samples", str(samples_npz), "--write-ref", str(pytorch_ref), "--resize", "pytorch"])
     with np.load(pytorch_ref) as stored:

@@ -198,7 +198,35 @@ class Phases:
         return out
 
 
-def main(argv=None):
+def noise_for(seed, n):
+    """The initial noises of the samples drawn for training seed `seed`, apart from its training draws."""
+    return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed + 777), dtype=torch.float64)
+
+
+def select(seeds, models, config, truth, phases, log):
+    """Every method's sweep measured on the selection seeds' models and noises; the mean over those seeds."""
+    selection = []
+    for seed in seeds:
+        main_model, guide = models(seed)
+        results, _ = phases("selection sampling", measure_methods, main_model, guide, sweep(config),
+                            noise_for(seed, config["selection_samples"]), config, truth)
+        selection.append(results)
+        log(f"selection seed {seed}: " + ", ".join(f"{m}{dict(w)} {r['outlier_rate']:.4f}/{r['recall']:.3f}"
+                                                   for (m, w), r in results.items()))
+    return mean_over_seeds(selection)
+
+
+def print_table(methods, claims):
+    print(f"\n{'method':<14}{'weights':<30}{'outliers':>10}{'precision':>10}{'recall':>8}{'NFE':>6}  "
+          "reduction per seed")
+    for method, m in methods.items():
+        print(f"{method:<14}{json.dumps(m['weights']):<30}{m['outlier_rate']:>10.4f}{m['precision']:>10.3f}"
+              f"{m['recall']:>8.3f}{m['network_evals_per_sample']:>6.0f}  "
+              + " ".join(f"{r:+.1%}" for r in m["outlier_reduction_per_seed"]))
+    print("\nclaims: " + json.dumps(claims))
+
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/toy", help="output folder")
     parser.add_argument("--seed", type=int, default=0, help="first held-out training seed")
@@ -220,6 +248,11 @@ def main(argv=None):
         parser.exit(2, "error: expected --workers >= 1\n")
     if args.seeds < 1 or args.seed < 0 or args.seed + args.seeds > SELECTION_SEED:
         parser.exit(2, f"error: expected --seeds >= 1 and held-out seeds within 0..{SELECTION_SEED - 1}\n")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     config = CONFIGS[args.config]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -234,23 +267,12 @@ def main(argv=None):
                 for seed in selection_seeds + held_out_seeds}  # selection seeds first: their sampling overlaps
     models = lambda seed: trained_pair(training[seed], args.parameterisation, phases)  # noqa: E731
 
-    def noise_for(seed, n):
-        return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed + 777), dtype=torch.float64)
-
     # the exact denoiser's ceiling, on held-out seed 0's noise, while the workers train
     noise = noise_for(held_out_seeds[0], config["samples"])
     exact_velocity = CountedNetwork(lambda x, t, y: truth.mixture.velocity(x, t))
     exact = phases("exact denoiser", sample, lambda x, t: exact_velocity(x, t, None), noise, config)
 
-    selection = []
-    for seed in selection_seeds:
-        main_model, guide = models(seed)
-        results, _ = phases("selection sampling", measure_methods, main_model, guide, sweep(config),
-                            noise_for(seed, config["selection_samples"]), config, truth)
-        selection.append(results)
-        log(f"selection seed {seed}: " + ", ".join(f"{m}{dict(w)} {r['outlier_rate']:.4f}/{r['recall']:.3f}"
-                                                   for (m, w), r in results.items()))
-    selection_table = mean_over_seeds(selection)
+    selection_table = select(selection_seeds, models, config, truth, phases, log)
     best, floor = choose_weights(selection_table)
     log("chosen weights: " + json.dumps({m: dict(w) for m, w in best.items()}))
 
@@ -286,13 +308,7 @@ def main(argv=None):
     draw_panels(truth.mixture, dict(truth=truth.pr_reference.numpy(), **figure_samples, exact=exact.numpy()),
                 methods, out / "toy.png")
 
-    print(f"\n{'method':<14}{'weights':<30}{'outliers':>10}{'precision':>10}{'recall':>8}{'NFE':>6}  "
-          "reduction per seed")
-    for method, m in methods.items():
-        print(f"{method:<14}{json.dumps(m['weights']):<30}{m['outlier_rate']:>10.4f}{m['precision']:>10.3f}"
-              f"{m['recall']:>8.3f}{m['network_evals_per_sample']:>6.0f}  "
-              + " ".join(f"{r:+.1%}" for r in m["outlier_reduction_per_seed"]))
-    print("\nclaims: " + json.dumps(claims))
+    print_table(methods, claims)
     print("phases: " + json.dumps({k: {n: round(v, 1) for n, v in s.items()} for k, s in phases.seconds.items()}))
     log(f"wrote {out}/metrics.json, samples.npz, toy.png")
     return metrics
