@@ -10,7 +10,7 @@ import zipfile
 from dataclasses import dataclass
 
 
-from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
+from ref.checkpoints import check_state_fits, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -50,19 +50,10 @@ def is_torchscript(path):
 
 
 def read_state(path, expected):
-    """The state dict in a PyTorch or .safetensors file, wrappers stripped (ref.checkpoints.unwrap_state).
-    -> {key: tensor}, {key: the key in the file}. `expected` (what the caller wants, in words) goes into every error."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file ({expected} expected)")
-    if is_torchscript(path):
+    """ref.checkpoints.read_state_dict, refusing a TorchScript archive by name. -> {key: tensor}, {key: file key}"""
+    if os.path.isfile(path) and is_torchscript(path):
         raise ValueError(f"{path} holds {TORCHSCRIPT}, not {expected}")
-    try:
-        raw = read_checkpoint(path)
-    except ValueError as error:
-        raise ValueError(f"{error}; here {expected} were expected") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path} holds a {type(raw).__name__}, not a state dict ({expected} expected)")
-    return unwrap_state(raw)
+    return read_state_dict(path, expected)
 
 
 def read_task_weights(path, task):

@@ -93,6 +93,20 @@ def strip_wrappers(key):
     return key
 
 
+def read_state_dict(path, expected, prefer="ema"):
+    """The state dict in a weights file or model folder (read_checkpoint), wrappers stripped (unwrap_state).
+    `expected` (what the caller wants, in words) goes into every error. -> {key: tensor}, {key: the key in the file}"""
+    if not Path(path).exists():
+        raise ValueError(f"{path}: no such file ({expected} expected)")
+    try:
+        contents = read_checkpoint(path)
+    except ValueError as error:
+        raise ValueError(f"{error}; here {expected} were expected") from None
+    if not isinstance(contents, dict):
+        raise ValueError(f"{path} holds a {type(contents).__name__}, not a state dict ({expected} expected)")
+    return unwrap_state(contents, prefer)
+
+
 def unwrap_state(checkpoint, prefer="ema"):
     """The state dict inside a checkpoint dict: an LDM / Lightning file {"state_dict": ...}, a training checkpoint
     {"ema": ..., "model": ...} (`prefer` picks, falling back to the other), or a raw state dict; wrapper prefixes

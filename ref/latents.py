@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
+from ref.checkpoints import check_state_fits, read_state_dict
 from ref.runtime import stream_seed
 from ref.vae import MODELS, load_state, native_state
 
@@ -60,12 +60,7 @@ def read_vae(path, kind):
     path = Path(path)
     if (path / "vae").is_dir():  # a diffusers pipeline folder: its VAE is the model folder vae/
         path = path / "vae"
-    if not path.exists():
-        raise ValueError(f"VAE file {path} does not exist")
-    contents = read_checkpoint(path)
-    if not isinstance(contents, dict):
-        raise ValueError(f"{path} holds a {type(contents).__name__}, not a state dict of a VAE")
-    state = unwrap_state(contents)[0]
+    state = read_state_dict(path, f"the weights of a {kind!r} VAE")[0]
     model = on_meta(kind).to_empty(device="cpu")
     try:
         load_state(model, state)

@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from ref import clip, vae
-from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
+from ref.checkpoints import check_state_fits, read_state_dict, unwrap_state
 from ref.controlnet import HINT_WIDTHS, ControlNet
 from ref.safetensors import save_file
 from ref.unet import UNet, select_state
@@ -193,7 +193,9 @@ def is_diffusers(state):
 
 def file_state(checkpoint):
     """A path (file or diffusers folder) or a checkpoint dict -> its state dict (see ref.checkpoints.unwrap_state)."""
-    return unwrap_state(checkpoint if isinstance(checkpoint, dict) else read_checkpoint(checkpoint))[0]
+    if isinstance(checkpoint, dict):
+        return unwrap_state(checkpoint)[0]
+    return read_state_dict(checkpoint, "the weights of a UNet or ControlNet")[0]
 
 
 def native_state(model, state, prefer="ema"):
