@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ref.checkpoints import check_state_fits, read_state_dict
+from ref.checkpoints import check_state_fits, read_checkpoint, read_state_dict
 from ref.runtime import stream_seed
 from ref.vae import MODELS, load_state, native_state
 
@@ -141,3 +141,37 @@ def channel_statistics(arrays, chunk=1024):
     std = np.sqrt(squares / (count - 1))
     return {name: torch.from_numpy(value).float().reshape(1, -1, 1, 1) for name, value in (("mean", mean),
                                                                                             ("std", std))}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LightningDiT's latent normalisation (the statistics file written by prepare.py, or the release's latents_stats.pt)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def read_latent_stats(path):
+    """A latent statistics file {"mean", "std"}, each (1, C, 1, 1) -> (mean, std) float32; a missing or malformed
+    file raises ValueError saying what was expected and where it comes from."""
+    expected = (f"a latent statistics file ({STATS_FILE}: a dict with 'mean' and 'std' tensors of shape (1, C, 1, 1), "
+                f"written by `prepare.py latents --vae-kind vavae-f16d32` or shipped with the LightningDiT release)")
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such file; {expected} was expected")
+    try:
+        contents = read_checkpoint(path)
+    except ValueError as error:
+        raise ValueError(f"{error}; here {expected} was expected") from None
+    stats = [contents.get(name) if isinstance(contents, dict) else None for name in ("mean", "std")]
+    if any(not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[::2] != (1, 1) for value in stats) \
+            or stats[0].shape != stats[1].shape or not (stats[1] > 0).all():
+        raise ValueError(f"{path} is not {expected}, with every std positive")
+    return stats[0].float(), stats[1].float()
+
+
+def normalise_latents(z, stats):
+    """LightningDiT's latent normalisation (its dataset, multiplier 1.0): (z - mean) / std per channel. z (N, C, h, w)"""
+    mean, std = (value.to(z.device) for value in stats)
+    return (z - mean) / std
+
+
+def denormalise_latents(z, stats):
+    """The inverse, before decoding (its sampler): z * std + mean per channel. z (N, C, h, w)"""
+    mean, std = (value.to(z.device) for value in stats)
+    return z * std + mean

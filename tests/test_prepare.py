@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import prepare
+from ref import latents
 from ref.data import LatentShards
 from ref.runtime import stream_seed
 from ref.safetensors import save_file
@@ -227,3 +228,18 @@ def test_bad_input_is_one_error_and_nothing_written(folder, vae, tmp_path, capsy
         assert error.count("\n") == 1 and "Traceback" not in error
     assert sorted(path.name for path in tmp_path.iterdir()) == ["empty", "foreign.pt", "garbage.pt", "taken", "texts"]
     assert [path.name for path in taken.iterdir()] == ["something.txt"]
+
+
+def test_latent_stats_normalise_round_trip_and_bad_files(tmp_path):
+    mean, std = torch.randn(1, 3, 1, 1), torch.rand(1, 3, 1, 1) + 0.5
+    torch.save({"mean": mean, "std": std}, tmp_path / "stats.pt")
+    stats = latents.read_latent_stats(tmp_path / "stats.pt")
+    z = torch.randn(2, 3, 4, 4) * std + mean
+    normalised = latents.normalise_latents(z, stats)
+    assert torch.allclose(normalised.mean(dim=(0, 2, 3)), ((z - mean) / std).mean(dim=(0, 2, 3)))
+    assert torch.allclose(latents.denormalise_latents(normalised, stats), z, atol=1e-6)
+    torch.save({"mean": mean}, tmp_path / "half.pt")
+    torch.save({"mean": mean, "std": -std}, tmp_path / "negative.pt")
+    for name in ("missing.pt", "half.pt", "negative.pt"):
+        with pytest.raises(ValueError, match="latent statistics file"):
+            latents.read_latent_stats(tmp_path / name)
