@@ -1,6 +1,8 @@
 """Configs of train.py: each run is one flat dict of its kind's fields, every field a command-line flag (a run's
-`fields` holds each one's type and help). Named presets: `CONFIGS` here (SiT + IG on ImageNet latents) and the
-testbed's in shapes/runs.py; a resumed run refuses settings that would change what it computes (`check_resumable`).
+`fields` holds each one's type and help). Named presets: `CONFIGS` here (SiT + IG and LightningDiT + IG on ImageNet
+latents) and the testbed's in shapes/runs.py; a resumed run refuses settings that would change what it computes
+(`check_resumable`). A stored config written before a field existed reads as that field's old default
+(`complete_stored_config`).
 """
 import argparse
 from pathlib import Path
@@ -27,7 +29,8 @@ def optional_timestep_range(text):
 TRAINING_FIELDS = {
     "batch_size": (int, "global batch size, all ranks together"),
     "steps": (int, "training steps of the whole run"),
-    "lr": (float, "AdamW learning rate (betas 0.9, 0.999, weight decay 0, constant)"),
+    "lr": (float, "AdamW learning rate (beta1 0.9, weight decay 0, constant)"),
+    "adam_beta2": (float, "AdamW beta2 (0.999; LightningDiT 0.95)"),
     "grad_clip": (float, "clip the global gradient norm to this"),
     "ema_decay": (float, "EMA decay per step"),
     "seed": (int, "seed of the initial weights, the data order and every training draw"),
@@ -50,11 +53,16 @@ POSITIVE_FIELDS = ("steps", "batch_size", "checkpoint_every", "snapshot_every", 
                    "shapes_items", "image_size", "num_classes", "depth", "hidden_size", "num_heads", "patch_size")
 NON_NEGATIVE_FIELDS = ("workers",)
 
-RUN_DEFAULTS = dict(lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True, compile=False, peak_tflops=None,
-                    stop_after=None, snapshot_every=None)
+# Fields added after runs were stored, each with the value a stored config without it was trained with: of every run,
+# and of the DiT / SiT runs besides.
+ADDED_FIELDS = dict(adam_beta2=0.999)
+ADDED_DIT_FIELDS = dict(arch="dit", vae="sd", cosine_loss=False, ig_omega=0.0)
+
+RUN_DEFAULTS = dict(ADDED_FIELDS, lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True, compile=False,
+                    peak_tflops=None, stop_after=None, snapshot_every=None)
 # The DiT / SiT runs' defaults besides (a preset of another kind leaves out what its kind does not declare).
-DIT_DEFAULTS = dict(RUN_DEFAULTS, job="dit", data_path=None, flip=False, objective="flow", beta_schedule="linear",
-                    aux_weight=0.5, label_dropout=0.1, gradient_checkpointing=False)
+DIT_DEFAULTS = dict(RUN_DEFAULTS, **ADDED_DIT_FIELDS, job="dit", data_path=None, flip=False, objective="flow",
+                    beta_schedule="linear", aux_weight=0.5, label_dropout=0.1, gradient_checkpointing=False)
 # SiT / IG release settings (docs: IG notes): batch 256, lr 1e-4, EMA 0.9999, SD-VAE latents of 256 px ImageNet.
 _IMAGENET = dict(DIT_DEFAULTS, data="latents", image_size=256, num_classes=1000, batch_size=256,
                  ema_decay=0.9999, checkpoint_every=10_000, log_every=100, workers=4)
@@ -66,7 +74,15 @@ CONFIGS = {
     # SiT-XL/2 + IG (head after block 8 of 28); 400K iterations = 80 epochs of ImageNet at batch 256.
     "sit-xl2-imagenet": dict(_IMAGENET, depth=28, hidden_size=1152, num_heads=16, patch_size=2, intermediate_block=8,
                              steps=400_000),
+    # LightningDiT-XL/1 + IG (head after block 8 of 28) on VA-VAE f16d32 latents (32 x 16 x 16, normalised by their
+    # statistics), the IG release's LightningDiT/configs/lightningdit_xl_vavae_f16d32.yaml: lr 2e-4, beta2 0.95, the
+    # cosine velocity term, max_steps 3M; EMA 0.9999, label dropout 0.1, grad clip 1 and batch 256 as SiT. (The release
+    # trains it with Muon on the weight matrices and AdamW on the gains and biases; here AdamW trains all.)
+    "lightningdit-xl1-imagenet": dict(_IMAGENET, arch="lightningdit", vae="vavae-f16d32", depth=28, hidden_size=1152,
+                                      num_heads=16, patch_size=1, intermediate_block=8, lr=2e-4, adam_beta2=0.95,
+                                      cosine_loss=True, steps=3_000_000),
 }
+
 
 def add_config_flags(parser, fields):
     """One flag per field; a flag left out keeps the named config's value."""
@@ -106,6 +122,12 @@ def check_counts(config):
             if value is not None and value < low:
                 raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if low else 'zero or more'}, "
                                  f"got {value}")
+
+
+def complete_stored_config(stored):
+    """A config read from a checkpoint, with the old default of each field added since (`ADDED_FIELDS`) it lacks."""
+    added = dict(ADDED_FIELDS, **(ADDED_DIT_FIELDS if stored.get("job") == "dit" else {}))
+    return dict(added, **stored)
 
 
 def check_resumable(stored, config, path):

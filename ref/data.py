@@ -3,7 +3,8 @@
 Every dataset puts the network input first and the class label second, so a training loop reads `x, y = sample[:2]`
 whatever the source:
   - `ImageFolder`: (image (3, S, S) in [-1, 1], label), center-cropped as ADM / DiT do, optional mirrored copies.
-  - `LatentShards`: (latent (4, S/8, S/8) times the VAE scale factor, label), memory-mapped `.npy` shards.
+  - `LatentShards`: (what a shard stores per item (C, h, w) times a scale factor, label), memory-mapped `.npy`
+    shards (ref.latents.TrainingLatents turns it into the network's input).
 
 No dataset holds random state. The order of the data is `batch_indices(step, ...)`, a function of the step alone, so a
 run resumed at step s sees exactly the batches of an uninterrupted run, and the global batch does not depend on the
@@ -120,10 +121,10 @@ def _load_array(path):
 
 
 class LatentShards(Dataset):
-    """VAE latents of images, as the encoder returns them (unscaled; the posterior mean or a sample), in shards
-    root/latents_00000.npy (N_k, 4, S/8, S/8) float16 or float32 with root/labels_00000.npy (N_k,) integer, and so on;
-    items are numbered through the shards in file-name order. Reading multiplies by `scale_factor` (the model sees
-    scaled latents; decode `latent / scale_factor`). Mirrored images, if wanted, are separate encoded items: the latent
+    """VAE latents of images, as the encoder returns them (unscaled: a posterior sample or mean, or the moments), in
+    shards root/latents_00000.npy (N_k, *latent_shape) float16 or float32 with root/labels_00000.npy (N_k,) integer,
+    and so on; items are numbered through the shards in file-name order. Reading multiplies by `scale_factor` (plain
+    SD-VAE latents: the model sees scaled latents; decode `latent / scale_factor`). Mirrored images, if wanted, are separate encoded items: the latent
     of a flipped image is not the flipped latent."""
 
     def __init__(self, root, latent_shape=(4, 32, 32), scale_factor=SD_VAE_SCALE_FACTOR):

@@ -12,7 +12,7 @@ omega = 0 is the plain IG objective (ref.losses.internal_guidance_loss).
 """
 import torch
 
-from ref.losses import FLOW, mean_squared_error
+from ref.losses import FLOW, cosine_distance, mean_squared_error
 
 
 def accelerated_final_target(target, ema_final, ema_intermediate, omega):
@@ -20,9 +20,10 @@ def accelerated_final_target(target, ema_final, ema_intermediate, omega):
     return target + omega * (ema_final - ema_intermediate).detach()
 
 
-def accelerated_flow_matching_loss(model, ema_model, x0, t, y, eps, omega, aux_weight=0.5):
+def accelerated_flow_matching_loss(model, ema_model, x0, t, y, eps, omega, aux_weight=0.5, cosine_loss=False):
     """Per-sample accelerated IG loss on x_t = (1 - t) x0 + t eps. model, ema_model: (x_t, t, y) -> (D_f, D_i), both
-    with the IG head; the EMA model runs without gradient. -> (N,)"""
+    with the IG head; the EMA model runs without gradient. cosine_loss: plus LightningDiT's cosine_distance of the
+    final head to its (shifted) target. -> (N,)"""
     x_t = FLOW.add_noise(x0, eps, t)
     target = FLOW.v_target(x0, eps, t)
     with torch.no_grad():
@@ -31,4 +32,5 @@ def accelerated_flow_matching_loss(model, ema_model, x0, t, y, eps, omega, aux_w
     if intermediate is None or ema_intermediate is None:
         raise ValueError("accelerated IG training needs the intermediate head in both the model and its EMA")
     shifted = accelerated_final_target(target, ema_final, ema_intermediate, omega)
-    return mean_squared_error(final, shifted) + aux_weight * mean_squared_error(intermediate, target)
+    loss = mean_squared_error(final, shifted) + aux_weight * mean_squared_error(intermediate, target)
+    return loss + cosine_distance(final, shifted) if cosine_loss else loss

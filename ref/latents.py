@@ -13,8 +13,13 @@ What a shard holds, per VAE recipe (`STORES`):
 Shards are files [k * shard_size, (k + 1) * shard_size) of the sorted ImageFolder listing; their items are numbered
 through the shards as ref.data.LatentShards reads them. With flip, the mirror of item i is item N + i (N images
 stored), as in ImageFolder(flip=True): the mirrors live in latents_flip_k.npy, which sorts after every latents_k.npy.
+
+Training reads a shard folder through `TrainingLatents`: the store named by its prepare.json, or, without one, plain
+latents (N, C, h, w) that are multiplied by the VAE's scale factor (the format before prepare.json).
 """
+import functools
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +27,9 @@ import torch
 from torch.utils.data import Dataset
 
 from ref.checkpoints import check_state_fits, read_checkpoint, read_state_dict
+from ref.data import LatentShards
 from ref.runtime import stream_seed
-from ref.vae import MODELS, load_state, native_state
+from ref.vae import MODELS, AutoencoderKL, load_state, native_state
 
 STORES = ("moments", "sample")
 # What each release stores: the IG release's SiT (REPA's preprocessing) encodes each image once, unflipped; LightningDiT
@@ -31,11 +37,22 @@ STORES = ("moments", "sample")
 RECIPES = {"sd": dict(store="moments", flip=False), "vavae-f16d32": dict(store="sample", flip=True),
            "tiny": dict(store="moments", flip=False)}
 STATS_FILE = "latents_stats.pt"  # LightningDiT's name: {"mean", "std"}, each (1, C, 1, 1) float32
+SETTINGS_FILE = "prepare.json"
 
 
 def on_meta(kind):
     with torch.device("meta"):
         return MODELS[kind]()
+
+
+@functools.lru_cache
+def vae_geometry(kind):
+    """(z channels, downsampling factor, scaling factor) of the ref.vae.MODELS preset `kind`; an unknown name raises
+    ValueError."""
+    if kind not in MODELS:
+        raise ValueError(f"unknown vae {kind!r}; choose one of {', '.join(MODELS)}")
+    vae = on_meta(kind)
+    return vae.z_channels, vae.downsampling_factor, vae.scaling_factor
 
 
 def misfit_summary(kind, state):
@@ -175,3 +192,52 @@ def denormalise_latents(z, stats):
     """The inverse, before decoding (its sampler): z * std + mean per channel. z (N, C, h, w)"""
     mean, std = (value.to(z.device) for value in stats)
     return z * std + mean
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Training on the shards: what a shard stores -> the network's input
+# ---------------------------------------------------------------------------------------------------------------------
+
+class TrainingLatents:
+    """A shard folder as training reads it: `dataset` (ref.data.LatentShards of what is stored) and `network_input`,
+    which turns a batch of it into what the network learns to generate.
+
+    store (prepare.json's; "plain" without one): moments -> a posterior sample drawn at every step, times the VAE's
+    scaling factor (the SiT / IG recipe); sample -> normalised by SHARDS/latents_stats.pt (LightningDiT's recipe);
+    plain -> the stored latents times the scaling factor (LatentShards applies it). vae: the ref.vae.MODELS preset
+    the run expects, checked against prepare.json's; latent_shape (C, h, w) of the network input. A folder that does
+    not fit raises ValueError naming the file and the settings."""
+
+    def __init__(self, root, vae, latent_shape):
+        root = Path(root)
+        settings_file = root / SETTINGS_FILE
+        try:
+            settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {"store": "plain"}
+        except ValueError as error:
+            raise ValueError(f"cannot read {settings_file}: {error}") from None
+        if settings.get("vae_kind", vae) != vae:
+            raise ValueError(f"{settings_file}: the latents were encoded by the {settings['vae_kind']!r} VAE, the run "
+                             f"expects {vae!r}; set --vae {settings['vae_kind']} or prepare the data with --vae-kind "
+                             f"{vae}")
+        self.store, self.scaling_factor = settings["store"], vae_geometry(vae)[2]
+        if self.store not in (*STORES, "plain"):
+            raise ValueError(f"{settings_file}: unknown store {self.store!r}; expected one of {', '.join(STORES)}")
+        channels, side, _ = latent_shape
+        stored_shape = (2 * channels if self.store == "moments" else channels, side, side)
+        try:
+            self.dataset = LatentShards(root, stored_shape, self.scaling_factor if self.store == "plain" else 1.0)
+        except ValueError as error:
+            raise ValueError(f"{error}; the {vae} VAE's {self.store} at this --image-size are {stored_shape}") from None
+        self.stats = read_latent_stats(root / STATS_FILE) if self.store == "sample" else None
+
+    def network_input(self, stored, draws):
+        """stored (N, C_stored, h, w) on the CPU, draws the samples' generators (ref.runtime.SampleDraws), of which
+        the moments' posterior sample is each sample's first draw -> (N, C, h, w)."""
+        if self.store == "moments":
+            mean, logvar = stored.chunk(2, dim=1)  # (N, C, h, w) each
+            latents = [AutoencoderKL.sample(mean[i:i + 1], logvar[i:i + 1], generator)
+                       for i, generator in enumerate(draws.generators)]
+            return torch.cat(latents) * self.scaling_factor
+        if self.store == "sample":
+            return normalise_latents(stored, self.stats)
+        return stored

@@ -2,10 +2,12 @@
 
 Internal Guidance (Zhou et al. 2026) trains an auxiliary head on an intermediate block on the same target as the final
 output:  L = ||D_f - target||^2 + lambda * ||D_i - target||^2,  lambda = 0.5 in the release.
-The target is the flow velocity eps - x0 (SiT / the IG release) or the DDPM noise eps (DiT).
+The target is the flow velocity eps - x0 (SiT / the IG release) or the DDPM noise eps (DiT). LightningDiT adds a
+direction term on the final velocity, 1 - cos(D_f, v) (`cosine_distance`).
 The InnerControl objectives (Eq. 5-8) are in ref/innercontrol.py.
 """
 import torch
+import torch.nn.functional as F
 
 from ref.schedules import FlowSchedule
 
@@ -24,11 +26,20 @@ def internal_guidance_loss(final, intermediate, target, aux_weight=0.5):
     return loss if intermediate is None else loss + aux_weight * mean_squared_error(intermediate, target)
 
 
-def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5):
+def cosine_distance(prediction, target):
+    """LightningDiT's `use_cosine_loss` term (the IG release's transport.py): 1 - cos(prediction, target), the cosine
+    over the channel dim at each position, a mean over the positions. (N, C, H, W) each -> (N,)"""
+    return (1 - F.cosine_similarity(prediction, target, dim=1)).flatten(1).mean(1)
+
+
+def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5, cosine_loss=False):
     """Velocity regression on x_t = (1 - t) x0 + t eps with target v = eps - x0. model(x_t, t, y) -> (D_f, D_i).
-    -> (N,)"""
+    cosine_loss: plus cosine_distance(D_f, v), with weight 1 and on the final head only, as LightningDiT + IG's
+    training adds it. -> (N,)"""
     final, intermediate = model(FLOW.add_noise(x0, eps, t), t, y)
-    return internal_guidance_loss(final, intermediate, FLOW.v_target(x0, eps, t), aux_weight)
+    target = FLOW.v_target(x0, eps, t)
+    loss = internal_guidance_loss(final, intermediate, target, aux_weight)
+    return loss + cosine_distance(final, target) if cosine_loss else loss
 
 
 def ddpm_eps_loss(model, schedule, x0, t, y, eps, aux_weight=0.5):

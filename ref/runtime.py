@@ -20,6 +20,7 @@ import torch
 import torch.distributed
 
 from ref.checkpoints import check_state_fits, read_checkpoint
+from ref.configs import complete_stored_config
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Per-sample random draws
@@ -148,12 +149,14 @@ def save_checkpoint(path, model, ema, optimizer, step, config):
 
 
 def read_run_checkpoint(path):
-    """A checkpoint written by train.py: {model, ema, opt, step, args}, args the config with its `job`. Anything
+    """A checkpoint written by train.py: {model, ema, opt, step, args}, args the config with its `job`, completed
+    with the old default of every field added since it was written (ref.configs.complete_stored_config). Anything
     else (a missing, truncated or foreign file) raises ValueError naming the file."""
     checkpoint = read_checkpoint(path)
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
             and isinstance(checkpoint["args"].get("job"), str)):
         raise ValueError(f"{path} is not a checkpoint written by train.py (no config with a known job under 'args')")
+    checkpoint["args"] = complete_stored_config(checkpoint["args"])
     return checkpoint
 
 

@@ -4,7 +4,8 @@ the ranks, exact resume, progress, the run log, snapshots and the MFU.
 A run (the IG run in ref/internal_guidance.py, the testbed's runs in shapes/runs.py) is a class made from its config
 that gives what the loop needs: `make_dataset()`, `build()` the trainable network, `collate(samples)` -> a batch of
 CPU tensors, `to(device)` for its frozen partners, and `loss(net, batch, draws, device)` -> the (B,) per-sample loss
-of its paper's training step, each sample's random draws taken from `draws` (ref.runtime.SampleDraws).
+of its paper's training step, each sample's random draws taken from `draws` (ref.runtime.SampleDraws). A run whose
+step reads the EMA weights (IG's accelerated training) has `use_ema(ema)`, and the loop hands it its EMA network.
 """
 import copy
 import json
@@ -49,14 +50,21 @@ def snapshot_path(out, step, config):
     return None
 
 
+def hand_over_ema(run, ema):
+    """Give the EMA network to a run that asks for it (`use_ema`)."""
+    if hasattr(run, "use_ema"):
+        run.use_ema(ema)
+
+
 def training_flops_per_image(make_run, config, dataset):
     """Model FLOPs of one training forward + backward pass per image, counted by torch.utils.flop_counter on the meta
     device (no memory, no compute; there attention takes the math path, whose matmuls are counted: the CPU flash kernel
-    has no FLOP formula): the run's loss on one sample of `dataset`, frozen partners included. Without gradient
-    checkpointing: its recomputation is not model FLOPs."""
+    has no FLOP formula): the run's loss on one sample of `dataset`, frozen partners and an EMA pass included. Without
+    gradient checkpointing: its recomputation is not model FLOPs."""
     with torch.device("meta"):
         run = make_run(dict(config, gradient_checkpointing=False), load=False)
         net = run.build()
+        hand_over_ema(run, copy.deepcopy(net).requires_grad_(False))
     with FlopCounterMode(display=False) as counter:
         run.loss(net, run.collate([dataset[0]]), SampleDraws([0]), torch.device("meta")).sum().backward()
     return counter.get_total_flops()
@@ -84,12 +92,14 @@ def start(make_run, config, out, world):
 
 
 def fit(make_run, config, out, world):
-    """Train the run `make_run(config)` into `out`: AdamW (betas 0.9, 0.999, no weight decay), gradient clipping,
+    """Train the run `make_run(config)` into `out`: AdamW (betas 0.9, adam_beta2, no weight decay), gradient clipping,
     EMA, bf16 autocast on CUDA, DDP over the ranks, optional torch.compile; resume from out/latest.pt; progress,
     log.txt, metrics.jsonl and the numbered snapshots on rank 0 (latest.pt is rewritten with each snapshot)."""
     run, dataset, model, checkpoint, flops_per_image = start(make_run, config, out, world)
     ema = copy.deepcopy(model).requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=(0.9, 0.999), weight_decay=0)
+    hand_over_ema(run, ema)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=(0.9, config["adam_beta2"]),
+                                  weight_decay=0)
     first = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])

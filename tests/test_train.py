@@ -165,14 +165,14 @@ def test_trains_on_latent_shards(tmp_path, monkeypatch):
     seen = []  # (x0 given to the loss, labels given to the network) of every training step
     real_loss = internal_guidance.flow_matching_loss
 
-    def recording_loss(model, x0, t, y, eps, aux_weight):
+    def recording_loss(model, x0, t, y, eps, *options):
         if x0.device.type == "meta":  # the FLOP count
-            return real_loss(model, x0, t, y, eps, aux_weight)
+            return real_loss(model, x0, t, y, eps, *options)
 
         def network(x_t, t, y_seen):
             seen.append((x0.clone(), y_seen.clone()))
             return model(x_t, t, y_seen)
-        return real_loss(network, x0, t, y, eps, aux_weight)
+        return real_loss(network, x0, t, y, eps, *options)
 
     monkeypatch.setattr(internal_guidance, "flow_matching_loss", recording_loss)
     train.main(["--config", "sit-b2-imagenet", "--data-path", str(tmp_path), "--image-size", "32", "--num-classes",
