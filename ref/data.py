@@ -124,8 +124,8 @@ class LatentShards(Dataset):
     """VAE latents of images, as the encoder returns them (unscaled: a posterior sample or mean, or the moments), in
     shards root/latents_00000.npy (N_k, *latent_shape) float16 or float32 with root/labels_00000.npy (N_k,) integer,
     and so on; items are numbered through the shards in file-name order. Reading multiplies by `scale_factor` (plain
-    SD-VAE latents: the model sees scaled latents; decode `latent / scale_factor`). Mirrored images, if wanted, are separate encoded items: the latent
-    of a flipped image is not the flipped latent."""
+    SD-VAE latents: the model sees scaled latents; decode `latent / scale_factor`). Mirrored images, if wanted, are
+    separate encoded items: the latent of a flipped image is not the flipped latent."""
 
     def __init__(self, root, latent_shape=(4, 32, 32), scale_factor=SD_VAE_SCALE_FACTOR):
         root, latent_shape = Path(root), tuple(latent_shape)
