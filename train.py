@@ -1,22 +1,27 @@
-"""Train one stage of either paper: a DiT / SiT with the Internal Guidance head (Zhou et al., arXiv 2512.24176), or a
-stage of the InnerControl pipeline (arXiv 2507.02321) on the shapes data: base UNet, control estimators, readout
-probe, ControlNet with Eq. 8.
+"""Train one stage of either paper: a DiT / SiT or LightningDiT with the Internal Guidance head (Zhou et al., arXiv
+2512.24176), or a stage of the InnerControl pipeline (arXiv 2507.02321) on the shapes data: base UNet, control
+estimators, readout probe, ControlNet with Eq. 8.
 
     python train.py --config shapes-tiny [--steps N] [--batch-size B] [--lr LR] [--out DIR] [...]
     torchrun --nproc_per_node=N train.py --config sit-xl2-imagenet --data-path LATENT_SHARDS [...]
+    torchrun --nproc_per_node=N train.py --config lightningdit-xl1-imagenet --data-path LATENT_SHARDS [...]
     python train.py --config shapes-probe --task segmentation [...]
 
 Named configs and their fields live in ref/configs.py and shapes/runs.py; every field is a flag (--help lists them).
 The loop is ref/trainer.py; the training steps are ref/internal_guidance.py (IG) and ref/innercontrol.py (Eq. 8),
 the testbed's other runs are in shapes/runs.py. DiT objectives: flow matching with the velocity target (SiT / the IG
-release, t ~ U(0, 1)) or DDPM eps (DiT), each with the IG auxiliary term lambda ||D_i - target||^2. AdamW (betas 0.9,
-0.999, no weight decay), gradient clipping, label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on
-CUDA. Rerun the same command to resume from OUT/latest.pt: the data order and every random draw are functions of the
-seed and the step, so the resumed run is bitwise the uninterrupted one. Rank 0 writes OUT/latest.pt (atomically),
-OUT/log.txt and OUT/metrics.jsonl (loss, images/s, MFU); with --snapshot-every N, counted in training images (EDM's
-habit), also a numbered copy OUT/snapshot-<images seen, 9 digits>.pt whenever the images seen pass a multiple of N, for
-FID-vs-training curves (`sample.py OUT/snapshot-....pt`); the cadence may change on resume. Bad input (a count below 1,
-a file that is not a checkpoint, ...): one `error:` line and exit status 2, nothing written.
+release, t ~ U(0, 1)) or DDPM eps (DiT), each with the IG auxiliary term lambda ||D_i - target||^2; for flow,
+optionally LightningDiT's cosine term (--cosine-loss) and IG's accelerated training (--ig-omega, with the EMA network).
+Latent shards are prepare.py's (--vae names the VAE that encoded them): stored moments give a fresh posterior sample
+every step, stored samples are normalised by SHARDS/latents_stats.pt. AdamW (beta1 0.9, --adam-beta2, no weight
+decay), gradient clipping, label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on CUDA. Rerun the
+same command to resume from OUT/latest.pt: the data order and every random draw are functions of the seed and the
+step, so the resumed run is bitwise the uninterrupted one. Rank 0 writes OUT/latest.pt (atomically), OUT/log.txt and
+OUT/metrics.jsonl (loss, images/s, MFU); with --snapshot-every N, counted in training images (EDM's habit), also a
+numbered copy OUT/snapshot-<images seen, 9 digits>.pt whenever the images seen pass a multiple of N, for
+FID-vs-training curves (`sample.py OUT/snapshot-....pt`); the cadence may change on resume. Bad input (a count below
+1, a file that is not a checkpoint, shards that do not fit the config, ...): one `error:` line and exit status 2,
+nothing written.
 """
 import argparse
 from pathlib import Path
