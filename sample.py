@@ -106,13 +106,13 @@ DEFAULT_STEPS = {"em": 250, "heun": 50, "ddim": 50}  # ddpm: every step of an ow
 # last Heun step) or its DDPM step count.
 CHECKPOINT_KINDS = {
     "dit": dict(arch="dit", objective="eps", learn_sigma=True, reversed_time=False, cfg_channels=3, ig_head=False,
-                vae="sd", ddpm_steps=250),
+                latents_of="sd", ddpm_steps=250),
     "sit": dict(arch="dit", objective="flow", learn_sigma=True, reversed_time=True, cfg_channels=3, ig_head=False,
-                vae="sd"),
+                latents_of="sd"),
     "ig-sit": dict(arch="dit", objective="flow", learn_sigma=False, reversed_time=False, cfg_channels=None,
-                   ig_head=True, vae="sd"),
+                   ig_head=True, latents_of="sd"),
     "ig-lightningdit": dict(arch="lightningdit", objective="flow", learn_sigma=False, reversed_time=False,
-                            cfg_channels=None, ig_head=True, vae="vavae-f16d32", default_sampler="heun",
+                            cfg_channels=None, ig_head=True, latents_of="vavae-f16d32", default_sampler="heun",
                             heun_steps=124, heun_shift=0.3, heun_last_step="heun"),
 }
 ARCHITECTURES = {"dit": (DiT, MODELS), "lightningdit": (LightningDiT, LIGHTNINGDIT_MODELS)}  # class, presets
@@ -269,7 +269,7 @@ def load_model(args, path, checkpoint):
                            scaling_factor=on_meta(trained_on).scaling_factor, step=checkpoint["step"], config=config,
                            checkpoint=str(path))
     kind = CHECKPOINT_KINDS[args.checkpoint_kind]
-    vae_kind = args.vae_kind or kind["vae"]
+    vae_kind = args.vae_kind or kind["latents_of"]
     layout = on_meta(vae_kind)  # the latents: its z_channels, 1/f of the image side
     if args.image_size % layout.downsampling_factor:
         raise ValueError(f"--image-size {args.image_size} is not a multiple of the {vae_kind!r} VAE's downsampling "
@@ -281,9 +281,10 @@ def load_model(args, path, checkpoint):
         num_classes=args.num_classes, intermediate_block=foreign_head_block(args, args.checkpoint_kind, contents),
         **options)
     load_foreign_weights(args, model, contents)
+    trained_on = kind["latents_of"]
     return model, dict(kind, checkpoint_kind=args.checkpoint_kind, ddpm_steps=kind.get("ddpm_steps"),
                        beta_schedule="linear", latent=True, vae_kind=vae_kind,
-                       latent_encoding=latent_encoding(kind["vae"]), scaling_factor=on_meta(kind["vae"]).scaling_factor,
+                       latent_encoding=latent_encoding(trained_on), scaling_factor=on_meta(trained_on).scaling_factor,
                        step=None, config=None, checkpoint=str(path))
 
 
