@@ -248,10 +248,16 @@ def load_foreign_weights(args, model, contents):
                          f"{misfit_line(error)}{hint}") from None
 
 
-def latent_encoding(vae_kind):
-    """How a model's latents relate to its VAE's: "stats" (LightningDiT: normalised per channel with a statistics
-    file, VA-VAE's recipe) or "scale" (DiT / SiT: times the VAE's scaling_factor, 0.18215 for sd)."""
-    return "stats" if RECIPES[vae_kind]["store"] == "sample" else "scale"
+def latent_spec(trained_on, decoder):
+    """What a latent model's spec says of its latents, trained_on the VAE preset it was trained on (None: a pixel
+    model): vae_kind, the decoder's preset; latent_encoding, how its latents relate to the VAE's: "stats" (LightningDiT:
+    normalised per channel with a statistics file, VA-VAE's recipe) or "scale" (DiT / SiT: times the VAE's
+    scaling_factor, 0.18215 for sd)."""
+    if trained_on is None:
+        return dict(vae_kind=None, latent_encoding=None, scaling_factor=None)
+    return dict(vae_kind=decoder or trained_on,
+                latent_encoding="stats" if RECIPES[trained_on]["store"] == "sample" else "scale",
+                scaling_factor=on_meta(trained_on).scaling_factor)
 
 
 def load_model(args, path, checkpoint):
@@ -261,12 +267,12 @@ def load_model(args, path, checkpoint):
     checkpoint: the train.py checkpoint at path (kind own), or None for a foreign one."""
     if args.checkpoint_kind == "own":
         model, config = runtime.load_trained_network(path, "dit", dit_from_config, args.weights, checkpoint)
-        trained_on = config.get("vae", "sd")  # the VAE of its latents; configs before the field: sd
+        latent = config["data"] == "latents"
+        trained_on = config.get("vae", "sd") if latent else None  # the VAE of its latents; configs before the field: sd
         return model, dict(checkpoint_kind="own", objective=config["objective"], learn_sigma=False,
                            reversed_time=False, cfg_channels=None, ddpm_steps=None,
-                           beta_schedule=config["beta_schedule"], latent=config["data"] == "latents",
-                           vae_kind=args.vae_kind or trained_on, latent_encoding=latent_encoding(trained_on),
-                           scaling_factor=on_meta(trained_on).scaling_factor, step=checkpoint["step"], config=config,
+                           beta_schedule=config["beta_schedule"], latent=latent,
+                           **latent_spec(trained_on, args.vae_kind), step=checkpoint["step"], config=config,
                            checkpoint=str(path))
     kind = CHECKPOINT_KINDS[args.checkpoint_kind]
     vae_kind = args.vae_kind or kind["latents_of"]
@@ -281,11 +287,9 @@ def load_model(args, path, checkpoint):
         num_classes=args.num_classes, intermediate_block=foreign_head_block(args, args.checkpoint_kind, contents),
         **options)
     load_foreign_weights(args, model, contents)
-    trained_on = kind["latents_of"]
     return model, dict(kind, checkpoint_kind=args.checkpoint_kind, ddpm_steps=kind.get("ddpm_steps"),
-                       beta_schedule="linear", latent=True, vae_kind=vae_kind,
-                       latent_encoding=latent_encoding(trained_on), scaling_factor=on_meta(trained_on).scaling_factor,
-                       step=None, config=None, checkpoint=str(path))
+                       beta_schedule="linear", latent=True, **latent_spec(kind["latents_of"], vae_kind), step=None,
+                       config=None, checkpoint=str(path))
 
 
 def read_decoding(args, model, spec):
