@@ -1,8 +1,14 @@
-"""Sample a trained DiT / SiT with Internal Guidance and / or CFG, each on its own interval of t; or a ControlNet run.
+"""Sample a trained DiT / SiT / LightningDiT with Internal Guidance and / or CFG, each on its own interval of t, and
+decode a latent model's samples with its VAE; or a ControlNet run.
 
     python sample.py runs/shapes-tiny [--num-samples 64] [--seed 0] [--batch-size 32] [--sampler em|heun|ddpm|ddim]
                      [--steps N] [--ig W] [--ig-interval LO HI] [--cfg S] [--cfg-interval LO HI] [--out DIR]
-    python sample.py SiT-XL-2-IG.pt --checkpoint-kind ig-sit --model SiT-XL/2 --ig 1.4 --cfg 1.35 --cfg-interval 0 0.7
+                     [--labels balanced|random] [--png]
+    python sample.py SiT-XL-2-IG.pt --checkpoint-kind ig-sit --model SiT-XL/2 --ig 1.4 --cfg 1.35 --cfg-interval 0 0.7 \
+                     --labels random --vae sd-vae-ft-ema --num-samples 50000 --bf16            # then eval.py fid
+    python sample.py LightningDiT-XL-1-IG.pt --checkpoint-kind ig-lightningdit --model LightningDiT-XL/1 \
+                     --ig 1.4 --cfg 1.45 --cfg-interval 0 0.81 --labels random --vae vavae-f16d32.pt \
+                     --latent-stats latents_stats.pt --num-samples 50000 --bf16               # Heun, 124 steps
     python sample.py DiT-XL-2-256x256.pt --checkpoint-kind dit --model DiT-XL/2 --cfg 1.5      # DDPM, 250 steps
     python sample.py SiT-XL-2-256x256.pt --checkpoint-kind sit --model SiT-XL/2 --cfg 1.5      # Euler-Maruyama, 250
     python sample.py runs/shapes-innercontrol-depth --num-samples 200 --seeds-per-control 2 --cfg 3 --steps 20
@@ -22,30 +28,50 @@ ones). --checkpoint-kind says what else it may be, with --model PRESET for its s
   ig-sit  the IG release (CVL-UESTC/Internal-Guidance): velocity, t = 1 noise as here, the IG head `final_layer_xr`
           after block 8 or its training args' encoder_depth (a different --intermediate-block is refused); CFG on
           every channel, as its samplers.py.
+  ig-lightningdit  the IG release's LightningDiT (LightningDiT/, --model LightningDiT-XL/1): VA-VAE f16d32 latents
+          (32 channels, 16 x 16 at 256 px) normalised per channel (--latent-stats, its latents_stats.pt); the head
+          `final_layer_xr` after its config's encoder_depth (8); time the other way, turned inside ref.lightningdit.
+          Its sampler (inference.py, transport/): Heun ODE (torchdiffeq "heun2": a Heun step on every interval, the
+          last included) on 125 grid points = 124 steps, 248 network evaluations (--steps 124, the default here),
+          timestep shift 0.3 (ref.samplers.shifted_grid); IG 1.4 everywhere; CFG 1.45 on every channel (its
+          forward_with_cfg guides all in_channels) "from t = 0.19" in its time (t = 0 noise), i.e. where
+          t_release >= 0.19: --cfg-interval 0 0.81 here; without CFG it uses IG 1.7. Its reported FIDs use random
+          labels (--labels random): 1.19 with CFG, 1.34 without (50K samples).
 Flow models (t = 1 noise -> 0 data): Euler-Maruyama, the IG default (250 steps on the grid 1 -> 0.04, then a mean step
-to 0; --diffusion sbdm: SiT's "SBDM" coefficient instead of g(t)^2 = 2t), or Heun on a uniform grid. Eps models:
+to 0; --diffusion sbdm: SiT's "SBDM" coefficient instead of g(t)^2 = 2t), or Heun on a uniform grid (--timestep-shift:
+LightningDiT's shifted one) with an Euler last step (ig-lightningdit: a Heun step, as its release). Eps models:
 DDPM ancestral (respaced to --steps as ADM / DiT do; own runs: every one of the T steps by default) or DDIM. Guidance
 goes through ref.guidance.guided_denoiser; intervals are in t in [0, 1] (t = 1 noise; for eps models t = timestep /
 1000); a step outside the CFG interval runs the conditional branch only, and settings.json reports the network
 evaluations counted per sample.
-Sample i has label i mod num_classes (or --class-label) and its own generator, seeded with seed + i, for its initial
-noise and every step's noise: the samples do not depend on the batch size or the number of ranks (up to float32
-rounding: CPU matmul kernels round differently for different row counts, ~1e-7, which can move a rare pixel by one
-level; on this machine the tests' 7 samples came out bitwise equal). Rank r takes samples
-r, r + W, r + 2W, ...; rank 0 gathers them and writes OUT/samples.npz (ADM: arr_0 uint8 N x H x W x 3, arr_1 labels),
-OUT/grid.png and OUT/settings.json. Latent models write OUT/latents.npy (N, 4, h, w) divided by the VAE scale factor,
-ready for the SD-VAE decoder, which this repository does not include yet, and OUT/labels.npy instead of images.
+Sample i has label i mod num_classes (--labels balanced, the default), a label drawn from numpy's generator seeded
+with seed + i (--labels random, as the IG release's "random sampling" FIDs) or --class-label, and its own generator,
+seeded with seed + i, for its initial noise and every step's noise: the samples do not depend on the batch size or
+the number of ranks (up to float32 rounding: CPU matmul kernels round differently for different row counts, ~1e-7,
+which can move a rare pixel by one level; on this machine the tests' 7 samples came out bitwise equal). Rank r takes
+samples r, r + W, r + 2W, ...; rank 0 gathers them and writes OUT/samples.npz (ADM: arr_0 uint8 N x H x W x 3,
+arr_1 labels), OUT/grid.png and OUT/settings.json, with --png also OUT/images/000000.png, ... (sample order).
+Latent models: with --vae PATH (ref.latents.read_vae; --vae-kind, default: an own run's config `vae`, sd for dit / sit /
+ig-sit, vavae-f16d32 for ig-lightningdit) each batch is decoded on the sampling device (under bf16 autocast with
+--bf16 on CUDA) into the images above: the latents divided by the VAE's scaling factor (sd: 0.18215), or for a model
+of per-channel normalised latents (LightningDiT, an own run on vavae-f16d32) denormalised first with --latent-stats
+(z * std + mean, ref.latents.denormalise_latents; an own run's default: <its data_path>/latents_stats.pt). Without
+--vae they are written as OUT/latents.npy (N, C, h, w), the VAE's own latents ready for its decoder, and
+OUT/labels.npy. A VAE file of another kind, a missing statistics file or one of another channel count is refused
+before sampling.
 
 A controlnet run of the InnerControl pipeline (train.py --config shapes-controlnet / shapes-innercontrol) samples
 its base UNet steered by the ControlNet: DDIM (50 steps by default) with CFG on the caption (--cfg, the control in both
 branches). Sample i follows the control and caption of evaluation scene i // --seeds-per-control (Shapes seed
 shapes.evaluation.EVAL_SCENE_SEED) from noise seeded with seed + i; arr_1 holds the scene indices, grid.png shows each
 control beside its samples; `eval.py innercontrol` scores them.
-Bad input: a message and exit status 2, nothing written.
+Bad input: a message and exit status 2, nothing written; a foreign checkpoint that does not fit is named in one line
+with the kind its keys belong to.
 """
 import argparse
 import io
 import json
+import re
 import time
 from pathlib import Path
 
@@ -54,13 +80,18 @@ import torch
 from PIL import Image
 
 from ref import runtime
-from ref.checkpoints import read_checkpoint
-from ref.data import SD_VAE_SCALE_FACTOR, to_uint8
-from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS, ig_release_head_block, load_checkpoint, reversed_time
+from ref.checkpoints import misfit_line, read_checkpoint, unwrap_state
+from ref.data import to_uint8
+from ref.dit import (DiT, IG_RELEASE_HEAD_BLOCK, MODELS, canonical_key, ig_release_head_block, load_checkpoint,
+                     reversed_time)
 from ref.guidance import guided_denoiser
-from ref.internal_guidance import LATENT_CHANNELS, LATENT_DOWNSAMPLING, dit_from_config
+from ref.internal_guidance import dit_from_config
+from ref.latents import RECIPES, STATS_FILE, denormalise_latents, on_meta, read_latent_stats, read_vae
+from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
+from ref.lightningdit import LightningDiT
 from ref.samplers import (DIFFUSIONS, SBDM_T_MAX, ddim, ddpm_ancestral, euler_maruyama, heun, respaced_timesteps,
-                          spaced_timesteps, uniform_grid)
+                          shifted_grid, spaced_timesteps, uniform_grid)
+from ref.vae import MODELS as VAE_MODELS
 from ref.schedules import DDPMSchedule
 from shapes import pipeline, runs
 from shapes.data import Shapes
@@ -68,14 +99,24 @@ from shapes.evaluation import EVAL_SCENE_SEED, generate
 
 SAMPLERS = {"flow": ("em", "heun"), "eps": ("ddpm", "ddim")}  # the first is the default
 DEFAULT_STEPS = {"em": 250, "heun": 50, "ddim": 50}  # ddpm: every step of an own run, DiT's 250 for dit
-# What a foreign checkpoint is (see the module docstring): the objective its network predicts, whether it has the
-# learned-sigma channels, whether it runs time the other way, the channels its own CFG guides (None: all), whether it
-# can have the IG head, and its DDPM step count.
+# What a foreign checkpoint is (see the module docstring): the network family (its --model presets), the objective it
+# predicts, whether it has the learned-sigma channels, whether it runs time the other way (LightningDiT turns its time
+# inside its forward), the channels its own CFG guides (None: all), whether it can have the IG head, the VAE whose
+# latents it models, and its own sampler when it is not the objective's first (with its step count, timestep shift and
+# last Heun step) or its DDPM step count.
 CHECKPOINT_KINDS = {
-    "dit": dict(objective="eps", learn_sigma=True, reversed_time=False, cfg_channels=3, ig_head=False, ddpm_steps=250),
-    "sit": dict(objective="flow", learn_sigma=True, reversed_time=True, cfg_channels=3, ig_head=False),
-    "ig-sit": dict(objective="flow", learn_sigma=False, reversed_time=False, cfg_channels=None, ig_head=True),
+    "dit": dict(arch="dit", objective="eps", learn_sigma=True, reversed_time=False, cfg_channels=3, ig_head=False,
+                latents_of="sd", ddpm_steps=250),
+    "sit": dict(arch="dit", objective="flow", learn_sigma=True, reversed_time=True, cfg_channels=3, ig_head=False,
+                latents_of="sd"),
+    "ig-sit": dict(arch="dit", objective="flow", learn_sigma=False, reversed_time=False, cfg_channels=None,
+                   ig_head=True, latents_of="sd"),
+    "ig-lightningdit": dict(arch="lightningdit", objective="flow", learn_sigma=False, reversed_time=False,
+                            cfg_channels=None, ig_head=True, latents_of="vavae-f16d32", default_sampler="heun",
+                            heun_steps=124, heun_shift=0.3, heun_last_step="heun"),
 }
+ARCHITECTURES = {"dit": (DiT, MODELS), "lightningdit": (LightningDiT, LIGHTNINGDIT_MODELS)}  # class, presets
+DECODE_BATCH = 32  # images per VAE decoder call
 
 
 def parse_args(argv=None):
@@ -85,10 +126,17 @@ def parse_args(argv=None):
     parser.add_argument("--num-samples", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--class-label", type=int, help="one label for every sample (default: i mod num_classes)")
-    parser.add_argument("--sampler", choices=sum(SAMPLERS.values(), ()), help="default: em (flow), ddpm (eps)")
-    parser.add_argument("--steps", type=int, help="em 250, heun 50, ddim 50 by default; ddpm: every step of an own "
-                        "run, 250 for dit (fewer: respaced as ADM / DiT)")
+    parser.add_argument("--labels", choices=("balanced", "random"), default="balanced",
+                        help="label of sample i: i mod num_classes, or drawn from a generator seeded by seed + i (the "
+                             "IG release's 'random sampling')")
+    parser.add_argument("--class-label", type=int, help="one label for every sample")
+    parser.add_argument("--sampler", choices=sum(SAMPLERS.values(), ()),
+                        help="default: em (flow), ddpm (eps), heun (ig-lightningdit)")
+    parser.add_argument("--steps", type=int, help="em 250, heun 50 (ig-lightningdit 124), ddim 50 by default; ddpm: "
+                        "every step of an own run, 250 for dit (fewer: respaced as ADM / DiT)")
+    parser.add_argument("--timestep-shift", type=float,
+                        help="heun: LightningDiT's timestep shift of the grid (1 uniform, the default; ig-lightningdit "
+                             "0.3; ref.samplers.shifted_grid)")
     parser.add_argument("--eta", type=float, default=0.0, help="ddim: 0 deterministic, 1 DDPM-like")
     parser.add_argument("--diffusion", choices=tuple(DIFFUSIONS), default="ig",
                         help="em: g(t)^2 = 2t (ig: REPA / IG release; also SiT's sample.py default) or SiT's SBDM")
@@ -101,13 +149,23 @@ def parse_args(argv=None):
     parser.add_argument("--seeds-per-control", type=int, default=1,
                         help="controlnet runs: samples per evaluation scene (sample i follows scene i // this)")
     parser.add_argument("--out", help="output folder (default: samples-<settings> beside the checkpoint)")
-    foreign = parser.add_argument_group("foreign checkpoints (official DiT / SiT, IG-release SiT)")
+    parser.add_argument("--png", action="store_true", help="also write each image as OUT/images/<i:06d>.png")
+    latent = parser.add_argument_group("latent models: decoding to images")
+    latent.add_argument("--vae", help="VAE weights (ref.latents.read_vae); without it the latents are written")
+    latent.add_argument("--vae-kind", choices=list(VAE_MODELS),
+                        help="its preset (default: the run's config `vae`, sd for dit / sit / ig-sit, vavae-f16d32 "
+                             "for ig-lightningdit); a foreign checkpoint's latents have its channels and 1/f of "
+                             "--image-size")
+    latent.add_argument("--latent-stats", help=f"per-channel latent statistics ({STATS_FILE}) of a model trained on "
+                        f"normalised latents (LightningDiT); an own run's default: <its data_path>/{STATS_FILE}")
+    foreign = parser.add_argument_group("foreign checkpoints (official DiT / SiT, IG-release SiT and LightningDiT)")
     foreign.add_argument("--checkpoint-kind", choices=("own", *CHECKPOINT_KINDS), default="own")
-    foreign.add_argument("--model", choices=list(MODELS), help="size preset of a foreign checkpoint")
-    foreign.add_argument("--image-size", type=int, default=256, help="image side; the latents are 1/8 of it")
+    foreign.add_argument("--model", choices=[*MODELS, *LIGHTNINGDIT_MODELS], help="size preset of a foreign checkpoint")
+    foreign.add_argument("--image-size", type=int, default=256,
+                         help="image side; the latents are 1/f of it (f: 8 sd, 16 vavae-f16d32)")
     foreign.add_argument("--num-classes", type=int, default=1000)
     foreign.add_argument("--intermediate-block", type=int,
-                         help=f"ig-sit: the IG head's block when the file does not say (default "
+                         help=f"ig-sit, ig-lightningdit: the IG head's block when the file does not say (default "
                               f"{IG_RELEASE_HEAD_BLOCK}); one that differs from the file's is refused")
     return parser.parse_args(argv)
 
@@ -130,11 +188,12 @@ def foreign_head_block(args, kind, contents):
     """The IG head's block of a foreign checkpoint (None: no head); combinations that cannot be right raise."""
     if not CHECKPOINT_KINDS[kind]["ig_head"]:
         if args.intermediate_block is not None:
-            raise ValueError(f"a {kind} checkpoint has no IG intermediate head; --intermediate-block is for ig-sit")
+            raise ValueError(f"a {kind} checkpoint has no IG intermediate head; --intermediate-block is for ig-sit "
+                             f"and ig-lightningdit")
         return None
     in_file = ig_release_head_block(contents)
     if in_file is not None and args.intermediate_block not in (None, in_file):
-        raise ValueError(f"the checkpoint's training args put the IG head after block {in_file} (encoder_depth); "
+        raise ValueError(f"the checkpoint's training settings put the IG head after block {in_file} (encoder_depth); "
                          f"--intermediate-block {args.intermediate_block} would read it as another block")
     return in_file or args.intermediate_block or IG_RELEASE_HEAD_BLOCK
 
@@ -142,31 +201,124 @@ def foreign_head_block(args, kind, contents):
 def check_kind_flags(args):
     own = args.checkpoint_kind == "own"
     if own and (args.model or args.intermediate_block is not None):
-        raise ValueError("--model and --intermediate-block describe a foreign checkpoint (--checkpoint-kind dit, sit "
-                         "or ig-sit); a train.py run brings its own")
+        raise ValueError(f"--model and --intermediate-block describe a foreign checkpoint (--checkpoint-kind "
+                         f"{', '.join(CHECKPOINT_KINDS)}); a train.py run brings its own")
     if not own and args.model is None:
         raise ValueError(f"--checkpoint-kind {args.checkpoint_kind} needs --model, the checkpoint's size preset")
+    if not own:
+        presets = ARCHITECTURES[CHECKPOINT_KINDS[args.checkpoint_kind]["arch"]][1]
+        if args.model not in presets:
+            raise ValueError(f"--model {args.model} is no preset of a {args.checkpoint_kind} checkpoint; it takes one "
+                             f"of {', '.join(presets)}")
+    if args.class_label is not None and args.labels == "random":
+        raise ValueError("--class-label gives every sample one label; --labels random draws them")
+
+
+def key_names(state):
+    """The key names of a state dict with the block numbers left out: what says which network it is."""
+    return {re.sub(r"\.\d+\.", ".N.", canonical_key(key)) for key in state}
+
+
+def kinds_with_keys_of(state):
+    """The checkpoint kinds whose networks have the key names of `state` (sizes aside)."""
+    found = []
+    for kind, spec in CHECKPOINT_KINDS.items():
+        network, _ = ARCHITECTURES[spec["arch"]]
+        options = dict(learn_sigma=spec["learn_sigma"]) if network is DiT else {}
+        with torch.device("meta"):
+            smallest = network(input_size=2, patch_size=1, hidden_size=8, depth=1, num_heads=2,
+                               intermediate_block=1 if spec["ig_head"] else None, **options)
+        if key_names(smallest.state_dict()) == key_names(state):
+            found.append(kind)
+    return found
+
+
+def load_foreign_weights(args, model, contents):
+    """The file's weights into `model`; a file that does not fit raises one line: its problems, each with a count
+    and its first key, and the kinds whose networks have its keys."""
+    try:
+        load_checkpoint(model, contents, prefer=args.weights)
+    except ValueError as error:
+        fits = kinds_with_keys_of(unwrap_state(contents, args.weights)[0])
+        if args.checkpoint_kind in fits:
+            hint = "; its key names are those of this kind: another --model, --image-size or --vae-kind?"
+        else:
+            hint = f"; its key names are those of --checkpoint-kind {' or '.join(fits)}" if fits else ""
+        raise ValueError(f"{args.run} does not fit {args.model} as --checkpoint-kind {args.checkpoint_kind}: "
+                         f"{misfit_line(error)}{hint}") from None
+
+
+def latent_spec(trained_on, decoder):
+    """What a latent model's spec says of its latents, trained_on the VAE preset it was trained on (None: a pixel
+    model): vae_kind, the decoder's preset; latent_encoding, how its latents relate to the VAE's: "stats" (LightningDiT:
+    normalised per channel with a statistics file, VA-VAE's recipe) or "scale" (DiT / SiT: times the VAE's
+    scaling_factor, 0.18215 for sd)."""
+    if trained_on is None:
+        return dict(vae_kind=None, latent_encoding=None, scaling_factor=None)
+    return dict(vae_kind=decoder or trained_on,
+                latent_encoding="stats" if RECIPES[trained_on]["store"] == "sample" else "scale",
+                scaling_factor=on_meta(trained_on).scaling_factor)
 
 
 def load_model(args, path, checkpoint):
     """-> (model with the chosen weights, spec: checkpoint_kind, objective, learn_sigma, reversed_time, cfg_channels,
-    ddpm_steps, beta_schedule, latent, step, config, checkpoint), or ValueError.
+    ddpm_steps, beta_schedule, latent, vae_kind (the decoder's preset), latent_encoding, scaling_factor, step, config,
+    checkpoint, and a foreign kind's sampler defaults), or ValueError.
     checkpoint: the train.py checkpoint at path (kind own), or None for a foreign one."""
     if args.checkpoint_kind == "own":
         model, config = runtime.load_trained_network(path, "dit", dit_from_config, args.weights, checkpoint)
+        latent = config["data"] == "latents"
+        trained_on = config.get("vae", "sd") if latent else None  # the VAE of its latents; configs before the field: sd
         return model, dict(checkpoint_kind="own", objective=config["objective"], learn_sigma=False,
                            reversed_time=False, cfg_channels=None, ddpm_steps=None,
-                           beta_schedule=config["beta_schedule"], latent=config["data"] == "latents",
-                           step=checkpoint["step"], config=config, checkpoint=str(path))
+                           beta_schedule=config["beta_schedule"], latent=latent,
+                           **latent_spec(trained_on, args.vae_kind), step=checkpoint["step"], config=config,
+                           checkpoint=str(path))
     kind = CHECKPOINT_KINDS[args.checkpoint_kind]
+    vae_kind = args.vae_kind or kind["latents_of"]
+    layout = on_meta(vae_kind)  # the latents: its z_channels, 1/f of the image side
+    if args.image_size % layout.downsampling_factor:
+        raise ValueError(f"--image-size {args.image_size} is not a multiple of the {vae_kind!r} VAE's downsampling "
+                         f"factor {layout.downsampling_factor}")
     contents = read_checkpoint(path)
-    model = MODELS[args.model](input_size=args.image_size // LATENT_DOWNSAMPLING,
-                               in_channels=LATENT_CHANNELS, num_classes=args.num_classes,
-                               learn_sigma=kind["learn_sigma"],
-                               intermediate_block=foreign_head_block(args, args.checkpoint_kind, contents))
-    load_checkpoint(model, contents, prefer=args.weights)
+    options = dict(learn_sigma=kind["learn_sigma"]) if kind["arch"] == "dit" else {}
+    model = ARCHITECTURES[kind["arch"]][1][args.model](
+        input_size=args.image_size // layout.downsampling_factor, in_channels=layout.z_channels,
+        num_classes=args.num_classes, intermediate_block=foreign_head_block(args, args.checkpoint_kind, contents),
+        **options)
+    load_foreign_weights(args, model, contents)
     return model, dict(kind, checkpoint_kind=args.checkpoint_kind, ddpm_steps=kind.get("ddpm_steps"),
-                       beta_schedule="linear", latent=True, step=None, config=None, checkpoint=str(path))
+                       beta_schedule="linear", latent=True, **latent_spec(kind["latents_of"], vae_kind), step=None,
+                       config=None, checkpoint=str(path))
+
+
+def read_decoding(args, model, spec):
+    """What turns the sampled latents into images, read and checked before sampling: (VAE or None, statistics
+    (mean, std) or None). Without --vae the latents are written, so the statistics are read all the same."""
+    if not spec["latent"]:
+        if args.vae or args.vae_kind or args.latent_stats:
+            raise ValueError("--vae, --vae-kind and --latent-stats are for latent models; this one samples pixels")
+        return None, None
+    channels = on_meta(spec["vae_kind"]).z_channels
+    if channels != model.in_channels:
+        raise ValueError(f"a {spec['vae_kind']!r} VAE has {channels} latent channels, this model "
+                         f"{model.in_channels}; choose the VAE of its latents with --vae-kind")
+    stats = None
+    if spec["latent_encoding"] == "stats":
+        stats_path = args.latent_stats
+        if stats_path is None and spec["config"] is not None:
+            stats_path = Path(spec["config"]["data_path"]) / STATS_FILE
+        if stats_path is None:
+            raise ValueError(f"a {spec['checkpoint_kind']} model samples latents normalised per channel; "
+                             f"--latent-stats PATH ({STATS_FILE} of the release or of prepare.py) is needed")
+        stats = read_latent_stats(stats_path)
+        if stats[0].shape[1] != model.in_channels:
+            raise ValueError(f"{stats_path} holds statistics of {stats[0].shape[1]} channels, this model's latents "
+                             f"have {model.in_channels}")
+    elif args.latent_stats:
+        raise ValueError(f"--latent-stats is for latents normalised per channel (LightningDiT); this model's are "
+                         f"scaled by {spec['scaling_factor']:g}")
+    return (read_vae(args.vae, spec["vae_kind"]) if args.vae else None), stats
 
 
 def make_sampler(args, model, spec):
@@ -174,13 +326,15 @@ def make_sampler(args, model, spec):
     (x, t, y) -> (final, intermediate), the factor from t in [0, 1] to the model's time (1 for flow, T for DDPM),
     sampler name, steps)."""
     objective = spec["objective"]
-    sampler = args.sampler or SAMPLERS[objective][0]
+    sampler = args.sampler or spec.get("default_sampler") or SAMPLERS[objective][0]
     if sampler not in SAMPLERS[objective]:
         raise ValueError(f"--sampler {sampler} does not fit a {spec['checkpoint_kind']} checkpoint, which predicts "
                          f"{objective}; choose one of {SAMPLERS[objective]}")
     if args.diffusion != "ig" and sampler != "em":
         raise ValueError(f"--diffusion {args.diffusion} is the em sampler's diffusion coefficient, not {sampler}'s")
-    steps = args.steps or (spec["ddpm_steps"] if sampler == "ddpm" else DEFAULT_STEPS[sampler])
+    if args.timestep_shift is not None and sampler != "heun":
+        raise ValueError(f"--timestep-shift shifts the heun sampler's grid, not {sampler}'s")
+    steps = args.steps or spec.get(f"{sampler}_steps") or DEFAULT_STEPS.get(sampler)
     network = reversed_time(model) if spec["reversed_time"] else model
     if sampler == "em":  # SiT / IG: `steps` points 1 -> 0.04, then the deterministic mean step to 0
         grid = uniform_grid(steps, t_max=SBDM_T_MAX if args.diffusion == "sbdm" else 1.0)
@@ -189,11 +343,13 @@ def make_sampler(args, model, spec):
             return euler_maruyama(denoise, noise, grid, randn_like=draws.randn_like,
                                   diffusion=DIFFUSIONS[args.diffusion])
         return integrate, network, 1.0, sampler, steps
-    if sampler == "heun":
-        grid = torch.linspace(1, 0, steps + 1, dtype=torch.float64)  # uniform in t; the last step is Euler
+    if sampler == "heun":  # uniform in t unless shifted; the last step Euler, or Heun as the LightningDiT release
+        shift = spec.get("heun_shift", 1.0) if args.timestep_shift is None else args.timestep_shift
+        grid = shifted_grid(steps, shift)
+        euler_last = spec.get("heun_last_step", "euler") == "euler"
 
         def integrate(denoise, noise, draws):
-            return heun(denoise, noise, grid)
+            return heun(denoise, noise, grid, euler_last=euler_last)
         return integrate, network, 1.0, sampler, steps
     schedule = DDPMSchedule.named(spec["beta_schedule"])
     if sampler == "ddim":
@@ -202,7 +358,7 @@ def make_sampler(args, model, spec):
         def integrate(denoise, noise, draws):
             return ddim(denoise, noise, schedule, timesteps, eta=args.eta, randn_like=draws.randn_like)
         return integrate, network, schedule.num_timesteps, sampler, steps
-    kept = respaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)
+    kept = respaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)  # steps None: every one
     respaced = schedule.respaced(kept)
     if spec["learn_sigma"]:
         def network(x, t, y):  # DiT's learned variance: the prediction and the variance channels
@@ -233,13 +389,41 @@ def grid_image(images, columns):
 
 
 def sample_labels(indices, args, num_classes):
-    """Label of sample i: --class-label, else i mod num_classes (classes balanced). (n,) int64"""
-    return indices % num_classes if args.class_label is None else np.full(len(indices), args.class_label)
+    """Label of sample i: --class-label; else i mod num_classes (--labels balanced), or drawn uniformly from numpy's
+    generator seeded with the sample's seed, seed + i (--labels random; a stream apart from its torch noise
+    generator), so they do not depend on the batch size or the ranks. (n,) int64"""
+    if args.class_label is not None:
+        return np.full(len(indices), args.class_label)
+    if args.labels == "balanced":
+        return indices % num_classes
+    return np.array([np.random.default_rng(args.seed + int(i)).integers(num_classes) for i in indices], np.int64)
 
 
-def sample_share(args, model, spec, sampling, world):
+def finish(x, spec, decoding):
+    """Sampled x (n, C, H, W) float32 on the device -> what is written: uint8 images (n, H', W', 3) (pixels, or
+    latents decoded by the VAE) or the latents as the decoder takes them (n, C, H, W) float32."""
+    if not spec["latent"]:
+        return to_uint8(x.cpu())
+    vae, stats = decoding
+    z = x / spec["scaling_factor"] if stats is None else denormalise_latents(x, stats)  # the VAE's own latents
+    if vae is None:
+        return z.cpu().numpy()
+    return to_uint8(vae.decode(z, slice_size=DECODE_BATCH).float().cpu())
+
+
+def no_outputs(model, spec, vae):
+    """finish's output for no samples (a rank may have none): (0, C, h, w) float32 or (0, H, W, 3) uint8."""
+    side = model.input_size
+    if spec["latent"] and vae is None:
+        return np.zeros((0, model.in_channels, side, side), np.float32)
+    side *= vae.downsampling_factor if spec["latent"] else 1
+    return np.zeros((0, side, side, 3), np.uint8)
+
+
+def sample_share(args, model, spec, sampling, world, decoding=(None, None)):
     """This rank's samples r, r + W, ... -> ((indices, outputs), network evaluations per sample, counted). outputs:
-    uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (integrate, network, interval_scale)."""
+    uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (integrate, network, interval_scale);
+    decoding: read_decoding's (VAE, statistics), applied batch by batch on the sampling device."""
     integrate, network, interval_scale = sampling
     rows = 0
 
@@ -249,7 +433,7 @@ def sample_share(args, model, spec, sampling, world):
         return network(x, t, y)
     indices = np.arange(world.rank, args.num_samples, world.world_size)
     shape = (model.in_channels, model.input_size, model.input_size)
-    outputs = [np.zeros((0, *shape), np.float32) if spec["latent"] else np.zeros((0, *shape[1:], 3), np.uint8)]
+    outputs = [no_outputs(model, spec, decoding[0])]
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start:start + args.batch_size]
         draws = runtime.SampleDraws(args.seed + int(i) for i in batch)
@@ -259,8 +443,8 @@ def sample_share(args, model, spec, sampling, world):
                                   cfg_interval=[interval_scale * t for t in args.cfg_interval],
                                   cfg_channels=spec["cfg_channels"])
         with runtime.autocast(world.device, args.bf16):
-            x = integrate(denoise, draws.randn(*shape).to(world.device), draws).float().cpu()  # (n, C, H, W)
-        outputs.append((x / SD_VAE_SCALE_FACTOR).numpy() if spec["latent"] else to_uint8(x))
+            x = integrate(denoise, draws.randn(*shape).to(world.device), draws).float()  # (n, C, H, W)
+            outputs.append(finish(x, spec, decoding))
     return (indices, np.concatenate(outputs)), rows / max(len(indices), 1)
 
 
@@ -274,19 +458,24 @@ def gather_in_order(share):
 
 
 def write_outputs(out, samples, labels, settings, columns, rows, pictures=None):
-    """pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
+    """Images: samples.npz, grid.png and with settings["png"] images/<i:06d>.png; undecoded latents: latents.npy and
+    labels.npy. pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
     out.mkdir(parents=True, exist_ok=True)
-    if settings["latent"]:
+    if settings["latent"] and settings.get("vae") is None:
         runtime.atomic_write(out / "latents.npy", lambda file: np.save(file, samples))
         runtime.atomic_write(out / "labels.npy", lambda file: np.save(file, labels))
-        print("note: a VAE decoder is not part of this repository yet; wrote latents.npy (divided by the SD-VAE "
-              "scale factor, ready for its decoder) and labels.npy instead of images")
+        print("note: wrote latents.npy (the VAE's own latents, ready for its decoder; --vae PATH decodes them into "
+              "images) and labels.npy")
     else:
         runtime.atomic_write(out / "samples.npz", lambda file: np.savez(file, arr_0=samples, arr_1=labels))
         grid = io.BytesIO()
         pictures = samples if pictures is None else pictures
         Image.fromarray(grid_image(pictures[:rows * columns], columns)).save(grid, format="PNG")
         runtime.atomic_write(out / "grid.png", lambda file: file.write(grid.getvalue()))
+        if settings.get("png"):
+            (out / "images").mkdir(exist_ok=True)
+            for i, image in enumerate(samples):
+                Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
     runtime.atomic_write(out / "settings.json", lambda file: file.write(json.dumps(settings, indent=2).encode()))
 
 
@@ -368,14 +557,17 @@ def main(argv=None):
             model, spec = load_model(args, path, checkpoint)
             integrate, network, interval_scale, sampler, steps = make_sampler(args, model, spec)
             check_guidance(args, model)
+            decoding = read_decoding(args, model, spec)
     except ValueError as error:
         runtime.exit_with_error(error)
     if controlled:
         return sample_controlnet(args, path, *networks)
     with runtime.distributed() as world:
         model.to(world.device).eval()
+        if decoding[0] is not None:  # the VAE
+            decoding[0].to(world.device)
         start = time.perf_counter()
-        share, evaluations = sample_share(args, model, spec, (integrate, network, interval_scale), world)
+        share, evaluations = sample_share(args, model, spec, (integrate, network, interval_scale), world, decoding)
         samples = gather_in_order(share)
         if not world.is_main:
             return

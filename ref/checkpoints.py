@@ -83,6 +83,13 @@ def check_state_fits(model, state, original_key, optional_prefixes=()):
         raise ValueError(f"checkpoint does not fit this {type(model).__name__}:\n  " + "\n  ".join(problems))
 
 
+def misfit_line(error):
+    """check_state_fits's error in one line: each kind of problem with its count and first key."""
+    problems = str(error).splitlines()[1:]  # "  missing keys (194): key; key; ..."
+    return "; ".join(label.strip() + ", e.g. " + keys.split("; ")[0]
+                     for label, keys in (line.split(": ", 1) for line in problems))
+
+
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 

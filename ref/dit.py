@@ -295,11 +295,17 @@ IG_RELEASE_HEAD_BLOCK = 8  # that SiT's encoder_depth default, for every size
 
 
 def ig_release_head_block(checkpoint):
-    """The block after which an IG-release checkpoint's head sits, from the training args its train.py stores
-    (an argparse.Namespace under "args"): their encoder_depth; None when the file carries no such args.
-    The release's train.py records --encoder-depth (default 8) but builds SiT without it, at the class default
-    IG_RELEASE_HEAD_BLOCK; the two agree unless that flag was changed."""
-    return getattr(checkpoint.get("args"), "encoder_depth", None) if isinstance(checkpoint, dict) else None
+    """The block after which an IG-release checkpoint's head sits, from the training settings its train.py stores:
+    encoder_depth of the SiT release's args (an argparse.Namespace under "args") or of the LightningDiT release's
+    yaml config (a dict under "config", its model.encoder_depth); None when the file carries neither.
+    The SiT release's train.py records --encoder-depth (default 8) but builds SiT without it, at the class default
+    IG_RELEASE_HEAD_BLOCK; the two agree unless that flag was changed. The LightningDiT release builds with it."""
+    if not isinstance(checkpoint, dict):
+        return None
+    config = checkpoint.get("config")
+    if isinstance(config, dict) and isinstance(config.get("model"), dict):
+        return config["model"].get("encoder_depth")
+    return getattr(checkpoint.get("args"), "encoder_depth", None)
 
 
 def reversed_time(model):

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ref.checkpoints import check_state_fits, read_checkpoint, read_state_dict
+from ref.checkpoints import check_state_fits, misfit_line, read_checkpoint, read_state_dict
 from ref.data import LatentShards
 from ref.runtime import stream_seed
 from ref.vae import MODELS, AutoencoderKL, load_state, native_state
@@ -64,9 +64,8 @@ def misfit_summary(kind, state):
             return f"its weights are those of the {other!r} preset"
         except ValueError as error:
             if other == kind:
-                problems = str(error).splitlines()[1:]  # "  missing keys (194): key; key; ..."
-    return "; ".join(label.strip() + ", e.g. " + keys.split("; ")[0]
-                     for label, keys in (line.split(": ", 1) for line in problems))
+                summary = misfit_line(error)
+    return summary
 
 
 def read_vae(path, kind):
@@ -183,7 +182,8 @@ def read_latent_stats(path):
 
 
 def normalise_latents(z, stats):
-    """LightningDiT's latent normalisation (its dataset, multiplier 1.0): (z - mean) / std per channel. z (N, C, h, w)"""
+    """LightningDiT's latent normalisation (its dataset, multiplier 1.0): (z - mean) / std per channel.
+    z (N, C, h, w)"""
     mean, std = (value.to(z.device) for value in stats)
     return (z - mean) / std
 

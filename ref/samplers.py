@@ -1,7 +1,8 @@
 """Samplers. Each takes a plain callable `denoise(x, t) -> prediction`, so guidance composes outside (ref/guidance.py).
 
 Flow family (t = 1 noise -> t = 0 data; the callable returns the velocity v, see ref/schedules.py):
-  - `heun`: deterministic 2nd-order solver of the probability-flow ODE dx/dt = v (EDM, Karras et al. 2022, Alg. 1).
+  - `heun`: deterministic 2nd-order solver of the probability-flow ODE dx/dt = v (EDM, Karras et al. 2022, Alg. 1),
+    on a uniform grid, EDM's `rho_grid` or LightningDiT's `shifted_grid`.
   - `euler_maruyama`: the reverse SDE dx = [v - (g^2 / 2) score] dt + g dW with the final mean step; the diffusion
     g(t)^2 = 2t of REPA and the Internal Guidance release (`ig_diffusion`), or SiT's "SBDM" form (`sbdm_diffusion`).
   The state is integrated in float64; the network is called in its own dtype (`model_dtype`).
@@ -36,6 +37,19 @@ def rho_grid(steps, t_max=1.0, t_min=0.002, rho=7.0):
     return torch.cat([t, torch.zeros(1, dtype=torch.float64)])
 
 
+def shifted_grid(steps, shift):
+    """LightningDiT's timestep shift (hustvl/LightningDiT, kept by the IG release: transport/integrators.py, class
+    `ode`, `compute_tm`): its uniform grid t_n = n / steps in its time (0 noise -> 1 data) is mapped to
+    t_m = shift t_n / (1 + (shift - 1) t_n). Here t = 1 - t_m; with u = 1 - t_n the same map reads
+        t = u / (shift + (1 - shift) u),
+    SD3's shift a u / (1 + (a - 1) u) with a = 1 / shift. shift 1: uniform; shift < 1 (the release's 0.3) puts the
+    steps near the noise end. -> (steps + 1,) float64 from 1 down to 0."""
+    if shift <= 0:
+        raise ValueError(f"the timestep shift must be positive (1: uniform), got {shift}")
+    u = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return u / (shift + (1 - shift) * u)
+
+
 def _call(denoise, x, t, model_dtype):
     """Run the network on (x, t) in its own dtype and hand back float64; t becomes a (N,) tensor."""
     t_batch = torch.full((x.shape[0],), float(t), dtype=model_dtype, device=x.device)
@@ -47,15 +61,17 @@ def _call(denoise, x, t, model_dtype):
 # ---------------------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def heun(velocity, noise, grid, model_dtype=torch.float32):
-    """Probability-flow ODE dx/dt = v(x, t) from grid[0] to grid[-1] = 0 with Heun steps; the step into t = 0 is a
-    plain Euler step (EDM Alg. 1). Network evaluations: 2 * (len(grid) - 1) - 1."""
+def heun(velocity, noise, grid, model_dtype=torch.float32, euler_last=True):
+    """Probability-flow ODE dx/dt = v(x, t) from grid[0] to grid[-1] = 0 with Heun steps; with euler_last the step
+    into t = 0 is a plain Euler step (EDM Alg. 1), without it a Heun step like the others, which evaluates the network
+    at t = 0 (torchdiffeq's fixed-grid "heun2", the LightningDiT release's ODE sampler). Network evaluations:
+    2 * (len(grid) - 1), one fewer with euler_last."""
     x = noise.to(torch.float64)
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
         h = t_next - t_cur  # negative
         d_cur = _call(velocity, x, t_cur, model_dtype)
         x_euler = x + h * d_cur
-        if t_next == 0:
+        if t_next == 0 and euler_last:
             x = x_euler
         else:
             d_next = _call(velocity, x_euler, t_next, model_dtype)

@@ -17,9 +17,11 @@ from PIL import Image
 
 import sample
 from ref import runtime
-from ref.data import SD_VAE_SCALE_FACTOR
+from ref.data import SD_VAE_SCALE_FACTOR, to_uint8
 from ref.dit import MODELS
 from ref.internal_guidance import dit_from_config
+from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
+from ref.vae import MODELS as VAE_MODELS
 from shapes.runs import SHAPES_CONFIGS
 
 torch.set_num_threads(1)
@@ -125,13 +127,53 @@ def test_eps_model_ddim_and_ddpm_and_the_ddpm_interval_scaling(tmp_path):
     assert json.loads((tmp_path / "half" / "settings.json").read_text())["network_evaluations_per_sample"] == 15
 
 
-def test_latent_model_writes_latents_and_says_why(tmp_path, capsys):
+def tiny_vae_file(path, seed=3):
+    """A random "tiny" VAE (4 latent channels, f4) as a state-dict file. -> (path, the VAE)"""
+    vae = randomise(VAE_MODELS["tiny"](), seed=seed, scale=0.1).eval()
+    torch.save(vae.state_dict(), path)
+    return path, vae
+
+
+def test_latent_model_writes_latents_or_decodes_them_with_the_vae(tmp_path, capsys):
+    """Without --vae: latents.npy, the model's latents / the sd scaling factor (a config without `vae`). With a tiny
+    VAE: samples.npz holds exactly those latents decoded (re-decoded here), for batch size 1 as for 3, and the PNGs
+    hold the same images."""
     run = make_run(tmp_path / "latent", data="latents", patch_size=2)  # 32 px images: (4, 4, 4) latents
-    sample.main([str(run), "--num-samples", "3", "--steps", "4", "--out", str(tmp_path / "out")])
-    assert "VAE decoder is not part of this repository" in capsys.readouterr().out
-    assert np.load(tmp_path / "out" / "latents.npy").shape == (3, 4, 4, 4)
-    assert np.array_equal(np.load(tmp_path / "out" / "labels.npy"), [0, 1, 2])
-    assert not (tmp_path / "out" / "samples.npz").exists()
+    flags = ["--num-samples", "3", "--steps", "4", "--cfg", "1.5"]
+    sample.main([str(run), *flags, "--out", str(tmp_path / "latents")])
+    assert "--vae PATH decodes them" in capsys.readouterr().out
+    latents = np.load(tmp_path / "latents" / "latents.npy")
+    assert latents.shape == (3, 4, 4, 4) and latents.dtype == np.float32
+    assert np.array_equal(np.load(tmp_path / "latents" / "labels.npy"), [0, 1, 2])
+    assert not (tmp_path / "latents" / "samples.npz").exists()
+
+    vae_path, vae = tiny_vae_file(tmp_path / "vae.pt")
+    decoding = ["--vae", str(vae_path), "--vae-kind", "tiny"]
+    one_by_one, labels = sample_images(run, tmp_path / "b1", *flags, *decoding, "--batch-size", 1, "--png")
+    together, _ = sample_images(run, tmp_path / "b3", *flags, *decoding, "--batch-size", 3)
+    assert one_by_one.dtype == np.uint8 and one_by_one.shape == (3, 16, 16, 3) and np.array_equal(labels, [0, 1, 2])
+    assert_same_images(together, one_by_one)
+    with torch.no_grad():
+        expected = to_uint8(vae.decode(torch.from_numpy(latents)))
+    assert_same_images(one_by_one, expected)
+    assert one_by_one.std() > 5 and len({image.tobytes() for image in one_by_one}) == 3
+    for i, image in enumerate(one_by_one):
+        with Image.open(tmp_path / "b1" / "images" / f"{i:06d}.png") as png:
+            assert np.array_equal(np.asarray(png), image)
+    assert (tmp_path / "b1" / "grid.png").is_file() and not (tmp_path / "b3" / "images").exists()
+    assert not (tmp_path / "b1" / "latents.npy").exists()
+
+
+def test_random_labels_come_from_each_samples_seed(run, tmp_path):
+    """--labels random: label i drawn from numpy's generator seeded with seed + i, re-derived here; the same for any
+    batch size, and from seed 1 the labels of seed 0 shifted by one."""
+    flags = ["--labels", "random", "--sampler", "heun", "--steps", 1]
+    _, one_by_one = sample_images(run, tmp_path / "b1", "--num-samples", 7, "--batch-size", 1, *flags)
+    _, together = sample_images(run, tmp_path / "b7", "--num-samples", 7, "--batch-size", 7, *flags)
+    _, from_seed_1 = sample_images(run, tmp_path / "s1", "--num-samples", 6, "--seed", 1, *flags)
+    assert np.array_equal(one_by_one, [np.random.default_rng(i).integers(5) for i in range(7)])
+    assert np.array_equal(together, one_by_one) and np.array_equal(from_seed_1, one_by_one[1:])
+    assert not np.array_equal(one_by_one, np.arange(7) % 5)
 
 
 def random_state(preset, scale=0.02, seed=0, **kwargs):
@@ -284,22 +326,91 @@ def test_ig_release_head_block_comes_from_the_file(tmp_path):
     assert np.abs(from_file - default).max() > 1e-3
 
 
+def lightningdit_release_file(path, channels, input_size, seed=0):
+    """An IG-release LightningDiT-tiny/1 checkpoint as its train.py writes it: the EMA weights with the head (after
+    block 2) under final_layer_xr, and its yaml config, whose model.encoder_depth says where the head sits.
+    -> the network with these weights (this repository's LightningDiT)"""
+    model = LIGHTNINGDIT_MODELS["LightningDiT-tiny/1"](input_size=input_size, in_channels=channels,
+                                                       intermediate_block=2)
+    randomise(model, seed=seed)
+    release = {key.replace("intermediate_head.", "final_layer_xr."): value for key, value in model.state_dict().items()}
+    torch.save({"ema": release, "config": {"model": {"model_type": "LightningDiT-tiny/1", "encoder_depth": 2}}}, path)
+    return model.eval()
+
+
+def stats_file(path, channels, seed=4):
+    generator = torch.Generator().manual_seed(seed)
+    stats = {"mean": torch.randn(1, channels, 1, 1, generator=generator),
+             "std": 0.5 + torch.rand(1, channels, 1, 1, generator=generator)}
+    torch.save(stats, path)
+    return stats
+
+
+def test_ig_lightningdit_follows_the_release_sampler(tmp_path):
+    """An IG-release LightningDiT file sampled with --checkpoint-kind ig-lightningdit (here on the tiny VAE's 4-channel
+    latents, 8 x 8 at 32 px) equals the release's sampler re-derived in its own time s (0 noise -> 1 data): the grid
+    s = 0.3 u / (1 - 0.7 u) on u = linspace(0, 1, 4), a Heun step on every interval (the last included), its
+    forward_with_cfg (IG 1.4 on both branches, CFG 1.45 on every channel where s >= 0.19), then z * std + mean; and
+    with --vae, those latents decoded. 2 + 3 + 4 network evaluations: CFG holds s = 0.375 and 1 of the grid."""
+    model = lightningdit_release_file(tmp_path / "ig-lightningdit.pt", channels=4, input_size=8)
+    stats = stats_file(tmp_path / "stats.pt", 4)
+    flags = ["--checkpoint-kind", "ig-lightningdit", "--model", "LightningDiT-tiny/1", "--image-size", 32,
+             "--vae-kind", "tiny", "--latent-stats", tmp_path / "stats.pt", "--num-samples", 2, "--steps", 3,
+             "--ig", 1.4, "--cfg", 1.45, "--cfg-interval", 0, 0.81]
+    sample.main([str(tmp_path / "ig-lightningdit.pt"), *map(str, flags), "--out", str(tmp_path / "latents")])
+    latents = np.load(tmp_path / "latents" / "latents.npy")
+    settings = json.loads((tmp_path / "latents" / "settings.json").read_text())
+    assert settings["sampler"] == "heun" and settings["steps"] == 3 and settings["network_evaluations_per_sample"] == 9
+
+    labels, null = torch.tensor([0, 1]), torch.tensor([1000, 1000])
+
+    def release_forward_with_cfg(x, s):
+        with torch.no_grad():  # the release's network: velocity x0 - eps at its time s
+            final, intermediate = (-out.double() for out in model(torch.cat([x, x]).float(),
+                                                                  torch.full((4,), 1 - s), torch.cat([labels, null])))
+        guided = final + (1.4 - 1) * (final - intermediate)
+        cond, uncond = guided.chunk(2)
+        return uncond + 1.45 * (cond - uncond) if s >= 0.19 else cond
+
+    x = torch.stack([seeded_noise(i, (4, 8, 8))() for i in range(2)])
+    u = np.linspace(0, 1, 4)
+    times = 0.3 * u / (1 + (0.3 - 1) * u)
+    for s, s_next in zip(times[:-1], times[1:]):
+        k1 = release_forward_with_cfg(x, s)
+        k2 = release_forward_with_cfg(x + (s_next - s) * k1, s_next)
+        x = x + (s_next - s) / 2 * (k1 + k2)
+    expected = x * stats["std"] + stats["mean"]
+    np.testing.assert_allclose(latents, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+    vae_path, vae = tiny_vae_file(tmp_path / "vae.pt")
+    images, _ = sample_images(tmp_path / "ig-lightningdit.pt", tmp_path / "images", *flags, "--vae", vae_path)
+    with torch.no_grad():
+        assert_same_images(images, to_uint8(vae.decode(torch.from_numpy(latents))))
+    assert images.shape == (2, 32, 32, 3)
+
+
 BAD_INPUT = ["missing", "not a checkpoint", "another model", "ig without head", "foreign mismatch", "preset on own",
              "kind without preset", "flow sampler on dit", "head block on dit", "head block against the file",
-             "sbdm on heun"]
+             "sbdm on heun", "wrong vae kind", "vae of another channel count", "vae on a pixel model", "no stats",
+             "missing stats", "stats of another channel count", "lightningdit as ig-sit",
+             "lightningdit preset as ig-sit", "labels clash", "shift on em"]
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)
 def test_bad_input_exits_2_with_the_message_and_writes_nothing(case, run, tmp_path, capsys):
+    lightningdit = [str(tmp_path / "lightningdit.pt"), "--checkpoint-kind", "ig-lightningdit", "--model",
+                    "LightningDiT-tiny/1", "--image-size", "64"]
     argv, message = {
         "missing": ([str(tmp_path / "nowhere")], "no checkpoint at"),
         "not a checkpoint": ([str(tmp_path / "junk.pt")], "is not a PyTorch checkpoint"),
-        "another model": ([str(run), "--checkpoint-kind", "ig-sit", "--model", "DiT-S/2"], "does not fit this DiT"),
+        "another model": ([str(run), "--checkpoint-kind", "ig-sit", "--model", "DiT-S/2"],
+                          "does not fit DiT-S/2 as --checkpoint-kind ig-sit: missing keys"),
         "ig without head": ([str(make_run(tmp_path / "plain", intermediate_block=None)), "--ig", "2"],
                             "needs a model with the IG intermediate head"),
         "foreign mismatch": ([str(tmp_path / "dit-s4.pt"), "--checkpoint-kind", "dit", "--model", "DiT-S/2",
                               "--image-size", "64"],
-                             "x_embedder.proj.weight expected (384, 4, 2, 2), got (384, 4, 4, 4)"),
+                             "e.g. pos_embed expected (1, 16, 384), got (1, 4, 384); its key names are those of this "
+                             "kind"),
         "preset on own": ([str(run), "--model", "DiT-S/2"], "--model and --intermediate-block describe a foreign"),
         "kind without preset": ([str(tmp_path / "dit.pt"), "--checkpoint-kind", "dit"], "dit needs --model"),
         "flow sampler on dit": ([str(tmp_path / "dit.pt"), "--checkpoint-kind", "dit", "--model", "DiT-S/2",
@@ -309,19 +420,42 @@ def test_bad_input_exits_2_with_the_message_and_writes_nothing(case, run, tmp_pa
                                "--intermediate-block", "4"], "a dit checkpoint has no IG intermediate head"),
         "head block against the file": ([str(tmp_path / "ig.pt"), "--checkpoint-kind", "ig-sit", "--model", "SiT-S/2",
                                          "--image-size", "64", "--intermediate-block", "8"],
-                                        "training args put the IG head after block 4"),
+                                        "training settings put the IG head after block 4"),
         "sbdm on heun": ([str(run), "--sampler", "heun", "--diffusion", "sbdm"], "em sampler's diffusion coefficient"),
+        "wrong vae kind": ([str(tmp_path / "latent"), "--vae", str(tmp_path / "vae.pt")],
+                           "is not a 'sd' VAE: its weights are those of the 'tiny' preset"),
+        "vae of another channel count": ([str(tmp_path / "latent"), "--vae-kind", "vavae-f16d32"],
+                                         "a 'vavae-f16d32' VAE has 32 latent channels, this model 4"),
+        "vae on a pixel model": ([str(run), "--vae", str(tmp_path / "vae.pt")], "are for latent models"),
+        "no stats": ([*lightningdit], "--latent-stats PATH (latents_stats.pt of the release or of prepare.py)"),
+        "missing stats": ([*lightningdit, "--latent-stats", str(tmp_path / "nowhere.pt")], "nowhere.pt: no such file"),
+        "stats of another channel count": ([*lightningdit, "--latent-stats", str(tmp_path / "stats.pt")],
+                                           "holds statistics of 4 channels, this model's latents have 32"),
+        "lightningdit as ig-sit": ([str(tmp_path / "lightningdit.pt"), "--checkpoint-kind", "ig-sit", "--model",
+                                    "SiT-S/2", "--image-size", "64"],
+                                   "its key names are those of --checkpoint-kind ig-lightningdit"),
+        "lightningdit preset as ig-sit": ([str(tmp_path / "lightningdit.pt"), "--checkpoint-kind", "ig-sit", "--model",
+                                           "LightningDiT-tiny/1"], "is no preset of a ig-sit checkpoint"),
+        "labels clash": ([str(run), "--class-label", "1", "--labels", "random"], "--labels random draws them"),
+        "shift on em": ([str(run), "--timestep-shift", "0.5"], "shifts the heun sampler's grid, not em's"),
     }[case]
     (tmp_path / "junk.pt").write_bytes(b"\x00 not a pickle")
     if case == "foreign mismatch":
         torch.save(MODELS["DiT-S/4"](input_size=8, learn_sigma=True).state_dict(), tmp_path / "dit-s4.pt")
-    if "dit" in case:
+    if "dit" in case.split():
         torch.save(random_state("DiT-S/2", learn_sigma=True), tmp_path / "dit.pt")
     if case == "head block against the file":
         ig_release_file(tmp_path / "ig.pt", encoder_depth=4)
+    if "vae" in case:
+        make_run(tmp_path / "latent", data="latents", patch_size=2)
+        tiny_vae_file(tmp_path / "vae.pt")
+    if "stats" in case or "lightningdit" in case:  # the release's layout: 32 channels, 4 x 4 latents at 64 px
+        lightningdit_release_file(tmp_path / "lightningdit.pt", channels=32, input_size=4)
+        stats_file(tmp_path / "stats.pt", 4)
     with pytest.raises(SystemExit) as exit_info:
         sample.main([*argv, "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
     assert error.startswith("error: ") and message in error and "Traceback" not in error
+    assert error.count("\n") == 1 and len(error) < 600  # one sentence, not a key dump
     assert not (tmp_path / "out").exists()

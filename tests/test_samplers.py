@@ -144,6 +144,36 @@ def test_grids_and_evaluation_counts():
     assert len(calls) == 250
 
 
+def test_shifted_grid_is_lightningdits_timestep_shift():
+    """The release's grid re-derived in its own time (t = 0 noise): t_m = s t_n / (1 + (s - 1) t_n) on
+    t_n = linspace(0, 1, N + 1), here 1 - t_m; shift 1 is the uniform grid, shift 0.3 puts most steps near noise."""
+    shift, steps = 0.3, 124
+    t_n = torch.linspace(0, 1, steps + 1, dtype=torch.float64)
+    release = shift * t_n / (1 + (shift - 1) * t_n)
+    grid = samplers.shifted_grid(steps, shift)
+    torch.testing.assert_close(grid, 1 - release, rtol=0, atol=1e-12)
+    assert grid[0] == 1 and grid[-1] == 0 and (grid.diff() < 0).all()
+    assert (grid > 0.5).sum() > 0.75 * steps  # t > 0.5 holds u > 0.3 / 1.3: 96 of the 125 points
+    assert torch.equal(samplers.shifted_grid(8, 1.0), torch.linspace(1, 0, 9, dtype=torch.float64))
+    with pytest.raises(ValueError, match="must be positive"):
+        samplers.shifted_grid(8, 0.0)
+
+
+def test_heun_with_a_heun_last_step_integrates_a_linear_in_t_velocity_exactly():
+    """dx/dt = t: x(0) = x(1) - 1/2. The trapezoid rule is exact on every step, the last included; an Euler last
+    step from t_cur = 1/4 moves by -(1/4) v(1/4) = -1/16 instead of -1/32. Evaluations 2 * steps, one fewer with it."""
+    calls = []
+    velocity = lambda x, t: (calls.append(1), t[:, None].expand_as(x))[1]  # noqa: E731
+    grid = samplers.shifted_grid(4, 1.0)  # 1, 3/4, 1/2, 1/4, 0
+    heun_last = samplers.heun(velocity, torch.ones(2, 3), grid, model_dtype=torch.float64, euler_last=False)
+    assert len(calls) == 8
+    torch.testing.assert_close(heun_last, torch.full((2, 3), 0.5, dtype=torch.float64))
+    calls.clear()
+    euler_last = samplers.heun(velocity, torch.ones(2, 3), grid, model_dtype=torch.float64)
+    assert len(calls) == 7
+    torch.testing.assert_close(euler_last, torch.full((2, 3), 0.5 - 1 / 32, dtype=torch.float64))
+
+
 def wavy_velocity(x, t):
     """A nonlinear stand-in for a network: any velocity field serves to compare two integrators."""
     return torch.sin(3 * x) * (1 + t[:, None]) + 0.5 * x
