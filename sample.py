@@ -483,7 +483,7 @@ def read_control(path, size, warn=False):
             print(f"warning: control {path} is {image.width}x{image.height}; resized to {size}x{size}",
                   file=sys.stderr)
         image = image.resize((size, size), Image.LANCZOS)
-    return np.asarray(image)
+    return np.array(image)  # a writable copy, for torch.from_numpy
 
 
 @torch.no_grad()

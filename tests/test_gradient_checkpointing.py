@@ -82,3 +82,23 @@ def test_checkpointing_runs_only_where_autograd_records(grad, monkeypatch):
         autoencoder.decode(torch.randn(1, 4, 4, 4))
     assert bool(calls) == grad
     assert all(kwargs == {"use_reentrant": False} for kwargs in calls)
+
+
+@pytest.mark.parametrize("taps", ["conv", "attn"])
+def test_tap_features_and_their_gradients_are_the_same_with_checkpointing(taps):
+    """InnerControl's alignment loss reads decoder features; its gradient reaches the ControlNet through them."""
+    results = []
+    for checkpointing in (False, True):
+        unet = randomise(UNETS["tiny"](gradient_checkpointing=checkpointing)).requires_grad_(False)
+        controlnet = randomise(CONTROLNETS["tiny"](gradient_checkpointing=checkpointing), seed=2)
+        generator = torch.Generator().manual_seed(5)
+        x, hint = torch.randn(2, 3, 16, 16, generator=generator), torch.rand(2, 3, 16, 16, generator=generator)
+        context, t = torch.randn(2, 5, 32, generator=generator), torch.tensor([10, 900])
+        _, features = unet(x, t, context, control=controlnet(x, hint, t, context), taps=taps)
+        sum(feature.square().mean() for feature in features).backward()
+        results.append((features, [p.grad for p in controlnet.parameters()]))
+    (features_off, grads_off), (features_on, grads_on) = results
+    assert all(torch.equal(on, off) for on, off in zip(features_on, features_off))
+    reached = [off is not None for off in grads_off]  # the zero convs of skips read after the last tap get none
+    assert any(reached) and reached == [on is not None for on in grads_on]
+    assert all(torch.allclose(on, off, rtol=1e-5, atol=1e-7) for on, off in zip(grads_on, grads_off) if off is not None)
