@@ -68,7 +68,8 @@ class FlashAttention(torch.autograd.Function):
 @contextlib.contextmanager
 def counted_step(saved, recompute_peak):
     """SDPA as flash attention; every activation checkpoint that backward goes through counted: its tensor inputs into
-    `saved`, its block's own saved tensors (measured by a forward of the block outside checkpointing, free on meta) into recompute_peak[0]."""
+    `saved`, its block's own saved tensors (measured by a forward of the block outside checkpointing, free on meta)
+    into recompute_peak[0]."""
     original_sdpa, original_checkpoint = F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint
 
     def sdpa(q, k, v, **kwargs):

@@ -7,16 +7,9 @@ import torch
 from ref.controlnet import MODELS as CONTROLNETS
 from ref.unet import MODELS as UNETS
 from ref.vae import MODELS as VAES
+from tests.helpers import randomise
 
 torch.set_num_threads(1)
-
-
-def randomise(model, seed=1):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator) + (parameter.ndim == 1))
-    return model
 
 
 def saved_tensor_count(run):
@@ -36,8 +29,9 @@ def saved_tensor_count(run):
 def controlled_unet_step(checkpointing):
     """A controlled tiny UNet in training mode with dropout, a loss through both networks and its gradients.
     -> (output, gradients of the ControlNet and UNet parameters, saved tensors)"""
-    unet = randomise(UNETS["tiny"](dropout=0.3, gradient_checkpointing=checkpointing)).train()
-    controlnet = randomise(CONTROLNETS["tiny"](dropout=0.3, gradient_checkpointing=checkpointing), seed=2).train()
+    unet = randomise(UNETS["tiny"](dropout=0.3, gradient_checkpointing=checkpointing), scale=0.2).train()
+    controlnet = randomise(CONTROLNETS["tiny"](dropout=0.3, gradient_checkpointing=checkpointing), seed=2, scale=0.2)
+    controlnet.train()
     generator = torch.Generator().manual_seed(3)
     x, hint = torch.randn(2, 3, 16, 16, generator=generator), torch.rand(2, 3, 16, 16, generator=generator)
     context, t = torch.randn(2, 5, 32, generator=generator), torch.tensor([10, 900])
@@ -56,7 +50,7 @@ def test_unet_and_controlnet_give_the_same_outputs_and_gradients_with_checkpoint
 
 
 def vae_decode_step(checkpointing):
-    autoencoder = randomise(VAES["tiny"](gradient_checkpointing=checkpointing))
+    autoencoder = randomise(VAES["tiny"](gradient_checkpointing=checkpointing), scale=0.2)
     z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(4), requires_grad=True)
     out, count = saved_tensor_count(lambda: autoencoder.decode(z))
     out.square().mean().backward()
@@ -89,8 +83,8 @@ def test_tap_features_and_their_gradients_are_the_same_with_checkpointing(taps):
     """InnerControl's alignment loss reads decoder features; its gradient reaches the ControlNet through them."""
     results = []
     for checkpointing in (False, True):
-        unet = randomise(UNETS["tiny"](gradient_checkpointing=checkpointing)).requires_grad_(False)
-        controlnet = randomise(CONTROLNETS["tiny"](gradient_checkpointing=checkpointing), seed=2)
+        unet = randomise(UNETS["tiny"](gradient_checkpointing=checkpointing), scale=0.2).requires_grad_(False)
+        controlnet = randomise(CONTROLNETS["tiny"](gradient_checkpointing=checkpointing), seed=2, scale=0.2)
         generator = torch.Generator().manual_seed(5)
         x, hint = torch.randn(2, 3, 16, 16, generator=generator), torch.rand(2, 3, 16, 16, generator=generator)
         context, t = torch.randn(2, 5, 32, generator=generator), torch.tensor([10, 900])

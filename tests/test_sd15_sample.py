@@ -16,19 +16,12 @@ from ref.safetensors import save_file
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
 from ref.tokenizer import clip_vocabulary
+from tests.helpers import randomise
 
 torch.set_num_threads(1)
 
 MERGES = ["a </w>", "c a", "ca t</w>", "d o", "do g</w>"]
 PROMPTS = ["a cat", "a dog", "cat and dog"]
-
-
-def randomise(model, seed):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator) + (parameter.ndim == 1))
-    return model
 
 
 def tiny_networks(**unet_overrides):
