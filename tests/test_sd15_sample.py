@@ -196,6 +196,9 @@ BAD_INPUTS = {
     "sdxl": ("--sd15", sdxl_file, "sdxl.safetensors", "SDXL's text encoders"),
     "controlnet-width": ("--controlnet", wide_controlnet_file, "wide.pth", "ControlNet file: checkpoint is not for "
                          "this ControlNet (model_channels 32"),
+    "sd15-as-controlnet": ("--controlnet", None, "sd15.safetensors", "ControlNet file: not a ControlNet: no hint "
+                           "encoder (control_model.input_hint_block.* or controlnet_cond_embedding.*); the file's keys "
+                           "start with cond_stage_model, first_stage_model, model"),
     "vocabulary-kind": ("--tokenizer", None, "prompts.txt", "expected bpe_simple_vocab_16e6.txt.gz"),
     "vocabulary-ids": ("--tokenizer", far_ids_vocabulary, "tokenizer", "ids up to 49518; the text encoder embeds "
                        "49408 tokens"),
@@ -210,7 +213,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(case, files, tmp_path, capsys):
     flag, make, name, message = BAD_INPUTS[case]
-    path = files / name if case == "vocabulary-kind" else tmp_path / name
+    path = files / name if make is None and case.startswith(("vocabulary", "sd15")) else tmp_path / name
     if make is not None:
         make(path)
     argv = sd15_argv(files, tmp_path / "out")
