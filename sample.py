@@ -540,6 +540,7 @@ def load_sd15_inputs(args):
     networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype])
     text_to_image.check_tokenizer(tokenizer, networks.text_encoder)
     text_to_image.latent_side(networks, args.size)
+    text_to_image.sampling_timesteps(args.steps)
     for _, path in pairs:
         read_control(path, args.size, warn=True)
     return pairs, tokenizer, networks
@@ -565,7 +566,8 @@ def sample_sd15(argv):
             return
         num_samples = len(samples)
         settings = dict(vars(args), job="sd15-controlnet", latent=False, sampler="ddim", eta=0.0,
-                        timesteps="leading, steps_offset 1, last step to abar_0", num_samples=num_samples,
+                        timesteps=text_to_image.sampling_timesteps(args.steps).tolist(), final_abar="abar_0",
+                        num_samples=num_samples,
                         network_evaluations_per_sample=args.steps * (2 if args.cfg != 1.0 else 1),
                         pairs=[dict(prompt=prompt, control=str(path)) for prompt, path in pairs],
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))

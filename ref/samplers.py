@@ -111,8 +111,8 @@ def leading_timesteps(num_timesteps, steps, offset=1):
     """The "leading" spacing of Stable Diffusion's DDIM sampling (diffusers' DDIMScheduler.set_timesteps with
     timestep_spacing "leading" and SD1.5's steps_offset 1): k * (T // steps) + offset for k = steps - 1, ..., 0,
     descending. T = 1000, 50 steps: 981, 961, ..., 21, 1."""
-    if not 1 <= steps <= num_timesteps:
-        raise ValueError(f"cannot take {steps} steps of {num_timesteps} timesteps")
+    if not 1 <= steps <= num_timesteps or (steps - 1) * (num_timesteps // steps) + offset >= num_timesteps:
+        raise ValueError(f"{steps} leading steps with offset {offset} do not fit in {num_timesteps} timesteps")
     return torch.arange(steps - 1, -1, -1, dtype=torch.long) * (num_timesteps // steps) + offset
 
 

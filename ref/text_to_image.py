@@ -55,6 +55,11 @@ def sd15_schedule():
     return DDPMSchedule.named("scaled_linear", TRAINING_TIMESTEPS)
 
 
+def sampling_timesteps(steps):
+    """SD1.5's DDIM timesteps for `steps` steps (leading spacing, steps_offset 1), descending. (steps,) int64"""
+    return leading_timesteps(TRAINING_TIMESTEPS, steps, STEPS_OFFSET)
+
+
 def load_networks(architecture, sd15_file, controlnet_file, dtype=torch.float32):
     """The four networks of `architecture`, built on the meta device and given the files' tensors: the UNet, VAE and
     text encoder from an SD1.5 single file, the ControlNet from a ControlNet 1.0 / 1.1 or diffusers file. A file for
@@ -120,9 +125,8 @@ def generate(networks, context, null_context, hint, noise, steps=50, cfg_scale=7
     """Images (B, 3, S, S) in [-1, 1] (float32, unclamped) from latent noise (B, 4, S/8, S/8): DDIM (eta 0) over the
     leading timesteps, the last step to abar_0 (set_alpha_to_one False), then the VAE decoder on latents / scale."""
     schedule = sd15_schedule()
-    timesteps = leading_timesteps(schedule.num_timesteps, steps, STEPS_OFFSET)
     denoise = controlled_denoiser(networks, context, null_context, hint, cfg_scale, control_scale)
-    latents = ddim(denoise, noise, schedule, timesteps, final_abar=schedule.abar(0))  # (B, 4, h, w) float64
+    latents = ddim(denoise, noise, schedule, sampling_timesteps(steps), final_abar=schedule.abar(0))  # (B, 4, h, w)
     autoencoder = networks.autoencoder
     dtype = next(autoencoder.parameters()).dtype
     return autoencoder.decode((latents / autoencoder.scaling_factor).to(dtype)).float()

@@ -4,6 +4,7 @@ against independent derivations, CFG's single branch at weight 1, the outputs, t
 bad input (SD2 / SDXL files, a ControlNet of another width, a wrong vocabulary, count mismatches, missing files)."""
 import gzip
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 import sample
-from ref import text_to_image
+from ref import runtime, text_to_image
 from ref.safetensors import save_file
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
@@ -79,6 +80,12 @@ def test_leading_timesteps_are_every_stride_th_step_from_the_offset_down(steps):
         assert expected[:3] == [981, 961, 941] and expected[-1] == 1
 
 
+def test_leading_timesteps_past_the_last_training_step_are_refused():
+    assert leading_timesteps(1000, 999).tolist()[:2] == [999, 998]  # stride 1: 998 * 1 + 1
+    with pytest.raises(ValueError, match="do not fit"):
+        leading_timesteps(1000, 1000)  # 999 * 1 + 1 = 1000 is no training step
+
+
 def test_ddim_ends_at_abar_0_of_the_exact_path_with_sd_final_alpha():
     """Data concentrated at one point x*: the exact eps keeps a DDIM (eta 0) path on x_t = sqrt(abar_t) x* +
     sqrt(1 - abar_t) z, so the last step lands on sqrt(abar_0) x* + sqrt(1 - abar_0) z (set_alpha_to_one False),
@@ -116,6 +123,20 @@ def test_cfg_weight_one_runs_the_text_branch_alone_and_otherwise_both():
     assert torch.allclose(same_null, single[:1], atol=1e-5)  # text = null: the guided eps is the text eps
 
 
+def test_the_control_scale_multiplies_the_controlnet_residuals():
+    """Scale 0: the control image has no effect; scale 1 and 2 differ, as do two controls at scale 1."""
+    networks = text_to_image.Networks(*(network.eval() for network in tiny_networks()))
+    context, noise = torch.randn(1, 77, 32), torch.randn(1, 4, 8, 8)
+    hints = torch.rand(2, 1, 3, 64, 64)
+
+    def images(hint, scale):
+        return text_to_image.generate(networks, context, context, hint, noise, steps=2, cfg_scale=1.0,
+                                      control_scale=scale)
+    assert torch.equal(images(hints[0], 0.0), images(hints[1], 0.0))
+    assert not torch.allclose(images(hints[0], 1.0), images(hints[1], 1.0))
+    assert not torch.allclose(images(hints[0], 1.0), images(hints[0], 2.0))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------------------------------------------------
@@ -135,11 +156,21 @@ def test_sd15_writes_samples_grid_settings_and_pngs(files, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(out / "images" / "00001_1.png")), images[3])
 
 
-def test_the_same_seeds_give_the_same_images_at_batch_1_and_3(files, tmp_path):
+def test_the_same_seeds_give_the_same_images_at_batch_1_and_3_and_on_2_ranks(files, tmp_path):
     for batch in (1, 3):
         run_sd15(sd15_argv(files, tmp_path / f"b{batch}", "--batch-size", batch, "--seeds-per-prompt", "2"))
     one, three = (np.load(tmp_path / f"b{batch}" / "samples.npz")["arr_0"].astype(int) for batch in (1, 3))
-    assert np.abs(one - three).max() <= 1 and (one == three).mean() > 0.999  # float rounding across row counts
+    args = sample.parse_sd15_args(list(map(str, sd15_argv(files, tmp_path / "r2", "--batch-size", 2,
+                                                          "--seeds-per-prompt", 2)[1:])))
+    pairs, tokenizer, networks = sample.load_sd15_inputs(args)
+    shares = [sample.sd15_share(args, networks, pairs, tokenizer([prompt for prompt, _ in pairs]), tokenizer([""]),
+                                runtime.Distributed(rank, 2, torch.device("cpu"))) for rank in (0, 1)]
+    assert [indices.tolist() for indices, _ in shares] == [[0, 2, 4], [1, 3, 5]]  # rank r: r, r + W, ..
+    ranks = np.empty_like(one)
+    for indices, images in shares:
+        ranks[indices] = images
+    for other in (three, ranks):
+        assert np.abs(one - other).max() <= 1 and (one == other).mean() > 0.999  # float rounding across row counts
     assert not np.array_equal(one[0], one[1])  # the two seeds of a prompt differ
 
 
@@ -191,33 +222,38 @@ def far_ids_vocabulary(folder):
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *MERGES]) + "\n")
 
 
+# case: (flag, its value ({files}: the fixture's folder, {tmp}: the test's), a function writing that file or None,
+# what the error says)
 BAD_INPUTS = {
-    "sd2": ("--sd15", sd2_file, "sd2.safetensors", "an OpenCLIP text encoder, SD2's"),
-    "sdxl": ("--sd15", sdxl_file, "sdxl.safetensors", "SDXL's text encoders"),
-    "controlnet-width": ("--controlnet", wide_controlnet_file, "wide.pth", "ControlNet file: checkpoint is not for "
-                         "this ControlNet (model_channels 32"),
-    "sd15-as-controlnet": ("--controlnet", None, "sd15.safetensors", "ControlNet file: not a ControlNet: no hint "
-                           "encoder (control_model.input_hint_block.* or controlnet_cond_embedding.*); the file's keys "
-                           "start with cond_stage_model, first_stage_model, model"),
-    "vocabulary-kind": ("--tokenizer", None, "prompts.txt", "expected bpe_simple_vocab_16e6.txt.gz"),
-    "vocabulary-ids": ("--tokenizer", far_ids_vocabulary, "tokenizer", "ids up to 49518; the text encoder embeds "
-                       "49408 tokens"),
-    "count": ("--prompts", lambda path: path.write_text("one\ntwo\n"), "two.txt", "holds 2 prompts, "),
-    "missing-sd15": ("--sd15", None, "absent.safetensors", "no such file: --sd15"),
-    "missing-control": ("--prompts", lambda path: path.write_text('{"prompt": "a", "control": "absent.png"}\n'),
-                        "pairs.jsonl", "control images missing: "),
-    "missing-prompts": ("--prompts", None, "absent.txt", "no such file"),
+    "sd2": ("--sd15", "{tmp}/sd2.safetensors", sd2_file, "an OpenCLIP text encoder, SD2's"),
+    "sdxl": ("--sd15", "{tmp}/sdxl.safetensors", sdxl_file, "SDXL's text encoders"),
+    "controlnet-width": ("--controlnet", "{tmp}/wide.pth", wide_controlnet_file, "ControlNet file: checkpoint is not "
+                         "for this ControlNet (model_channels 32"),
+    "sd15-as-controlnet": ("--controlnet", "{files}/sd15.safetensors", None, "ControlNet file: not a ControlNet: no "
+                           "hint encoder (control_model.input_hint_block.* or controlnet_cond_embedding.*); the "
+                           "file's keys start with cond_stage_model, first_stage_model, model"),
+    "vocabulary-kind": ("--tokenizer", "{files}/prompts.txt", None, "expected bpe_simple_vocab_16e6.txt.gz"),
+    "vocabulary-ids": ("--tokenizer", "{tmp}/tokenizer", far_ids_vocabulary, "ids up to 49518; the text encoder "
+                       "embeds 49408 tokens"),
+    "count": ("--prompts", "{tmp}/two.txt", lambda path: path.write_text("one\ntwo\n"), "holds 2 prompts, "),
+    "steps": ("--steps", "1000", None, "1000 leading steps with offset 1 do not fit in 1000 timesteps"),
+    "size": ("--size", "72", None, "the image size must be a positive multiple of 16"),
+    "missing-sd15": ("--sd15", "{tmp}/absent.safetensors", None, "no such file: --sd15"),
+    "missing-control": ("--prompts", "{tmp}/pairs.jsonl",
+                        lambda path: path.write_text('{"prompt": "a", "control": "absent.png"}\n'),
+                        "control images missing: "),
+    "missing-prompts": ("--prompts", "{tmp}/absent.txt", None, "no such file"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(case, files, tmp_path, capsys):
-    flag, make, name, message = BAD_INPUTS[case]
-    path = files / name if make is None and case.startswith(("vocabulary", "sd15")) else tmp_path / name
+    flag, value, make, message = BAD_INPUTS[case]
+    value = value.format(files=files, tmp=tmp_path)
     if make is not None:
-        make(path)
+        make(Path(value))
     argv = sd15_argv(files, tmp_path / "out")
-    argv[argv.index(flag) + 1] = path
+    argv[argv.index(flag) + 1] = value
     with pytest.raises(SystemExit) as exit_info:
         run_sd15(argv)
     err = capsys.readouterr().err
