@@ -72,14 +72,16 @@ import argparse
 import io
 import json
 import re
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from ref import runtime
+from ref import runtime, text_to_image
 from ref.checkpoints import misfit_line, read_checkpoint, unwrap_state
 from ref.data import to_uint8
 from ref.dit import (DiT, IG_RELEASE_HEAD_BLOCK, MODELS, canonical_key, ig_release_head_block, load_checkpoint,
@@ -93,6 +95,7 @@ from ref.samplers import (DIFFUSIONS, SBDM_T_MAX, ddim, ddpm_ancestral, euler_ma
                           shifted_grid, spaced_timesteps, uniform_grid)
 from ref.vae import MODELS as VAE_MODELS
 from ref.schedules import DDPMSchedule
+from ref.tokenizer import CLIPTokenizer
 from shapes import pipeline, runs
 from shapes.data import Shapes
 from shapes.evaluation import EVAL_SCENE_SEED, generate
@@ -544,7 +547,232 @@ def sample_controlnet(args, path, base, controlnet, config):
               f"{settings['network_evaluations_per_sample']} network evaluations each)")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# sd15: Stable Diffusion 1.5 + ControlNet from the released weights (ref.text_to_image)
+# ---------------------------------------------------------------------------------------------------------------------
+
+SD15_HELP = """Text-to-image with Stable Diffusion 1.5 steered by a ControlNet 1.0 / 1.1, from local weight files.
+
+    python sample.py sd15 --sd15 v1-5-pruned-emaonly.safetensors --controlnet control_v11f1p_sd15_depth.pth \\
+        --tokenizer bpe_simple_vocab_16e6.txt.gz --prompts prompts.txt --controls depth/ [--out DIR] [--steps 50]
+        [--cfg 7.5] [--control-scale 1.0] [--seeds-per-prompt 1] [--seed 0] [--batch-size 4] [--size 512]
+        [--dtype fp32|bf16|fp16] [--png] [--controlnet-plus-plus]
+    torchrun --nproc_per_node=N sample.py sd15 ...
+
+Pairs: --prompts PROMPTS.txt holds one prompt per line, matched in order to the control images of --controls DIR
+sorted by file name (.png, .jpg, .jpeg, .bmp, .webp); the counts must be equal. Or --prompts PAIRS.jsonl, one
+{"prompt": ..., "control": PATH} a line, PATH relative to --controls DIR when given, else to the .jsonl's folder.
+A control is an RGB image the size of the output (--size; 8x the latent side), fed to the ControlNet in [0, 1]; an
+image of another size is resized to SIZE x SIZE (Lanczos, aspect not kept) with a warning: give segmentation maps at
+the right size, or their colours blend at the borders. Prompts longer than 77 tokens are cut with a warning.
+Sampling: DDIM, eta 0, SD's leading timesteps (steps_offset 1; 50 steps: 981, 961, .., 1), the last step to abar_0,
+CFG on the text against the empty prompt with the control in both branches (--cfg 1: the text branch alone), the
+ControlNet's residuals times --control-scale; VAE decode of latents / 0.18215.
+Sample i follows pair i // seeds-per-prompt and its own noise generator seeded with seed + i: the same images at any
+batch size or number of ranks (up to float rounding). Rank r takes samples r, r + W, ..; rank 0 writes OUT/samples.npz
+(ADM: arr_0 uint8 N x S x S x 3, arr_1 the pair of each sample), OUT/grid.png (each control beside its samples),
+OUT/settings.json (with every prompt and control) and, with --png, OUT/images/<pair>_<k>.png (k: the seed within
+the pair). Bad input: one error line, exit status 2, nothing written.
+"""
+SD15_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CONTROL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# ControlNet++'s evaluation (Li et al. 2024), which InnerControl follows: 4 images a prompt, DDIM 50, CFG 7.5, 512 px.
+CONTROLNET_PLUS_PLUS = dict(seeds_per_prompt=4, steps=50, cfg=7.5, size=512)
+SD15_DEFAULTS = dict(seeds_per_prompt=1, steps=50, cfg=7.5, size=512)
+
+
+def parse_sd15_args(argv):
+    parser = argparse.ArgumentParser(prog="sample.py sd15", description=SD15_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sd15", required=True, help="SD1.5 single file (v1-5-pruned-emaonly.safetensors / .ckpt)")
+    parser.add_argument("--controlnet", required=True, help="ControlNet 1.0 / 1.1 file (control_v11f1p_sd15_depth.pth, "
+                        "...) or a diffusers ControlNet folder")
+    parser.add_argument("--tokenizer", required=True,
+                        help="CLIP's bpe_simple_vocab_16e6.txt.gz, or a folder holding vocab.json and merges.txt")
+    parser.add_argument("--prompts", required=True, help="PROMPTS.txt (one a line) or PAIRS.jsonl (see above)")
+    parser.add_argument("--controls", help="folder of control images (required with a .txt of prompts)")
+    parser.add_argument("--out", help="output folder (default: samples-sd15-<controlnet>-<settings> here)")
+    parser.add_argument("--steps", type=int, help=f"DDIM steps (default {SD15_DEFAULTS['steps']})")
+    parser.add_argument("--cfg", type=float, help=f"CFG weight; 1 = off (default {SD15_DEFAULTS['cfg']})")
+    parser.add_argument("--control-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals")
+    parser.add_argument("--seeds-per-prompt", type=int, help="samples a pair (default 1)")
+    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    parser.add_argument("--batch-size", type=int, default=4, help="per rank (CFG runs twice as many rows)")
+    parser.add_argument("--size", type=int, help=f"image side in pixels (default {SD15_DEFAULTS['size']})")
+    parser.add_argument("--dtype", choices=tuple(SD15_DTYPES), default="fp32", help="the networks' dtype")
+    parser.add_argument("--png", action="store_true", help="also write one PNG per sample to OUT/images/")
+    parser.add_argument("--grid-rows", type=int, default=8, help="pairs shown in grid.png")
+    parser.add_argument("--controlnet-plus-plus", action="store_true",
+                        help="ControlNet++'s evaluation settings: 4 seeds a prompt, 50 steps, CFG 7.5, 512 px")
+    parser.add_argument("--architecture", choices=tuple(text_to_image.ARCHITECTURES), default="sd15",
+                        help="tiny: the test-sized networks of ref.text_to_image")
+    return parser.parse_args(argv)
+
+
+def resolve_sd15_settings(args):
+    """Fill the unset --seeds-per-prompt / --steps / --cfg / --size from the protocol or the defaults; a value that
+    contradicts --controlnet-plus-plus raises."""
+    for name, default in SD15_DEFAULTS.items():
+        protocol = CONTROLNET_PLUS_PLUS[name] if args.controlnet_plus_plus else default
+        if getattr(args, name) not in (None, protocol) and args.controlnet_plus_plus:
+            raise ValueError(f"--controlnet-plus-plus fixes --{name.replace('_', '-')} {protocol}, got "
+                             f"{getattr(args, name)}")
+        setattr(args, name, protocol if getattr(args, name) is None else getattr(args, name))
+    for name in ("steps", "seeds_per_prompt", "batch_size", "grid_rows"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
+def read_pairs(prompts_file, controls):
+    """-> [(prompt, control image path)], see SD15_HELP; every control file must exist."""
+    prompts_path = Path(prompts_file)
+    if not prompts_path.is_file():
+        raise ValueError(f"--prompts {prompts_path}: no such file")
+    text = prompts_path.read_text(encoding="utf-8")
+    if prompts_path.suffix == ".jsonl":
+        folder = Path(controls) if controls else prompts_path.parent
+        pairs = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                pairs.append((entry["prompt"], folder / entry["control"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{prompts_path} line {number}: expected a JSON object with \"prompt\" and "
+                                 f"\"control\", found {line[:80]!r}") from None
+    else:
+        if controls is None:
+            raise ValueError("--controls DIR is needed with a text file of prompts (or give a .jsonl of pairs)")
+        if not Path(controls).is_dir():
+            raise ValueError(f"--controls {controls}: no such folder")
+        images = sorted(path for path in Path(controls).iterdir() if path.suffix.lower() in CONTROL_SUFFIXES)
+        prompts = text.splitlines()
+        if len(prompts) != len(images):
+            raise ValueError(f"{prompts_path} holds {len(prompts)} prompts, {controls} {len(images)} control images "
+                             f"({', '.join(CONTROL_SUFFIXES)}); one prompt a control, matched in sorted order")
+        pairs = list(zip(prompts, images))
+    if not pairs:
+        raise ValueError(f"{prompts_path}: no prompts")
+    missing = [str(path) for _, path in pairs if not path.is_file()]
+    if missing:
+        raise ValueError(f"control images missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return pairs
+
+
+def read_control(path, size, warn=False):
+    """A control image -> (size, size, 3) uint8 RGB, resized (Lanczos) when it is another size (warn: say so)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"{path}: not an image ({error})") from None
+    if image.size != (size, size):
+        if warn:
+            print(f"warning: control {path} is {image.width}x{image.height}; resized to {size}x{size}",
+                  file=sys.stderr)
+        image = image.resize((size, size), Image.LANCZOS)
+    return np.array(image)  # a writable copy, for torch.from_numpy
+
+
+@torch.no_grad()
+def sd15_share(args, networks, pairs, tokens, null_tokens, world):
+    """This rank's samples r, r + W, ..: sample i follows pair i // seeds_per_prompt from latent noise seeded with
+    seed + i. tokens: (P, 77) of the prompts, null_tokens (1, 77) of the empty one. -> (indices, images (n, S, S, 3)
+    uint8)"""
+    num_samples = len(pairs) * args.seeds_per_prompt
+    side = text_to_image.latent_side(networks, args.size)
+    null_context = networks.text_encoder(null_tokens.to(world.device))  # (1, 77, D)
+    indices = np.arange(world.rank, num_samples, world.world_size)
+    outputs = [np.zeros((0, args.size, args.size, 3), np.uint8)]
+    for start in range(0, len(indices), args.batch_size):
+        batch = indices[start:start + args.batch_size]
+        pair_indices = batch // args.seeds_per_prompt
+        hint = torch.stack([torch.from_numpy(read_control(pairs[p][1], args.size)) for p in pair_indices])
+        hint = hint.permute(0, 3, 1, 2).to(world.device, torch.float32) / 255  # (n, 3, S, S) in [0, 1]
+        context = networks.text_encoder(tokens[pair_indices].to(world.device))  # (n, 77, D)
+        noise = runtime.SampleDraws(args.seed + int(i) for i in batch).randn(4, side, side).to(world.device)
+        images = text_to_image.generate(networks, context, null_context, hint, noise, args.steps, args.cfg,
+                                        args.control_scale)
+        outputs.append(to_uint8(images.cpu()))
+    return indices, np.concatenate(outputs)
+
+
+def sd15_grid_pictures(samples, pairs, args):
+    """grid.png rows: each control, then its samples. -> (N', S, S, 3) uint8"""
+    rows = []
+    for pair in range(min(len(pairs), args.grid_rows)):
+        first = pair * args.seeds_per_prompt
+        rows += [read_control(pairs[pair][1], args.size), *samples[first:first + args.seeds_per_prompt]]
+    return np.stack(rows)
+
+
+def write_pngs(out, samples, seeds_per_prompt):
+    folder = out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(samples):
+        encoded = io.BytesIO()
+        Image.fromarray(image).save(encoded, format="PNG")
+        pair, k = divmod(index, seeds_per_prompt)
+        runtime.atomic_write(folder / f"{pair:05d}_{k}.png", lambda file: file.write(encoded.getvalue()))
+
+
+def load_sd15_inputs(args):
+    """Everything sd15 reads, checked before anything is written. -> (pairs, tokenizer, networks)"""
+    resolve_sd15_settings(args)
+    missing = [f"--{flag} {path}" for flag, path in (("sd15", args.sd15), ("controlnet", args.controlnet),
+                                                     ("tokenizer", args.tokenizer)) if not Path(path).exists()]
+    if missing:
+        raise ValueError(f"no such file: {', '.join(missing)}")
+    pairs = read_pairs(args.prompts, args.controls)
+    tokenizer = CLIPTokenizer.from_path(args.tokenizer)
+    networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype])
+    text_to_image.check_tokenizer(tokenizer, networks.text_encoder)
+    text_to_image.latent_side(networks, args.size)
+    text_to_image.sampling_timesteps(args.steps)
+    for _, path in pairs:
+        read_control(path, args.size, warn=True)
+    return pairs, tokenizer, networks
+
+
+def sample_sd15(argv):
+    args = parse_sd15_args(argv)
+    try:  # bad input stops here, before anything is written
+        pairs, tokenizer, networks = load_sd15_inputs(args)
+        with warnings.catch_warnings(record=True) as truncated:  # prompts over 77 tokens, each named
+            warnings.simplefilter("always")
+            tokens = tokenizer([prompt for prompt, _ in pairs])  # (P, 77)
+        for warning in truncated:
+            print(f"warning: {warning.message}", file=sys.stderr)
+    except ValueError as error:
+        runtime.exit_with_error(error)
+    with runtime.distributed() as world:
+        for network in networks:
+            network.to(world.device)
+        start = time.perf_counter()
+        samples = gather_in_order(sd15_share(args, networks, pairs, tokens, tokenizer([""]), world))
+        if not world.is_main:
+            return
+        num_samples = len(samples)
+        settings = dict(vars(args), job="sd15-controlnet", latent=False, sampler="ddim", eta=0.0,
+                        timesteps=text_to_image.sampling_timesteps(args.steps).tolist(), final_abar="abar_0",
+                        num_samples=num_samples,
+                        network_evaluations_per_sample=args.steps * (2 if args.cfg != 1.0 else 1),
+                        pairs=[dict(prompt=prompt, control=str(path)) for prompt, path in pairs],
+                        seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
+        tag = f"ddim{args.steps}-cfg{args.cfg:g}-cs{args.control_scale:g}-seed{args.seed}-n{num_samples}"
+        out = Path(args.out) if args.out else Path(f"samples-sd15-{Path(args.controlnet).stem}-{tag}")
+        write_outputs(out, samples, np.arange(num_samples) // args.seeds_per_prompt, settings,
+                      1 + args.seeds_per_prompt, args.grid_rows, sd15_grid_pictures(samples, pairs, args))
+        if args.png:
+            write_pngs(out, samples, args.seeds_per_prompt)
+        print(f"wrote {num_samples} samples to {out} ({settings['seconds']:.1f} s)")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sd15"]:
+        return sample_sd15(argv[1:])
     args = parse_args(argv)
     try:  # bad input stops here, before anything is written
         check_kind_flags(args)

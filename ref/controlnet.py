@@ -52,13 +52,14 @@ class ControlNet(UNetEncoder):
     hint_channels: channels of the control image (3).
     hint_downsampling: control resolution / UNet input resolution: 8 for SD1.5's latents, 1 for a pixel-space UNet;
         one of 1, 2, 4, 8.
+    gradient_checkpointing: the encoder copy's blocks through activation checkpointing when training (UNetEncoder).
     """
     checkpoint_prefix = "control_model."
 
     def __init__(self, in_channels, model_channels, channel_mult, num_res_blocks, attention_levels, num_heads,
-                 context_dim, dropout=0.0, hint_channels=3, hint_downsampling=8):
+                 context_dim, dropout=0.0, hint_channels=3, hint_downsampling=8, gradient_checkpointing=False):
         super().__init__(in_channels, model_channels, channel_mult, num_res_blocks, attention_levels, num_heads,
-                         context_dim, dropout)
+                         context_dim, dropout, gradient_checkpointing)
         if hint_downsampling not in (1, 2, 4, 8):
             raise ValueError(f"hint_downsampling must be 1, 2, 4 or 8, got {hint_downsampling}")
         self.hint_channels, self.hint_downsampling = hint_channels, hint_downsampling

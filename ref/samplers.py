@@ -123,6 +123,15 @@ def spaced_timesteps(schedule, steps):
     return torch.linspace(schedule.num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
 
 
+def leading_timesteps(num_timesteps, steps, offset=1):
+    """The "leading" spacing of Stable Diffusion's DDIM sampling (diffusers' DDIMScheduler.set_timesteps with
+    timestep_spacing "leading" and SD1.5's steps_offset 1): k * (T // steps) + offset for k = steps - 1, ..., 0,
+    descending. T = 1000, 50 steps: 981, 961, ..., 21, 1."""
+    if not 1 <= steps <= num_timesteps or (steps - 1) * (num_timesteps // steps) + offset >= num_timesteps:
+        raise ValueError(f"{steps} leading steps with offset {offset} do not fit in {num_timesteps} timesteps")
+    return torch.arange(steps - 1, -1, -1, dtype=torch.long) * (num_timesteps // steps) + offset
+
+
 def respaced_timesteps(num_timesteps, count):
     """The timesteps ADM's and DiT's `space_timesteps(num_timesteps, str(count))` keep (one section): round(i * stride)
     for i < count, stride = (T - 1) / (count - 1), summed and rounded as they do (Python's round, half to even), so the
@@ -139,10 +148,11 @@ def respaced_timesteps(num_timesteps, count):
 
 @torch.no_grad()
 def ddim(denoise, noise, schedule, timesteps, prediction="eps", eta=0.0, model_dtype=torch.float32,
-         randn_like=torch.randn_like, clip_x0=None):
+         randn_like=torch.randn_like, clip_x0=None, final_abar=1.0):
     """DDIM (Song et al. 2021, Eq. 12): x_prev = alpha_prev x0 + sqrt(sigma_prev^2 - s^2) eps + s z with
     s = eta * sqrt((1 - abar_prev) / (1 - abar_t)) * sqrt(1 - abar_t / abar_prev); eta = 0 is deterministic.
-    After the last timestep the sample is the final x0 estimate.
+    The last step goes to abar_prev = final_abar: 1 (the default) makes the sample the final x0 estimate; SD's
+    DDIMScheduler with set_alpha_to_one False steps to abar_0 instead (final_abar = schedule.abar(0)).
     clip_x0: (low, high), the data range of a pixel-space model: each x0 estimate is clamped to it and eps re-derived
     from the clamped x0 (guided-diffusion's clip_denoised), so an early estimate far outside the range cannot
     saturate the sample; None (latent models) leaves them as they are."""
@@ -152,9 +162,9 @@ def ddim(denoise, noise, schedule, timesteps, prediction="eps", eta=0.0, model_d
         if clip_x0 is not None:
             x0 = x0.clamp(*clip_x0)
             eps = schedule.eps_from_x0(x, x0, int(t))
-        if i + 1 == len(timesteps):
-            return x0
-        abar, abar_prev = schedule.abar(t), schedule.abar(timesteps[i + 1])
+        last = i + 1 == len(timesteps)
+        abar = schedule.abar(t)
+        abar_prev = torch.as_tensor(final_abar, dtype=torch.float64) if last else schedule.abar(timesteps[i + 1])
         s = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
         x = abar_prev.sqrt() * x0 + (1 - abar_prev - s ** 2).sqrt() * eps
         if eta > 0:

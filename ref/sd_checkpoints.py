@@ -211,12 +211,16 @@ def native_state(model, state, prefer="ema"):
 
 def load(model, checkpoint, prefer="ema"):
     """Load a UNet or ControlNet from a path or checkpoint dict in any layout of native_state, all or nothing: a
-    checkpoint for another base (SD2, SDXL, another width) is refused naming what was found, then missing,
-    unexpected and mismatched keys are named before anything is copied. A model on the meta device takes the file's
-    tensors as they are. -> model"""
+    checkpoint for another base (SD2, SDXL, another width) is refused naming what was found, a file without a hint
+    encoder given for a ControlNet is refused naming its key prefixes, then missing, unexpected and mismatched keys
+    are named before anything is copied. A model on the meta device takes the file's tensors as they are. -> model"""
     state = file_state(checkpoint)
     check_base(state, model)
     native, original = native_state(model, state, prefer)
+    if isinstance(model, ControlNet) and not any(key.startswith("input_hint_block.") for key in native):
+        found = sorted({key.split(".")[0] for key in state})
+        raise ValueError(f"not a ControlNet: no hint encoder (control_model.input_hint_block.* or "
+                         f"controlnet_cond_embedding.*); the file's keys start with {', '.join(found[:6])}")
     check_state_fits(model, native, original)
     model.load_state_dict(native, assign=any(parameter.is_meta for parameter in model.parameters()))
     return model

@@ -27,6 +27,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ref.checkpoints import check_state_fits, read_checkpoint, unwrap_state
 
@@ -36,6 +37,15 @@ def zero_module(module):
     for parameter in module.parameters():
         nn.init.zeros_(parameter)
     return module
+
+
+def run_block(block, checkpointing, *inputs):
+    """block(*inputs); with checkpointing, and only while autograd records (training), through activation
+    checkpointing: the block's inner activations are not kept for the backward pass but recomputed in it, trading one
+    more forward of the block for their memory (torch.utils.checkpoint, non-reentrant, RNG state preserved)."""
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *inputs, use_reentrant=False)
+    return block(*inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -221,11 +231,14 @@ class UNetEncoder(nn.Module):
         attention_resolutions 1, 2, 4); the middle block always has one.
     num_heads: heads of every attention layer (SD1.5: 8 at every level, head widths 40, 80, 160).
     context_dim: width of the cross-attention context tokens (SD1.5: 768, CLIP ViT-L/14 text tokens).
+    gradient_checkpointing: run every input, middle and output block through activation checkpointing when
+        training (see run_block); the outputs and gradients are the same, the memory of their activations is not.
     """
 
     def __init__(self, in_channels, model_channels, channel_mult, num_res_blocks, attention_levels, num_heads,
-                 context_dim, dropout=0.0):
+                 context_dim, dropout=0.0, gradient_checkpointing=False):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         if model_channels % 32:
             raise ValueError(f"model_channels must be a multiple of 32 (GroupNorm, 32 groups), got {model_channels}")
         self.encoder_config = dict(in_channels=in_channels, model_channels=model_channels,
@@ -281,14 +294,14 @@ class UNetEncoder(nn.Module):
     def encode(self, x, emb, context, hint=None):
         """x (B, C_in, H, W) -> (middle block output, [the skip after every input block]).
         hint: (B, C, H, W) added to the output of the first conv (the ControlNet's encoded control)."""
-        h = self.input_blocks[0](x, emb, context)  # (B, C, H, W)
+        h = run_block(self.input_blocks[0], self.gradient_checkpointing, x, emb, context)  # (B, C, H, W)
         if hint is not None:
             h = h + hint
         skips = [h]
         for block in self.input_blocks[1:]:
-            h = block(h, emb, context)
+            h = run_block(block, self.gradient_checkpointing, h, emb, context)
             skips.append(h)
-        return self.middle_block(h, emb, context), skips
+        return run_block(self.middle_block, self.gradient_checkpointing, h, emb, context), skips
 
 
 TAP_MODES = ("conv", "attn")
@@ -302,9 +315,9 @@ class UNet(UNetEncoder):
     checkpoint_prefix = "model.diffusion_model."  # where the original LDM checkpoints keep the UNet
 
     def __init__(self, in_channels, model_channels, channel_mult, num_res_blocks, attention_levels, num_heads,
-                 context_dim, dropout=0.0, out_channels=None):
+                 context_dim, dropout=0.0, out_channels=None, gradient_checkpointing=False):
         super().__init__(in_channels, model_channels, channel_mult, num_res_blocks, attention_levels, num_heads,
-                         context_dim, dropout)
+                         context_dim, dropout, gradient_checkpointing)
         self.out_channels = in_channels if out_channels is None else out_channels
         emb_channels = 4 * model_channels
         skip_channels = [channels for channels, _ in self.residual_layout[:-1]]
@@ -360,7 +373,8 @@ class UNet(UNetEncoder):
             h = h + control[-1]
             skips = [skip + residual for skip, residual in zip(skips, control[:-1])]
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)  # (B, C_l, H_l, W_l)
+            h = run_block(block, self.gradient_checkpointing, torch.cat([h, skips.pop()], dim=1), emb,
+                          context)  # (B, C_l, H_l, W_l)
         return self.out(h)  # (B, C_out, H, W)
 
     def forward(self, x, t, context, control=None, taps=None):

@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.checkpoints import check_state_fits
-from ref.unet import Upsample  # nearest 2x + 3x3 conv, the same in the LDM UNet and autoencoder
+from ref.unet import Upsample, run_block  # Upsample: nearest 2x + 3x3 conv, the same in the LDM UNet and autoencoder
 
 
 def group_norm(channels):
@@ -86,7 +86,8 @@ class Downsample(nn.Module):
 
 class Level(nn.Module):
     """One resolution: ResNet blocks `block`, each followed by its `attn` block when `attention`, then the
-    `downsample` or `upsample` named by `resample` (None: neither). (B, C_in, H, W) -> (B, C_out, H', W')"""
+    `downsample` or `upsample` named by `resample` (None: neither). (B, C_in, H, W) -> (B, C_out, H', W')
+    checkpointing: each of those blocks through activation checkpointing when training (ref.unet.run_block)."""
 
     def __init__(self, in_channels, out_channels, num_blocks, attention, resample=None):
         super().__init__()
@@ -97,12 +98,12 @@ class Level(nn.Module):
         if resample is not None:
             self.add_module(resample, {"downsample": Downsample, "upsample": Upsample}[resample](out_channels))
 
-    def forward(self, h):
+    def forward(self, h, checkpointing=False):
         for i, block in enumerate(self.block):
-            h = block(h)
+            h = run_block(block, checkpointing, h)
             if self.attn:
-                h = self.attn[i](h)
-        return getattr(self, self.resample)(h) if self.resample else h
+                h = run_block(self.attn[i], checkpointing, h)
+        return run_block(getattr(self, self.resample), checkpointing, h) if self.resample else h
 
 
 class MidBlock(nn.Module):
@@ -147,10 +148,13 @@ class Encoder(nn.Module):
 
 class Decoder(nn.Module):
     """(B, z_channels, h, w) -> (B, out_channels, h * f, w * f). `up[i]` is level i, as in LDM; they run from the last
-    (deepest) to 0."""
+    (deepest) to 0. gradient_checkpointing: the mid block and every block of every level through activation
+    checkpointing when training (ref.unet.run_block); outputs and gradients unchanged."""
 
-    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, attn_levels, out_channels):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, attn_levels, out_channels,
+                 gradient_checkpointing=False):
         super().__init__()
+        self.gradient_checkpointing = gradient_checkpointing
         widths = [ch * mult for mult in ch_mult]
         self.conv_in = nn.Conv2d(z_channels, widths[-1], 3, padding=1)
         self.mid = MidBlock(widths[-1])
@@ -162,9 +166,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(widths[0], out_channels, 3, padding=1)
 
     def forward(self, z):
-        h = self.mid(self.conv_in(z))  # (B, ch * ch_mult[-1], h, w)
+        h = run_block(self.mid, self.gradient_checkpointing, self.conv_in(z))  # (B, ch * ch_mult[-1], h, w)
         for level in reversed(self.up):
-            h = level(h)
+            h = level(h, self.gradient_checkpointing)
         return self.conv_out(F.silu(self.norm_out(h)))  # (B, out_channels, h * f, w * f)
 
 
@@ -180,15 +184,18 @@ class AutoencoderKL(nn.Module):
 
     encode -> (mean, logvar) of the posterior; sample draws from it; decode maps a latent back to an image.
     `scaling_factor` is the constant a diffusion model's latents are multiplied by (z * scale, decoded as z / scale);
-    the scripts apply it, not this module. `slice_size` runs a large batch through in slices of that many images."""
+    the scripts apply it, not this module. `slice_size` runs a large batch through in slices of that many images.
+    gradient_checkpointing: the decoder's blocks through activation checkpointing when training (see Decoder)."""
 
-    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, attn_levels=(), scaling_factor=1.0, image_channels=3):
+    def __init__(self, ch, ch_mult, num_res_blocks, z_channels, attn_levels=(), scaling_factor=1.0, image_channels=3,
+                 gradient_checkpointing=False):
         super().__init__()
         self.z_channels = z_channels
         self.downsampling_factor = 2 ** (len(ch_mult) - 1)
         self.scaling_factor = scaling_factor
         self.encoder = Encoder(ch, ch_mult, num_res_blocks, z_channels, attn_levels, image_channels)
-        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, attn_levels, image_channels)
+        self.decoder = Decoder(ch, ch_mult, num_res_blocks, z_channels, attn_levels, image_channels,
+                               gradient_checkpointing)
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * z_channels, 1)
         self.post_quant_conv = nn.Conv2d(z_channels, z_channels, 1)
 
@@ -299,8 +306,9 @@ def native_state(model, state):
 
 def load_state(model, state):
     """Load a VAE state dict in any supported layout into `model`, after checking that it fits (a ValueError naming
-    every missing, unexpected and mismatched key otherwise). -> model"""
+    every missing, unexpected and mismatched key otherwise). A model on the meta device takes the file's tensors as
+    they are. -> model"""
     native, original = native_state(model, state)
     check_state_fits(model, native, original)
-    model.load_state_dict(native)
+    model.load_state_dict(native, assign=any(parameter.is_meta for parameter in model.parameters()))
     return model

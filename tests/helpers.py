@@ -27,3 +27,13 @@ def assert_same_state(a, b):
             assert_same_state(x, y)
     else:
         assert a == b
+
+
+def randomise(model, seed=1, scale=0.1):
+    """Random weights everywhere, norm scales near 1 (1-d parameters: 1 + noise): zero inits (LDM's residual branches,
+    ControlNet's zero convs) would otherwise hide what a test looks at. -> model"""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(scale * torch.randn(parameter.shape, generator=generator) + (parameter.ndim == 1))
+    return model
