@@ -51,9 +51,10 @@ def shifted_grid(steps, shift):
 
 
 def _call(denoise, x, t, model_dtype):
-    """Run the network on x in its own dtype and hand back float64; t becomes a (N,) float32 tensor whatever that
-    dtype (in bf16 a DDPM step 981 would read as 980, a flow time 0.996 as 1)."""
-    t_batch = torch.full((x.shape[0],), float(t), dtype=torch.float32, device=x.device)
+    """Run the network on x in its own dtype and hand back float64; t becomes a (N,) tensor of at least float32 (in
+    bf16 a DDPM step 981 would read as 980, a flow time 0.996 as 1)."""
+    t_dtype = torch.promote_types(model_dtype, torch.float32)
+    t_batch = torch.full((x.shape[0],), float(t), dtype=t_dtype, device=x.device)
     return denoise(x.to(model_dtype), t_batch).to(torch.float64)
 
 
