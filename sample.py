@@ -88,7 +88,8 @@ from ref.dit import (DiT, IG_RELEASE_HEAD_BLOCK, MODELS, canonical_key, ig_relea
                      reversed_time)
 from ref.guidance import guided_denoiser
 from ref.internal_guidance import dit_from_config
-from ref.latents import RECIPES, STATS_FILE, denormalise_latents, on_meta, read_latent_stats, read_vae
+from ref.latents import (RECIPES, STATS_FILE, denormalise_latents, on_meta, read_latent_stats, read_vae,
+                         shard_settings)
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
 from ref.lightningdit import LightningDiT
 from ref.samplers import (DIFFUSIONS, SBDM_T_MAX, ddim, ddpm_ancestral, euler_maruyama, heun, respaced_timesteps,
@@ -251,16 +252,24 @@ def load_foreign_weights(args, model, contents):
                          f"{misfit_line(error)}{hint}") from None
 
 
-def latent_spec(trained_on, decoder):
+def latent_spec(trained_on, decoder, store=None):
     """What a latent model's spec says of its latents, trained_on the VAE preset it was trained on (None: a pixel
-    model): vae_kind, the decoder's preset; latent_encoding, how its latents relate to the VAE's: "stats" (LightningDiT:
-    normalised per channel with a statistics file, VA-VAE's recipe) or "scale" (DiT / SiT: times the VAE's
-    scaling_factor, 0.18215 for sd)."""
+    model), store how its training data held them (prepare.py's store; None: the VAE's recipe): vae_kind, the
+    decoder's preset; latent_encoding, how its latents relate to the VAE's: "stats" (stored posterior samples,
+    normalised per channel with a statistics file: LightningDiT's recipe) or "scale" (moments or plain latents, times
+    the VAE's scaling_factor, 0.18215 for sd: DiT / SiT)."""
     if trained_on is None:
         return dict(vae_kind=None, latent_encoding=None, scaling_factor=None)
-    return dict(vae_kind=decoder or trained_on,
-                latent_encoding="stats" if RECIPES[trained_on]["store"] == "sample" else "scale",
+    store = store or RECIPES[trained_on]["store"]
+    return dict(vae_kind=decoder or trained_on, latent_encoding="stats" if store == "sample" else "scale",
                 scaling_factor=on_meta(trained_on).scaling_factor)
+
+
+def training_store(config):
+    """How an own latent run's shards held its latents (prepare.json in its data folder), or None when that folder is
+    not on this machine (the VAE's recipe is assumed then)."""
+    data_path = config.get("data_path")
+    return shard_settings(data_path)["store"] if data_path and Path(data_path).is_dir() else None
 
 
 def load_model(args, path, checkpoint):
@@ -275,7 +284,8 @@ def load_model(args, path, checkpoint):
         return model, dict(checkpoint_kind="own", objective=config["objective"], learn_sigma=False,
                            reversed_time=False, cfg_channels=None, ddpm_steps=None,
                            beta_schedule=config["beta_schedule"], latent=latent,
-                           **latent_spec(trained_on, args.vae_kind), step=checkpoint["step"], config=config,
+                           **latent_spec(trained_on, args.vae_kind, training_store(config) if latent else None),
+                           step=checkpoint["step"], config=config,
                            checkpoint=str(path))
     kind = CHECKPOINT_KINDS[args.checkpoint_kind]
     vae_kind = args.vae_kind or kind["latents_of"]

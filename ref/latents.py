@@ -198,6 +198,18 @@ def denormalise_latents(z, stats):
 # Training on the shards: what a shard stores -> the network's input
 # ---------------------------------------------------------------------------------------------------------------------
 
+def shard_settings(root):
+    """The settings prepare.py recorded in a shard folder (prepare.json: store, vae_kind, ...), or {"store": "plain"}
+    for latents written by other tools; an unreadable file raises ValueError naming it."""
+    settings_file = Path(root) / SETTINGS_FILE
+    if not settings_file.is_file():
+        return {"store": "plain"}
+    try:
+        return json.loads(settings_file.read_text())
+    except ValueError as error:
+        raise ValueError(f"cannot read {settings_file}: {error}") from None
+
+
 class TrainingLatents:
     """A shard folder as training reads it: `dataset` (ref.data.LatentShards of what is stored) and `network_input`,
     which turns a batch of it into what the network learns to generate.
@@ -210,11 +222,7 @@ class TrainingLatents:
 
     def __init__(self, root, vae, latent_shape):
         root = Path(root)
-        settings_file = root / SETTINGS_FILE
-        try:
-            settings = json.loads(settings_file.read_text()) if settings_file.is_file() else {"store": "plain"}
-        except ValueError as error:
-            raise ValueError(f"cannot read {settings_file}: {error}") from None
+        settings, settings_file = shard_settings(root), root / SETTINGS_FILE
         if settings.get("vae_kind", vae) != vae:
             raise ValueError(f"{settings_file}: the latents were encoded by the {settings['vae_kind']!r} VAE, the run "
                              f"expects {vae!r}; set --vae {settings['vae_kind']} or prepare the data with --vae-kind "
