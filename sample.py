@@ -69,7 +69,6 @@ Bad input: a message and exit status 2, nothing written; a foreign checkpoint th
 with the kind its keys belong to.
 """
 import argparse
-import io
 import json
 import re
 import sys
@@ -92,6 +91,7 @@ from ref.latents import (RECIPES, STATS_FILE, denormalise_latents, on_meta, read
                          shard_settings)
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
 from ref.lightningdit import LightningDiT
+from ref.sample_outputs import gather_in_order, write_outputs, write_pngs
 from ref.samplers import (DIFFUSIONS, SBDM_T_MAX, ddim, ddpm_ancestral, euler_maruyama, heun, respaced_timesteps,
                           shifted_grid, spaced_timesteps, uniform_grid)
 from ref.vae import MODELS as VAE_MODELS
@@ -392,15 +392,6 @@ def check_guidance(args, model):
         raise ValueError(f"--class-label must be in [0, {model.num_classes}), got {args.class_label}")
 
 
-def grid_image(images, columns):
-    """(N, H, W, 3) uint8 -> one (rows H, columns W, 3) image, row-major, the last row padded with black."""
-    n, height, width, _ = images.shape
-    rows = -(-n // columns)
-    padded = np.zeros((rows * columns, height, width, 3), dtype=np.uint8)
-    padded[:n] = images
-    return padded.reshape(rows, columns, height, width, 3).transpose(0, 2, 1, 3, 4).reshape(rows * height, -1, 3)
-
-
 def sample_labels(indices, args, num_classes):
     """Label of sample i: --class-label; else i mod num_classes (--labels balanced), or drawn uniformly from numpy's
     generator seeded with the sample's seed, seed + i (--labels random; a stream apart from its torch noise
@@ -459,37 +450,6 @@ def sample_share(args, model, spec, sampling, world, decoding=(None, None)):
             x = integrate(denoise, draws.randn(*shape).to(world.device), draws).float()  # (n, C, H, W)
             outputs.append(finish(x, spec, decoding))
     return (indices, np.concatenate(outputs)), rows / max(len(indices), 1)
-
-
-def gather_in_order(share):
-    """Every rank's (indices, samples) share -> on rank 0 all samples in sample order; None elsewhere."""
-    shares = runtime.gather_to_main(share)
-    if shares is None:
-        return None
-    indices = np.concatenate([indices for indices, _ in shares])  # rank order -> sample order
-    return np.concatenate([samples for _, samples in shares])[np.argsort(indices)]
-
-
-def write_outputs(out, samples, labels, settings, columns, rows, pictures=None):
-    """Images: samples.npz, grid.png and with settings["png"] images/<i:06d>.png; undecoded latents: latents.npy and
-    labels.npy. pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if settings["latent"] and settings.get("vae") is None:
-        runtime.atomic_write(out / "latents.npy", lambda file: np.save(file, samples))
-        runtime.atomic_write(out / "labels.npy", lambda file: np.save(file, labels))
-        print("note: wrote latents.npy (the VAE's own latents, ready for its decoder; --vae PATH decodes them into "
-              "images) and labels.npy")
-    else:
-        runtime.atomic_write(out / "samples.npz", lambda file: np.savez(file, arr_0=samples, arr_1=labels))
-        grid = io.BytesIO()
-        pictures = samples if pictures is None else pictures
-        Image.fromarray(grid_image(pictures[:rows * columns], columns)).save(grid, format="PNG")
-        runtime.atomic_write(out / "grid.png", lambda file: file.write(grid.getvalue()))
-        if settings.get("png"):
-            (out / "images").mkdir(exist_ok=True)
-            for i, image in enumerate(samples):
-                Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
-    runtime.atomic_write(out / "settings.json", lambda file: file.write(json.dumps(settings, indent=2).encode()))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -717,16 +677,6 @@ def sd15_grid_pictures(samples, pairs, args):
     return np.stack(rows)
 
 
-def write_pngs(out, samples, seeds_per_prompt):
-    folder = out / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(samples):
-        encoded = io.BytesIO()
-        Image.fromarray(image).save(encoded, format="PNG")
-        pair, k = divmod(index, seeds_per_prompt)
-        runtime.atomic_write(folder / f"{pair:05d}_{k}.png", lambda file: file.write(encoded.getvalue()))
-
-
 def load_sd15_inputs(args):
     """Everything sd15 reads, checked before anything is written. -> (pairs, tokenizer, networks)"""
     resolve_sd15_settings(args)
@@ -775,7 +725,8 @@ def sample_sd15(argv):
         write_outputs(out, samples, np.arange(num_samples) // args.seeds_per_prompt, settings,
                       1 + args.seeds_per_prompt, args.grid_rows, sd15_grid_pictures(samples, pairs, args))
         if args.png:
-            write_pngs(out, samples, args.seeds_per_prompt)
+            write_pngs(out / "images", samples,  # <pair>_<k>.png
+                       lambda index: "{:05d}_{}.png".format(*divmod(index, args.seeds_per_prompt)))
         print(f"wrote {num_samples} samples to {out} ({settings['seconds']:.1f} s)")
 
 
