@@ -69,9 +69,6 @@ Bad input: a message and exit status 2, nothing written; a foreign checkpoint th
 with the kind its keys belong to.
 """
 import argparse
-import io
-import json
-import re
 import sys
 import time
 import warnings
@@ -79,48 +76,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from ref import runtime, text_to_image
-from ref.checkpoints import misfit_line, read_checkpoint, unwrap_state
-from ref.data import to_uint8
-from ref.dit import (DiT, IG_RELEASE_HEAD_BLOCK, MODELS, canonical_key, ig_release_head_block, load_checkpoint,
-                     reversed_time)
-from ref.guidance import guided_denoiser
-from ref.internal_guidance import dit_from_config
-from ref.latents import (RECIPES, STATS_FILE, denormalise_latents, on_meta, read_latent_stats, read_vae,
-                         shard_settings)
+from ref import runtime, sampling, text_to_image
+from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS
+from ref.latents import STATS_FILE
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
-from ref.lightningdit import LightningDiT
-from ref.samplers import (DIFFUSIONS, SBDM_T_MAX, ddim, ddpm_ancestral, euler_maruyama, heun, respaced_timesteps,
-                          shifted_grid, spaced_timesteps, uniform_grid)
-from ref.vae import MODELS as VAE_MODELS
-from ref.schedules import DDPMSchedule
+from ref.sample_outputs import gather_in_order, write_outputs, write_pngs
+from ref.samplers import DIFFUSIONS
+from ref.sampling import ARCHITECTURES, CHECKPOINT_KINDS, DEFAULT_STEPS, SAMPLERS
 from ref.tokenizer import CLIPTokenizer
-from shapes import pipeline, runs
-from shapes.data import Shapes
-from shapes.evaluation import EVAL_SCENE_SEED, generate
-
-SAMPLERS = {"flow": ("em", "heun"), "eps": ("ddpm", "ddim")}  # the first is the default
-DEFAULT_STEPS = {"em": 250, "heun": 50, "ddim": 50}  # ddpm: every step of an own run, DiT's 250 for dit
-# What a foreign checkpoint is (see the module docstring): the network family (its --model presets), the objective it
-# predicts, whether it has the learned-sigma channels, whether it runs time the other way (LightningDiT turns its time
-# inside its forward), the channels its own CFG guides (None: all), whether it can have the IG head, the VAE whose
-# latents it models, and its own sampler when it is not the objective's first (with its step count, timestep shift and
-# last Heun step) or its DDPM step count.
-CHECKPOINT_KINDS = {
-    "dit": dict(arch="dit", objective="eps", learn_sigma=True, reversed_time=False, cfg_channels=3, ig_head=False,
-                latents_of="sd", ddpm_steps=250),
-    "sit": dict(arch="dit", objective="flow", learn_sigma=True, reversed_time=True, cfg_channels=3, ig_head=False,
-                latents_of="sd"),
-    "ig-sit": dict(arch="dit", objective="flow", learn_sigma=False, reversed_time=False, cfg_channels=None,
-                   ig_head=True, latents_of="sd"),
-    "ig-lightningdit": dict(arch="lightningdit", objective="flow", learn_sigma=False, reversed_time=False,
-                            cfg_channels=None, ig_head=True, latents_of="vavae-f16d32", default_sampler="heun",
-                            heun_steps=124, heun_shift=0.3, heun_last_step="heun"),
-}
-ARCHITECTURES = {"dit": (DiT, MODELS), "lightningdit": (LightningDiT, LIGHTNINGDIT_MODELS)}  # class, presets
-DECODE_BATCH = 32  # images per VAE decoder call
+from ref.vae import MODELS as VAE_MODELS
+from shapes import sampling as shapes_sampling
+from shapes.evaluation import EVAL_SCENE_SEED
 
 
 def parse_args(argv=None):
@@ -188,18 +155,9 @@ def default_out(path, tag):
     return path.parent / ("samples-" + ("" if path.name == "latest.pt" else path.stem + "-") + tag)
 
 
-def foreign_head_block(args, kind, contents):
-    """The IG head's block of a foreign checkpoint (None: no head); combinations that cannot be right raise."""
-    if not CHECKPOINT_KINDS[kind]["ig_head"]:
-        if args.intermediate_block is not None:
-            raise ValueError(f"a {kind} checkpoint has no IG intermediate head; --intermediate-block is for ig-sit "
-                             f"and ig-lightningdit")
-        return None
-    in_file = ig_release_head_block(contents)
-    if in_file is not None and args.intermediate_block not in (None, in_file):
-        raise ValueError(f"the checkpoint's training settings put the IG head after block {in_file} (encoder_depth); "
-                         f"--intermediate-block {args.intermediate_block} would read it as another block")
-    return in_file or args.intermediate_block or IG_RELEASE_HEAD_BLOCK
+def flags_as(settings, args):
+    """The flags of the settings' field names as that NamedTuple."""
+    return settings(**{name: getattr(args, name) for name in settings._fields})
 
 
 def check_kind_flags(args):
@@ -218,332 +176,21 @@ def check_kind_flags(args):
         raise ValueError("--class-label gives every sample one label; --labels random draws them")
 
 
-def key_names(state):
-    """The key names of a state dict with the block numbers left out: what says which network it is."""
-    return {re.sub(r"\.\d+\.", ".N.", canonical_key(key)) for key in state}
-
-
-def kinds_with_keys_of(state):
-    """The checkpoint kinds whose networks have the key names of `state` (sizes aside)."""
-    found = []
-    for kind, spec in CHECKPOINT_KINDS.items():
-        network, _ = ARCHITECTURES[spec["arch"]]
-        options = dict(learn_sigma=spec["learn_sigma"]) if network is DiT else {}
-        with torch.device("meta"):
-            smallest = network(input_size=2, patch_size=1, hidden_size=8, depth=1, num_heads=2,
-                               intermediate_block=1 if spec["ig_head"] else None, **options)
-        if key_names(smallest.state_dict()) == key_names(state):
-            found.append(kind)
-    return found
-
-
-def load_foreign_weights(args, model, contents):
-    """The file's weights into `model`; a file that does not fit raises one line: its problems, each with a count
-    and its first key, and the kinds whose networks have its keys."""
-    try:
-        load_checkpoint(model, contents, prefer=args.weights)
-    except ValueError as error:
-        fits = kinds_with_keys_of(unwrap_state(contents, args.weights)[0])
-        if args.checkpoint_kind in fits:
-            hint = "; its key names are those of this kind: another --model, --image-size or --vae-kind?"
-        else:
-            hint = f"; its key names are those of --checkpoint-kind {' or '.join(fits)}" if fits else ""
-        raise ValueError(f"{args.run} does not fit {args.model} as --checkpoint-kind {args.checkpoint_kind}: "
-                         f"{misfit_line(error)}{hint}") from None
-
-
-def latent_spec(trained_on, decoder, store=None):
-    """What a latent model's spec says of its latents, trained_on the VAE preset it was trained on (None: a pixel
-    model), store how its training data held them (prepare.py's store; None: the VAE's recipe): vae_kind, the
-    decoder's preset; latent_encoding, how its latents relate to the VAE's: "stats" (stored posterior samples,
-    normalised per channel with a statistics file: LightningDiT's recipe) or "scale" (moments or plain latents, times
-    the VAE's scaling_factor, 0.18215 for sd: DiT / SiT)."""
-    if trained_on is None:
-        return dict(vae_kind=None, latent_encoding=None, scaling_factor=None)
-    store = store or RECIPES[trained_on]["store"]
-    return dict(vae_kind=decoder or trained_on, latent_encoding="stats" if store == "sample" else "scale",
-                scaling_factor=on_meta(trained_on).scaling_factor)
-
-
-def training_store(config):
-    """How an own latent run's shards held its latents (prepare.json in its data folder), or None when that folder is
-    not on this machine (the VAE's recipe is assumed then)."""
-    data_path = config.get("data_path")
-    return shard_settings(data_path)["store"] if data_path and Path(data_path).is_dir() else None
-
-
-def load_model(args, path, checkpoint):
-    """-> (model with the chosen weights, spec: checkpoint_kind, objective, learn_sigma, reversed_time, cfg_channels,
-    ddpm_steps, beta_schedule, latent, vae_kind (the decoder's preset), latent_encoding, scaling_factor, step, config,
-    checkpoint, and a foreign kind's sampler defaults), or ValueError.
-    checkpoint: the train.py checkpoint at path (kind own), or None for a foreign one."""
-    if args.checkpoint_kind == "own":
-        model, config = runtime.load_trained_network(path, "dit", dit_from_config, args.weights, checkpoint)
-        latent = config["data"] == "latents"
-        trained_on = config.get("vae", "sd") if latent else None  # the VAE of its latents; configs before the field: sd
-        return model, dict(checkpoint_kind="own", objective=config["objective"], learn_sigma=False,
-                           reversed_time=False, cfg_channels=None, ddpm_steps=None,
-                           beta_schedule=config["beta_schedule"], latent=latent,
-                           **latent_spec(trained_on, args.vae_kind, training_store(config) if latent else None),
-                           step=checkpoint["step"], config=config,
-                           checkpoint=str(path))
-    kind = CHECKPOINT_KINDS[args.checkpoint_kind]
-    vae_kind = args.vae_kind or kind["latents_of"]
-    layout = on_meta(vae_kind)  # the latents: its z_channels, 1/f of the image side
-    if args.image_size % layout.downsampling_factor:
-        raise ValueError(f"--image-size {args.image_size} is not a multiple of the {vae_kind!r} VAE's downsampling "
-                         f"factor {layout.downsampling_factor}")
-    contents = read_checkpoint(path)
-    options = dict(learn_sigma=kind["learn_sigma"]) if kind["arch"] == "dit" else {}
-    model = ARCHITECTURES[kind["arch"]][1][args.model](
-        input_size=args.image_size // layout.downsampling_factor, in_channels=layout.z_channels,
-        num_classes=args.num_classes, intermediate_block=foreign_head_block(args, args.checkpoint_kind, contents),
-        **options)
-    load_foreign_weights(args, model, contents)
-    return model, dict(kind, checkpoint_kind=args.checkpoint_kind, ddpm_steps=kind.get("ddpm_steps"),
-                       beta_schedule="linear", latent=True, **latent_spec(kind["latents_of"], vae_kind), step=None,
-                       config=None, checkpoint=str(path))
-
-
-def read_decoding(args, model, spec):
-    """What turns the sampled latents into images, read and checked before sampling: (VAE or None, statistics
-    (mean, std) or None). Without --vae the latents are written, so the statistics are read all the same."""
-    if not spec["latent"]:
-        if args.vae or args.vae_kind or args.latent_stats:
-            raise ValueError("--vae, --vae-kind and --latent-stats are for latent models; this one samples pixels")
-        return None, None
-    channels = on_meta(spec["vae_kind"]).z_channels
-    if channels != model.in_channels:
-        raise ValueError(f"a {spec['vae_kind']!r} VAE has {channels} latent channels, this model "
-                         f"{model.in_channels}; choose the VAE of its latents with --vae-kind")
-    stats = None
-    if spec["latent_encoding"] == "stats":
-        stats_path = args.latent_stats
-        if stats_path is None and spec["config"] is not None:
-            stats_path = Path(spec["config"]["data_path"]) / STATS_FILE
-        if stats_path is None:
-            raise ValueError(f"a {spec['checkpoint_kind']} model samples latents normalised per channel; "
-                             f"--latent-stats PATH ({STATS_FILE} of the release or of prepare.py) is needed")
-        stats = read_latent_stats(stats_path)
-        if stats[0].shape[1] != model.in_channels:
-            raise ValueError(f"{stats_path} holds statistics of {stats[0].shape[1]} channels, this model's latents "
-                             f"have {model.in_channels}")
-    elif args.latent_stats:
-        raise ValueError(f"--latent-stats is for latents normalised per channel (LightningDiT); this model's are "
-                         f"scaled by {spec['scaling_factor']:g}")
-    return (read_vae(args.vae, spec["vae_kind"]) if args.vae else None), stats
-
-
-def make_sampler(args, model, spec):
-    """-> (integrate(denoise, noise, draws) -> x0 (N, C, H, W) float64, the network as the sampler calls it
-    (x, t, y) -> (final, intermediate), the factor from t in [0, 1] to the model's time (1 for flow, T for DDPM),
-    sampler name, steps)."""
-    objective = spec["objective"]
-    sampler = args.sampler or spec.get("default_sampler") or SAMPLERS[objective][0]
-    if sampler not in SAMPLERS[objective]:
-        raise ValueError(f"--sampler {sampler} does not fit a {spec['checkpoint_kind']} checkpoint, which predicts "
-                         f"{objective}; choose one of {SAMPLERS[objective]}")
-    if args.diffusion != "ig" and sampler != "em":
-        raise ValueError(f"--diffusion {args.diffusion} is the em sampler's diffusion coefficient, not {sampler}'s")
-    if args.timestep_shift is not None and sampler != "heun":
-        raise ValueError(f"--timestep-shift shifts the heun sampler's grid, not {sampler}'s")
-    steps = args.steps or spec.get(f"{sampler}_steps") or DEFAULT_STEPS.get(sampler)
-    network = reversed_time(model) if spec["reversed_time"] else model
-    if sampler == "em":  # SiT / IG: `steps` points 1 -> 0.04, then the deterministic mean step to 0
-        grid = uniform_grid(steps, t_max=SBDM_T_MAX if args.diffusion == "sbdm" else 1.0)
-
-        def integrate(denoise, noise, draws):
-            return euler_maruyama(denoise, noise, grid, randn_like=draws.randn_like,
-                                  diffusion=DIFFUSIONS[args.diffusion])
-        return integrate, network, 1.0, sampler, steps
-    if sampler == "heun":  # uniform in t unless shifted; the last step Euler, or Heun as the LightningDiT release
-        shift = spec.get("heun_shift", 1.0) if args.timestep_shift is None else args.timestep_shift
-        grid = shifted_grid(steps, shift)
-        euler_last = spec.get("heun_last_step", "euler") == "euler"
-
-        def integrate(denoise, noise, draws):
-            return heun(denoise, noise, grid, euler_last=euler_last)
-        return integrate, network, 1.0, sampler, steps
-    schedule = DDPMSchedule.named(spec["beta_schedule"])
-    if sampler == "ddim":
-        timesteps = spaced_timesteps(schedule, steps)
-
-        def integrate(denoise, noise, draws):
-            return ddim(denoise, noise, schedule, timesteps, eta=args.eta, randn_like=draws.randn_like)
-        return integrate, network, schedule.num_timesteps, sampler, steps
-    kept = respaced_timesteps(schedule.num_timesteps, steps or schedule.num_timesteps)  # steps None: every one
-    respaced = schedule.respaced(kept)
-    if spec["learn_sigma"]:
-        def network(x, t, y):  # DiT's learned variance: the prediction and the variance channels
-            return model(x, t, y, with_variance=True)
-
-    def integrate(denoise, noise, draws):
-        return ddpm_ancestral(denoise, noise, respaced, randn_like=draws.randn_like, model_timesteps=kept,
-                              learned_variance=spec["learn_sigma"])
-    return integrate, network, schedule.num_timesteps, sampler, len(kept)
-
-
-def check_guidance(args, model):
-    if args.ig != 1.0 and model.intermediate_head is None:
-        raise ValueError("--ig needs a model with the IG intermediate head (this one has none)")
-    if args.cfg != 1.0 and model.class_dropout_prob == 0:
-        raise ValueError("--cfg needs a model trained with label dropout (this one has no null label)")
-    if args.class_label is not None and not 0 <= args.class_label < model.num_classes:
-        raise ValueError(f"--class-label must be in [0, {model.num_classes}), got {args.class_label}")
-
-
-def grid_image(images, columns):
-    """(N, H, W, 3) uint8 -> one (rows H, columns W, 3) image, row-major, the last row padded with black."""
-    n, height, width, _ = images.shape
-    rows = -(-n // columns)
-    padded = np.zeros((rows * columns, height, width, 3), dtype=np.uint8)
-    padded[:n] = images
-    return padded.reshape(rows, columns, height, width, 3).transpose(0, 2, 1, 3, 4).reshape(rows * height, -1, 3)
-
-
-def sample_labels(indices, args, num_classes):
-    """Label of sample i: --class-label; else i mod num_classes (--labels balanced), or drawn uniformly from numpy's
-    generator seeded with the sample's seed, seed + i (--labels random; a stream apart from its torch noise
-    generator), so they do not depend on the batch size or the ranks. (n,) int64"""
-    if args.class_label is not None:
-        return np.full(len(indices), args.class_label)
-    if args.labels == "balanced":
-        return indices % num_classes
-    return np.array([np.random.default_rng(args.seed + int(i)).integers(num_classes) for i in indices], np.int64)
-
-
-def finish(x, spec, decoding):
-    """Sampled x (n, C, H, W) float32 on the device -> what is written: uint8 images (n, H', W', 3) (pixels, or
-    latents decoded by the VAE) or the latents as the decoder takes them (n, C, H, W) float32."""
-    if not spec["latent"]:
-        return to_uint8(x.cpu())
-    vae, stats = decoding
-    z = x / spec["scaling_factor"] if stats is None else denormalise_latents(x, stats)  # the VAE's own latents
-    if vae is None:
-        return z.cpu().numpy()
-    return to_uint8(vae.decode(z, slice_size=DECODE_BATCH).float().cpu())
-
-
-def no_outputs(model, spec, vae):
-    """finish's output for no samples (a rank may have none): (0, C, h, w) float32 or (0, H, W, 3) uint8."""
-    side = model.input_size
-    if spec["latent"] and vae is None:
-        return np.zeros((0, model.in_channels, side, side), np.float32)
-    side *= vae.downsampling_factor if spec["latent"] else 1
-    return np.zeros((0, side, side, 3), np.uint8)
-
-
-def sample_share(args, model, spec, sampling, world, decoding=(None, None)):
-    """This rank's samples r, r + W, ... -> ((indices, outputs), network evaluations per sample, counted). outputs:
-    uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (integrate, network, interval_scale);
-    decoding: read_decoding's (VAE, statistics), applied batch by batch on the sampling device."""
-    integrate, network, interval_scale = sampling
-    rows = 0
-
-    def counted_network(x, t, y):
-        nonlocal rows
-        rows += len(x)
-        return network(x, t, y)
-    indices = np.arange(world.rank, args.num_samples, world.world_size)
-    shape = (model.in_channels, model.input_size, model.input_size)
-    outputs = [no_outputs(model, spec, decoding[0])]
-    for start in range(0, len(indices), args.batch_size):
-        batch = indices[start:start + args.batch_size]
-        draws = runtime.SampleDraws(args.seed + int(i) for i in batch)
-        labels = torch.as_tensor(sample_labels(batch, args, model.num_classes), device=world.device)
-        denoise = guided_denoiser(counted_network, labels, model.num_classes, w_ig=args.ig, w_cfg=args.cfg,
-                                  ig_interval=[interval_scale * t for t in args.ig_interval],
-                                  cfg_interval=[interval_scale * t for t in args.cfg_interval],
-                                  cfg_channels=spec["cfg_channels"])
-        with runtime.autocast(world.device, args.bf16):
-            x = integrate(denoise, draws.randn(*shape).to(world.device), draws).float()  # (n, C, H, W)
-            outputs.append(finish(x, spec, decoding))
-    return (indices, np.concatenate(outputs)), rows / max(len(indices), 1)
-
-
-def gather_in_order(share):
-    """Every rank's (indices, samples) share -> on rank 0 all samples in sample order; None elsewhere."""
-    shares = runtime.gather_to_main(share)
-    if shares is None:
-        return None
-    indices = np.concatenate([indices for indices, _ in shares])  # rank order -> sample order
-    return np.concatenate([samples for _, samples in shares])[np.argsort(indices)]
-
-
-def write_outputs(out, samples, labels, settings, columns, rows, pictures=None):
-    """Images: samples.npz, grid.png and with settings["png"] images/<i:06d>.png; undecoded latents: latents.npy and
-    labels.npy. pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
-    out.mkdir(parents=True, exist_ok=True)
-    if settings["latent"] and settings.get("vae") is None:
-        runtime.atomic_write(out / "latents.npy", lambda file: np.save(file, samples))
-        runtime.atomic_write(out / "labels.npy", lambda file: np.save(file, labels))
-        print("note: wrote latents.npy (the VAE's own latents, ready for its decoder; --vae PATH decodes them into "
-              "images) and labels.npy")
-    else:
-        runtime.atomic_write(out / "samples.npz", lambda file: np.savez(file, arr_0=samples, arr_1=labels))
-        grid = io.BytesIO()
-        pictures = samples if pictures is None else pictures
-        Image.fromarray(grid_image(pictures[:rows * columns], columns)).save(grid, format="PNG")
-        runtime.atomic_write(out / "grid.png", lambda file: file.write(grid.getvalue()))
-        if settings.get("png"):
-            (out / "images").mkdir(exist_ok=True)
-            for i, image in enumerate(samples):
-                Image.fromarray(image).save(out / "images" / f"{i:06d}.png")
-    runtime.atomic_write(out / "settings.json", lambda file: file.write(json.dumps(settings, indent=2).encode()))
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # ControlNet runs (the InnerControl pipeline): controls and captions of held-out shapes scenes
 # ---------------------------------------------------------------------------------------------------------------------
 
-def load_controlnet(args, path, checkpoint):
-    """-> (base, controlnet, config) for a controlnet run; its base is the run's `base`."""
-    if (args.sampler or "ddim") != "ddim" or args.ig != 1.0:
-        raise ValueError("a controlnet run samples with DDIM (--sampler ddim) and caption CFG (--cfg); it has no IG")
-    controlnet, config = runs.load_trained(path, "controlnet", args.weights, checkpoint)
-    base, _ = runs.load_trained(config["base"], "unet")
-    return base, controlnet, config
-
-
-def controlnet_share(args, base, controlnet, config, world):
-    """This rank's samples r, r + W, ...: sample i follows the control and caption of evaluation scene
-    i // seeds_per_control, from noise seeded with seed + i. -> (indices, images (n, H, W, 3) uint8)"""
-    scenes = Shapes(config["image_size"], num_items=args.num_samples, seed=EVAL_SCENE_SEED)
-    schedule = DDPMSchedule.named(config["beta_schedule"])
-    indices = np.arange(world.rank, args.num_samples, world.world_size)
-    outputs = [np.zeros((0, config["image_size"], config["image_size"], 3), np.uint8)]
-    for start in range(0, len(indices), args.batch_size):
-        batch = indices[start:start + args.batch_size]
-        samples = [scenes[int(i) // args.seeds_per_control] for i in batch]
-        _, tokens, control = pipeline.collate_shapes(samples, config["task"])
-        draws = runtime.SampleDraws(args.seed + int(i) for i in batch)
-        hint = pipeline.hint_of(control, config["task"]).to(world.device)
-        noise = draws.randn(3, config["image_size"], config["image_size"]).to(world.device)
-        with runtime.autocast(world.device, args.bf16):
-            images = generate(base, controlnet, schedule, hint, tokens.to(world.device), noise,
-                              args.steps or DEFAULT_STEPS["ddim"], args.cfg)
-        outputs.append(to_uint8(images.cpu()))
-    return indices, np.concatenate(outputs)
-
-
-def control_pictures(samples, scene_indices, config, seeds_per_control):
-    """grid.png rows: each control as a picture, then its samples. -> (N', H, W, 3) uint8"""
-    scenes = Shapes(config["image_size"], num_items=int(scene_indices.max()) + 1, seed=EVAL_SCENE_SEED)
-    rows = []
-    for start in range(0, len(samples), seeds_per_control):
-        control = pipeline.control_of(scenes[int(scene_indices[start])], config["task"])
-        rows += [pipeline.control_picture(control, config["task"]), *samples[start:start + seeds_per_control]]
-    return np.stack(rows)
-
-
 def sample_controlnet(args, path, base, controlnet, config):
+    """A controlnet run of the InnerControl pipeline (shapes.sampling), sampled and written."""
+    steps = args.steps or DEFAULT_STEPS["ddim"]
     with runtime.distributed() as world:
         base.to(world.device), controlnet.to(world.device)
         start = time.perf_counter()
-        samples = gather_in_order(controlnet_share(args, base, controlnet, config, world))
+        samples = gather_in_order(shapes_sampling.controlnet_share(
+            base, controlnet, config, world, args.num_samples, steps, args.cfg, args.seeds_per_control, args.seed,
+            args.batch_size, args.bf16))
         if not world.is_main:
             return
-        steps = args.steps or DEFAULT_STEPS["ddim"]
         scene_indices = np.arange(args.num_samples) // args.seeds_per_control
         settings = dict(vars(args), job="controlnet", task=config["task"], scene_seed=EVAL_SCENE_SEED, latent=False,
                         sampler="ddim", steps=steps, checkpoint=str(path), config=config,
@@ -552,7 +199,7 @@ def sample_controlnet(args, path, base, controlnet, config):
         tag = f"ddim{steps}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}x{args.seeds_per_control}"
         out = Path(args.out) if args.out else default_out(path, tag)
         write_outputs(out, samples, scene_indices, settings, 1 + args.seeds_per_control, args.grid_rows,
-                      control_pictures(samples, scene_indices, config, args.seeds_per_control))
+                      shapes_sampling.control_pictures(samples, scene_indices, config, args.seeds_per_control))
         print(f"wrote {args.num_samples} samples to {out} ({settings['seconds']:.1f} s, "
               f"{settings['network_evaluations_per_sample']} network evaluations each)")
 
@@ -585,7 +232,6 @@ OUT/settings.json (with every prompt and control) and, with --png, OUT/images/<p
 the pair). Bad input: one error line, exit status 2, nothing written.
 """
 SD15_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-CONTROL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # ControlNet++'s evaluation (Li et al. 2024), which InnerControl follows: 4 images a prompt, DDIM 50, CFG 7.5, 512 px.
 CONTROLNET_PLUS_PLUS = dict(seeds_per_prompt=4, steps=50, cfg=7.5, size=512)
 SD15_DEFAULTS = dict(seeds_per_prompt=1, steps=50, cfg=7.5, size=512)
@@ -633,100 +279,6 @@ def resolve_sd15_settings(args):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
-def read_pairs(prompts_file, controls):
-    """-> [(prompt, control image path)], see SD15_HELP; every control file must exist."""
-    prompts_path = Path(prompts_file)
-    if not prompts_path.is_file():
-        raise ValueError(f"--prompts {prompts_path}: no such file")
-    text = prompts_path.read_text(encoding="utf-8")
-    if prompts_path.suffix == ".jsonl":
-        folder = Path(controls) if controls else prompts_path.parent
-        pairs = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                pairs.append((entry["prompt"], folder / entry["control"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{prompts_path} line {number}: expected a JSON object with \"prompt\" and "
-                                 f"\"control\", found {line[:80]!r}") from None
-    else:
-        if controls is None:
-            raise ValueError("--controls DIR is needed with a text file of prompts (or give a .jsonl of pairs)")
-        if not Path(controls).is_dir():
-            raise ValueError(f"--controls {controls}: no such folder")
-        images = sorted(path for path in Path(controls).iterdir() if path.suffix.lower() in CONTROL_SUFFIXES)
-        prompts = text.splitlines()
-        if len(prompts) != len(images):
-            raise ValueError(f"{prompts_path} holds {len(prompts)} prompts, {controls} {len(images)} control images "
-                             f"({', '.join(CONTROL_SUFFIXES)}); one prompt a control, matched in sorted order")
-        pairs = list(zip(prompts, images))
-    if not pairs:
-        raise ValueError(f"{prompts_path}: no prompts")
-    missing = [str(path) for _, path in pairs if not path.is_file()]
-    if missing:
-        raise ValueError(f"control images missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return pairs
-
-
-def read_control(path, size, warn=False):
-    """A control image -> (size, size, 3) uint8 RGB, resized (Lanczos) when it is another size (warn: say so)."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError as error:
-        raise ValueError(f"{path}: not an image ({error})") from None
-    if image.size != (size, size):
-        if warn:
-            print(f"warning: control {path} is {image.width}x{image.height}; resized to {size}x{size}",
-                  file=sys.stderr)
-        image = image.resize((size, size), Image.LANCZOS)
-    return np.array(image)  # a writable copy, for torch.from_numpy
-
-
-@torch.no_grad()
-def sd15_share(args, networks, pairs, tokens, null_tokens, world):
-    """This rank's samples r, r + W, ..: sample i follows pair i // seeds_per_prompt from latent noise seeded with
-    seed + i. tokens: (P, 77) of the prompts, null_tokens (1, 77) of the empty one. -> (indices, images (n, S, S, 3)
-    uint8)"""
-    num_samples = len(pairs) * args.seeds_per_prompt
-    side = text_to_image.latent_side(networks, args.size)
-    null_context = networks.text_encoder(null_tokens.to(world.device))  # (1, 77, D)
-    indices = np.arange(world.rank, num_samples, world.world_size)
-    outputs = [np.zeros((0, args.size, args.size, 3), np.uint8)]
-    for start in range(0, len(indices), args.batch_size):
-        batch = indices[start:start + args.batch_size]
-        pair_indices = batch // args.seeds_per_prompt
-        hint = torch.stack([torch.from_numpy(read_control(pairs[p][1], args.size)) for p in pair_indices])
-        hint = hint.permute(0, 3, 1, 2).to(world.device, torch.float32) / 255  # (n, 3, S, S) in [0, 1]
-        context = networks.text_encoder(tokens[pair_indices].to(world.device))  # (n, 77, D)
-        noise = runtime.SampleDraws(args.seed + int(i) for i in batch).randn(4, side, side).to(world.device)
-        images = text_to_image.generate(networks, context, null_context, hint, noise, args.steps, args.cfg,
-                                        args.control_scale)
-        outputs.append(to_uint8(images.cpu()))
-    return indices, np.concatenate(outputs)
-
-
-def sd15_grid_pictures(samples, pairs, args):
-    """grid.png rows: each control, then its samples. -> (N', S, S, 3) uint8"""
-    rows = []
-    for pair in range(min(len(pairs), args.grid_rows)):
-        first = pair * args.seeds_per_prompt
-        rows += [read_control(pairs[pair][1], args.size), *samples[first:first + args.seeds_per_prompt]]
-    return np.stack(rows)
-
-
-def write_pngs(out, samples, seeds_per_prompt):
-    folder = out / "images"
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(samples):
-        encoded = io.BytesIO()
-        Image.fromarray(image).save(encoded, format="PNG")
-        pair, k = divmod(index, seeds_per_prompt)
-        runtime.atomic_write(folder / f"{pair:05d}_{k}.png", lambda file: file.write(encoded.getvalue()))
-
-
 def load_sd15_inputs(args):
     """Everything sd15 reads, checked before anything is written. -> (pairs, tokenizer, networks)"""
     resolve_sd15_settings(args)
@@ -734,14 +286,14 @@ def load_sd15_inputs(args):
                                                      ("tokenizer", args.tokenizer)) if not Path(path).exists()]
     if missing:
         raise ValueError(f"no such file: {', '.join(missing)}")
-    pairs = read_pairs(args.prompts, args.controls)
+    pairs = text_to_image.read_pairs(args.prompts, args.controls)
     tokenizer = CLIPTokenizer.from_path(args.tokenizer)
     networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype])
     text_to_image.check_tokenizer(tokenizer, networks.text_encoder)
     text_to_image.latent_side(networks, args.size)
     text_to_image.sampling_timesteps(args.steps)
     for _, path in pairs:
-        read_control(path, args.size, warn=True)
+        text_to_image.read_control(path, args.size, warn=True)
     return pairs, tokenizer, networks
 
 
@@ -760,7 +312,9 @@ def sample_sd15(argv):
         for network in networks:
             network.to(world.device)
         start = time.perf_counter()
-        samples = gather_in_order(sd15_share(args, networks, pairs, tokens, tokenizer([""]), world))
+        share = text_to_image.sd15_share(flags_as(text_to_image.PairSampling, args), networks, pairs, tokens,
+                                         tokenizer([""]), world)
+        samples = gather_in_order(share)
         if not world.is_main:
             return
         num_samples = len(samples)
@@ -772,10 +326,12 @@ def sample_sd15(argv):
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
         tag = f"ddim{args.steps}-cfg{args.cfg:g}-cs{args.control_scale:g}-seed{args.seed}-n{num_samples}"
         out = Path(args.out) if args.out else Path(f"samples-sd15-{Path(args.controlnet).stem}-{tag}")
+        pictures = text_to_image.sd15_grid_pictures(samples, pairs, args.grid_rows, args.seeds_per_prompt, args.size)
         write_outputs(out, samples, np.arange(num_samples) // args.seeds_per_prompt, settings,
-                      1 + args.seeds_per_prompt, args.grid_rows, sd15_grid_pictures(samples, pairs, args))
+                      1 + args.seeds_per_prompt, args.grid_rows, pictures)
         if args.png:
-            write_pngs(out, samples, args.seeds_per_prompt)
+            write_pngs(out / "images", samples,  # <pair>_<k>.png
+                       lambda index: "{:05d}_{}.png".format(*divmod(index, args.seeds_per_prompt)))
         print(f"wrote {num_samples} samples to {out} ({settings['seconds']:.1f} s)")
 
 
@@ -790,12 +346,19 @@ def main(argv=None):
         checkpoint = runtime.read_run_checkpoint(path) if args.checkpoint_kind == "own" else None
         controlled = checkpoint is not None and checkpoint["args"]["job"] == "controlnet"
         if controlled:
-            networks = load_controlnet(args, path, checkpoint)
+            if (args.sampler or "ddim") != "ddim" or args.ig != 1.0:
+                raise ValueError("a controlnet run samples with DDIM (--sampler ddim) and caption CFG (--cfg); it has "
+                                 "no IG")
+            networks = shapes_sampling.load_controlnet(path, args.weights, checkpoint)
         else:
-            model, spec = load_model(args, path, checkpoint)
-            integrate, network, interval_scale, sampler, steps = make_sampler(args, model, spec)
-            check_guidance(args, model)
-            decoding = read_decoding(args, model, spec)
+            foreign = sampling.ForeignModel(args.run, args.model, args.image_size, args.num_classes,
+                                            args.intermediate_block)
+            model, spec = sampling.load_model(path, checkpoint, args.checkpoint_kind, args.weights, args.vae_kind,
+                                              foreign)
+            integrate, network, interval_scale, sampler, steps = sampling.make_sampler(
+                model, spec, args.sampler, args.steps, args.timestep_shift, args.eta, args.diffusion)
+            sampling.check_guidance(model, args.ig, args.cfg, args.class_label)
+            decoding = sampling.read_decoding(model, spec, args.vae, args.vae_kind, args.latent_stats)
     except ValueError as error:
         runtime.exit_with_error(error)
     if controlled:
@@ -805,7 +368,8 @@ def main(argv=None):
         if decoding[0] is not None:  # the VAE
             decoding[0].to(world.device)
         start = time.perf_counter()
-        share, evaluations = sample_share(args, model, spec, (integrate, network, interval_scale), world, decoding)
+        share, evaluations = sampling.sample_share(model, spec, (integrate, network, interval_scale), world,
+                                                   flags_as(sampling.SampleSettings, args), decoding)
         samples = gather_in_order(share)
         if not world.is_main:
             return
@@ -815,8 +379,9 @@ def main(argv=None):
         tag = f"{sampler}{steps}-ig{args.ig:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}"
         out = Path(args.out) if args.out else default_out(path, tag)
         columns = model.num_classes if model.num_classes <= 16 else 8
-        write_outputs(out, samples, sample_labels(np.arange(args.num_samples), args, model.num_classes), settings,
-                      columns, args.grid_rows)
+        labels = sampling.sample_labels(np.arange(args.num_samples), model.num_classes, args.seed, args.labels,
+                                        args.class_label)
+        write_outputs(out, samples, labels, settings, columns, args.grid_rows)
         print(f"wrote {args.num_samples} samples to {out} ({settings['seconds']:.1f} s, "
               f"{settings['network_evaluations_per_sample']} network evaluations each)")
 

@@ -12,15 +12,24 @@ eps_null), with the control in both branches (lllyasviel/ControlNet's samplers; 
 ControlNet's residuals are multiplied by the control scale (ControlNet 1.1's "control strength"). The control image is
 RGB in [0, 1] (the ControlNet releases feed the annotator's map / 255), at the image size, 8x the latent side.
 
+A set of prompt / control pairs (read_pairs) is sampled as sample.py sd15 describes: sample i follows pair
+i // seeds_per_prompt from noise seeded with seed + i, rank r taking samples r, r + W, ...
+
 The networks run in their own dtype; the DDIM state and the timesteps stay in float64 / float32 (a bf16 timestep would
 round 981 to 980).
 """
 import functools
+import json
+import sys
+from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
+from PIL import Image
 
-from ref import clip, controlnet, sd_checkpoints, unet, vae
+from ref import clip, controlnet, runtime, sd_checkpoints, unet, vae
+from ref.data import to_uint8
 from ref.guidance import cfg
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
@@ -130,3 +139,108 @@ def generate(networks, context, null_context, hint, noise, steps=50, cfg_scale=7
     autoencoder = networks.autoencoder
     dtype = next(autoencoder.parameters()).dtype
     return autoencoder.decode((latents / autoencoder.scaling_factor).to(dtype)).float()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sampling a set of prompt / control pairs
+# ---------------------------------------------------------------------------------------------------------------------
+
+CONTROL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class PairSampling(NamedTuple):
+    """How sd15_share samples the pairs (sample.py sd15's flags of the same names)."""
+    size: int  # image side in pixels
+    steps: int  # DDIM steps
+    cfg: float  # CFG weight, 1: off
+    control_scale: float  # multiplies the ControlNet's residuals
+    seeds_per_prompt: int
+    seed: int  # sample i: seed + i
+    batch_size: int  # per rank
+
+
+def read_pairs(prompts_file, controls):
+    """-> [(prompt, control image path)] from prompts_file (--prompts): a .txt of prompts, one a line, matched in
+    order to the control images of the folder `controls` (--controls) sorted by name, or a .jsonl of {"prompt": ..,
+    "control": PATH} lines, PATH relative to `controls` when given, else to the .jsonl's folder. Every control file
+    must exist."""
+    prompts_path = Path(prompts_file)
+    if not prompts_path.is_file():
+        raise ValueError(f"--prompts {prompts_path}: no such file")
+    text = prompts_path.read_text(encoding="utf-8")
+    if prompts_path.suffix == ".jsonl":
+        folder = Path(controls) if controls else prompts_path.parent
+        pairs = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                pairs.append((entry["prompt"], folder / entry["control"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{prompts_path} line {number}: expected a JSON object with \"prompt\" and "
+                                 f"\"control\", found {line[:80]!r}") from None
+    else:
+        if controls is None:
+            raise ValueError("--controls DIR is needed with a text file of prompts (or give a .jsonl of pairs)")
+        if not Path(controls).is_dir():
+            raise ValueError(f"--controls {controls}: no such folder")
+        images = sorted(path for path in Path(controls).iterdir() if path.suffix.lower() in CONTROL_SUFFIXES)
+        prompts = text.splitlines()
+        if len(prompts) != len(images):
+            raise ValueError(f"{prompts_path} holds {len(prompts)} prompts, {controls} {len(images)} control images "
+                             f"({', '.join(CONTROL_SUFFIXES)}); one prompt a control, matched in sorted order")
+        pairs = list(zip(prompts, images))
+    if not pairs:
+        raise ValueError(f"{prompts_path}: no prompts")
+    missing = [str(path) for _, path in pairs if not path.is_file()]
+    if missing:
+        raise ValueError(f"control images missing: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    return pairs
+
+
+def read_control(path, size, warn=False):
+    """A control image -> (size, size, 3) uint8 RGB, resized (Lanczos) when it is another size (warn: say so)."""
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except OSError as error:
+        raise ValueError(f"{path}: not an image ({error})") from None
+    if image.size != (size, size):
+        if warn:
+            print(f"warning: control {path} is {image.width}x{image.height}; resized to {size}x{size}",
+                  file=sys.stderr)
+        image = image.resize((size, size), Image.LANCZOS)
+    return np.array(image)  # a writable copy, for torch.from_numpy
+
+
+@torch.no_grad()
+def sd15_share(settings, networks, pairs, tokens, null_tokens, world):
+    """This rank's samples r, r + W, ..: sample i follows pair i // seeds_per_prompt from latent noise seeded with
+    seed + i. settings: PairSampling (or an object with its fields); tokens: (P, 77) of the prompts, null_tokens
+    (1, 77) of the empty one. -> (indices, images (n, S, S, 3) uint8)"""
+    num_samples = len(pairs) * settings.seeds_per_prompt
+    side = latent_side(networks, settings.size)
+    null_context = networks.text_encoder(null_tokens.to(world.device))  # (1, 77, D)
+    indices = np.arange(world.rank, num_samples, world.world_size)
+    outputs = [np.zeros((0, settings.size, settings.size, 3), np.uint8)]
+    for start in range(0, len(indices), settings.batch_size):
+        batch = indices[start:start + settings.batch_size]
+        pair_indices = batch // settings.seeds_per_prompt
+        hint = torch.stack([torch.from_numpy(read_control(pairs[p][1], settings.size)) for p in pair_indices])
+        hint = hint.permute(0, 3, 1, 2).to(world.device, torch.float32) / 255  # (n, 3, S, S) in [0, 1]
+        context = networks.text_encoder(tokens[pair_indices].to(world.device))  # (n, 77, D)
+        noise = runtime.SampleDraws(settings.seed + int(i) for i in batch).randn(4, side, side).to(world.device)
+        images = generate(networks, context, null_context, hint, noise, settings.steps, settings.cfg,
+                          settings.control_scale)
+        outputs.append(to_uint8(images.cpu()))
+    return indices, np.concatenate(outputs)
+
+
+def sd15_grid_pictures(samples, pairs, rows, seeds_per_prompt, size):
+    """grid.png's first `rows` rows: each control, then its samples. -> (N', S, S, 3) uint8"""
+    pictures = []
+    for pair in range(min(len(pairs), rows)):
+        first = pair * seeds_per_prompt
+        pictures += [read_control(pairs[pair][1], size), *samples[first:first + seeds_per_prompt]]
+    return np.stack(pictures)
