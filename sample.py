@@ -81,7 +81,7 @@ from ref import runtime, sampling, text_to_image
 from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS
 from ref.latents import STATS_FILE
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
-from ref.sample_outputs import gather_in_order, write_outputs, write_pngs
+from ref.sample_outputs import gather_in_order, write_outputs
 from ref.samplers import DIFFUSIONS
 from ref.sampling import ARCHITECTURES, CHECKPOINT_KINDS, DEFAULT_STEPS, SAMPLERS
 from ref.tokenizer import CLIPTokenizer
@@ -328,10 +328,8 @@ def sample_sd15(argv):
         out = Path(args.out) if args.out else Path(f"samples-sd15-{Path(args.controlnet).stem}-{tag}")
         pictures = text_to_image.sd15_grid_pictures(samples, pairs, args.grid_rows, args.seeds_per_prompt, args.size)
         write_outputs(out, samples, np.arange(num_samples) // args.seeds_per_prompt, settings,
-                      1 + args.seeds_per_prompt, args.grid_rows, pictures)
-        if args.png:
-            write_pngs(out / "images", samples,  # <pair>_<k>.png
-                       lambda index: "{:05d}_{}.png".format(*divmod(index, args.seeds_per_prompt)))
+                      1 + args.seeds_per_prompt, args.grid_rows, pictures,
+                      png_name=lambda index: "{:05d}_{}.png".format(*divmod(index, args.seeds_per_prompt)))
         print(f"wrote {num_samples} samples to {out} ({settings['seconds']:.1f} s)")
 
 

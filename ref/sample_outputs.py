@@ -36,7 +36,11 @@ def png_bytes(image):
     return encoded.getvalue()
 
 
-def write_pngs(folder, samples, name=lambda index: f"{index:06d}.png"):
+def numbered(index):
+    return f"{index:06d}.png"
+
+
+def write_pngs(folder, samples, name=numbered):
     """Each sample (N, H, W, 3) uint8 as folder/name(its index)."""
     folder.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(samples):
@@ -44,9 +48,9 @@ def write_pngs(folder, samples, name=lambda index: f"{index:06d}.png"):
         runtime.atomic_write(folder / name(index), lambda file: file.write(encoded))
 
 
-def write_outputs(out, samples, labels, settings, columns, rows, pictures=None):
-    """Images: samples.npz, grid.png and with settings["png"] images/<i:06d>.png; undecoded latents: latents.npy and
-    labels.npy. pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
+def write_outputs(out, samples, labels, settings, columns, rows, pictures=None, png_name=numbered):
+    """Images: samples.npz, grid.png and with settings["png"] images/<png_name(i)> (default <i:06d>.png); undecoded
+    latents: latents.npy and labels.npy. pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
     out.mkdir(parents=True, exist_ok=True)
     if settings["latent"] and settings.get("vae") is None:
         runtime.atomic_write(out / "latents.npy", lambda file: np.save(file, samples))
@@ -59,5 +63,5 @@ def write_outputs(out, samples, labels, settings, columns, rows, pictures=None):
         grid = png_bytes(grid_image(pictures[:rows * columns], columns))
         runtime.atomic_write(out / "grid.png", lambda file: file.write(grid))
         if settings.get("png"):
-            write_pngs(out / "images", samples)
+            write_pngs(out / "images", samples, png_name)
     runtime.atomic_write(out / "settings.json", lambda file: file.write(json.dumps(settings, indent=2).encode()))

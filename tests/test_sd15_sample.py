@@ -154,6 +154,7 @@ def test_sd15_writes_samples_grid_settings_and_pngs(files, tmp_path, capsys):
     settings = json.loads((out / "settings.json").read_text())
     assert settings["network_evaluations_per_sample"] == 6 and settings["pairs"][1]["prompt"] == "a dog"
     assert np.array_equal(np.asarray(Image.open(out / "images" / "00001_1.png")), images[3])
+    assert len(list((out / "images").iterdir())) == 6  # one PNG a sample, named by pair and seed
 
 
 def test_the_same_seeds_give_the_same_images_at_batch_1_and_3_and_on_2_ranks(files, tmp_path):
