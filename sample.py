@@ -240,7 +240,8 @@ SD15_DEFAULTS = dict(seeds_per_prompt=1, steps=50, cfg=7.5, size=512)
 def parse_sd15_args(argv):
     parser = argparse.ArgumentParser(prog="sample.py sd15", description=SD15_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sd15", required=True, help="SD1.5 single file (v1-5-pruned-emaonly.safetensors / .ckpt)")
+    parser.add_argument("--sd15", required=True, help="SD1.5 single file (v1-5-pruned-emaonly.safetensors / .ckpt) "
+                        "or diffusers pipeline folder (unet/, vae/, text_encoder/)")
     parser.add_argument("--controlnet", required=True, help="ControlNet 1.0 / 1.1 file (control_v11f1p_sd15_depth.pth, "
                         "...) or a diffusers ControlNet folder")
     parser.add_argument("--tokenizer", required=True,

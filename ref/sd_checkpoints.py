@@ -226,10 +226,17 @@ def load(model, checkpoint, prefer="ema"):
     return model
 
 
+# The model folders of a diffusers pipeline folder (StableDiffusionPipeline.save_pretrained, how SD1.5 is also published)
+PIPELINE_FOLDERS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
+
+
 def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema"):
-    """Read an SD1.5 single file once and load its UNet (EMA or training weights, see split_sd15), VAE and text
-    encoder into the given models, each all or nothing; a file for another base model or missing one of the three
-    is refused naming what was found or missing. -> (unet, autoencoder, text_encoder)"""
+    """Read an SD1.5 single file once, or a diffusers pipeline folder (unet/, vae/, text_encoder/), and load its UNet
+    (EMA or training weights, see split_sd15), VAE and text encoder into the given models, each all or nothing; a file
+    for another base model or missing one of the three is refused naming what was found or missing.
+    -> (unet, autoencoder, text_encoder)"""
+    if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_dir():
+        return load_sd15_pipeline(Path(checkpoint), unet, autoencoder, text_encoder)
     state = file_state(checkpoint)
     check_base(state, unet)
     absent = [f"{prefix}* ({part})" for part, prefix in SD15_PARTS.items()
@@ -239,6 +246,19 @@ def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema"):
     load(unet, state, prefer)
     vae.load_state(autoencoder, state)
     clip.load_checkpoint(text_encoder, state)
+    return unet, autoencoder, text_encoder
+
+
+def load_sd15_pipeline(folder, unet, autoencoder, text_encoder):
+    """load_sd15 for a diffusers pipeline folder: each network from its model folder (ref.checkpoints.read_checkpoint
+    finds the weights file inside)."""
+    absent = [name for name in PIPELINE_FOLDERS.values() if not (folder / name).is_dir()]
+    if absent:
+        raise ValueError(f"{folder} is a folder but not a diffusers SD1.5 pipeline: it has no {', no '.join(absent)} "
+                         f"model folder (expected unet/, vae/, text_encoder/ as StableDiffusionPipeline saves them)")
+    load(unet, folder / PIPELINE_FOLDERS["unet"])
+    vae.load_state(autoencoder, file_state(folder / PIPELINE_FOLDERS["vae"]))
+    clip.load_checkpoint(text_encoder, folder / PIPELINE_FOLDERS["text_encoder"])
     return unet, autoencoder, text_encoder
 
 

@@ -12,8 +12,9 @@ import torch
 from PIL import Image
 
 import sample
-from ref import runtime, text_to_image
+from ref import runtime, text_to_image, vae
 from ref.safetensors import save_file
+from ref.sd_checkpoints import save_diffusers
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
 from ref.tokenizer import clip_vocabulary
@@ -174,6 +175,26 @@ def test_the_same_seeds_give_the_same_images_at_batch_1_and_3_and_on_2_ranks(fil
     for other in (three, ranks):
         assert np.abs(one - other).max() <= 1 and (one == other).mean() > 0.999  # float rounding across row counts
     assert not np.array_equal(one[0], one[1])  # the two seeds of a prompt differ
+
+
+def test_a_diffusers_pipeline_folder_loads_the_same_networks_as_the_single_file(files, tmp_path):
+    """unet/ and vae/ in the diffusers layout, text_encoder/ as transformers publishes it (text_model.*)."""
+    unet, _, text_encoder, autoencoder = tiny_networks()
+    save_diffusers(unet, tmp_path / "pipeline" / "unet")
+    (tmp_path / "pipeline" / "vae").mkdir()
+    save_file(vae.to_diffusers(autoencoder.state_dict(), len(autoencoder.encoder.down)),
+              tmp_path / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors")
+    (tmp_path / "pipeline" / "text_encoder").mkdir()
+    save_file(text_encoder.state_dict(), tmp_path / "pipeline" / "text_encoder" / "model.safetensors")
+    from_folder, from_file = (text_to_image.load_networks("tiny", path, files / "control.pth")
+                              for path in (tmp_path / "pipeline", files / "sd15.safetensors"))
+    for name in ("unet", "text_encoder", "autoencoder"):
+        ours, theirs = getattr(from_folder, name).state_dict(), getattr(from_file, name).state_dict()
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[key], theirs[key]) for key in ours)
+    (tmp_path / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    (tmp_path / "pipeline" / "vae").rmdir()
+    with pytest.raises(ValueError, match="no vae model folder"):
+        text_to_image.load_networks("tiny", tmp_path / "pipeline", files / "control.pth")
 
 
 def test_long_prompts_are_cut_with_a_warning_naming_them(files, tmp_path, capsys):
