@@ -23,10 +23,22 @@ from pathlib import Path
 
 from ref import configs
 from ref.runtime import distributed, exit_with_error
+from ref.innercontrol_sd import SD_CONFIGS, SD_RUNS
 from ref.trainer import fit
-from shapes.runs import SHAPES_CONFIGS, make_run, run_class
+from shapes import runs as shapes_runs
 
-CONFIGS = {**configs.CONFIGS, **SHAPES_CONFIGS}
+CONFIGS = {**configs.CONFIGS, **shapes_runs.SHAPES_CONFIGS, **SD_CONFIGS}
+
+
+def run_class(preset):
+    """The kind of run a named config is: InnerControl at SD1.5 scale (ref/innercontrol_sd.py) or the others'."""
+    return SD_RUNS.get(preset["job"]) or shapes_runs.run_class(preset)
+
+
+def make_run(config, load=True):
+    """The run of a config, by its `job` (what ref.trainer.fit is given)."""
+    run = SD_RUNS.get(config["job"])
+    return run(config, load) if run else shapes_runs.make_run(config, load)
 
 
 def parse_args(argv=None):

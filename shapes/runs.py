@@ -11,7 +11,6 @@ Each run gives what the loop needs (ref/trainer.py): `make_dataset()`, `build()`
 `loss(net, batch, draws, device)` -> (B,). Frozen partners are other runs' EMA weights (`load_trained`).
 """
 import torch
-import torch.nn as nn
 
 from ref.checkpoints import check_state_fits
 from ref.configs import DIT_DEFAULTS, RUN_DEFAULTS, TRAINING_FIELDS, optional_float, optional_timestep_range
@@ -21,7 +20,7 @@ from ref.innercontrol import (InnerControlTerms, alignment_loss, control_loss, i
 from ref.internal_guidance import DiTRun
 from ref.losses import mean_squared_error
 from ref.probes import ReadoutProbe
-from ref.runtime import check_job, load_trained_network, read_run_checkpoint
+from ref.runtime import check_job, load_trained_network, move_modules, read_run_checkpoint
 from ref.schedules import DDPMSchedule
 from ref.unet import MODELS as UNETS
 from shapes.control_models import ControlEstimator
@@ -120,10 +119,7 @@ class ShapesRun:
 
     def to(self, device):
         """The frozen partners (the networks among its attributes and its InnerControl terms) onto the device."""
-        for holder in (self, getattr(self, "terms", self)):
-            for name, value in vars(holder).items():
-                if isinstance(value, nn.Module):
-                    setattr(holder, name, value.to(device))
+        move_modules(device, self, getattr(self, "terms", self))
         return self
 
 
