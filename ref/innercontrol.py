@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ref.configs import optional_float, optional_timestep_range
 from ref.losses import mean_squared_error
 
 
@@ -206,6 +207,28 @@ def innercontrol_task(name):
     if name not in INNERCONTROL_TASKS:
         raise ValueError(f"unknown InnerControl task {name!r}; known tasks: {', '.join(INNERCONTROL_TASKS)}")
     return INNERCONTROL_TASKS[name]
+
+
+# The train.py fields of a ControlNet run trained with Eq. 8 that override its task's Table 4 column.
+EQ8_FIELDS = {
+    "alpha": (optional_float, "reward weight (none: the task's Table 4 value; 0: no reward term)"),
+    "beta": (optional_float, "alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
+    "reward_range": (optional_timestep_range, "LOW,HIGH steps of the reward term (none: Table 4)"),
+    "align_range": (optional_timestep_range, "LOW,HIGH steps of the alignment term (none: Table 4)"),
+}
+
+
+def eq8_weights(settings, config, num_timesteps=1000):
+    """alpha, beta, reward range, alignment range of a run: the config's EQ8_FIELDS where given, else Table 4's
+    (`settings`, an InnerControlTask). A range of a term that is on and holds no step raises ValueError."""
+    alpha = settings.alpha if config["alpha"] is None else config["alpha"]
+    beta = settings.beta if config["beta"] is None else config["beta"]
+    reward_range = tuple(config["reward_range"] or settings.reward_range)
+    align_range = tuple(config["align_range"] or settings.align_range)
+    for weight, t_range in ((alpha, reward_range), (beta, align_range)):
+        if weight:
+            range_probability(t_range, num_timesteps)
+    return alpha, beta, reward_range, align_range
 
 
 # ---------------------------------------------------------------------------------------------------------------------

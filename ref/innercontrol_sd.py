@@ -25,13 +25,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ref import sd_checkpoints
 from ref.clip import MODELS as TEXT_ENCODERS
-from ref.configs import RUN_DEFAULTS, TRAINING_FIELDS, optional_float, optional_timestep_range
+from ref.configs import RUN_DEFAULTS, TRAINING_FIELDS
 from ref.control_data import LABEL_TASKS, ControlDataset, collate_controls
 from ref.controlnet import ControlNet
 from ref.dpt import DPTHybridDepth
 from ref.hed import HEDAnnotator
-from ref.innercontrol import (InnerControlTerms, alignment_loss, innercontrol_task, innercontrol_training_step,
-                              range_probability)
+from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights, innercontrol_task,
+                              innercontrol_training_step)
 from ref.losses import drop_captions
 from ref.probes import ReadoutProbe
 from ref.runtime import check_job, load_trained_network, move_modules, read_run_checkpoint
@@ -121,13 +121,15 @@ SD_FIELDS = dict(
     TRAINING_FIELDS,
     sd_size=(str, "sd15 | tiny (tests): the sizes of UNet, VAE and text encoder"),
     sd15=(optional_path, "the SD1.5 single file (UNet, VAE, text encoder; its EMA UNet when it has one)"),
-    tokenizer=(optional_path, "CLIP's BPE vocabulary: bpe_simple_vocab_16e6.txt.gz or a folder with vocab.json + merges.txt"),
+    tokenizer=(optional_path, "CLIP's BPE vocabulary: bpe_simple_vocab_16e6.txt.gz or a folder with vocab.json + "
+                              "merges.txt"),
     data_path=(optional_path, "folder with metadata.jsonl: {\"image\", \"control\", \"caption\"[, \"hint\"]} a line"),
     task=(str, "depth | hed | lineart | segmentation (Table 4's column)"),
     image_size=(int, "training resolution: the short side resized to it, then the central square (512)"),
     num_classes=(int, "segmentation: classes of the label maps (ADE20K 150), 255 = no class"),
     label_dropout=(float, "probability of replacing a caption by the empty prompt (CFG training)"),
-    grad_accumulation=(int, "micro-batches a rank's share of the batch is split into; the gradient is the batch mean's"),
+    grad_accumulation=(int, "micro-batches a rank's share of the batch is split into (the gradient stays the batch "
+                            "mean's)"),
     gradient_checkpointing=(bool, "recompute the VAE decode of the reward term in the backward pass"),
 )
 PROBE_FIELDS = dict(
@@ -178,7 +180,8 @@ class StableDiffusionRun:
 
 def probe_settings(config):
     """A probe config's tap mode and upsampling, `auto` / none resolved by the task as the paper does: attention
-    features for depth, convolution features otherwise; the 2x upsampling head for thin edges. -> (tap_mode, upsample)"""
+    features for depth, convolution features otherwise; the 2x upsampling head for thin edges.
+    -> (tap_mode, upsample)"""
     tap_mode = config["tap_mode"]
     if tap_mode == "auto":
         tap_mode = "attn" if config["task"] == "depth" else "conv"
@@ -242,28 +245,20 @@ class ControlNetRun(StableDiffusionRun):
     Table 4 column; alpha 0 / beta 0 leave the term (and its network) out: both 0 is the plain fine-tune."""
     fields = dict(
         SD_FIELDS,
-        controlnet_init=(optional_path, "start from this ControlNet (a ControlNet 1.0 / 1.1 file, diffusers folder or an "
-                              "sd-controlnet run's latest.pt, its EMA weights); none: a copy of the UNet's encoder"),
-        reward_model=(optional_path, "D for alpha > 0: DPT-Hybrid file (depth), ControlNetHED_Apache2.pth (hed), TorchScript "
-                           "segmenter (segmentation)"),
+        controlnet_init=(optional_path, "start from this ControlNet (a ControlNet 1.0 / 1.1 file, diffusers folder "
+                                        "or an sd-controlnet run's latest.pt, its EMA weights); none: a copy of the "
+                                        "UNet's encoder"),
+        reward_model=(optional_path, "D for alpha > 0: DPT-Hybrid file (depth), ControlNetHED_Apache2.pth (hed), "
+                                     "TorchScript segmenter (segmentation)"),
         probe=(optional_path, "the sd-probe run's latest.pt, for beta > 0"),
-        alpha=(optional_float, "reward weight (none: the task's Table 4 value; 0: no reward term)"),
-        beta=(optional_float, "alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
-        reward_range=(optional_timestep_range, "LOW,HIGH steps of the reward term (none: Table 4)"),
-        align_range=(optional_timestep_range, "LOW,HIGH steps of the alignment term (none: Table 4)"),
+        **EQ8_FIELDS,
     )
 
     def __init__(self, config, load=True):
         super().__init__(config, load)
         self.load = load
         settings = self.task
-        alpha = settings.alpha if config["alpha"] is None else config["alpha"]
-        beta = settings.beta if config["beta"] is None else config["beta"]
-        reward_range = tuple(config["reward_range"] or settings.reward_range)
-        align_range = tuple(config["align_range"] or settings.align_range)
-        for weight, t_range in ((alpha, reward_range), (beta, align_range)):
-            if weight:
-                range_probability(t_range, self.schedule.num_timesteps)  # a range holding no step is refused here
+        alpha, beta, reward_range, align_range = eq8_weights(settings, config, self.schedule.num_timesteps)
         reward, probe, tap_mode = None, None, None
         if alpha:
             reward = reward_model(config, load)

@@ -121,9 +121,10 @@ def test_image_and_control_are_cut_alike_and_labels_stay_labels(tmp_path):
     image, hint, labels, caption = ControlDataset(folder, "segmentation", SIZE)[0]
     record = json.loads((folder / "metadata.jsonl").read_text())
     source = {key: np.asarray(Image.open(folder / record[key])) for key in ("image", "control", "hint")}
-    assert torch.equal(image, torch.from_numpy(source["image"][:, 2:18].astype(np.float32)).permute(2, 0, 1) / 127.5 - 1)
-    assert torch.equal(labels, torch.from_numpy(source["control"][:, 2:18].astype(np.int64)))
-    assert torch.equal(hint, torch.from_numpy(source["hint"][:, 2:18].astype(np.float32)).permute(2, 0, 1) / 255)
+    crop = {key: torch.from_numpy(pixels[:, 2:18].astype(np.float32)) for key, pixels in source.items()}
+    assert torch.equal(image, crop["image"].permute(2, 0, 1) / 127.5 - 1)
+    assert torch.equal(labels, crop["control"].long())
+    assert torch.equal(hint, crop["hint"].permute(2, 0, 1) / 255)
     assert caption == "a cat"
     big = write_folder(tmp_path / "big", "segmentation", samples=1, width=40, height=32)
     labels = ControlDataset(big, "segmentation", SIZE)[0][2]
@@ -131,7 +132,8 @@ def test_image_and_control_are_cut_alike_and_labels_stay_labels(tmp_path):
     depth = write_folder(tmp_path / "depth", "depth", samples=1)
     _, hint, control, _ = ControlDataset(depth, "depth", SIZE)[0]
     grey = np.asarray(Image.open(depth / "depth0.png"))[:, 2:18].astype(np.float32) / 255
-    assert torch.allclose(control[0], torch.from_numpy(grey), atol=1e-6) and torch.equal(hint, control.expand(3, -1, -1))
+    assert torch.allclose(control[0], torch.from_numpy(grey), atol=1e-6)
+    assert torch.equal(hint, control.expand(3, -1, -1))
 
 
 def edit_first_line(folder, change):
