@@ -1,14 +1,16 @@
 """Train one stage of either paper: a DiT / SiT with the Internal Guidance head (Zhou et al., arXiv 2512.24176), or a
-stage of the InnerControl pipeline (arXiv 2507.02321) on the shapes data: base UNet, control estimators, readout
-probe, ControlNet with Eq. 8.
+stage of the InnerControl pipeline (arXiv 2507.02321): on the shapes data (base UNet, control estimators, readout
+probe, ControlNet with Eq. 8) or on SD1.5 (readout probe, ControlNet fine-tune, ControlNet with Eq. 8).
 
     python train.py --config shapes-tiny [--steps N] [--batch-size B] [--lr LR] [--out DIR] [...]
     torchrun --nproc_per_node=N train.py --config sit-xl2-imagenet --data-path LATENT_SHARDS [...]
     python train.py --config shapes-probe --task segmentation [...]
+    torchrun --nproc_per_node=8 train.py --config sd15-innercontrol --task depth --sd15 FILE --tokenizer VOCAB
+        --data-path FOLDER --reward-model DPT_FILE [...]
 
-Named configs and their fields live in ref/configs.py and shapes/runs.py; every field is a flag (--help lists them).
-The loop is ref/trainer.py; the training steps are ref/internal_guidance.py (IG) and ref/innercontrol.py (Eq. 8),
-the testbed's other runs are in shapes/runs.py. DiT objectives: flow matching with the velocity target (SiT / the IG
+Named configs and their fields live in ref/configs.py, shapes/runs.py and ref/innercontrol_sd.py; every field is a
+flag (--help lists them). The loop is ref/trainer.py; the training steps are ref/internal_guidance.py (IG) and
+ref/innercontrol.py (Eq. 8), the testbed's other runs are in shapes/runs.py, the SD1.5 runs in ref/innercontrol_sd.py. DiT objectives: flow matching with the velocity target (SiT / the IG
 release, t ~ U(0, 1)) or DDPM eps (DiT), each with the IG auxiliary term lambda ||D_i - target||^2. AdamW (betas 0.9,
 0.999, no weight decay), gradient clipping, label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on
 CUDA. Rerun the same command to resume from OUT/latest.pt: the data order and every random draw are functions of the

@@ -9,8 +9,8 @@ Usage (from the repository root): OMP_NUM_THREADS=1 python -m bench.innercontrol
 Every term is switched on for the sample (its range widened to all 1000 steps), so each row is the cost of a step in
 which the term applies; the VAE encode of the image is part of every step, as in the run (ref/innercontrol_sd.py).
 Each variant runs in a process of its own, so that its peak memory is its own: "peak RSS" is the process's resident
-memory at its highest during the timed steps (weights included), "step memory" that peak less the memory before the
-first timed step (activations, gradients). One warm-up step is not timed. At 512 px a step takes minutes on one core:
+memory at its highest during the steps (weights included), "step memory" that peak less the memory once every network
+is built (activations, gradients, the allocator's caches). One warm-up step is not timed. At 512 px a step takes minutes on one core:
 256 px (32 x 32 latents) keeps the run to minutes; DPT sees 384 x 384 at any size.
 """
 import argparse
@@ -96,9 +96,9 @@ def measure(variant, image_size, steps):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(controlnet.parameters(), 1.0)
 
-    step(0)  # warm-up
     before = resident_bytes()
     with PeakMemory() as memory:
+        step(0)  # warm-up, not timed
         start = time.perf_counter()
         for seed in range(1, steps + 1):
             step(seed)

@@ -135,7 +135,7 @@ SD_FIELDS = dict(
 PROBE_FIELDS = dict(
     tap_mode=(str, "decoder features the probe reads: conv | attn | auto (attn for depth, conv otherwise: the paper)"),
     probe_resolution=(int, "side R the feature maps are resized to (the 64 x 64 latent at 512 px)"),
-    probe_upsample=(bool, "a transposed conv doubling the probe's output (edges: 2R); none: on for hed / lineart"),
+    probe_upsample=(bool, "a transposed conv doubling the probe's output to 2R (default: on for hed / lineart)"),
     probe_width=(int, "the probe's projection width P (384)"),
 )
 

@@ -1,8 +1,9 @@
 """InnerControl at SD scale (ref/innercontrol_sd.py, ref/control_data.py) on tiny SD-layout parts written to files in
 the test (an SD single file, a BPE vocabulary, a TorchScript segmenter, data folders): the data's crop and its errors
 naming the line; gradients reach the ControlNet from the reward (through the VAE decoder) and the alignment terms and
-nothing frozen; gradient accumulation gives the gradient of the whole batch; a 2-step Eq. 8 run via train.main resumed
-after --stop-after is bitwise the uninterrupted one; the probe run trains and its loss falls on one overfitted batch."""
+nothing frozen, out-of-range samples add nothing; gradient accumulation gives the gradient of the whole batch; a 2-step
+Eq. 8 run via train.main resumed after --stop-after is bitwise the uninterrupted one, and the next stage starts from its
+EMA weights; the probe run trains and its loss falls on one overfitted batch."""
 import gzip
 import json
 
@@ -227,6 +228,12 @@ def test_gradient_accumulation_gives_the_whole_batchs_gradient(files):
     torch.testing.assert_close(losses[1], losses[0])
 
 
+def test_micro_batches_that_do_not_divide_the_batch_are_refused(files, tmp_path, capsys):
+    error = train_error(["--config", "sd15-controlnet", *files["flags"], "--task", "depth", "--data-path",
+                         files["depth"], "--batch-size", 4, "--grad-accumulation", 3, "--out", tmp_path / "out"], capsys)
+    assert "--grad-accumulation 3 does not divide a rank's 4 samples of the batch into equal micro-batches" in error
+
+
 def test_eq8_run_resumed_after_stop_after_is_bitwise_the_uninterrupted_one(files, tmp_path):
     argv = ["--config", "sd15-innercontrol", *files["flags"], "--task", "segmentation", "--data-path",
             files["segmentation"], "--controlnet-init", "none", "--reward-model", files["segmenter"],
@@ -240,6 +247,9 @@ def test_eq8_run_resumed_after_stop_after_is_bitwise_the_uninterrupted_one(files
     whole, split = (read_checkpoint(tmp_path / name / "latest.pt") for name in ("whole", "split"))
     assert_same_state({k: whole[k] for k in ("model", "ema", "opt", "step")},
                       {k: split[k] for k in ("model", "ema", "opt", "step")})
+    # the next stage starts from the run's EMA weights (sd15-innercontrol's --controlnet-init)
+    config = dict(controlnet_config(files), controlnet_init=str(tmp_path / "whole" / "latest.pt"))
+    assert_same_state(train.make_run(config).build().state_dict(), whole["ema"])
 
 
 def test_lineart_has_no_reward_model(files, tmp_path, capsys):
