@@ -10,7 +10,8 @@ Every term is switched on for the sample (its range widened to all 1000 steps), 
 which the term applies; the VAE encode of the image is part of every step, as in the run (ref/innercontrol_sd.py).
 Each variant runs in a process of its own, so that its peak memory is its own: "peak RSS" is the process's resident
 memory at its highest during the steps (weights included), "step memory" that peak less the memory once every network
-is built (activations, gradients, the allocator's caches). One warm-up step is not timed. At 512 px a step takes minutes on one core:
+is built (activations, gradients, the allocator's caches). One warm-up step is not timed. The processes with the
+alignment term also time the probe's forward and backward pass by itself, its share of their step. At 512 px a step takes minutes on one core:
 256 px (32 x 32 latents) keeps the run to minutes; DPT sees 384 x 384 at any size.
 """
 import argparse
@@ -25,7 +26,7 @@ import torch
 from ref.clip import MODELS as TEXT_ENCODERS
 from ref.controlnet import ControlNet
 from ref.dpt import DPTHybridDepth
-from ref.innercontrol import InnerControlTerms, innercontrol_task, innercontrol_training_step
+from ref.innercontrol import InnerControlTerms, alignment_loss, innercontrol_task, innercontrol_training_step
 from ref.innercontrol_sd import SD_SIZES, StableDiffusion, build_probe
 from ref.runtime import SampleDraws
 from ref.schedules import DDPMSchedule
@@ -103,7 +104,26 @@ def measure(variant, image_size, steps):
         for seed in range(1, steps + 1):
             step(seed)
         seconds = (time.perf_counter() - start) / steps
-    return dict(seconds=seconds, peak=memory.peak, step_memory=memory.peak - before)
+    result = dict(seconds=seconds, peak=memory.peak, step_memory=memory.peak - before)
+    if alignment_on:
+        result["probe_seconds"] = probe_seconds(base, probe, image_size, control, steps)
+    return result
+
+
+def probe_seconds(base, probe, image_size, control, steps):
+    """The alignment term by itself: the probe's forward and backward pass (to the features) on SD1.5's decoder
+    features of one sample, s per step: a direct figure for its share, less exposed to a busy machine than the
+    difference of two step times."""
+    latent = image_size // base.vae.downsampling_factor
+    t = torch.tensor([500])
+    with torch.no_grad():
+        _, features = base.unet(torch.randn(1, 4, latent, latent), t, torch.randn(1, 77, 768), taps="attn")
+        t_emb = base.unet.embed_time(t)
+    features = [feature.requires_grad_() for feature in features]
+    start = time.perf_counter()
+    for _ in range(steps):
+        alignment_loss(probe, features, t_emb, control, "mse").sum().backward()
+    return (time.perf_counter() - start) / steps
 
 
 def main(args):
@@ -125,6 +145,10 @@ def main(args):
         print(f"{variant:<22} {result['seconds']:>7.1f} {result['seconds'] / plain['seconds']:>5.2f}x "
               f"{result['peak'] / 2 ** 30:>7.2f}GB {result['peak'] / plain['peak']:>5.2f}x "
               f"{result['step_memory'] / 2 ** 30:>7.2f}GB {result['step_memory'] / plain['step_memory']:>8.2f}x")
+    for variant, result in results.items():
+        if "probe_seconds" in result:
+            print(f"alignment term alone (probe forward + backward) in '{variant}': {result['probe_seconds']:.2f} s, "
+                  f"{result['probe_seconds'] / result['seconds']:.1%} of that step")
 
 
 if __name__ == "__main__":
