@@ -1,22 +1,26 @@
 """Train one stage of either paper: a DiT / SiT or LightningDiT with the Internal Guidance head (Zhou et al., arXiv
-2512.24176), or a stage of the InnerControl pipeline (arXiv 2507.02321) on the shapes data: base UNet, control
-estimators, readout probe, ControlNet with Eq. 8.
+2512.24176), or a stage of the InnerControl pipeline (arXiv 2507.02321): on the shapes data (base UNet, control
+estimators, readout probe, ControlNet with Eq. 8) or on SD1.5 (readout probe, ControlNet fine-tune, ControlNet with
+Eq. 8).
 
     python train.py --config shapes-tiny [--steps N] [--batch-size B] [--lr LR] [--out DIR] [...]
     torchrun --nproc_per_node=N train.py --config sit-xl2-imagenet --data-path LATENT_SHARDS [...]
     torchrun --nproc_per_node=N train.py --config lightningdit-xl1-imagenet --data-path LATENT_SHARDS [...]
     python train.py --config shapes-probe --task segmentation [...]
+    torchrun --nproc_per_node=8 train.py --config sd15-innercontrol --task depth --sd15 FILE --tokenizer VOCAB
+        --data-path FOLDER --reward-model DPT_FILE [...]
 
-Named configs and their fields live in ref/configs.py and shapes/runs.py; every field is a flag (--help lists them).
-The loop is ref/trainer.py; the training steps are ref/internal_guidance.py (IG) and ref/innercontrol.py (Eq. 8),
-the testbed's other runs are in shapes/runs.py. DiT objectives: flow matching with the velocity target (SiT / the IG
-release, t ~ U(0, 1)) or DDPM eps (DiT), each with the IG auxiliary term lambda ||D_i - target||^2; for flow,
-optionally LightningDiT's cosine term (--cosine-loss) and IG's accelerated training (--ig-omega, with the EMA network).
-Latent shards are prepare.py's (--vae names the VAE that encoded them): stored moments give a fresh posterior sample
-every step, stored samples are normalised by SHARDS/latents_stats.pt. AdamW (beta1 0.9, --adam-beta2, no weight
-decay), gradient clipping, label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on CUDA. Rerun the
-same command to resume from OUT/latest.pt: the data order and every random draw are functions of the seed and the
-step, so the resumed run is bitwise the uninterrupted one. Rank 0 writes OUT/latest.pt (atomically), OUT/log.txt and
+Named configs and their fields live in ref/configs.py, shapes/runs.py and ref/innercontrol_sd.py; every field is a
+flag (--help lists them). The loop is ref/trainer.py; the training steps are ref/internal_guidance.py (IG) and
+ref/innercontrol.py (Eq. 8), the testbed's other runs are in shapes/runs.py, the SD1.5 runs in ref/innercontrol_sd.py.
+DiT objectives: flow matching with the velocity target (SiT / the IG release, t ~ U(0, 1)) or DDPM eps (DiT), each
+with the IG auxiliary term lambda ||D_i - target||^2; for flow, optionally LightningDiT's cosine term (--cosine-loss)
+and IG's accelerated training (--ig-omega, with the EMA network). Latent shards are prepare.py's (--vae names the VAE
+that encoded them): stored moments give a fresh posterior sample every step, stored samples are normalised by
+SHARDS/latents_stats.pt. AdamW (beta1 0.9, --adam-beta2, no weight decay), gradient clipping, gradient accumulation
+(--grad-accumulation), label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on CUDA. Rerun the same
+command to resume from OUT/latest.pt: the data order and every random draw are functions of the seed and the step, so
+the resumed run is bitwise the uninterrupted one. Rank 0 writes OUT/latest.pt (atomically), OUT/log.txt and
 OUT/metrics.jsonl (loss, images/s, MFU); with --snapshot-every N, counted in training images (EDM's habit), also a
 numbered copy OUT/snapshot-<images seen, 9 digits>.pt whenever the images seen pass a multiple of N, for
 FID-vs-training curves (`sample.py OUT/snapshot-....pt`); the cadence may change on resume. Bad input (a count below
@@ -27,11 +31,23 @@ import argparse
 from pathlib import Path
 
 from ref import configs
+from ref.innercontrol_sd import SD_CONFIGS, SD_RUNS
 from ref.runtime import distributed, exit_with_error
 from ref.trainer import fit
-from shapes.runs import SHAPES_CONFIGS, make_run, run_class
+from shapes import runs as shapes_runs
 
-CONFIGS = {**configs.CONFIGS, **SHAPES_CONFIGS}
+CONFIGS = {**configs.CONFIGS, **shapes_runs.SHAPES_CONFIGS, **SD_CONFIGS}
+
+
+def run_class(preset):
+    """The kind of run a named config is: InnerControl at SD1.5 scale (ref/innercontrol_sd.py) or the others'."""
+    return SD_RUNS.get(preset["job"]) or shapes_runs.run_class(preset)
+
+
+def make_run(config, load=True):
+    """The run of a config, by its `job` (what ref.trainer.fit is given)."""
+    run = SD_RUNS.get(config["job"])
+    return run(config, load) if run else shapes_runs.make_run(config, load)
 
 
 def parse_args(argv=None):
@@ -41,7 +57,8 @@ def parse_args(argv=None):
     chosen, _ = chooser.parse_known_args(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, choices=list(CONFIGS),
-                        help="named config (ref/configs.py, shapes/runs.py); with --help: its fields as flags")
+                        help="named config (ref/configs.py, shapes/runs.py, ref/innercontrol_sd.py); with --help: "
+                             "its fields as flags")
     parser.add_argument("--out", help="run folder (default runs/<config>, runs/<config>-<task> for a task's stage)")
     fields = run_class(CONFIGS[chosen.config]).fields if chosen.config else {}
     configs.add_config_flags(parser.add_argument_group(f"fields of {chosen.config}"), fields)

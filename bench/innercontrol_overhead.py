@@ -5,8 +5,9 @@ Eq. 5-6), and with both (Eq. 8), each as a real train.py run of the shapes pipel
 Usage (from the repository root): OMP_NUM_THREADS=1 python -m bench.innercontrol_overhead [--steps 40] [--batch-size 16]
 
 The partner runs (base UNet, reward estimator, probe, a ControlNet to start from) are trained for one step in a
-temporary folder: weights do not change the cost. Every term is computed for the whole batch and masked per sample
-(ref/losses.py), so the cost does not depend on the timestep ranges. The first --warmup steps are not timed.
+temporary folder: weights do not change the cost. Each term runs on the samples whose t lies in its range alone
+(ref/innercontrol.py, in_range_only), so its cost follows the range's share of the steps (Table 4's ranges here).
+The first --warmup steps are not timed.
 """
 import argparse
 import json

@@ -47,10 +47,11 @@ TRAINING_FIELDS = {
 
 # Fields that may change when a run is resumed: how far and how it runs, not what it computes.
 RUN_FIELDS = {"config", "steps", "checkpoint_every", "snapshot_every", "log_every", "workers", "compile",
-              "gradient_checkpointing", "peak_tflops", "stop_after"}
+              "gradient_checkpointing", "peak_tflops", "stop_after", "grad_accumulation"}
 # Counts that must be positive (None allowed where the field is optional) and counts that may be zero.
 POSITIVE_FIELDS = ("steps", "batch_size", "checkpoint_every", "snapshot_every", "log_every", "stop_after",
-                   "shapes_items", "image_size", "num_classes", "depth", "hidden_size", "num_heads", "patch_size")
+                   "shapes_items", "image_size", "num_classes", "depth", "hidden_size", "num_heads", "patch_size",
+                   "grad_accumulation")
 NON_NEGATIVE_FIELDS = ("workers",)
 
 # Fields added after runs were stored, each with the value a stored config without it was trained with: of every run,
@@ -110,7 +111,8 @@ def resolve_config(args, preset, fields):
 
 def default_out(config):
     """runs/<config>, or runs/<config>-<task> for a run of the InnerControl pipeline that has a task."""
-    task = config.get("task") if config["job"] in ("estimator", "probe", "controlnet") else None
+    task_jobs = ("estimator", "probe", "controlnet", "sd-probe", "sd-controlnet")
+    task = config.get("task") if config["job"] in task_jobs else None
     return Path("runs") / (config["config"] + (f"-{task}" if task else ""))
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ref.configs import optional_float, optional_timestep_range
 from ref.losses import mean_squared_error
 
 
@@ -104,12 +105,16 @@ def alignment_loss(probe, features, t_emb, control, kind):
     probe: H (ref.probes.ReadoutProbe), frozen while the ControlNet trains; the gradient reaches the ControlNet
         through the features (B, C_l, H_l, W_l) of the UNet decoder that received its residuals.
     t_emb: the UNet's own timestep embedding of t, (B, D_t).
-    control: (B, C, H, W) in [0, 1] at the probe's output size: a tanh probe's [-1, 1] is read as (H + 1) / 2, as in
-        the InnerControl release; for kind "cross_entropy" the probe gives logits and the control is class indices.
+    control: (B, C, H, W) in [0, 1]: a tanh probe's [-1, 1] is read as (H + 1) / 2, as in the InnerControl release;
+        for kind "cross_entropy" the probe gives logits and the control is class indices (B, H, W). An estimate of
+        another size than the control is resized to it (bilinear), as the release does.
     Probe training (before the ControlNet's) minimises this same loss with the probe trainable and the UNet frozen."""
     estimate = probe(features, t_emb)  # H_t
     if kind != "cross_entropy":
         estimate = (estimate + 1) / 2  # [-1, 1] -> [0, 1]
+    size = control.shape[-2:]
+    if estimate.shape[-2:] != size:  # the release resizes H_t to the control's resolution (512 px at SD scale)
+        estimate = F.interpolate(estimate, size=size, mode="bilinear", align_corners=False)
     return control_loss(estimate, control, kind)  # Eq. 7
 
 
@@ -128,6 +133,21 @@ def timestep_masked(per_sample_loss, t, t_range):
     no gradient (a select, not a product, so an out-of-range value is dropped, not multiplied)."""
     in_range = in_timestep_range(t, t_range).to(per_sample_loss.device)
     return torch.where(in_range, per_sample_loss, torch.zeros_like(per_sample_loss))
+
+
+def in_range_only(per_sample_loss, t, t_range):
+    """A per-sample loss computed for the samples whose t lies in the range alone, 0 for the others. -> (B,) float32
+
+    per_sample_loss(rows): the loss of the samples `rows` (indices into the batch) -> (len(rows),). The costly terms
+    (the VAE decode and the reward model; the probe) so run only where Eq. 8 keeps them."""
+    if t.is_meta:  # the FLOP count on the meta device (ref.trainer) cannot read t: every sample counts as in range
+        rows = torch.arange(len(t), device=t.device)
+    else:
+        rows = in_timestep_range(t, t_range).nonzero().squeeze(1)  # (B_in,)
+    loss = torch.zeros(len(t), device=t.device)
+    if len(rows) == 0:
+        return loss
+    return loss.index_put((rows,), per_sample_loss(rows).float())
 
 
 def range_probability(t_range, num_timesteps):
@@ -189,6 +209,28 @@ def innercontrol_task(name):
     return INNERCONTROL_TASKS[name]
 
 
+# The train.py fields of a ControlNet run trained with Eq. 8 that override its task's Table 4 column.
+EQ8_FIELDS = {
+    "alpha": (optional_float, "reward weight (none: the task's Table 4 value; 0: no reward term)"),
+    "beta": (optional_float, "alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
+    "reward_range": (optional_timestep_range, "LOW,HIGH steps of the reward term (none: Table 4)"),
+    "align_range": (optional_timestep_range, "LOW,HIGH steps of the alignment term (none: Table 4)"),
+}
+
+
+def eq8_weights(settings, config, num_timesteps=1000):
+    """alpha, beta, reward range, alignment range of a run: the config's EQ8_FIELDS where given, else Table 4's
+    (`settings`, an InnerControlTask). A range of a term that is on and holds no step raises ValueError."""
+    alpha = settings.alpha if config["alpha"] is None else config["alpha"]
+    beta = settings.beta if config["beta"] is None else config["beta"]
+    reward_range = tuple(config["reward_range"] or settings.reward_range)
+    align_range = tuple(config["align_range"] or settings.align_range)
+    for weight, t_range in ((alpha, reward_range), (beta, align_range)):
+        if weight:
+            range_probability(t_range, num_timesteps)
+    return alpha, beta, reward_range, align_range
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The training step of the ControlNet (Eq. 5-8)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,7 +239,8 @@ def innercontrol_task(name):
 class InnerControlTerms:
     """What Eq. 8 adds to the diffusion loss: alpha, the reward model D (None: no reward term), its range and
     comparison; beta, the frozen probe H (None: no alignment term), the UNet features it reads (`tap_mode`), its
-    range and comparison. Ranges are inclusive DDPM steps."""
+    range and comparison. Ranges are inclusive DDPM steps. decode: latents -> the reward model's image (RGB in
+    [0, 1]); None in pixel space."""
     alpha: float
     reward_model: object
     reward_range: tuple
@@ -207,6 +250,7 @@ class InnerControlTerms:
     tap_mode: str
     align_range: tuple
     alignment_kind: str
+    decode: object = None
 
 
 def innercontrol_training_step(controlnet, base, schedule, terms, x0, tokens, hint, control, draws, device):
@@ -214,9 +258,11 @@ def innercontrol_training_step(controlnet, base, schedule, terms, x0, tokens, hi
 
     base: the text-to-image model, `base.text_encoder(tokens)` -> context and `base.unet(x_t, t, context,
         control=residuals, taps=...)` -> eps (and the decoder features with taps); frozen.
-    x0 (B, C, H, W) real images, tokens (B, L) their captions (dropped for CFG already), hint (B, C_hint, H, W) the
-        ControlNet's input control, control the exact control the reward and the alignment compare against.
-    draws: each sample's generator (ref.runtime.SampleDraws): t ~ U{0..T-1}, then eps."""
+    x0 (B, C, H, W) real images or their latents, tokens (B, L) their captions (dropped for CFG already), hint
+        (B, C_hint, H', W') the ControlNet's input control, control the exact control the reward and the alignment
+        compare against (in pixel space).
+    draws: each sample's generator (ref.runtime.SampleDraws): t ~ U{0..T-1}, then eps.
+    The reward model (after terms.decode) and the probe run on the samples inside their ranges only (in_range_only)."""
     t = draws.randint(schedule.num_timesteps)  # (B,)
     eps = draws.randn(*x0.shape[1:])  # (B, C, H, W)
     x0, tokens, hint, control, t, eps = (tensor.to(device, non_blocking=True)
@@ -231,8 +277,13 @@ def innercontrol_training_step(controlnet, base, schedule, terms, x0, tokens, hi
         eps_hat, features = base.unet(x_t, t, context, control=residuals, taps=terms.tap_mode)
     reward = alignment = None
     if terms.reward_model is not None:  # Eq. 5-6: D reads the control back from the one-step estimate of x0
-        reward = reward_loss(terms.reward_model, schedule, x_t, eps_hat, t, control, terms.reward_kind)
+        reward = in_range_only(lambda rows: reward_loss(terms.reward_model, schedule, x_t[rows], eps_hat[rows], t[rows],
+                                                        control[rows], terms.reward_kind, terms.decode),
+                               t, terms.reward_range)
     if terms.probe is not None:  # Eq. 7: H reads the control back from the decoder features
-        alignment = alignment_loss(terms.probe, features, base.unet.embed_time(t), control, terms.alignment_kind)
+        t_emb = base.unet.embed_time(t)  # (B, D_t)
+        alignment = in_range_only(lambda rows: alignment_loss(terms.probe, [feature[rows] for feature in features],
+                                                              t_emb[rows], control[rows], terms.alignment_kind),
+                                  t, terms.align_range)
     return innercontrol_loss(mean_squared_error(eps_hat, eps), reward, alignment, t, terms.alpha, terms.beta,
                              terms.reward_range, terms.align_range, schedule.num_timesteps)  # Eq. 8

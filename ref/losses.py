@@ -53,3 +53,10 @@ def drop_labels(y, probability, null_label, generator=None):
     """Label dropout for classifier-free guidance: each label becomes `null_label` with the given probability."""
     drop = torch.rand(y.shape, generator=generator, device=y.device) < probability
     return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def drop_captions(tokens, empty, probability, draws):
+    """Caption dropout for CFG: each caption (B, L) becomes the empty prompt's tokens `empty` (L,) with the given
+    probability, drawn from the sample's own generator (draws: ref.runtime.SampleDraws)."""
+    drop = torch.cat([torch.rand(1, generator=generator) < probability for generator in draws.generators])  # (B,)
+    return torch.where(drop[:, None], empty.to(tokens), tokens)

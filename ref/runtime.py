@@ -180,6 +180,14 @@ def load_trained_network(path, expected_job, build, weights="ema", checkpoint=No
     return network.requires_grad_(False).eval(), config
 
 
+def move_modules(device, *holders):
+    """Every nn.Module among the attributes of `holders` (a run, its InnerControl terms) onto the device."""
+    for holder in holders:
+        for name, value in vars(holder).items():
+            if isinstance(value, torch.nn.Module):
+                setattr(holder, name, value.to(device))
+
+
 def weights_digest(state_dict):
     """sha256 of every tensor's bytes in key order: equal digests mean bitwise-equal weights."""
     digest = hashlib.sha256()

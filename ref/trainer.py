@@ -7,6 +7,7 @@ CPU tensors, `to(device)` for its frozen partners, and `loss(net, batch, draws, 
 of its paper's training step, each sample's random draws taken from `draws` (ref.runtime.SampleDraws). A run whose
 step reads the EMA weights (IG's accelerated training) has `use_ema(ema)`, and the loop hands it its EMA network.
 """
+import contextlib
 import copy
 import json
 import time
@@ -78,7 +79,8 @@ def start(make_run, config, out, world):
         check_counts(config)
         run = make_run(config)
         dataset = run.make_dataset()
-        stream_positions(0, config["batch_size"], world.rank, world.world_size)  # checks the batch splits over ranks
+        share = stream_positions(0, config["batch_size"], world.rank, world.world_size)  # checks the batch splits
+        check_accumulation(len(share), config.get("grad_accumulation", 1))
         checkpoint = read_run_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
         if checkpoint is not None:
             check_resumable(checkpoint["args"], config, checkpoint_path)
@@ -89,6 +91,33 @@ def start(make_run, config, out, world):
     except ValueError as error:
         exit_with_error(error)
     return run, dataset, model, checkpoint, flops_per_image
+
+
+def check_accumulation(share, micro_batches):
+    if share % micro_batches:
+        raise ValueError(f"--grad-accumulation {micro_batches} does not divide a rank's {share} samples of the batch "
+                         f"into equal micro-batches")
+
+
+def accumulate_gradients(run, net, batch, positions, config, world):
+    """Forward and backward passes of a rank's share of the batch in config["grad_accumulation"] equal micro-batches
+    (default 1: all at once), each sample with its own draws: the gradients sum to those of the share's mean loss
+    (DDP averages over the ranks on the last micro-batch's backward). -> the mean loss, detached."""
+    micro_batches = config.get("grad_accumulation", 1)
+    size = len(positions) // micro_batches
+    mean_loss = 0
+    for index in range(micro_batches):
+        rows = slice(index * size, (index + 1) * size)
+        draws = SampleDraws(stream_seed(config["seed"], position) for position in positions[rows])
+        last = index == micro_batches - 1
+        with contextlib.nullcontext() if last or world.world_size == 1 else net.no_sync():
+            with autocast(world.device, config["bf16"]):
+                loss = run.loss(net, tuple(tensor[rows] for tensor in batch), draws, world.device).mean()
+            if micro_batches > 1:
+                loss = loss / micro_batches
+            loss.backward()  # DDP averages the gradients over the ranks: the gradient of the global batch mean
+        mean_loss = mean_loss + loss.detach()
+    return mean_loss
 
 
 def fit(make_run, config, out, world):
@@ -128,11 +157,8 @@ def fit(make_run, config, out, world):
         except ValueError as error:  # an image file that cannot be decoded
             exit_with_error(error)
         positions = stream_positions(step, config["batch_size"], world.rank, world.world_size)
-        draws = SampleDraws(stream_seed(config["seed"], position) for position in positions)
-        with autocast(world.device, config["bf16"]):
-            loss = run.loss(net, batch, draws, world.device).mean()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # DDP averages the gradients over the ranks: the gradient of the global batch mean
+        loss = accumulate_gradients(run, net, batch, positions, config, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
         optimizer.step()
         update_ema(ema, model, config["ema_decay"])

@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.innercontrol import innercontrol_task
+from ref.losses import drop_captions as drop_empty_captions
 from shapes.data import CAPTION_VOCABULARY, MAX_OBJECTS, SHAPE_CLASSES
 from shapes.text import PAD, Tokenizer
 
@@ -86,8 +87,7 @@ def collate_shapes(samples, task_name=None):
 
 def drop_captions(tokens, probability, draws):
     """Caption dropout for CFG: each caption becomes the empty one (all padding) with the given probability."""
-    drop = torch.cat([torch.rand(1, generator=generator) < probability for generator in draws.generators])  # (B,)
-    return torch.where(drop[:, None], torch.full_like(tokens, PAD), tokens)
+    return drop_empty_captions(tokens, torch.full(tokens.shape[1:], PAD), probability, draws)
 
 
 class TextToImage(nn.Module):

@@ -11,17 +11,16 @@ Each run gives what the loop needs (ref/trainer.py): `make_dataset()`, `build()`
 `loss(net, batch, draws, device)` -> (B,). Frozen partners are other runs' EMA weights (`load_trained`).
 """
 import torch
-import torch.nn as nn
 
 from ref.checkpoints import check_state_fits
-from ref.configs import DIT_DEFAULTS, RUN_DEFAULTS, TRAINING_FIELDS, optional_float, optional_timestep_range
+from ref.configs import DIT_DEFAULTS, RUN_DEFAULTS, TRAINING_FIELDS
 from ref.controlnet import ControlNet
-from ref.innercontrol import (InnerControlTerms, alignment_loss, control_loss, innercontrol_training_step,
-                              range_probability)
+from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, control_loss, eq8_weights,
+                              innercontrol_training_step)
 from ref.internal_guidance import DiTRun
 from ref.losses import mean_squared_error
 from ref.probes import ReadoutProbe
-from ref.runtime import check_job, load_trained_network, read_run_checkpoint
+from ref.runtime import check_job, load_trained_network, move_modules, read_run_checkpoint
 from ref.schedules import DDPMSchedule
 from ref.unet import MODELS as UNETS
 from shapes.control_models import ControlEstimator
@@ -84,10 +83,7 @@ PIPELINE_FIELDS = {  # the InnerControl pipeline's fields; each run declares tho
     "probe": (str, "the probe run's latest.pt, for the alignment term (beta > 0)"),
     "reward_model": (str, "the reward estimator run's latest.pt, for the reward term (alpha > 0)"),
     "init": (str, "start from this controlnet run's weights (Eq. 8 after the plain fine-tune)"),
-    "alpha": (optional_float, "reward weight (none: the task's Table 4 value; 0: no reward term)"),
-    "beta": (optional_float, "alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
-    "reward_range": (optional_timestep_range, "LOW,HIGH steps of the reward term (none: Table 4)"),
-    "align_range": (optional_timestep_range, "LOW,HIGH steps of the alignment term (none: Table 4)"),
+    **EQ8_FIELDS,
 }
 
 
@@ -120,10 +116,7 @@ class ShapesRun:
 
     def to(self, device):
         """The frozen partners (the networks among its attributes and its InnerControl terms) onto the device."""
-        for holder in (self, getattr(self, "terms", self)):
-            for name, value in vars(holder).items():
-                if isinstance(value, nn.Module):
-                    setattr(holder, name, value.to(device))
+        move_modules(device, self, getattr(self, "terms", self))
         return self
 
 
@@ -201,13 +194,7 @@ class ControlNetRun(ShapesRun):
         super().__init__(config, load)
         self.load = load
         settings = self.task.settings
-        alpha = settings.alpha if config["alpha"] is None else config["alpha"]
-        beta = settings.beta if config["beta"] is None else config["beta"]
-        reward_range = tuple(config["reward_range"] or settings.reward_range)
-        align_range = tuple(config["align_range"] or settings.align_range)
-        for weight, t_range in ((alpha, reward_range), (beta, align_range)):
-            if weight:
-                range_probability(t_range, self.schedule.num_timesteps)  # a range holding no step is refused here
+        alpha, beta, reward_range, align_range = eq8_weights(settings, config, self.schedule.num_timesteps)
         self.base, _ = load_trained(required_run(config, "base", "the base UNet run"), "unet", load=load)
         reward_model = probe = tap_mode = None
         if alpha:
