@@ -226,8 +226,8 @@ def load(model, checkpoint, prefer="ema"):
     return model
 
 
-# The model folders of a diffusers pipeline folder (StableDiffusionPipeline.save_pretrained, how SD1.5 is also published)
-PIPELINE_FOLDERS = {"unet": "unet", "vae": "vae", "text_encoder": "text_encoder"}
+# The model folders of a diffusers pipeline folder (StableDiffusionPipeline.save_pretrained: SD1.5 is also published so)
+PIPELINE_FOLDERS = ("unet", "vae", "text_encoder")
 
 
 def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema"):
@@ -252,13 +252,13 @@ def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema"):
 def load_sd15_pipeline(folder, unet, autoencoder, text_encoder):
     """load_sd15 for a diffusers pipeline folder: each network from its model folder (ref.checkpoints.read_checkpoint
     finds the weights file inside)."""
-    absent = [name for name in PIPELINE_FOLDERS.values() if not (folder / name).is_dir()]
+    absent = [name for name in PIPELINE_FOLDERS if not (folder / name).is_dir()]
     if absent:
         raise ValueError(f"{folder} is a folder but not a diffusers SD1.5 pipeline: it has no {', no '.join(absent)} "
                          f"model folder (expected unet/, vae/, text_encoder/ as StableDiffusionPipeline saves them)")
-    load(unet, folder / PIPELINE_FOLDERS["unet"])
-    vae.load_state(autoencoder, file_state(folder / PIPELINE_FOLDERS["vae"]))
-    clip.load_checkpoint(text_encoder, folder / PIPELINE_FOLDERS["text_encoder"])
+    load(unet, folder / "unet")
+    vae.load_state(autoencoder, file_state(folder / "vae"))
+    clip.load_checkpoint(text_encoder, folder / "text_encoder")
     return unet, autoencoder, text_encoder
 
 
