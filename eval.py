@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ref import runtime
+from ref.control_evaluation import ControlScore
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
 from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
@@ -38,7 +39,6 @@ from shapes import pipeline, runs
 from shapes.classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
 from shapes.data import Shapes
-from shapes.evaluation import ControlScore
 
 DEFAULT_CLASSIFIER = "runs/shapes-classifier.pt"
 FID_HELP = """IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch
