@@ -164,8 +164,8 @@ def test_the_same_seeds_give_the_same_images_at_batch_1_and_3_and_on_2_ranks(fil
     one, three = (np.load(tmp_path / f"b{batch}" / "samples.npz")["arr_0"].astype(int) for batch in (1, 3))
     args = sample.parse_sd15_args(list(map(str, sd15_argv(files, tmp_path / "r2", "--batch-size", 2,
                                                           "--seeds-per-prompt", 2)[1:])))
-    pairs, tokenizer, networks = sample.load_sd15_inputs(args)
-    shares = [text_to_image.sd15_share(args, networks, pairs, tokenizer([prompt for prompt, _ in pairs]),
+    pairs, hints, tokenizer, networks = sample.load_sd15_inputs(args)
+    shares = [text_to_image.sd15_share(args, networks, hints, tokenizer([prompt for prompt, _ in pairs]),
                                        tokenizer([""]), runtime.Distributed(rank, 2, torch.device("cpu")))
               for rank in (0, 1)]
     assert [indices.tolist() for indices, _ in shares] == [[0, 2, 4], [1, 3, 5]]  # rank r: r, r + W, ..
