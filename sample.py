@@ -84,6 +84,7 @@ from ref.latents import STATS_FILE
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
 from ref.sample_outputs import gather_in_order, write_outputs
 from ref.samplers import DIFFUSIONS
+from ref.runtime import checkpoint_file
 from ref.sampling import ARCHITECTURES, CHECKPOINT_KINDS, DEFAULT_STEPS, SAMPLERS
 from ref.tokenizer import CLIPTokenizer
 from ref.vae import MODELS as VAE_MODELS
@@ -140,15 +141,6 @@ def parse_args(argv=None):
                          help=f"ig-sit, ig-lightningdit: the IG head's block when the file does not say (default "
                               f"{IG_RELEASE_HEAD_BLOCK}); one that differs from the file's is refused")
     return parser.parse_args(argv)
-
-
-def checkpoint_file(run):
-    """The checkpoint of RUN: the file itself, or a run folder's latest.pt."""
-    path = Path(run)
-    path = path / "latest.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"no checkpoint at {path}")
-    return path
 
 
 def default_out(path, tag):
