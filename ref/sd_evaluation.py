@@ -171,4 +171,4 @@ def fig2_chart(curves, task):
     series = {f"{name}: {READERS[reader]}": (CURVE_COLOURS[name, reader], [(row["t"], row[reader][metric])
                                                                             for row in rows])
               for name, rows in curves.items() for reader in READERS}
-    return line_chart(series, metric, size=(640, 360))
+    return line_chart(series, metric, size=(640, 380), margin=16 + 14 * len(series))  # the legend above the plot

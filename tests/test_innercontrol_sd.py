@@ -340,4 +340,4 @@ def test_the_fig2_curve_command_writes_one_value_per_t_and_model(files, tmp_path
         assert all(0 <= row[reader]["miou"] <= 1 for row in rows for reader in ("probe", "reward"))
     assert curves["sd15"] != curves["controlnet"]  # the ControlNet's residuals change eps, hence x0 and the features
     with Image.open(tmp_path / "fig2.png") as chart:
-        assert chart.size == (640, 360)
+        assert chart.size == (640, 380)
