@@ -7,6 +7,10 @@ metrics (InnerControl).
     python eval.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N) [--classifier PATH] [--out metrics.json]
     python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
     python eval.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
+    python eval.py innercontrol-sd --samples SAMPLE_DIR --data-path FOLDER --task depth|hed|segmentation \
+                   --eval-model FILE [--inception FILE] [--num-classes 150] [--out metrics.json]
+    python eval.py innercontrol-sd-curve --probe runs/sd15-probe-depth --reward-model FILE --data-path FOLDER \
+                   [--run CONTROLNET] [--timesteps 0,100,...,900] [--num-images 8] [--out fig2-sd.json]
 
 fid: IS, FID, sFID and precision/recall as the ADM evaluator computes them; `python eval.py fid --help` says how,
 and what is left different.
@@ -19,6 +23,14 @@ input controls, paired in order. The logic lives in ref/metrics.py.
 innercontrol: for sample.py's output on a controlnet run: the evaluation estimator reads the control back from each
 sample (ref/innercontrol.py: RMSE for depth, mIoU for segmentation, SSIM for edges, against the exact control of the
 scene the sample followed), and FD-shapes / precision / recall against the first --ref-shapes evaluation scenes.
+innercontrol-sd: for `sample.py sd15 --data-path FOLDER`'s output, the ControlNet++ / InnerControl protocol
+(ref/sd_evaluation.py): the evaluation model on each generated image against the pair's control (depth: RMSE on
+0-255; hed: SSIM and MS-SSIM against the annotator on the real image; segmentation: mIoU over the set), taken per seed
+and averaged over the seeds; with --inception, FID (and IS, sFID, precision/recall) against the folder's real images
+cut as for training. Prints a table row, writes the JSON.
+innercontrol-sd-curve: Fig. 2 at SD scale: the control metric across t of the sd-probe run's probe on the decoder
+features and of the reward model on the decoded one-step x0 (Eq. 5), for SD1.5 alone and, with --run, steered by that
+ControlNet (a ControlNet file / folder or an sd-controlnet run); --out's JSON and a PNG chart beside it.
 """
 import argparse
 import json
@@ -30,15 +42,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ref import runtime
+from ref import runtime, sd_evaluation
+from ref.control_evaluation import CONTROL_METRICS, ControlScore
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
+from ref.innercontrol_sd import REWARD_TASKS, control_model
 from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_alignment, fid_report, load_reference,
                          save_reference, summarise_images)
 from shapes import pipeline, runs
 from shapes.classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
 from shapes.data import Shapes
-from shapes.evaluation import ControlScore
 
 DEFAULT_CLASSIFIER = "runs/shapes-classifier.pt"
 FID_HELP = """IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch
@@ -172,6 +185,36 @@ def run_innercontrol(args):
     return report
 
 
+def run_innercontrol_sd(args, extractor=None):
+    """The control metric of the evaluation model on sample.py sd15's output, per seed and averaged, and, with
+    --inception (or an extractor stand-in), FID against the data folder's real images."""
+    settings, pair_indices, samples = sd_evaluation.read_samples(args.samples)
+    dataset = sd_evaluation.sample_dataset(args.samples, settings, args.data_path, args.task)
+    model = control_model(args.task, args.eval_model, args.num_classes).to(args.device)
+    scores = sd_evaluation.control_scores(samples, pair_indices, settings["seeds_per_prompt"], dataset, args.task,
+                                          model, args.num_classes, args.batch_size, args.device, Progress("control"))
+    report = {"task": args.task, "samples": len(samples), "pairs": len(dataset),
+              "seeds_per_prompt": settings["seeds_per_prompt"], **scores}
+    if args.inception or extractor:
+        extractor = extractor or FIDInceptionV3(args.inception, resize=args.resize).to(args.device)
+        summaries = [summarise_images(images, extractor, args.batch_size, args.device, Progress(name))
+                     for name, images in (("samples", samples), ("real", sd_evaluation.RealImages(dataset)))]
+        report["fid"] = fid_report(*summaries)
+    return report
+
+
+def run_innercontrol_sd_curve(args):
+    """Fig. 2 at SD scale: the curves as JSON (the report) and the chart as a PNG beside --out."""
+    timesteps = sd_evaluation.parse_timesteps(args.timesteps)
+    curves, task = sd_evaluation.fig2_curves(args.probe, args.reward_model, args.data_path, timesteps,
+                                             args.num_images, args.run, args.sd15, args.tokenizer, args.device,
+                                             args.seed)
+    chart = Path(args.out).with_suffix(".png")
+    sd_evaluation.fig2_chart(curves, task).save(chart)
+    print(f"wrote {chart}")
+    return {"task": task, "metric": CONTROL_METRICS[task], "num_images": args.num_images, "curves": curves}
+
+
 def run_train_shapes_classifier(args):
     start, progress = time.time(), Progress("train", interval=20.0)
     total_images = args.steps * args.batch_size
@@ -188,6 +231,22 @@ def run_train_shapes_classifier(args):
 def run_control(args):
     return control_alignment(args.task, args.generated, args.controls, args.batch_size, args.num_classes,
                              args.ignore_index, Progress(args.task))
+
+
+def print_row(report):
+    """innercontrol-sd: one markdown table row (under its header) of the task's metrics and FID."""
+    metrics = [name for name in ("rmse", "ssim", "ms_ssim", "miou") if name in report]
+    fid = report.get("fid", {}).get("fid")
+    print("| task | samples | " + " | ".join(metrics) + " | FID |\n|" + "---|" * (len(metrics) + 3))
+    print(f"| {report['task']} | {report['samples']} | " + " | ".join(f"{report[name]:.4f}" for name in metrics)
+          + f" | {'n/a' if fid is None else f'{fid:.2f}'} |")
+
+
+def print_curves(report):
+    metric = report["metric"]
+    for name, rows in report["curves"].items():
+        for reader in ("probe", "reward"):
+            print(f"{name} {reader:<6} " + " ".join(f"t={row['t']}: {row[reader][metric]:.4f}" for row in rows))
 
 
 def print_table(report):
@@ -243,8 +302,34 @@ def parse_args(argv=None):
     innercontrol.add_argument("--ref-shapes", type=int, default=2000, help="FD-shapes reference: evaluation scenes")
     innercontrol.add_argument("--batch-size", type=int, default=100)
     innercontrol.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    for command in (fid, train, fd_shapes, control, innercontrol):
-        command.add_argument("--out", help="write the metrics as JSON to this path")
+    innercontrol_sd = commands.add_parser("innercontrol-sd", help="ControlNet++ protocol on sample.py sd15's output")
+    innercontrol_sd.add_argument("--samples", required=True, help="the folder `sample.py sd15 --data-path` wrote")
+    innercontrol_sd.add_argument("--data-path", required=True, help="the metadata.jsonl folder the pairs came from")
+    innercontrol_sd.add_argument("--task", required=True, choices=REWARD_TASKS)
+    innercontrol_sd.add_argument("--eval-model", required=True, help="DPT-Hybrid file (depth), "
+                                 "ControlNetHED_Apache2.pth (hed), TorchScript segmenter (segmentation)")
+    innercontrol_sd.add_argument("--inception", help="FID Inception weights; FID is left out without them")
+    innercontrol_sd.add_argument("--resize", choices=sorted(INPUT_PIPELINES), default="tf1",
+                                 help="FID's Inception input pipeline (see `eval.py fid --help`)")
+    innercontrol_sd.add_argument("--num-classes", type=int, default=150, help="segmentation: the segmenter's classes")
+    curve = commands.add_parser("innercontrol-sd-curve", help="Fig. 2 at SD scale: probe vs reward model across t")
+    curve.add_argument("--probe", required=True, help="an sd-probe run (folder or latest.pt): probe, task, SD1.5")
+    curve.add_argument("--reward-model", required=True, help="D of the probe's task (as train.py --reward-model)")
+    curve.add_argument("--data-path", required=True, help="a metadata.jsonl folder of the task: images, controls")
+    curve.add_argument("--run", help="also the SD1.5 steered by this ControlNet: a ControlNet file / folder or an "
+                                     "sd-controlnet run's latest.pt (its EMA weights)")
+    curve.add_argument("--timesteps", default=",".join(str(t) for t in range(0, 1000, 100)))
+    curve.add_argument("--num-images", type=int, default=8, help="the first N lines of the data folder")
+    curve.add_argument("--sd15", help="the SD1.5 file (default: the probe run's)")
+    curve.add_argument("--tokenizer", help="CLIP's vocabulary (default: the probe run's)")
+    curve.add_argument("--seed", type=int, default=0, help="the noise draw shared by every t")
+    curve.set_defaults(out="fig2-sd.json")
+    for command in (innercontrol_sd, curve):
+        command.add_argument("--batch-size", type=int, default=16)
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for command in (fid, train, fd_shapes, control, innercontrol, innercontrol_sd, curve):
+        command.add_argument("--out", help="write the metrics as JSON to this path (innercontrol-sd-curve: and the "
+                             "chart as the same name .png; default fig2-sd.json)")
     return parser.parse_args(argv)
 
 
@@ -253,12 +338,14 @@ def main(argv=None, extractor=None):
     args = parse_args(argv)
     commands = {"fid": lambda: run_fid(args, extractor), "fd-shapes": lambda: run_fd_shapes(args),
                 "train-shapes-classifier": lambda: run_train_shapes_classifier(args),
-                "control": lambda: run_control(args), "innercontrol": lambda: run_innercontrol(args)}
+                "control": lambda: run_control(args), "innercontrol": lambda: run_innercontrol(args),
+                "innercontrol-sd": lambda: run_innercontrol_sd(args, extractor),
+                "innercontrol-sd-curve": lambda: run_innercontrol_sd_curve(args)}
     try:
         report = commands[args.command]()
     except (ValueError, InceptionWeightsError) as error:  # bad input (ShapesClassifierError is a ValueError)
         runtime.exit_with_error(error)
-    print_table(report)
+    {"innercontrol-sd": print_row, "innercontrol-sd-curve": print_curves}.get(args.command, print_table)(report)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": args.command, "arguments": vars(args), "metrics": report}, f, indent=2)

@@ -78,11 +78,13 @@ import numpy as np
 import torch
 
 from ref import runtime, sampling, text_to_image
+from ref.control_data import CONTROL_TASKS
 from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS
 from ref.latents import STATS_FILE
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
 from ref.sample_outputs import gather_in_order, write_outputs
 from ref.samplers import DIFFUSIONS
+from ref.runtime import checkpoint_file
 from ref.sampling import ARCHITECTURES, CHECKPOINT_KINDS, DEFAULT_STEPS, SAMPLERS
 from ref.tokenizer import CLIPTokenizer
 from ref.vae import MODELS as VAE_MODELS
@@ -139,15 +141,6 @@ def parse_args(argv=None):
                          help=f"ig-sit, ig-lightningdit: the IG head's block when the file does not say (default "
                               f"{IG_RELEASE_HEAD_BLOCK}); one that differs from the file's is refused")
     return parser.parse_args(argv)
-
-
-def checkpoint_file(run):
-    """The checkpoint of RUN: the file itself, or a run folder's latest.pt."""
-    path = Path(run)
-    path = path / "latest.pt" if path.is_dir() else path
-    if not path.is_file():
-        raise ValueError(f"no checkpoint at {path}")
-    return path
 
 
 def default_out(path, tag):
@@ -219,6 +212,9 @@ SD15_HELP = """Text-to-image with Stable Diffusion 1.5 steered by a ControlNet 1
 Pairs: --prompts PROMPTS.txt holds one prompt per line, matched in order to the control images of --controls DIR
 sorted by file name (.png, .jpg, .jpeg, .bmp, .webp); the counts must be equal. Or --prompts PAIRS.jsonl, one
 {"prompt": ..., "control": PATH} a line, PATH relative to --controls DIR when given, else to the .jsonl's folder.
+Or --data-path FOLDER --task TASK: the lines of a training-style metadata.jsonl folder (ref/control_data.py), each
+caption with the hint the ControlNet reads (a map control on three channels; a segmentation line's "hint"), cut as
+training cuts them (short side to --size, central square); `eval.py innercontrol-sd` scores such samples.
 A control is an RGB image the size of the output (--size; 8x the latent side), fed to the ControlNet in [0, 1]; an
 image of another size is resized to SIZE x SIZE (Lanczos, aspect not kept) with a warning: give segmentation maps at
 the right size, or their colours blend at the borders. Prompts longer than 77 tokens are cut with a warning.
@@ -246,7 +242,10 @@ def parse_sd15_args(argv):
                         "...) or a diffusers ControlNet folder")
     parser.add_argument("--tokenizer", required=True,
                         help="CLIP's bpe_simple_vocab_16e6.txt.gz, or a folder holding vocab.json and merges.txt")
-    parser.add_argument("--prompts", required=True, help="PROMPTS.txt (one a line) or PAIRS.jsonl (see above)")
+    pairs = parser.add_mutually_exclusive_group(required=True)
+    pairs.add_argument("--prompts", help="PROMPTS.txt (one a line) or PAIRS.jsonl (see above)")
+    pairs.add_argument("--data-path", help="a metadata.jsonl folder (ref/control_data.py): captions and hints")
+    parser.add_argument("--task", choices=CONTROL_TASKS, help="with --data-path: the control task of its lines")
     parser.add_argument("--controls", help="folder of control images (required with a .txt of prompts)")
     parser.add_argument("--out", help="output folder (default: samples-sd15-<controlnet>-<settings> here)")
     parser.add_argument("--steps", type=int, help=f"DDIM steps (default {SD15_DEFAULTS['steps']})")
@@ -280,28 +279,41 @@ def resolve_sd15_settings(args):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
 
 
+def read_sd15_pairs(args):
+    """The pairs of --prompts (and --controls) or of --data-path. -> ([(prompt, control path)], hint(p))"""
+    if args.data_path is None:
+        pairs = text_to_image.read_pairs(args.prompts, args.controls)
+        return pairs, text_to_image.file_hints(pairs, args.size)
+    if args.task is None or args.controls:
+        raise ValueError("--data-path FOLDER takes --task TASK (the control task of its lines) and no --controls")
+    return text_to_image.metadata_pairs(args.data_path, args.task, args.size)
+
+
 def load_sd15_inputs(args):
-    """Everything sd15 reads, checked before anything is written. -> (pairs, tokenizer, networks)"""
+    """Everything sd15 reads, checked before anything is written. -> (pairs, hints, tokenizer, networks)"""
     resolve_sd15_settings(args)
     missing = [f"--{flag} {path}" for flag, path in (("sd15", args.sd15), ("controlnet", args.controlnet),
                                                      ("tokenizer", args.tokenizer)) if not Path(path).exists()]
     if missing:
         raise ValueError(f"no such file: {', '.join(missing)}")
-    pairs = text_to_image.read_pairs(args.prompts, args.controls)
+    pairs, hints = read_sd15_pairs(args)
     tokenizer = CLIPTokenizer.from_path(args.tokenizer)
     networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype])
     text_to_image.check_tokenizer(tokenizer, networks.text_encoder)
     text_to_image.latent_side(networks, args.size)
     text_to_image.sampling_timesteps(args.steps)
-    for _, path in pairs:
-        text_to_image.read_control(path, args.size, warn=True)
-    return pairs, tokenizer, networks
+    for pair, (_, path) in enumerate(pairs):  # every control read once: a bad file stops here, not mid-sampling
+        if args.data_path is None:
+            text_to_image.read_control(path, args.size, warn=True)
+        else:
+            hints(pair)
+    return pairs, hints, tokenizer, networks
 
 
 def sample_sd15(argv):
     args = parse_sd15_args(argv)
     try:  # bad input stops here, before anything is written
-        pairs, tokenizer, networks = load_sd15_inputs(args)
+        pairs, hints, tokenizer, networks = load_sd15_inputs(args)
         with warnings.catch_warnings(record=True) as truncated:  # prompts over 77 tokens, each named
             warnings.simplefilter("always")
             tokens = tokenizer([prompt for prompt, _ in pairs])  # (P, 77)
@@ -313,7 +325,7 @@ def sample_sd15(argv):
         for network in networks:
             network.to(world.device)
         start = time.perf_counter()
-        share = text_to_image.sd15_share(flags_as(text_to_image.PairSampling, args), networks, pairs, tokens,
+        share = text_to_image.sd15_share(flags_as(text_to_image.PairSampling, args), networks, hints, tokens,
                                          tokenizer([""]), world)
         samples = gather_in_order(share)
         if not world.is_main:
@@ -327,7 +339,7 @@ def sample_sd15(argv):
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
         tag = f"ddim{args.steps}-cfg{args.cfg:g}-cs{args.control_scale:g}-seed{args.seed}-n{num_samples}"
         out = Path(args.out) if args.out else Path(f"samples-sd15-{Path(args.controlnet).stem}-{tag}")
-        pictures = text_to_image.sd15_grid_pictures(samples, pairs, args.grid_rows, args.seeds_per_prompt, args.size)
+        pictures = text_to_image.sd15_grid_pictures(samples, hints, len(pairs), args.grid_rows, args.seeds_per_prompt)
         write_outputs(out, samples, np.arange(num_samples) // args.seeds_per_prompt, settings,
                       1 + args.seeds_per_prompt, args.grid_rows, pictures,
                       png_name=lambda index: "{:05d}_{}.png".format(*divmod(index, args.seeds_per_prompt)))

@@ -68,12 +68,13 @@ class ControlNet(UNetEncoder):
         self.middle_block_out = zero_conv(self.residual_layout[-1][0])
 
     @classmethod
-    def from_unet(cls, unet, hint_channels=3, hint_downsampling=8):
+    def from_unet(cls, unet, hint_channels=3, hint_downsampling=8, gradient_checkpointing=False):
         """A ControlNet whose encoder copy starts as the UNet's (time_embed, input_blocks, middle_block), on the
         UNet's device and in its dtype; the hint encoder's last conv and the zero convs start at zero."""
         reference = next(unet.parameters())
         with reference.device:
-            controlnet = cls(**unet.encoder_config, hint_channels=hint_channels, hint_downsampling=hint_downsampling)
+            controlnet = cls(**unet.encoder_config, hint_channels=hint_channels, hint_downsampling=hint_downsampling,
+                             gradient_checkpointing=gradient_checkpointing)
         controlnet.to(reference.dtype)
         encoder_state = {key: value for key, value in unet.state_dict().items()
                          if key.startswith(("time_embed.", "input_blocks.", "middle_block."))}

@@ -14,6 +14,7 @@ Latents: the VAE's posterior sample (its noise from the sample's own generator) 
 one-step estimate through the VAE decoder with gradients (recomputed in the backward pass with gradient_checkpointing)
 to RGB in [0, 1] for D: DPT-Hybrid for depth, the HED annotator for hed, a TorchScript segmenter for segmentation
 (ref/dpt.py, ref/hed.py, ref/segmenter.py, each with its own preprocessing); LineArt has no reward model here (alpha 0).
+With gradient_checkpointing the UNet's and the ControlNet's blocks are recomputed in the backward pass too.
 
 Named configs (`SD_CONFIGS`, train.py --config NAME): sd15-probe, sd15-controlnet (plain fine-tune, the first stage)
 and sd15-innercontrol (Eq. 8, continuing from the fine-tune's EMA weights). sd_size "tiny" builds small parts of the
@@ -88,18 +89,19 @@ def stable_diffusion(config, load=True):
     size = SD_SIZES[config["sd_size"]] if config["sd_size"] in SD_SIZES else None
     if size is None:
         raise ValueError(f"unknown --sd-size {config['sd_size']!r}; choose one of {', '.join(SD_SIZES)}")
-    checkpoint_decode = config.get("gradient_checkpointing", False)
+    checkpointing = config.get("gradient_checkpointing", False)
     if not load:
-        return StableDiffusion(UNet(**size["unet"]), AUTOENCODERS[size["vae"]](),
-                               TEXT_ENCODERS[size["text_encoder"]](), checkpoint_decode)
+        return StableDiffusion(UNet(**size["unet"], gradient_checkpointing=checkpointing),
+                               AUTOENCODERS[size["vae"]](), TEXT_ENCODERS[size["text_encoder"]](), checkpointing)
     if not config["sd15"]:
         raise ValueError(f"the {config['job']} job needs --sd15 FILE (an SD1.5 single file: v1-5-pruned-emaonly."
                          f"safetensors or .ckpt)")
     with torch.device("meta"):  # the file's tensors are taken as they are, no random init first
-        unet, text_encoder = UNet(**size["unet"]), TEXT_ENCODERS[size["text_encoder"]]()
+        unet = UNet(**size["unet"], gradient_checkpointing=checkpointing)
+        text_encoder = TEXT_ENCODERS[size["text_encoder"]]()
     vae = AUTOENCODERS[size["vae"]]()
     sd_checkpoints.load_sd15(config["sd15"], unet, vae, text_encoder)
-    return StableDiffusion(unet, vae, text_encoder, checkpoint_decode)
+    return StableDiffusion(unet, vae, text_encoder, checkpointing)
 
 
 def optional_path(text):
@@ -130,7 +132,8 @@ SD_FIELDS = dict(
     label_dropout=(float, "probability of replacing a caption by the empty prompt (CFG training)"),
     grad_accumulation=(int, "micro-batches a rank's share of the batch is split into (the gradient stays the batch "
                             "mean's)"),
-    gradient_checkpointing=(bool, "recompute the VAE decode of the reward term in the backward pass"),
+    gradient_checkpointing=(bool, "recompute the UNet's and ControlNet's blocks and the VAE decode of the reward term "
+                                  "in the backward pass"),
 )
 PROBE_FIELDS = dict(
     tap_mode=(str, "decoder features the probe reads: conv | attn | auto (attn for depth, conv otherwise: the paper)"),
@@ -199,6 +202,41 @@ def build_probe(config, unet):
                         output="logits" if categorical else "tanh", upsample=upsample)
 
 
+def check_probe_base(path, probe_config, state, config, unet):
+    """A probe trained for another base raises one ValueError naming what this one expects: another task, model size
+    or class count than `config`'s, or feature maps (tap channels, time-embedding width) that `unet` does not have."""
+    compared = ("task", "sd_size") + (("num_classes",) if config["task"] in LABEL_TASKS else ())
+    for field in compared:
+        if probe_config[field] != config[field]:
+            raise ValueError(f"{path} is a probe for {field} {probe_config[field]!r}; {field} {config[field]!r} "
+                             f"expected here")
+    tap_mode, _ = probe_settings(probe_config)
+    layers = sorted({int(key.split(".")[1]) for key in state if key.startswith("bottlenecks.")})
+    found = [state[f"bottlenecks.{layer}.conv1.weight"].shape[1] for layer in layers]
+    found_emb = state["bottlenecks.0.timestep_projection.weight"].shape[1] if layers else None
+    expected = unet.tap_channels(tap_mode)
+    if found != expected or found_emb != unet.emb_channels:
+        raise ValueError(f"{path} is a probe for feature maps of {found} channels (time embedding {found_emb}); this "
+                         f"UNet's {tap_mode} taps have {expected} (time embedding {unet.emb_channels}): a probe "
+                         f"trained for another base")
+
+
+def trained_probe(path, config, unet, load=True):
+    """The frozen EMA probe of an sd-probe run for `config`'s task and model size on `unet`'s decoder features, and
+    its tap mode; a probe of another job or base is refused (check_probe_base). load False: untrained, the same
+    checks. -> (probe, tap_mode)"""
+    checkpoint = read_run_checkpoint(path)
+    check_job(checkpoint, "sd-probe", path)
+    probe_config = checkpoint["args"]
+    check_probe_base(path, probe_config, checkpoint["ema"], config, unet)
+    if load:
+        probe, _ = load_trained_network(path, "sd-probe", lambda settings: build_probe(settings, unet),
+                                        checkpoint=checkpoint)
+    else:
+        probe = build_probe(probe_config, unet)
+    return probe, probe_settings(probe_config)[0]
+
+
 class ProbeRun(StableDiffusionRun):
     """sd-probe: H on the frozen SD1.5's decoder features of noised real latents at random t, regressing the input
     control with the task's alignment comparison (Eq. 7). Captions are dropped as in the ControlNet's training."""
@@ -232,12 +270,24 @@ def reward_model(config, load=True):
     task = config["task"]
     if task not in REWARD_TASKS:
         raise ValueError(f"this project has no {task} reward model; train the {task} ControlNet with --alpha 0")
-    path = required(config, "reward_model", f"the {task} reward model, for alpha > 0") if load else None
+    if not load:
+        return None if task == "segmentation" else control_model(task, None)
+    return control_model(task, required(config, "reward_model", f"the {task} reward model, for alpha > 0"),
+                         config["num_classes"])
+
+
+def control_model(task, path, num_classes=None):
+    """The frozen model that reads a task's control from RGB in [0, 1], D of Eq. 6 and the evaluation models alike:
+    DPT-Hybrid (depth: max-normalised relative depth), the HED annotator (hed: soft edges), a TorchScript segmenter
+    of num_classes classes (segmentation: logits). A file of another model is refused by name
+    (ref.annotator_weights); path None: random weights (not for segmentation)."""
+    if task not in REWARD_TASKS:
+        raise ValueError(f"this project has no {task} model; choose one of {', '.join(REWARD_TASKS)}")
     if task == "depth":
         return DPTHybridDepth(path)
     if task == "hed":
         return HEDAnnotator(path)
-    return TorchScriptSegmenter(path, config["num_classes"]) if load else None
+    return TorchScriptSegmenter(path, num_classes)
 
 
 class ControlNetRun(StableDiffusionRun):
@@ -264,31 +314,14 @@ class ControlNetRun(StableDiffusionRun):
             reward = reward_model(config, load)
         if beta:
             path = required(config, "probe", f"an sd-probe run of task {config['task']}, for beta > 0")
-            probe, tap_mode = self.trained_probe(path, load)
+            probe, tap_mode = trained_probe(path, config, self.base.unet, load)
         self.terms = InnerControlTerms(alpha, reward, reward_range, settings.reward_kind, beta, probe, tap_mode,
                                        align_range, settings.alignment_kind, decode=self.base.decode)
 
-    def trained_probe(self, path, load):
-        """The frozen EMA probe of an sd-probe run of this task and model size, and its tap mode."""
-        def build(probe_config):
-            compared = ("task", "sd_size") + (("num_classes",) if self.config["task"] in LABEL_TASKS else ())
-            for field in compared:
-                if probe_config[field] != self.config[field]:
-                    raise ValueError(f"{path} is a probe for {field} {probe_config[field]!r}; this run's is "
-                                     f"{self.config[field]!r}")
-            return build_probe(probe_config, self.base.unet)
-        if load:
-            probe, probe_config = load_trained_network(path, "sd-probe", build)
-        else:
-            checkpoint = read_run_checkpoint(path)
-            check_job(checkpoint, "sd-probe", path)
-            probe_config = checkpoint["args"]
-            probe = build(probe_config)
-        return probe, probe_settings(probe_config)[0]
-
     def build(self):
         unet = self.base.unet
-        controlnet = ControlNet.from_unet(unet, hint_channels=3, hint_downsampling=self.base.vae.downsampling_factor)
+        controlnet = ControlNet.from_unet(unet, hint_channels=3, hint_downsampling=self.base.vae.downsampling_factor,
+                                          gradient_checkpointing=self.config["gradient_checkpointing"])
         if self.config["controlnet_init"] and self.load:
             sd_checkpoints.load(controlnet, self.config["controlnet_init"])
         return controlnet

@@ -148,6 +148,15 @@ def save_checkpoint(path, model, ema, optimizer, step, config):
     atomic_write(path, lambda file: torch.save(checkpoint, file))
 
 
+def checkpoint_file(run):
+    """The checkpoint of RUN: the file itself, or a run folder's latest.pt."""
+    path = Path(run)
+    path = path / "latest.pt" if path.is_dir() else path
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    return path
+
+
 def read_run_checkpoint(path):
     """A checkpoint written by train.py: {model, ema, opt, step, args}, args the config with its `job`, completed
     with the old default of every field added since it was written (ref.configs.complete_stored_config). Anything

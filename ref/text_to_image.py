@@ -12,8 +12,9 @@ eps_null), with the control in both branches (lllyasviel/ControlNet's samplers; 
 ControlNet's residuals are multiplied by the control scale (ControlNet 1.1's "control strength"). The control image is
 RGB in [0, 1] (the ControlNet releases feed the annotator's map / 255), at the image size, 8x the latent side.
 
-A set of prompt / control pairs (read_pairs) is sampled as sample.py sd15 describes: sample i follows pair
-i // seeds_per_prompt from noise seeded with seed + i, rank r taking samples r, r + W, ...
+A set of prompt / control pairs (read_pairs: a prompt file and control images; metadata_pairs: a metadata.jsonl
+folder of ref/control_data.py, its captions and the hints its ControlNets are trained on) is sampled as sample.py sd15
+describes: sample i follows pair i // seeds_per_prompt from noise seeded with seed + i, rank r taking samples r, r + W.
 
 The networks run in their own dtype; the DDIM state and the timesteps stay in float64 / float32 (a bf16 timestep would
 round 981 to 980).
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 
 from ref import clip, controlnet, runtime, sd_checkpoints, unet, vae
+from ref.control_data import ControlDataset
 from ref.data import to_uint8
 from ref.guidance import cfg
 from ref.samplers import ddim, leading_timesteps
@@ -214,12 +216,32 @@ def read_control(path, size, warn=False):
     return np.array(image)  # a writable copy, for torch.from_numpy
 
 
+def file_hints(pairs, size):
+    """hint(p) of read_pairs' pairs: control image p as read_control reads it -> (3, S, S) float32 in [0, 1]."""
+    return lambda pair: torch.from_numpy(read_control(pairs[pair][1], size)).permute(2, 0, 1).float() / 255
+
+
+def metadata_pairs(folder, task, size):
+    """The pairs of a metadata.jsonl folder (ref/control_data.py): each line's caption and the hint its ControlNet
+    reads, cut as ControlDataset cuts it for training (short side to `size`, central square): the grey map on three
+    channels, or a segmentation line's colour-coded hint. -> ([(caption, hint path)], hint(p) -> (3, S, S) in [0, 1])"""
+    dataset = ControlDataset(folder, task, size)
+    pairs = [(entry.caption, entry.hint or entry.control) for entry in dataset.entries]
+    return pairs, lambda pair: dataset[pair][1]
+
+
+def hint_picture(hint):
+    """(3, S, S) in [0, 1] -> (S, S, 3) uint8."""
+    return (hint * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
 @torch.no_grad()
-def sd15_share(settings, networks, pairs, tokens, null_tokens, world):
+def sd15_share(settings, networks, hints, tokens, null_tokens, world):
     """This rank's samples r, r + W, ..: sample i follows pair i // seeds_per_prompt from latent noise seeded with
-    seed + i. settings: PairSampling (or an object with its fields); tokens: (P, 77) of the prompts, null_tokens
-    (1, 77) of the empty one. -> (indices, images (n, S, S, 3) uint8)"""
-    num_samples = len(pairs) * settings.seeds_per_prompt
+    seed + i. settings: PairSampling (or an object with its fields); hints: hint(p) -> pair p's control (3, S, S) in
+    [0, 1] (file_hints, metadata_pairs); tokens: (P, 77) of the prompts, null_tokens (1, 77) of the empty one.
+    -> (indices, images (n, S, S, 3) uint8)"""
+    num_samples = len(tokens) * settings.seeds_per_prompt
     side = latent_side(networks, settings.size)
     null_context = networks.text_encoder(null_tokens.to(world.device))  # (1, 77, D)
     indices = np.arange(world.rank, num_samples, world.world_size)
@@ -227,8 +249,7 @@ def sd15_share(settings, networks, pairs, tokens, null_tokens, world):
     for start in range(0, len(indices), settings.batch_size):
         batch = indices[start:start + settings.batch_size]
         pair_indices = batch // settings.seeds_per_prompt
-        hint = torch.stack([torch.from_numpy(read_control(pairs[p][1], settings.size)) for p in pair_indices])
-        hint = hint.permute(0, 3, 1, 2).to(world.device, torch.float32) / 255  # (n, 3, S, S) in [0, 1]
+        hint = torch.stack([hints(int(p)) for p in pair_indices]).to(world.device)  # (n, 3, S, S) in [0, 1]
         context = networks.text_encoder(tokens[pair_indices].to(world.device))  # (n, 77, D)
         noise = runtime.SampleDraws(settings.seed + int(i) for i in batch).randn(4, side, side).to(world.device)
         images = generate(networks, context, null_context, hint, noise, settings.steps, settings.cfg,
@@ -237,10 +258,10 @@ def sd15_share(settings, networks, pairs, tokens, null_tokens, world):
     return indices, np.concatenate(outputs)
 
 
-def sd15_grid_pictures(samples, pairs, rows, seeds_per_prompt, size):
+def sd15_grid_pictures(samples, hints, num_pairs, rows, seeds_per_prompt):
     """grid.png's first `rows` rows: each control, then its samples. -> (N', S, S, 3) uint8"""
     pictures = []
-    for pair in range(min(len(pairs), rows)):
+    for pair in range(min(num_pairs, rows)):
         first = pair * seeds_per_prompt
-        pictures += [read_control(pairs[pair][1], size), *samples[first:first + seeds_per_prompt]]
+        pictures += [hint_picture(hints(pair)), *samples[first:first + seeds_per_prompt]]
     return np.stack(pictures)

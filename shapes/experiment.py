@@ -22,17 +22,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 import sample as sample_script
 import train as train_script
+from ref.control_evaluation import CONTROL_METRICS, errors_across_t, line_chart
 from ref.data import to_uint8
 from ref.schedules import DDPMSchedule
 from shapes import pipeline, runs
 from shapes.classifier import render, save_classifier, train_classifier
 from shapes.data import Shapes
-from shapes.evaluation import CONTROL_METRICS, EVAL_SCENE_SEED, errors_across_t
+from shapes.evaluation import EVAL_SCENE_SEED
 from shapes.runs import SHAPES_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,29 +165,6 @@ def figure_rows(task, stages, budget):
     rows = errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
                            DDPMSchedule.named(config["beta_schedule"]), task, batch, FIG2_TIMESTEPS)
     return rows, images[0], control[0]
-
-
-def line_chart(series, metric, size=(520, 320), margin=48):
-    """Pillow line chart of {name: (colour, [(t, value)])} over t in [0, 1000]."""
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    values = [value for _, points in series.values() for _, value in points]
-    low, high = min(values + [0.0]), max(values) * 1.05 or 1.0
-    width, height = size[0] - 2 * margin, size[1] - 2 * margin
-
-    def xy(t, value):
-        return margin + width * t / 1000, margin + height * (1 - (value - low) / (high - low))
-    draw.rectangle([margin, margin, margin + width, margin + height], outline="black")
-    for t in range(0, 1001, 200):
-        draw.text((xy(t, low)[0] - 8, margin + height + 6), str(t), fill="black")
-    for fraction in (0, 0.5, 1):
-        value = low + fraction * (high - low)
-        draw.text((4, xy(0, value)[1] - 6), f"{value:.3g}", fill="black")
-    draw.text((margin, 8), f"control {metric} vs timestep t", fill="black")
-    for row, (name, (colour, points)) in enumerate(series.items()):
-        draw.line([xy(t, value) for t, value in points], fill=colour, width=2)
-        draw.text((margin + width - 200, 8 + 14 * row), name, fill=colour)  # the legend, above the plot
-    return image
 
 
 def picture(tensor, task):

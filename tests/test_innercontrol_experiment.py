@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from ref.checkpoints import read_checkpoint
+from ref.control_evaluation import ControlScore
 from shapes import experiment
-from shapes.evaluation import ControlScore
 
 torch.set_num_threads(1)
 

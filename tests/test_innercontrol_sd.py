@@ -4,6 +4,7 @@ naming the line; gradients reach the ControlNet from the reward (through the VAE
 nothing frozen, out-of-range samples add nothing; gradient accumulation gives the gradient of the whole batch; a 2-step
 Eq. 8 run via train.main resumed after --stop-after is bitwise the uninterrupted one, and the next stage starts from its
 EMA weights; the probe run trains and its loss falls on one overfitted batch."""
+import functools
 import gzip
 import json
 
@@ -12,21 +13,24 @@ import pytest
 import torch
 from PIL import Image
 
+import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 import train
 from ref.clip import MODELS as TEXT_ENCODERS
 from ref.control_data import ControlDataset
+from ref.controlnet import ControlNet
 from ref.checkpoints import read_checkpoint
 from ref.innercontrol_sd import SD_CONFIGS, SD_SIZES
 from ref.runtime import Distributed, SampleDraws
 from ref.trainer import accumulate_gradients
 from ref.unet import UNet
 from ref.vae import MODELS as AUTOENCODERS
-from tests.helpers import assert_same_state, train_error
+from tests.helpers import assert_same_state, randomise, train_error, write_folder
 
 torch.set_num_threads(1)
 SIZE = 16  # training resolution: 4 x 4 latents of the tiny f4 VAE
 CLASSES = 4
-SEED_IMAGES = np.random.default_rng(0)
+data_folder = functools.partial(write_folder, size=SIZE, classes=CLASSES,
+                                generator=np.random.default_rng(0))  # one image stream for the whole module
 
 
 def write_sd_file(path):
@@ -52,33 +56,6 @@ class TinySegmenter(torch.nn.Module):
         return self.conv(x)[:, :, ::2, ::2]  # stride-2 logits, as a real segmenter's coarser output
 
 
-def write_image(path, pixels, mode=None):
-    Image.fromarray(pixels, mode).save(path) if mode else Image.fromarray(pixels).save(path)
-    return path.name
-
-
-def write_folder(folder, task, samples=4, width=SIZE + 4, height=SIZE):
-    """`samples` lines of random images with controls of the task's kind, width x height pixels."""
-    folder.mkdir()
-    lines = []
-    for index in range(samples):
-        line = dict(image=write_image(folder / f"image{index}.png",
-                                      SEED_IMAGES.integers(0, 256, (height, width, 3), dtype=np.uint8)),
-                    caption=["a cat", "the cat", "", "a tat"][index % 4])
-        if task == "segmentation":
-            labels = SEED_IMAGES.integers(0, CLASSES, (height, width), dtype=np.uint8)
-            labels[0] = 255
-            line["control"] = write_image(folder / f"labels{index}.png", labels)
-            line["hint"] = write_image(folder / f"hint{index}.png",
-                                       SEED_IMAGES.integers(0, 256, (height, width, 3), dtype=np.uint8))
-        else:
-            blocks = SEED_IMAGES.integers(0, 256, (height // 4, width // 4), dtype=np.uint8)  # what 4 x 4 latents hold
-            line["control"] = write_image(folder / f"depth{index}.png", np.kron(blocks, np.ones((4, 4), np.uint8)))
-        lines.append(json.dumps(line))
-    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("sd")
@@ -91,8 +68,8 @@ def files(tmp_path_factory):
     flags = ["--sd-size", "tiny", "--sd15", write_sd_file(root / "sd.ckpt"), "--tokenizer", tokenizer,
              "--image-size", SIZE, "--num-classes", CLASSES, "--workers", "0", "--log-every", "1"]
     paths = dict(root=root, flags=flags, segmenter=segmenter,
-                 segmentation=write_folder(root / "segmentation", "segmentation"),
-                 depth=write_folder(root / "depth", "depth"))
+                 segmentation=data_folder(root / "segmentation", "segmentation"),
+                 depth=data_folder(root / "depth", "depth"))
     for task in ("segmentation", "depth"):  # 2 steps of each task's probe run: what the ControlNet runs read
         train.main(list(map(str, ["--config", "sd15-probe", *flags, "--task", task, "--data-path", paths[task],
                                   "--probe-resolution", 4, "--probe-width", 16, "--batch-size", 2, "--steps", 2,
@@ -118,7 +95,7 @@ def controlnet_config(files, **overrides):
 def test_image_and_control_are_cut_alike_and_labels_stay_labels(tmp_path):
     """A 20 x 16 sample at 16 px: no resize, the central 16 columns (from 2) of every file. A 40 x 32 label map at
     16 px keeps only classes it has (nearest)."""
-    folder = write_folder(tmp_path / "seg", "segmentation", samples=1)
+    folder = data_folder(tmp_path / "seg", "segmentation", samples=1)
     image, hint, labels, caption = ControlDataset(folder, "segmentation", SIZE)[0]
     record = json.loads((folder / "metadata.jsonl").read_text())
     source = {key: np.asarray(Image.open(folder / record[key])) for key in ("image", "control", "hint")}
@@ -127,10 +104,10 @@ def test_image_and_control_are_cut_alike_and_labels_stay_labels(tmp_path):
     assert torch.equal(labels, crop["control"].long())
     assert torch.equal(hint, crop["hint"].permute(2, 0, 1) / 255)
     assert caption == "a cat"
-    big = write_folder(tmp_path / "big", "segmentation", samples=1, width=40, height=32)
+    big = data_folder(tmp_path / "big", "segmentation", samples=1, width=40, height=32)
     labels = ControlDataset(big, "segmentation", SIZE)[0][2]
     assert labels.shape == (SIZE, SIZE) and set(labels.unique().tolist()) <= {0, 1, 2, 3, 255}
-    depth = write_folder(tmp_path / "depth", "depth", samples=1)
+    depth = data_folder(tmp_path / "depth", "depth", samples=1)
     _, hint, control, _ = ControlDataset(depth, "depth", SIZE)[0]
     grey = np.asarray(Image.open(depth / "depth0.png"))[:, 2:18].astype(np.float32) / 255
     assert torch.allclose(control[0], torch.from_numpy(grey), atol=1e-6)
@@ -159,7 +136,7 @@ BAD_LINES = {
 
 @pytest.mark.parametrize("case", BAD_LINES)
 def test_a_bad_metadata_line_is_named_with_what_was_expected(case, tmp_path):
-    folder = write_folder(tmp_path / "seg", "segmentation", samples=2)
+    folder = data_folder(tmp_path / "seg", "segmentation", samples=2)
     change, message = BAD_LINES[case]
     edit_first_line(folder, change)
     with pytest.raises(ValueError, match=message):
@@ -167,7 +144,7 @@ def test_a_bad_metadata_line_is_named_with_what_was_expected(case, tmp_path):
 
 
 def test_a_colour_depth_map_stops_train_with_one_error_line(files, tmp_path, capsys):
-    folder = write_folder(tmp_path / "depth", "depth", samples=2)
+    folder = data_folder(tmp_path / "depth", "depth", samples=2)
     edit_first_line(folder, lambda r: json.dumps(dict(r, control=r["image"])))
     error = train_error(["--config", "sd15-probe", *files["flags"], "--task", "depth", "--data-path", folder,
                          "--probe-resolution", 4, "--probe-width", 16, "--out", tmp_path / "out"], capsys)
@@ -180,22 +157,23 @@ def test_a_colour_depth_map_stops_train_with_one_error_line(files, tmp_path, cap
 # ---------------------------------------------------------------------------------------------------------------------
 
 def controlnet_gradients(config, seed=0):
-    """The run's ControlNet gradient on its first 4 samples (all draws fixed), and the run."""
+    """The run's ControlNet gradient on its first 4 samples (all draws fixed), the run and the loss."""
     run = train.make_run(config)
     torch.manual_seed(seed)
     net = run.build()
     batch = run.collate([run.make_dataset()[index] for index in range(4)])
-    run.loss(net, batch, SampleDraws(range(4)), torch.device("cpu")).mean().backward()
-    return torch.cat([p.grad.flatten() for p in net.parameters()]), run
+    loss = run.loss(net, batch, SampleDraws(range(4)), torch.device("cpu")).mean()
+    loss.backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters()]), run, loss.detach()
 
 
 def test_gradients_reach_the_controlnet_from_both_terms_and_nothing_frozen(files):
     everything = dict(reward_range="0,999", align_range="0,999")
-    diffusion, _ = controlnet_gradients(controlnet_config(files, alpha=0, beta=0))
-    with_reward, run = controlnet_gradients(controlnet_config(files, alpha=1, beta=0, **everything))
-    with_alignment, _ = controlnet_gradients(controlnet_config(files, alpha=0, beta=1, **everything))
+    diffusion, _, _ = controlnet_gradients(controlnet_config(files, alpha=0, beta=0))
+    with_reward, _, _ = controlnet_gradients(controlnet_config(files, alpha=1, beta=0, **everything))
+    with_alignment, _, _ = controlnet_gradients(controlnet_config(files, alpha=0, beta=1, **everything))
     assert (with_reward - diffusion).abs().max() > 1e-6 and (with_alignment - diffusion).abs().max() > 1e-6
-    _, run = controlnet_gradients(controlnet_config(files, alpha=1, beta=1, **everything))
+    _, run, _ = controlnet_gradients(controlnet_config(files, alpha=1, beta=1, **everything))
     frozen = [run.base.unet, run.base.vae, run.base.text_encoder, run.terms.probe, run.terms.reward_model]
     for network in frozen:
         assert all(not p.requires_grad and p.grad is None for p in network.parameters())
@@ -203,13 +181,31 @@ def test_gradients_reach_the_controlnet_from_both_terms_and_nothing_frozen(files
 
 def test_out_of_range_samples_add_nothing(files):
     """Ranges that hold none of the drawn steps leave the plain diffusion gradient, bitwise."""
-    diffusion, _ = controlnet_gradients(controlnet_config(files, alpha=0, beta=0))
+    diffusion, _, _ = controlnet_gradients(controlnet_config(files, alpha=0, beta=0))
     draws = SampleDraws(range(4))
     _ = draws.rand(1), draws.randn(4, 4, 4)  # caption dropout, posterior noise: then t
     low = int(draws.randint(1000).min())
-    outside, _ = controlnet_gradients(controlnet_config(files, alpha=1, beta=1, reward_range=f"0,{low - 1}",
+    outside, _, _ = controlnet_gradients(controlnet_config(files, alpha=1, beta=1, reward_range=f"0,{low - 1}",
                                                        align_range=f"0,{low - 1}"))
     assert torch.equal(outside, diffusion)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(files, monkeypatch):
+    """--gradient-checkpointing recomputes the UNet's and the ControlNet's blocks in the backward pass (each block call
+    counted) and changes no number of the Eq. 8 step."""
+    calls, checkpoint = [], torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint",
+                        lambda *args, **kwargs: calls.append(1) or checkpoint(*args, **kwargs))
+    config = controlnet_config(files, alpha=1, beta=1, reward_range="0,999", align_range="0,999")
+    steps = {}
+    for flag in (False, True):
+        calls.clear()
+        gradient, run, loss = controlnet_gradients(dict(config, gradient_checkpointing=flag))
+        steps[flag] = gradient, loss, len(calls), run.base.unet.gradient_checkpointing
+    assert steps[False][2:] == (0, False) and steps[True][3]
+    assert steps[True][2] >= 2 * (len(run.base.unet.input_blocks) + 1)  # the UNet's and the ControlNet's encoders
+    assert torch.allclose(steps[True][1], steps[False][1], rtol=1e-6, atol=0)
+    assert torch.allclose(steps[True][0], steps[False][0], rtol=1e-5, atol=1e-9)
 
 
 def test_gradient_accumulation_gives_the_whole_batchs_gradient(files):
@@ -252,6 +248,38 @@ def test_eq8_run_resumed_after_stop_after_is_bitwise_the_uninterrupted_one(files
     assert_same_state(train.make_run(config).build().state_dict(), whole["ema"])
 
 
+def other_base(checkpoint):
+    """A probe whose first bottleneck reads 8 channels more than this UNet's first tap has."""
+    weight = checkpoint["ema"]["bottlenecks.0.conv1.weight"]  # (P/4, C, 1, 1)
+    checkpoint["ema"]["bottlenecks.0.conv1.weight"] = torch.zeros(weight.shape[0], weight.shape[1] + 8, 1, 1)
+
+
+WRONG_PROBES = {
+    "task": ("probe-depth", None, "is a probe for task 'depth'; task 'segmentation' expected here"),
+    "size": ("probe-segmentation", lambda checkpoint: checkpoint["args"].update(sd_size="sd15"),
+             "is a probe for sd_size 'sd15'; sd_size 'tiny' expected here"),
+    "channels": ("probe-segmentation", other_base,
+                 f"this UNet's conv taps have {UNet(**SD_SIZES['tiny']['unet']).tap_channels('conv')}"),
+    "job": ("probe-segmentation", lambda checkpoint: checkpoint["args"].update(job="sd-controlnet"),
+            "is a 'sd-controlnet' run; a 'sd-probe' run was expected here"),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_PROBES))
+def test_a_probe_for_another_base_is_refused_in_one_line(case, files, tmp_path, capsys):
+    source, change, expected = WRONG_PROBES[case]
+    probe = files[source]
+    if source != "probe-depth":
+        checkpoint = read_checkpoint(probe)
+        change(checkpoint)
+        probe = tmp_path / "probe.pt"
+        torch.save(checkpoint, probe)
+    error = train_error(["--config", "sd15-innercontrol", *files["flags"], "--task", "segmentation", "--data-path",
+                         files["segmentation"], "--controlnet-init", "none", "--reward-model", files["segmenter"],
+                         "--probe", probe, "--out", tmp_path / "run"], capsys)
+    assert error.startswith("error: ") and error.count("\n") == 1 and expected in error, error
+
+
 def test_lineart_has_no_reward_model(files, tmp_path, capsys):
     error = train_error(["--config", "sd15-innercontrol", *files["flags"], "--task", "lineart", "--data-path",
                          files["depth"], "--beta", "0", "--out", tmp_path], capsys)
@@ -289,3 +317,27 @@ def test_the_sd_configs_are_the_papers_settings():
     for config in (plain, eq8):
         assert (config["lr"], config["batch_size"], config["grad_clip"], config["image_size"]) == (1e-5, 256, 1.0, 512)
     assert (plain["alpha"], plain["beta"]) == (0.0, 0.0) and (eq8["alpha"], eq8["beta"]) == (None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fig. 2 at SD scale (eval.py innercontrol-sd-curve)
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_the_fig2_curve_command_writes_one_value_per_t_and_model(files, tmp_path):
+    unet = UNet(**SD_SIZES["tiny"]["unet"])
+    controlnet = randomise(ControlNet.from_unet(unet, hint_downsampling=AUTOENCODERS["tiny"]().downsampling_factor))
+    torch.save({"control_model." + key: value for key, value in controlnet.state_dict().items()}, tmp_path / "cn.pth")
+    timesteps = [0, 500, 999]
+    out = tmp_path / "fig2.json"
+    eval_script.main(list(map(str, ["innercontrol-sd-curve", "--probe", files["probe-segmentation"].parent,
+                                    "--reward-model", files["segmenter"], "--data-path", files["segmentation"],
+                                    "--run", tmp_path / "cn.pth", "--timesteps", ",".join(map(str, timesteps)),
+                                    "--num-images", 2, "--device", "cpu", "--out", out])))
+    curves = json.loads(out.read_text())["metrics"]["curves"]
+    assert list(curves) == ["sd15", "controlnet"]
+    for rows in curves.values():
+        assert [row["t"] for row in rows] == timesteps
+        assert all(0 <= row[reader]["miou"] <= 1 for row in rows for reader in ("probe", "reward"))
+    assert curves["sd15"] != curves["controlnet"]  # the ControlNet's residuals change eps, hence x0 and the features
+    with Image.open(tmp_path / "fig2.png") as chart:
+        assert chart.size == (640, 380)

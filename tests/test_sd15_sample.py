@@ -11,14 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
+import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 import sample
 from ref import runtime, text_to_image, vae
+from ref.control_data import ControlDataset
 from ref.safetensors import save_file
 from ref.sd_checkpoints import save_diffusers
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
 from ref.tokenizer import clip_vocabulary
-from tests.helpers import randomise
+from tests.helpers import randomise, write_folder, write_image
 
 torch.set_num_threads(1)
 
@@ -158,14 +160,39 @@ def test_sd15_writes_samples_grid_settings_and_pngs(files, tmp_path, capsys):
     assert len(list((out / "images").iterdir())) == 6  # one PNG a sample, named by pair and seed
 
 
+def test_data_path_samples_its_captions_with_the_training_hints_and_eval_scores_them(files, tmp_path):
+    """--data-path FOLDER --task segmentation: the same images as --prompts PAIRS.jsonl of the captions and the hints
+    cut as training cuts them (written as files); the grid shows those hints; eval.py innercontrol-sd reads it all."""
+    data = write_folder(tmp_path / "data", "segmentation", samples=2, size=32)
+    hints = [text_to_image.hint_picture(item[1]) for item in ControlDataset(data, "segmentation", 32)]
+    lines = [json.dumps(dict(prompt=caption, control=write_image(tmp_path / f"hint{index}.png", hint)))
+             for index, (caption, hint) in enumerate(zip(["a cat", "the cat"], hints))]
+    (tmp_path / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    common = ["sd15", "--architecture", "tiny", "--sd15", files / "sd15.safetensors", "--controlnet",
+              files / "control.pth", "--tokenizer", files / "vocab.txt.gz", "--size", 32, "--steps", 2,
+              "--seeds-per-prompt", 2]
+    run_sd15([*common, "--data-path", data, "--task", "segmentation", "--out", tmp_path / "data-out"])
+    run_sd15([*common, "--prompts", tmp_path / "pairs.jsonl", "--out", tmp_path / "pairs-out"])
+    from_data, from_pairs = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("data-out", "pairs-out"))
+    assert np.array_equal(from_data, from_pairs)
+    settings = json.loads((tmp_path / "data-out" / "settings.json").read_text())
+    assert [pair["prompt"] for pair in settings["pairs"]] == ["a cat", "the cat"]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "data-out" / "grid.png"))[:32, :32], hints[0])
+    torch.jit.script(torch.nn.Conv2d(3, 4, 1)).save(str(tmp_path / "segmenter.pt"))
+    metrics = eval_script.main(list(map(str, ["innercontrol-sd", "--samples", tmp_path / "data-out", "--data-path",
+                                              data, "--task", "segmentation", "--eval-model",
+                                              tmp_path / "segmenter.pt", "--num-classes", 4, "--device", "cpu"])))
+    assert len(metrics["per_seed"]) == 2 and 0 <= metrics["miou"] <= 1 and metrics["samples"] == 4
+
+
 def test_the_same_seeds_give_the_same_images_at_batch_1_and_3_and_on_2_ranks(files, tmp_path):
     for batch in (1, 3):
         run_sd15(sd15_argv(files, tmp_path / f"b{batch}", "--batch-size", batch, "--seeds-per-prompt", "2"))
     one, three = (np.load(tmp_path / f"b{batch}" / "samples.npz")["arr_0"].astype(int) for batch in (1, 3))
     args = sample.parse_sd15_args(list(map(str, sd15_argv(files, tmp_path / "r2", "--batch-size", 2,
                                                           "--seeds-per-prompt", 2)[1:])))
-    pairs, tokenizer, networks = sample.load_sd15_inputs(args)
-    shares = [text_to_image.sd15_share(args, networks, pairs, tokenizer([prompt for prompt, _ in pairs]),
+    pairs, hints, tokenizer, networks = sample.load_sd15_inputs(args)
+    shares = [text_to_image.sd15_share(args, networks, hints, tokenizer([prompt for prompt, _ in pairs]),
                                        tokenizer([""]), runtime.Distributed(rank, 2, torch.device("cpu")))
               for rank in (0, 1)]
     assert [indices.tolist() for indices, _ in shares] == [[0, 2, 4], [1, 3, 5]]  # rank r: r, r + W, ..
