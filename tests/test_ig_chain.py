@@ -38,7 +38,7 @@ def test_image_folder_to_fid_through_the_scripts(tmp_path, capsys):
     write_image_folder(tmp_path / "images", tmp_path / "real", np.random.default_rng(0))
     torch.manual_seed(0)
     torch.save(VAES["tiny"]().state_dict(), tmp_path / "vae.pt")
-    torch.save(FIDInceptionV3(random_weights=True).state_dict(), tmp_path / "inception.pt")  # random weights, the public layout
+    torch.save(FIDInceptionV3(random_weights=True).state_dict(), tmp_path / "inception.pt")  # the public layout
 
     prepare.main(["latents", "--data-path", str(tmp_path / "images"), "--vae", str(tmp_path / "vae.pt"),
                   "--vae-kind", "tiny", "--image-size", "32", "--store", "sample", "--out", str(tmp_path / "shards"),

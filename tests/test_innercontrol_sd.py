@@ -226,7 +226,8 @@ def test_gradient_accumulation_gives_the_whole_batchs_gradient(files):
 
 def test_micro_batches_that_do_not_divide_the_batch_are_refused(files, tmp_path, capsys):
     error = train_error(["--config", "sd15-controlnet", *files["flags"], "--task", "depth", "--data-path",
-                         files["depth"], "--batch-size", 4, "--grad-accumulation", 3, "--out", tmp_path / "out"], capsys)
+                         files["depth"], "--batch-size", 4, "--grad-accumulation", 3, "--out", tmp_path / "out"],
+                        capsys)
     assert "--grad-accumulation 3 does not divide a rank's 4 samples of the batch into equal micro-batches" in error
 
 
