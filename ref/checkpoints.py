@@ -100,15 +100,20 @@ def strip_wrappers(key):
     return key
 
 
-def read_state_dict(path, expected, prefer="ema"):
-    """The state dict in a weights file or model folder (read_checkpoint), wrappers stripped (unwrap_state).
-    `expected` (what the caller wants, in words) goes into every error. -> {key: tensor}, {key: the key in the file}"""
+def read_expected(path, expected):
+    """read_checkpoint, with `expected` (what the caller wants, in words) in every error, a missing path included."""
     if not Path(path).exists():
         raise ValueError(f"{path}: no such file ({expected} expected)")
     try:
-        contents = read_checkpoint(path)
+        return read_checkpoint(path)
     except ValueError as error:
         raise ValueError(f"{error}; here {expected} were expected") from None
+
+
+def read_state_dict(path, expected, prefer="ema"):
+    """The state dict in a weights file or model folder (read_checkpoint), wrappers stripped (unwrap_state).
+    `expected` (what the caller wants, in words) goes into every error. -> {key: tensor}, {key: the key in the file}"""
+    contents = read_expected(path, expected)
     if not isinstance(contents, dict):
         raise ValueError(f"{path} holds a {type(contents).__name__}, not a state dict ({expected} expected)")
     return unwrap_state(contents, prefer)

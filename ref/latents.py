@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ref.checkpoints import check_state_fits, misfit_line, read_checkpoint, read_state_dict
+from ref.checkpoints import check_state_fits, misfit_line, read_expected, read_state_dict
 from ref.data import LatentShards
 from ref.runtime import stream_seed
 from ref.vae import MODELS, AutoencoderKL, load_state, native_state
@@ -168,12 +168,7 @@ def read_latent_stats(path):
     file raises ValueError saying what was expected and where it comes from."""
     expected = (f"a latent statistics file ({STATS_FILE}: a dict with 'mean' and 'std' tensors of shape (1, C, 1, 1), "
                 f"written by `prepare.py latents --vae-kind vavae-f16d32` or shipped with the LightningDiT release)")
-    if not Path(path).is_file():
-        raise ValueError(f"{path}: no such file; {expected} was expected")
-    try:
-        contents = read_checkpoint(path)
-    except ValueError as error:
-        raise ValueError(f"{error}; here {expected} was expected") from None
+    contents = read_expected(path, expected)
     stats = [contents.get(name) if isinstance(contents, dict) else None for name in ("mean", "std")]
     if any(not isinstance(value, torch.Tensor) or value.dim() != 4 or value.shape[::2] != (1, 1) for value in stats) \
             or stats[0].shape != stats[1].shape or not (stats[1] > 0).all():

@@ -8,8 +8,8 @@ The architecture is the aggregation network of Readout Guidance (Luo et al. 2024
   4. an output head: 3x3 conv P -> 128, SiLU, 3x3 conv 128 -> 32, SiLU, [transposed conv 2x up, SiLU], 1x1 conv
      32 -> C_out, then tanh.
 
-Output: "tanh" gives a control in [-1, 1] (depth, edges; `ref.innercontrol.alignment_loss` reads it as the control's [0, 1]
-through (H + 1) / 2, as the InnerControl release does); "logits" gives unbounded class scores (C_out = number of
+Output: "tanh" gives a control in [-1, 1] (depth, edges; `ref.innercontrol.alignment_loss` reads it as the control's
+[0, 1] through (H + 1) / 2, as the InnerControl release does); "logits" gives unbounded class scores (C_out = number of
 classes) for segmentation, compared with class indices by cross-entropy, since a tanh would cap the logits in [-1, 1]
 and so the softmax confidence.
 
