@@ -69,9 +69,9 @@ class ShapesSample(NamedTuple):
 
 
 class Shapes(Dataset):
-    """1 to max_objects (at most MAX_OBJECTS) flat shapes of distinct classes on a ground plane, rendered from a generator seeded by
-    (seed, index) alone: the same (seed, index) gives the same scene at any resolution, and nothing depends on the
-    order of reads. `num_items` only sets the epoch length.
+    """1 to max_objects (at most MAX_OBJECTS) flat shapes of distinct classes on a ground plane, rendered from a
+    generator seeded by (seed, index) alone: the same (seed, index) gives the same scene at any resolution, and nothing
+    depends on the order of reads. `num_items` only sets the epoch length.
 
     Depth (1 = nearest, like the disparity maps ControlNet is trained with) is visible in three ways: objects are drawn
     back to front, so nearer ones occlude farther ones; every surface is shaded by its depth (`shade`, nearer is
