@@ -4,7 +4,7 @@ metrics (InnerControl).
     python eval.py fid --samples S.npz --ref R.npz [--inception PATH] [--out metrics.json]
     python eval.py fid --samples IMAGES --write-ref R.npz [--inception PATH]
     python eval.py train-shapes-classifier [--classifier PATH] [--steps 2000] [--image-size 32]
-    python eval.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N) [--classifier PATH] [--out metrics.json]
+    python eval.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N [--ref-max-objects K]) [--classifier PATH]
     python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
     python eval.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
     python eval.py innercontrol-sd --samples SAMPLE_DIR --data-path FOLDER --task depth|hed|segmentation \
@@ -15,9 +15,9 @@ metrics (InnerControl).
 fid: IS, FID, sFID and precision/recall as the ADM evaluator computes them; `python eval.py fid --help` says how,
 and what is left different.
 fd-shapes: FD-shapes (the Frechet distance of the Shapes classifier's 128-d features; not FID) and precision/recall
-(k = 3) against reference images: an .npz or folder (--ref), or the first N true scenes of Shapes(seed=--ref-seed) at
-the samples' size, rendered on the fly (--ref-shapes N); with labels in the samples' arr_1, label_accuracy too. The
-classifier comes from train-shapes-classifier (ref/shapes_classifier.py).
+(k = 3) against reference images: an .npz or folder (--ref), or the first N true scenes of Shapes(seed=--ref-seed,
+max_objects=--ref-max-objects) at the samples' size, rendered on the fly (--ref-shapes N); with labels in the samples'
+arr_1, label_accuracy too. The classifier comes from train-shapes-classifier (ref/shapes_classifier.py).
 control: the maps extracted from the generated images (evaluation depth model, edge annotator, segmenter) against the
 input controls, paired in order. The logic lives in ref/metrics.py.
 innercontrol: for sample.py's output on a controlnet run: the evaluation estimator reads the control back from each
@@ -51,7 +51,7 @@ from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_ali
 from shapes import pipeline, runs
 from shapes.classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
-from shapes.data import Shapes
+from shapes.data import MAX_OBJECTS, Shapes
 
 DEFAULT_CLASSIFIER = "runs/shapes-classifier.pt"
 FID_HELP = """IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch
@@ -140,7 +140,7 @@ def run_fd_shapes(args):
         reference = ImageSource(args.ref, "RGB")
     else:
         size = next(samples.batches(1)).shape[1]  # the samples' side in pixels
-        reference = ShapesImages(args.ref_shapes, size, args.ref_seed)
+        reference = ShapesImages(args.ref_shapes, size, args.ref_seed, args.ref_max_objects)
     summaries = [summarise_images(images, classifier, args.batch_size, args.device, Progress(name))
                  for name, images in (("samples", samples), ("reference", reference))]
     return fd_shapes_report(*summaries, sample_labels=sample_labels(args.samples))
@@ -284,6 +284,9 @@ def parse_args(argv=None):
     references.add_argument("--ref", help="reference images: ADM .npz (arr_0) or a folder")
     references.add_argument("--ref-shapes", type=int, metavar="N", help="reference: the first N true Shapes scenes")
     fd_shapes.add_argument("--ref-seed", type=int, default=0, help="Shapes seed of --ref-shapes (0: the training data)")
+    fd_shapes.add_argument("--ref-max-objects", type=int, default=MAX_OBJECTS,
+                           help="at most this many objects in a --ref-shapes scene (the samples' training data's "
+                                "--shapes-max-objects)")
     fd_shapes.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="from train-shapes-classifier")
     fd_shapes.add_argument("--batch-size", type=int, default=250)
     fd_shapes.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

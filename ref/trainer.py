@@ -5,7 +5,8 @@ A run (the IG run in ref/internal_guidance.py, the testbed's runs in shapes/runs
 that gives what the loop needs: `make_dataset()`, `build()` the trainable network, `collate(samples)` -> a batch of
 CPU tensors, `to(device)` for its frozen partners, and `loss(net, batch, draws, device)` -> the (B,) per-sample loss
 of its paper's training step, each sample's random draws taken from `draws` (ref.runtime.SampleDraws). A run whose
-step reads the EMA weights (IG's accelerated training) has `use_ema(ema)`, and the loop hands it its EMA network.
+step reads the EMA weights (IG's accelerated training) has `use_ema(ema)`, and the loop hands it its EMA network; a
+run's `added_fields`, if any, are the old defaults of fields it gained after checkpoints were written.
 """
 import contextlib
 import copy
@@ -82,8 +83,8 @@ def start(make_run, config, out, world):
         share = stream_positions(0, config["batch_size"], world.rank, world.world_size)  # checks the batch splits
         check_accumulation(len(share), config.get("grad_accumulation", 1))
         checkpoint = read_run_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
-        if checkpoint is not None:
-            check_resumable(checkpoint["args"], config, checkpoint_path)
+        if checkpoint is not None:  # a field the run added since the checkpoint was written: its old default
+            check_resumable(dict(getattr(run, "added_fields", {}), **checkpoint["args"]), config, checkpoint_path)
         torch.manual_seed(config["seed"])  # the initial weights
         model = run.build().to(world.device)
         run.to(world.device)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ref.checkpoints import read_checkpoint
 from ref.data import batch_indices, to_uint8
 from ref.metrics import frechet_distance, precision_recall
-from shapes.data import SHAPE_CLASSES, Shapes
+from shapes.data import MAX_OBJECTS, SHAPE_CLASSES, Shapes
 
 TRAIN_SEED, TEST_SEED = 1000, 1001  # Shapes seeds of the classifier's training and test scenes
 TRAIN_ITEMS = 1_000_000  # the training stream: far more scenes than a training run reads, so none repeats
@@ -52,10 +52,11 @@ def to_unit_range(images):
 
 
 class ShapesImages:
-    """The first `count` scenes of Shapes(size, seed) as uint8 images, read in batches like an ImageSource."""
+    """The first `count` scenes of Shapes(size, seed, max_objects) as uint8 images, read in batches like an
+    ImageSource."""
 
-    def __init__(self, count, size=32, seed=0):
-        self.dataset = Shapes(size, num_items=count, seed=seed)
+    def __init__(self, count, size=32, seed=0, max_objects=MAX_OBJECTS):
+        self.dataset = Shapes(size, num_items=count, seed=seed, max_objects=max_objects)
 
     def __len__(self):
         return len(self.dataset)

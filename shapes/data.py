@@ -69,19 +69,23 @@ class ShapesSample(NamedTuple):
 
 
 class Shapes(Dataset):
-    """1 to MAX_OBJECTS flat shapes of distinct classes on a ground plane, rendered from a generator seeded by
-    (seed, index) alone: the same (seed, index) gives the same scene at any resolution, and nothing depends on the
-    order of reads. `num_items` only sets the epoch length.
+    """1 to max_objects (at most MAX_OBJECTS) flat shapes of distinct classes on a ground plane, rendered from a
+    generator seeded by (seed, index) alone: the same (seed, index) gives the same scene at any resolution, and nothing
+    depends on the order of reads. `num_items` only sets the epoch length.
 
     Depth (1 = nearest, like the disparity maps ControlNet is trained with) is visible in three ways: objects are drawn
     back to front, so nearer ones occlude farther ones; every surface is shaded by its depth (`shade`, nearer is
     brighter); and an object's radius grows with its depth. The ground plane recedes from the bottom row (depth 0.3)
     to the top row (0) and lies behind every object. Objects sit wholly inside the frame, so the front one is never
     hidden; the label is its class, and the caption names it first. Image edges are anti-aliased from the signed
-    distance; the controls are exact at the pixel centres, where a pixel belongs to a shape iff its coverage > 1/2."""
+    distance; the controls are exact at the pixel centres, where a pixel belongs to a shape iff its coverage > 1/2.
+    max_objects 1 gives one object on the ground plane, the easiest class-conditional task; below MAX_OBJECTS the
+    scenes are another draw than the default ones of the same (seed, index)."""
 
-    def __init__(self, size=32, num_items=50_000, seed=0):
-        self.size, self.num_items, self.seed = size, num_items, seed
+    def __init__(self, size=32, num_items=50_000, seed=0, max_objects=MAX_OBJECTS):
+        if not 1 <= max_objects <= MAX_OBJECTS:
+            raise ValueError(f"max_objects must be in 1..{MAX_OBJECTS}, got {max_objects}")
+        self.size, self.num_items, self.seed, self.max_objects = size, num_items, seed, max_objects
         centres = (np.arange(size) + 0.5) / size  # pixel centres in units of the image side
         self.xs, self.ys = centres[None, :], centres[:, None]  # (1, W), (H, 1)
 
@@ -92,7 +96,7 @@ class Shapes(Dataset):
         """The random draws of scene `index`, objects ordered far to near: classes, colour names, depths, radii,
         centres (n, 2) as (x, y), angles; all lengths in units of the image side."""
         rng = np.random.default_rng([self.seed, index])
-        count = int(rng.integers(1, MAX_OBJECTS + 1))
+        count = int(rng.integers(1, self.max_objects + 1))
         classes = rng.permutation(len(SHAPE_CLASSES))[:count]
         colors = [list(COLORS)[i] for i in rng.integers(0, len(COLORS), count)]
         low, high = OBJECT_DEPTH_RANGE  # sorted draws spread by the gap: increasing, OBJECT_DEPTH_GAP apart at least

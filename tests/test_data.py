@@ -1,5 +1,6 @@
 """Data: shapes scenes (determinism, ranges, controls consistent with the scene and with each other, depth visible in
-the image), the ADM center crop and image folder, latent shards, the clear errors on bad input, the resumable order."""
+the image, max_objects bounding the object count), the ADM center crop and image folder, latent shards, the clear
+errors on bad input, the resumable order."""
 import math
 
 import numpy as np
@@ -9,8 +10,8 @@ import torch
 from PIL import Image
 
 from ref.data import ImageFolder, LatentShards, batch_indices, epoch_permutation
-from shapes.data import (CAPTION_VOCABULARY, COLORS, GROUND_COLOR, SHAPE_CLASSES, SHAPE_DISTANCES, Shapes,
-                         occluding_contours, shade)
+from shapes.data import (CAPTION_VOCABULARY, COLORS, GROUND_COLOR, MAX_OBJECTS, SHAPE_CLASSES, SHAPE_DISTANCES,
+                         Shapes, occluding_contours, shade)
 
 torch.set_num_threads(1)
 
@@ -70,6 +71,25 @@ def test_shapes_label_caption_segmentation_agree():
         assert visible <= {SHAPE_CLASSES.index(shape) + 1 for shape in shapes}
         labels.append(sample.label)
     assert set(labels) == set(range(len(SHAPE_CLASSES)))
+
+
+@pytest.mark.parametrize("max_objects", [1, 2])
+def test_shapes_max_objects_bounds_the_count_and_keeps_the_front_label(max_objects):
+    counts = []
+    for sample in Shapes(32, num_items=150, max_objects=max_objects):
+        objects = caption_objects(sample.caption)
+        visible = set(sample.segmentation.unique().tolist()) - {0}
+        assert objects[0][1] == SHAPE_CLASSES[sample.label] and sample.label + 1 in visible
+        if max_objects == 1:  # the one object is all there is, on the ground plane
+            assert visible == {sample.label + 1}
+        counts.append(len(objects))
+    assert set(counts) == set(range(1, max_objects + 1))
+
+
+@pytest.mark.parametrize("max_objects", [0, MAX_OBJECTS + 1])
+def test_shapes_max_objects_out_of_range_is_refused(max_objects):
+    with pytest.raises(ValueError, match="max_objects"):
+        Shapes(32, max_objects=max_objects)
 
 
 def test_shapes_visible_object_is_the_nearest():

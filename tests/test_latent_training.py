@@ -27,6 +27,7 @@ from ref.losses import cosine_distance, flow_matching_loss
 from ref.runtime import SampleDraws, stream_seed
 from ref.safetensors import save_file
 from ref.vae import MODELS as VAES
+from shapes.runs import ShapesDiTRun
 from tests.helpers import assert_same_state, train_error
 
 torch.set_num_threads(1)
@@ -355,7 +356,7 @@ def test_a_config_stored_without_the_new_fields_resumes_and_loads(tmp_path):
     train.main([*flags, "--out", str(tmp_path / "whole")])
     train.main([*flags, "--out", str(tmp_path / "old"), "--stop-after", "2"])
     checkpoint = read_checkpoint(tmp_path / "old" / "latest.pt")
-    for name in [*ADDED_FIELDS, *ADDED_DIT_FIELDS]:
+    for name in [*ADDED_FIELDS, *ADDED_DIT_FIELDS, *ShapesDiTRun.added_fields]:
         del checkpoint["args"][name]
     torch.save(checkpoint, tmp_path / "old" / "latest.pt")
     network, config = runtime.load_trained_network(tmp_path / "old" / "latest.pt", "dit", dit_from_config)

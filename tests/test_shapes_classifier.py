@@ -1,6 +1,7 @@
 """The Shapes classifier and FD-shapes: brief training beats chance on held-out scenes (at 32 and 64 px), more than
 halves their cross-entropy and is deterministic; FD-shapes tells true scenes from corrupted ones; the eval.py round
-trip on the same images gives FD 0 and precision = recall = 1; a missing or foreign classifier file gives a clear error.
+trip on the same images gives FD 0 and precision = recall = 1; --ref-max-objects renders the reference of
+single-object scenes; a missing or foreign classifier file gives a clear error.
 
 One classifier, trained briefly through `eval.py train-shapes-classifier`, serves the module."""
 import numpy as np
@@ -119,6 +120,15 @@ def test_round_trip_on_the_same_images_gives_zero_distance(classifier, tmp_path)
     assert report["label_accuracy"] > 0.6  # arr_1: the labels the images were "generated" for
     wrong_labels = save_npz(tmp_path / "wrong.npz", images, (labels.numpy() + 1) % len(SHAPE_CLASSES))
     assert fd_shapes(path, wrong_labels, "--ref", samples)["label_accuracy"] < 0.4
+
+
+def test_ref_max_objects_renders_the_reference_of_single_object_scenes(classifier, tmp_path):
+    """Single-object scenes (seed 1) lie near a single-object reference (seed 0) and far from the default one."""
+    path, _ = classifier
+    single = np.concatenate(list(ShapesImages(SCENES, seed=1, max_objects=1).batches(100)))
+    samples = save_npz(tmp_path / "samples.npz", single)
+    matched = fd_shapes(path, samples, "--ref-shapes", SCENES, "--ref-max-objects", 1)["fd_shapes"]
+    assert 0 < 5 * matched < fd_shapes(path, samples, "--ref-shapes", SCENES)["fd_shapes"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

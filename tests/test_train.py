@@ -353,7 +353,7 @@ def test_each_kind_of_run_has_its_own_fields_and_help(capsys):
     assert "patch_size" in dit and "reward_range" not in dit and "task" not in dit
     assert "reward_range" in controlnet and "patch_size" not in controlnet and "objective" not in controlnet
     imagenet, _ = train.parse_args(["--config", "sit-b2-imagenet"])
-    assert set(imagenet) == set(dit) - {"shapes_items"}
+    assert set(imagenet) == set(dit) - {"shapes_items", "shapes_max_objects"}
     for config, present, absent in (("shapes-controlnet", "--reward-range", "--patch-size"),
                                     ("shapes-tiny", "--patch-size", "--reward-range")):
         with pytest.raises(SystemExit):
