@@ -67,3 +67,27 @@ def guided_denoiser(model, y, null_y=None, w_ig=1.0, w_cfg=1.0, ig_interval=(0.0
         return out
 
     return denoise
+
+
+def controlled_denoiser(unet, controlnet, context, null_context, hint, cfg_scale, control_scale=1.0):
+    """denoise(x, t) -> eps for a sampler: the UNet steered by the ControlNet's residuals for `hint` (B, C, H, W),
+    each times control_scale; the text `context` (B, L, D) guided against `null_context` (1, L, D), the empty
+    caption's, with weight cfg_scale (1: the text branch alone, one pass), the control in both branches (ControlNet's
+    samplers, ControlNet++'s evaluation). x and hint are given to the networks in the UNet's dtype; eps comes back
+    float32."""
+    dtype = next(unet.parameters()).dtype
+    hint = hint.to(dtype)
+
+    def eps(x, t, context, hint):
+        residuals = controlnet(x, hint, t, context, scales=control_scale)
+        return unet(x, t, context, control=residuals).float()
+
+    def denoise(x, t):  # x (B, C_latent, h, w), t (B,) float32
+        x = x.to(dtype)
+        if cfg_scale == 1.0:
+            return eps(x, t, context, hint)
+        null = null_context.expand(len(x), -1, -1)
+        cond, uncond = eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null]),
+                           torch.cat([hint, hint])).chunk(2)
+        return cfg(cond, uncond, cfg_scale)
+    return denoise

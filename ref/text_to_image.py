@@ -32,7 +32,7 @@ from PIL import Image
 from ref import clip, controlnet, runtime, sd_checkpoints, unet, vae
 from ref.control_data import ControlDataset
 from ref.data import to_uint8
-from ref.guidance import cfg
+from ref.guidance import controlled_denoiser
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
 
@@ -109,34 +109,13 @@ def check_tokenizer(tokenizer, text_encoder):
                          f"expected)")
 
 
-def controlled_denoiser(networks, context, null_context, hint, cfg_scale, control_scale):
-    """denoise(x, t) -> eps for the sampler: the UNet steered by the ControlNet's residuals for `hint` (B, 3, S, S),
-    each times control_scale; text `context` (B, L, D) guided against `null_context` (1, L, D) with weight cfg_scale
-    (1: the text branch alone, one pass), the control in both branches. x is given to the networks in their dtype."""
-    dtype = next(networks.unet.parameters()).dtype
-    hint = hint.to(dtype)
-
-    def eps(x, t, context, hint):
-        residuals = networks.controlnet(x, hint, t, context, scales=control_scale)
-        return networks.unet(x, t, context, control=residuals).float()
-
-    def denoise(x, t):  # x (B, 4, h, w), t (B,) float32
-        x = x.to(dtype)
-        if cfg_scale == 1.0:
-            return eps(x, t, context, hint)
-        null = null_context.expand(len(x), -1, -1)
-        cond, uncond = eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, null]),
-                           torch.cat([hint, hint])).chunk(2)
-        return cfg(cond, uncond, cfg_scale)
-    return denoise
-
-
 @torch.no_grad()
 def generate(networks, context, null_context, hint, noise, steps=50, cfg_scale=7.5, control_scale=1.0):
     """Images (B, 3, S, S) in [-1, 1] (float32, unclamped) from latent noise (B, 4, S/8, S/8): DDIM (eta 0) over the
     leading timesteps, the last step to abar_0 (set_alpha_to_one False), then the VAE decoder on latents / scale."""
     schedule = sd15_schedule()
-    denoise = controlled_denoiser(networks, context, null_context, hint, cfg_scale, control_scale)
+    denoise = controlled_denoiser(networks.unet, networks.controlnet, context, null_context, hint, cfg_scale,
+                                  control_scale)
     latents = ddim(denoise, noise, schedule, sampling_timesteps(steps), final_abar=schedule.abar(0))  # (B, 4, h, w)
     autoencoder = networks.autoencoder
     dtype = next(autoencoder.parameters()).dtype

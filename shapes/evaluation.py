@@ -10,32 +10,18 @@ compares the probe's reading of the decoder features with the reward model's rea
 """
 import torch
 
-from ref.guidance import cfg
+from ref.guidance import controlled_denoiser
 from ref.samplers import ddim, spaced_timesteps
 from shapes.text import PAD
 
 EVAL_SCENE_SEED = 2000  # Shapes seed of the evaluation scenes (controls and captions), away from training's 0
 
 
-def controlled_denoiser(base, controlnet, hint, tokens, cfg_scale):
-    """denoise(x, t) -> eps for the sampler: the base UNet with the ControlNet's residuals for `hint` (B, C, H, W),
-    the caption `tokens` (B, L) guided against the empty caption with weight `cfg_scale` (1: no guidance, one pass)."""
-    def eps(x, t, tokens, hint):
-        context = base.text_encoder(tokens)  # (B, L, D_ctx)
-        return base.unet(x, t, context, control=controlnet(x, hint, t, context))
-
-    def denoise(x, t):
-        if cfg_scale == 1.0:
-            return eps(x, t, tokens, hint)
-        both = [torch.cat(pair) for pair in ((x, x), (t, t), (tokens, torch.full_like(tokens, PAD)), (hint, hint))]
-        cond, uncond = eps(*both).chunk(2)
-        return cfg(cond, uncond, cfg_scale)
-    return denoise
-
-
 @torch.no_grad()
 def generate(base, controlnet, schedule, hint, tokens, noise, steps, cfg_scale):
     """Images (B, 3, H, W) in [-1, 1] (float32) from noise (B, 3, H, W) by `steps` DDIM steps (eta 0), every x0
     estimate clipped to the pixel range [-1, 1]."""
-    denoise = controlled_denoiser(base, controlnet, hint, tokens, cfg_scale)
+    context = base.text_encoder(tokens)  # (B, L, D_ctx), once for every step
+    null_context = base.text_encoder(torch.full_like(tokens[:1], PAD))  # (1, L, D_ctx): the empty caption
+    denoise = controlled_denoiser(base.unet, controlnet, context, null_context, hint, cfg_scale)
     return ddim(denoise, noise, schedule, spaced_timesteps(schedule, steps), clip_x0=(-1.0, 1.0)).float()
