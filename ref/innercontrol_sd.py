@@ -67,10 +67,9 @@ class StableDiffusion(nn.Module):
 
     @torch.no_grad()
     def encode(self, images, draws):
-        """images (B, 3, S, S) in [-1, 1] -> latents (B, 4, S/8, S/8): a posterior sample (AutoencoderKL.sample, each
-        sample's noise from its own generator) times the scaling factor (0.18215 for SD)."""
-        mean, logvar = self.vae.encode(images)
-        return (mean + torch.exp(0.5 * logvar) * draws.randn_like(mean)) * self.vae.scaling_factor
+        """images (B, 3, S, S) in [-1, 1] -> latents (B, 4, S/8, S/8): a posterior sample (each sample's noise from
+        its own generator) times the scaling factor (0.18215 for SD)."""
+        return self.vae.posterior_sample(*self.vae.encode(images), draws) * self.vae.scaling_factor
 
     def decode(self, latents):
         """Scaled latents -> RGB in [0, 1] (ControlNet++'s `(image / 2 + 0.5).clamp(0, 1)`), differentiable; with

@@ -3,7 +3,7 @@
 What a shard holds, per VAE recipe (`STORES`):
   moments  the SiT / IG recipe (SD VAE): the posterior moments, mean and logvar concatenated on the channel axis as
            LDM's quant_conv returns them, (N, 2C, h, w). The training step draws a fresh latent from them every time,
-           `AutoencoderKL.sample(mean, logvar, generator)` with the sample's own generator, then scales it by 0.18215.
+           `AutoencoderKL.posterior_sample` with the sample's own generator, then scales it by 0.18215.
            (The IG release stores mean and std, REPA's `img-mean-std` files, and draws mean + std * randn per step.)
   sample   the LightningDiT recipe (VA-VAE): one posterior sample per item, (N, C, h, w), as its extract_features.py
            stores `posterior.sample()`; here the noise of file i comes from a generator seeded by (seed, i), of its
@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ref.checkpoints import check_state_fits, misfit_line, read_expected, read_state_dict
 from ref.data import LatentShards
-from ref.runtime import stream_seed
+from ref.runtime import SampleDraws, stream_seed
 from ref.vae import MODELS, AutoencoderKL, load_state, native_state
 
 STORES = ("moments", "sample")
@@ -134,8 +134,7 @@ def encode_items(vae, images, items, store, seed):
     mean, logvar = (moment.float().cpu() for moment in vae.encode(images))  # (B, C, h, w) each
     if store == "moments":
         return torch.cat([mean, logvar], dim=1)
-    generators = [torch.Generator().manual_seed(stream_seed(seed, item)) for item in items]
-    return torch.cat([vae.sample(mean[i:i + 1], logvar[i:i + 1], generator) for i, generator in enumerate(generators)])
+    return AutoencoderKL.posterior_sample(mean, logvar, SampleDraws(stream_seed(seed, item) for item in items))
 
 
 def channel_statistics(arrays, chunk=1024):
@@ -238,9 +237,7 @@ class TrainingLatents:
         the moments' posterior sample is each sample's first draw -> (N, C, h, w)."""
         if self.store == "moments":
             mean, logvar = stored.chunk(2, dim=1)  # (N, C, h, w) each
-            latents = [AutoencoderKL.sample(mean[i:i + 1], logvar[i:i + 1], generator)
-                       for i, generator in enumerate(draws.generators)]
-            return torch.cat(latents) * self.scaling_factor
+            return AutoencoderKL.posterior_sample(mean, logvar, draws) * self.scaling_factor
         if self.store == "sample":
             return normalise_latents(stored, self.stats)
         return stored

@@ -210,6 +210,12 @@ class AutoencoderKL(nn.Module):
         return in_slices(lambda part: torch.cat(self.moments(part), dim=1), x, slice_size).chunk(2, dim=1)
 
     @staticmethod
+    def posterior_sample(mean, logvar, draws):
+        """One latent a row, z = mean + exp(logvar / 2) * eps, row i's eps from draws' generator i
+        (ref.runtime.SampleDraws, or anything with its randn_like): the same for a sample in any batch. (B, z, h, w)"""
+        return mean + torch.exp(0.5 * logvar) * draws.randn_like(mean)
+
+    @staticmethod
     def sample(mean, logvar, generator=None):
         """z = mean + exp(logvar / 2) * eps, eps ~ N(0, I) drawn from `generator` (on mean's device)."""
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
