@@ -58,5 +58,5 @@ def drop_labels(y, probability, null_label, generator=None):
 def drop_captions(tokens, empty, probability, draws):
     """Caption dropout for CFG: each caption (B, L) becomes the empty prompt's tokens `empty` (L,) with the given
     probability, drawn from the sample's own generator (draws: ref.runtime.SampleDraws)."""
-    drop = torch.cat([torch.rand(1, generator=generator) < probability for generator in draws.generators])  # (B,)
+    drop = draws.rand() < probability  # (B,), one draw from each sample's generator
     return torch.where(drop[:, None], empty.to(tokens), tokens)
