@@ -51,24 +51,24 @@ class ForeignModel(NamedTuple):
     (--model), image side, class count, and the IG head's block when the file does not say (--intermediate-block)."""
     name: str
     preset: str
-    image_size: int = 256
-    num_classes: int = 1000
-    intermediate_block: int | None = None
+    image_size: int
+    num_classes: int
+    intermediate_block: int | None
 
 
 class SampleSettings(NamedTuple):
     """What sample_share draws (sample.py's flags of the same names): how many samples, the first one's seed, the
     batch per rank, the labels (balanced, random or one class_label), IG and CFG with their intervals of t, bf16."""
     num_samples: int
-    seed: int = 0
-    batch_size: int = 32
-    labels: str = "balanced"
-    class_label: int | None = None
-    ig: float = 1.0
-    ig_interval: tuple = (0.0, 1.0)
-    cfg: float = 1.0
-    cfg_interval: tuple = (0.0, 1.0)
-    bf16: bool = False
+    seed: int
+    batch_size: int
+    labels: str  # balanced | random
+    class_label: int | None
+    ig: float
+    ig_interval: tuple
+    cfg: float
+    cfg_interval: tuple
+    bf16: bool
 
 
 def foreign_head_block(kind, contents, intermediate_block=None):
