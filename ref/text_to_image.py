@@ -31,7 +31,7 @@ from PIL import Image
 
 from ref import clip, controlnet, runtime, sd_checkpoints, unet, vae
 from ref.control_data import ControlDataset
-from ref.data import to_uint8
+from ref.data import read_image, to_uint8
 from ref.guidance import controlled_denoiser
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
@@ -182,11 +182,7 @@ def read_pairs(prompts_file, controls):
 
 def read_control(path, size, warn=False):
     """A control image -> (size, size, 3) uint8 RGB, resized (Lanczos) when it is another size (warn: say so)."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except OSError as error:
-        raise ValueError(f"{path}: not an image ({error})") from None
+    image = read_image(path)  # a file pillow cannot read: ValueError naming it
     if image.size != (size, size):
         if warn:
             print(f"warning: control {path} is {image.width}x{image.height}; resized to {size}x{size}",
