@@ -51,7 +51,8 @@ from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_ali
 from shapes import pipeline, runs
 from shapes.classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
-from shapes.data import MAX_OBJECTS, Shapes
+from shapes.data import MAX_OBJECTS
+from shapes.evaluation import EVAL_SCENE_SEED, evaluation_scenes
 
 DEFAULT_CLASSIFIER = "runs/shapes-classifier.pt"
 FID_HELP = """IS of the samples; with --ref, FID, sFID and precision/recall (k = 3) against an ADM reference batch
@@ -164,8 +165,8 @@ def run_innercontrol(args):
     samples = ImageSource(folder / "samples.npz", "RGB")
     with np.load(folder / "samples.npz") as archive:
         scene_indices = archive["arr_1"]
-    size = settings["config"]["image_size"]
-    scenes = Shapes(size, num_items=int(scene_indices.max()) + 1, seed=settings["scene_seed"])
+    config = dict(runs.OLD_SCENES, **settings["config"])  # samples written before the field: up to 3 objects a scene
+    scenes = evaluation_scenes(config, int(scene_indices.max()) + 1)
     score, done, progress = ControlScore(task, pipeline.SEGMENT_CLASSES), 0, Progress("control")
     for batch in samples.batches(args.batch_size):
         images = 2 * to_unit_range(batch).to(args.device) - 1  # (B, 3, H, W) in [-1, 1]
@@ -177,7 +178,7 @@ def run_innercontrol(args):
         progress(done, len(samples))
     report = {"task": task, "samples": len(samples), **score.result()}
     classifier = load_classifier(args.classifier).to(args.device)
-    reference = ShapesImages(args.ref_shapes, size, settings["scene_seed"])
+    reference = ShapesImages(args.ref_shapes, config["image_size"], EVAL_SCENE_SEED, config["shapes_max_objects"])
     summaries = [summarise_images(images, classifier, args.batch_size, args.device, Progress(name))
                  for name, images in (("samples", samples), ("reference", reference))]
     fd = fd_shapes_report(*summaries)

@@ -409,7 +409,7 @@ class UNet(UNetEncoder):
 # ---------------------------------------------------------------------------------------------------------------------
 
 CONFIGS = {
-    # pixel space, 32x32 RGB: levels at 32 and 16, attention at 16
+    # pixel space, small RGB images (the shapes testbed: 16 px): two levels, attention on the second
     "tiny": dict(in_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                  num_heads=2, context_dim=32),
     # SD1.5 (v1-inference.yaml; lllyasviel/ControlNet models/cldm_v15.yaml): 4-channel latents of the 8x VAE

@@ -12,9 +12,15 @@ import torch
 
 from ref.guidance import controlled_denoiser
 from ref.samplers import ddim, spaced_timesteps
+from shapes.data import Shapes
 from shapes.text import PAD
 
 EVAL_SCENE_SEED = 2000  # Shapes seed of the evaluation scenes (controls and captions), away from training's 0
+
+
+def evaluation_scenes(config, count):
+    """The first `count` held-out evaluation scenes of a pipeline run's config: its size and objects a scene."""
+    return Shapes(config["image_size"], num_items=count, seed=EVAL_SCENE_SEED, max_objects=config["shapes_max_objects"])
 
 
 @torch.no_grad()

@@ -32,8 +32,7 @@ from ref.data import to_uint8
 from ref.schedules import DDPMSchedule
 from shapes import pipeline, runs
 from shapes.classifier import render, save_classifier, train_classifier
-from shapes.data import Shapes
-from shapes.evaluation import EVAL_SCENE_SEED
+from shapes.evaluation import EVAL_SCENE_SEED, evaluation_scenes
 from shapes.runs import SHAPES_CONFIGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,13 +51,13 @@ OTHER_ROWS = {"fine-tuned ControlNet": dict(alpha=0, beta=0), "Eq. 8 (Table 4 se
 # Sampling and evaluation sizes; "train" overrides every stage's steps and batch size (the full run keeps the
 # configs' own, shapes/runs.py). "full" is the documented CPU run (README).
 BUDGETS = {
-    "full": dict(train={}, scenes=50, seeds=2, sample_steps=20, cfg=3.0, ref_shapes=2000, fig_scenes=64,
+    "full": dict(train={}, scenes=100, seeds=3, sample_steps=20, cfg=3.0, ref_shapes=2000, fig_scenes=64,
                  classifier_steps=2000),
     "quick": dict(train=dict(steps=2, batch_size=4), scenes=4, seeds=2, sample_steps=2, cfg=3.0, ref_shapes=8,
                   fig_scenes=2, classifier_steps=2),
 }
 FIG2_TIMESTEPS = list(range(0, 1000, 50)) + [999]
-IMAGE_SIZE = SHAPES_CONFIGS["shapes-unet"]["image_size"]
+SCENES = {field: SHAPES_CONFIGS["shapes-unet"][field] for field in ("image_size", "shapes_max_objects")}
 
 
 def launch(script, flags, nproc):
@@ -105,13 +104,13 @@ def train_rows(task, out, stages, budget, nproc):
             for index, (name, settings) in enumerate(rows.items())}
 
 
-def real_images_samples(task, folder, budget, image_size):
+def real_images_samples(task, folder, budget):
     """The evaluation scenes' own images written as sample.py would: the estimator's floor on the table."""
-    scenes = Shapes(image_size, num_items=budget["scenes"], seed=EVAL_SCENE_SEED)
+    scenes = evaluation_scenes(SCENES, budget["scenes"])
     scene_indices = np.repeat(np.arange(budget["scenes"]), budget["seeds"])  # each scene once per sampling seed
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "samples.npz", arr_0=render(scenes, scene_indices)[0], arr_1=scene_indices)
-    settings = dict(job="controlnet", task=task, scene_seed=EVAL_SCENE_SEED, config=dict(image_size=image_size))
+    settings = dict(job="controlnet", task=task, scene_seed=EVAL_SCENE_SEED, config=SCENES)
     (folder / "settings.json").write_text(json.dumps(settings))
     return folder
 
@@ -123,7 +122,7 @@ def score(samples, stages, classifier, budget):
 
 def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
     """Sample every row with each seed and score it; the mean over seeds. -> {row: {metric: mean, "per_seed": [...]}}"""
-    real = real_images_samples(task, out / task / "samples" / "real", budget, IMAGE_SIZE)
+    real = real_images_samples(task, out / task / "samples" / "real", budget)
     table = {"real images": score(real, stages, classifier, budget)}
     for index, (name, checkpoint) in enumerate(rows.items()):
         per_seed = []
@@ -159,7 +158,7 @@ def figure_rows(task, stages, budget):
     controlnet, config = runs.load_trained(stages["controlnet"], "controlnet")
     probe, probe_config = runs.load_trained(stages["probe"], "probe")
     reward_model, _ = runs.load_trained(stages["reward"], "estimator")
-    scenes = Shapes(config["image_size"], num_items=budget["fig_scenes"], seed=EVAL_SCENE_SEED)
+    scenes = evaluation_scenes(config, budget["fig_scenes"])
     images, tokens, control = pipeline.collate_shapes([scenes[i] for i in range(len(scenes))], task)
     batch = images, tokens, control, pipeline.hint_of(control, task)
     rows = errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
@@ -207,7 +206,7 @@ def main(argv=None):
     classifier = Path(args.classifier) if args.classifier else out / "shapes-classifier.pt"
     if not classifier.exists():
         print(f"training the FD-shapes classifier into {classifier}", flush=True)
-        save_classifier(train_classifier(steps=budget["classifier_steps"]), classifier)
+        save_classifier(train_classifier(SCENES["image_size"], steps=budget["classifier_steps"]), classifier)
     stages = train_stages(args.task, out, budget, args.nproc)
     rows = train_rows(args.task, out, stages, budget, args.nproc)
     table = evaluate_rows(args.task, out, stages, rows, classifier, budget, args.nproc)

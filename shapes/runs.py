@@ -29,6 +29,9 @@ from shapes.pipeline import CAPTION_TOKENIZER, TextToImage, collate_shapes, drop
 from shapes.text import TextEncoder
 
 
+OLD_SCENES = dict(shapes_max_objects=MAX_OBJECTS)  # the added_fields of runs from before the field: up to 3 objects
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Loading the trained networks of other runs
 # ---------------------------------------------------------------------------------------------------------------------
@@ -37,14 +40,18 @@ def load_trained(path, expected_job, weights="ema", checkpoint=None, load=True):
     """The network a train.py run trained, with its `weights` ("ema" or "model"), frozen, on the CPU, and its
     config. checkpoint: the file's contents when the caller has read them already. A run of another job than
     `expected_job` raises ValueError. load False: the same architecture untrained, on the default device (what a
-    run built on the meta device needs of its partners: the FLOP count builds so)."""
+    run built on the meta device needs of its partners: the FLOP count builds so). The config holds the old default
+    of every field the run's kind gained after the checkpoint was written."""
     def build(config):
         return RUNS[expected_job](config, load=False).build()
-    if not load:
+    if load:
+        network, config = load_trained_network(path, expected_job, build, weights, checkpoint)
+    else:
         checkpoint = read_run_checkpoint(path) if checkpoint is None else checkpoint
         check_job(checkpoint, expected_job, path)
-        return build(checkpoint["args"]), checkpoint["args"]
-    return load_trained_network(path, expected_job, build, weights, checkpoint)
+        config = checkpoint["args"]
+        network = build(config)
+    return network, dict(RUNS[expected_job].added_fields, **config)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,7 +67,7 @@ class ShapesDiTRun(DiTRun):
                                      "free)"),
                   shapes_max_objects=(int, f"shapes: at most this many objects a scene (1..{MAX_OBJECTS}; 1: one "
                                            f"object on the ground plane)"))
-    added_fields = dict(shapes_max_objects=MAX_OBJECTS)  # runs from before the field drew up to 3 objects
+    added_fields = OLD_SCENES
 
     def dataset_and_classes(self):
         config = self.config
@@ -78,6 +85,8 @@ class ShapesDiTRun(DiTRun):
 PIPELINE_FIELDS = {  # the InnerControl pipeline's fields; each run declares those it reads
     "image_size": (int, "image side in pixels"),
     "shapes_items": (int, "epoch length (scenes are rendered from their index, so any length is free)"),
+    "shapes_max_objects": (int, f"at most this many objects a scene (1..{MAX_OBJECTS}; 1: one object on the ground "
+                                f"plane)"),
     "beta_schedule": (str, "DDPM betas (linear, scaled_linear, cosine), 1000 steps"),
     "label_dropout": (float, "probability of replacing a caption by the empty one (CFG training)"),
     "unet": (str, "the ref/unet.py preset of the base UNet (pixel space, 3 channels)"),
@@ -96,11 +105,13 @@ PIPELINE_FIELDS = {  # the InnerControl pipeline's fields; each run declares tho
 def pipeline_fields(*names):
     """The fields of a pipeline run: the training fields, the scenes and the schedule, and `names`."""
     return dict(TRAINING_FIELDS, **{name: PIPELINE_FIELDS[name]
-                                    for name in ("image_size", "shapes_items", "beta_schedule", *names)})
+                                    for name in ("image_size", "shapes_items", "shapes_max_objects", "beta_schedule",
+                                                 *names)})
 
 
 class ShapesRun:
     """What the pipeline's runs share: shapes data at the config's size, the DDPM schedule, the task."""
+    added_fields = OLD_SCENES
 
     def __init__(self, config, load=True):
         self.config = config
@@ -109,7 +120,8 @@ class ShapesRun:
         self.task = None if self.task_name is None else shapes_task(self.task_name)
 
     def make_dataset(self):
-        return Shapes(self.config["image_size"], num_items=self.config["shapes_items"])
+        return Shapes(self.config["image_size"], num_items=self.config["shapes_items"],
+                      max_objects=self.config["shapes_max_objects"])
 
     def collate(self, samples):
         return collate_shapes(samples, self.task_name)
@@ -291,34 +303,35 @@ SHAPES_CONFIGS = {
                               intermediate_block=1, batch_size=32, steps=15_000, lr=1e-3, ema_decay=0.999,
                               checkpoint_every=500, log_every=100),
 }
-# The InnerControl pipeline on 32 px shapes (README): pixel-space DDPM with SD1.5's scaled-linear betas (1000 steps;
-# Table 4's timestep ranges are in its steps; its terminal sqrt(abar) of 0.07, against 0.006 for the linear betas,
-# keeps the one-step x0 of an eps model usable at high t: with linear betas a 1000-step base sampled saturated
-# colours), captions dropped with probability label_dropout for CFG. Each stage reads the runs before it from their
-# default folders; "{task}" in a path is the run's task. Every stage of every task:
-# `train.py --config NAME --task TASK`.
-_PIPELINE = dict(RUN_DEFAULTS, image_size=32, shapes_items=1_000_000, beta_schedule="scaled_linear", label_dropout=0.1,
-                 unet="tiny", task="depth", tap_mode="conv", base="runs/shapes-unet/latest.pt",
-                 probe="runs/shapes-probe-{task}/latest.pt",
+# The InnerControl pipeline (README): the testbed of issue 15, 16 px scenes of one object on the ground plane (exact
+# depth, segmentation and edges), in pixel space with SD1.5's scaled-linear DDPM betas (1000 steps; Table 4's
+# timestep ranges are in its steps; its terminal sqrt(abar) of 0.07, against 0.006 for the linear betas, keeps the
+# one-step x0 of an eps model usable at high t: with linear betas a 1000-step base sampled saturated colours),
+# captions dropped with probability label_dropout for CFG. Each stage reads the runs before it from their default
+# folders; "{task}" in a path is the run's task. Every stage of every task: `train.py --config NAME --task TASK`.
+# (The first documented run used 32 px scenes of up to 3 objects: --image-size 32 --shapes-max-objects 3.)
+_PIPELINE = dict(RUN_DEFAULTS, image_size=16, shapes_items=1_000_000, shapes_max_objects=1,
+                 beta_schedule="scaled_linear", label_dropout=0.1, unet="tiny", task="depth", tap_mode="conv",
+                 base="runs/shapes-unet/latest.pt", probe="runs/shapes-probe-{task}/latest.pt",
                  reward_model="runs/shapes-estimator-reward-{task}/latest.pt", init=None, alpha=None, beta=None,
                  reward_range=None, align_range=None, checkpoint_every=250, log_every=50)
 SHAPES_CONFIGS.update({
-    # The sizes are the documented CPU run of shapes/experiment.py (36 min for depth on 2 cores, README): short
-    # runs, so EMA windows of a fifth to a half of each run.
-    # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters)
-    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=1000, lr=1e-3, ema_decay=0.995),
+    # The sizes are the documented CPU run of shapes/experiment.py (README); EMA windows of a quarter to a half of
+    # each run.
+    # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters), 256,000 images
+    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=4000, lr=1e-3, ema_decay=0.999),
     # 2. control estimators: the reward model D (weaker: narrow, short) and the evaluation model (wider, longer)
     "shapes-estimator-reward": dict(_PIPELINE, job="estimator", hidden_size=16, depth=1, batch_size=32, steps=300,
                                     lr=1e-3, ema_decay=0.99),
-    "shapes-estimator-eval": dict(_PIPELINE, job="estimator", hidden_size=32, depth=2, batch_size=32, steps=1000,
+    "shapes-estimator-eval": dict(_PIPELINE, job="estimator", hidden_size=32, depth=2, batch_size=32, steps=2000,
                                   lr=1e-3, ema_decay=0.995),
     # 3. the readout probe on the frozen base (Adam lr 1e-3 and batch 16 as Readout Guidance; P = 64 for the tiny UNet)
     "shapes-probe": dict(_PIPELINE, job="probe", hidden_size=64, batch_size=16, steps=1000, lr=1e-3, ema_decay=0.99),
     # 4. the ControlNet fine-tuned with the diffusion loss alone (lr 3e-4: 1e-4 of the paper is for batch 256 and
-    #    thousands of steps)
-    "shapes-controlnet": dict(_PIPELINE, job="controlnet", alpha=0.0, beta=0.0, batch_size=32, steps=500, lr=3e-4,
-                              ema_decay=0.99),
+    #    thousands of steps), 64,000 images
+    "shapes-controlnet": dict(_PIPELINE, job="controlnet", alpha=0.0, beta=0.0, batch_size=32, steps=2000, lr=3e-4,
+                              ema_decay=0.995),
     # 5. continued from step 4 with Eq. 8 (alpha, beta, ranges: Table 4 unless given)
     "shapes-innercontrol": dict(_PIPELINE, job="controlnet", init="runs/shapes-controlnet-{task}/latest.pt",
-                                batch_size=32, steps=200, lr=3e-4, ema_decay=0.98),
+                                batch_size=32, steps=400, lr=3e-4, ema_decay=0.99),
 })

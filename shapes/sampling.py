@@ -1,6 +1,6 @@
 """Sampling a controlnet run of the InnerControl pipeline (sample.py RUN on a shapes-controlnet / shapes-innercontrol
 run): its base UNet steered by the ControlNet (shapes.evaluation.generate: DDIM, caption CFG), each sample following
-the control and caption of a held-out evaluation scene (Shapes seed EVAL_SCENE_SEED) from noise seeded per sample.
+the control and caption of a held-out evaluation scene (shapes.evaluation.evaluation_scenes) from noise seeded per sample.
 """
 import numpy as np
 
@@ -8,8 +8,7 @@ from ref import runtime
 from ref.data import to_uint8
 from ref.schedules import DDPMSchedule
 from shapes import pipeline, runs
-from shapes.data import Shapes
-from shapes.evaluation import EVAL_SCENE_SEED, generate
+from shapes.evaluation import evaluation_scenes, generate
 
 
 def load_controlnet(path, weights="ema", checkpoint=None):
@@ -23,7 +22,7 @@ def controlnet_share(base, controlnet, config, world, num_samples, steps, cfg_sc
                      batch_size=32, bf16=False):
     """This rank's samples r, r + W, ...: sample i follows the control and caption of evaluation scene
     i // seeds_per_control, from noise seeded with seed + i. -> (indices, images (n, H, W, 3) uint8)"""
-    scenes = Shapes(config["image_size"], num_items=num_samples, seed=EVAL_SCENE_SEED)
+    scenes = evaluation_scenes(config, num_samples)
     schedule = DDPMSchedule.named(config["beta_schedule"])
     indices = np.arange(world.rank, num_samples, world.world_size)
     outputs = [np.zeros((0, config["image_size"], config["image_size"], 3), np.uint8)]
@@ -42,7 +41,7 @@ def controlnet_share(base, controlnet, config, world, num_samples, steps, cfg_sc
 
 def control_pictures(samples, scene_indices, config, seeds_per_control):
     """grid.png rows: each control as a picture, then its samples. -> (N', H, W, 3) uint8"""
-    scenes = Shapes(config["image_size"], num_items=int(scene_indices.max()) + 1, seed=EVAL_SCENE_SEED)
+    scenes = evaluation_scenes(config, int(scene_indices.max()) + 1)
     rows = []
     for start in range(0, len(samples), seeds_per_control):
         control = pipeline.control_of(scenes[int(scene_indices[start])], config["task"])

@@ -1,12 +1,16 @@
-"""The testbed's named configs: shapes-one-object trains (its own data, model and optimiser settings, a smaller batch)
-and its loss falls on fresh scenes."""
+"""The testbed's named configs: shapes-one-object and the pipeline's base UNet and ControlNet train (their own data,
+model and optimiser settings, a smaller batch) and their loss falls on fresh scenes; pipeline runs from before the
+scenes had a size of their own read as the old scenes."""
 import json
 
 import numpy as np
+import pytest
 import torch
 
 import train
-from shapes.runs import SHAPES_CONFIGS
+from shapes.data import MAX_OBJECTS
+from shapes.evaluation import evaluation_scenes
+from shapes.runs import SHAPES_CONFIGS, load_trained, make_run
 
 torch.set_num_threads(1)
 
@@ -24,3 +28,50 @@ def test_shapes_one_object_trains_and_its_loss_falls(tmp_path):
     assert np.mean(losses[-10:]) < 0.6 * losses[0]
     config = json.loads((tmp_path / "log.txt").read_text().split("config ", 1)[1].splitlines()[0])
     assert config["shapes_max_objects"] == preset["shapes_max_objects"] == 1
+
+
+def logged(folder):
+    """(losses, config) of a finished train.py run folder."""
+    losses = [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return losses, json.loads((folder / "log.txt").read_text().split("config ", 1)[1].splitlines()[0])
+
+
+@pytest.fixture(scope="module")
+def base_run(tmp_path_factory):
+    """The shapes-unet preset (16 px scenes of one object), 80 steps of 8 fresh scenes."""
+    folder = tmp_path_factory.mktemp("unet")
+    train.main(["--config", "shapes-unet", "--batch-size", "8", "--steps", "80", "--checkpoint-every", "80",
+                "--log-every", "1", "--out", str(folder)])
+    return folder
+
+
+def test_the_pipeline_base_trains_on_its_scenes_and_its_loss_falls(base_run):
+    """The eps loss of the last 10 steps averages below 0.6 x that of the first 10 (E||eps||^2 = 1 at the start)."""
+    losses, config = logged(base_run)
+    assert len(losses) == 80 and np.all(np.isfinite(losses))
+    assert np.mean(losses[-10:]) < 0.6 * np.mean(losses[:10])
+    assert (config["image_size"], config["shapes_max_objects"]) == (16, 1)
+    assert make_run(config).make_dataset().max_objects == 1
+
+
+def test_the_pipeline_controlnet_trains_and_its_loss_falls(base_run, tmp_path):
+    """The shapes-controlnet preset on that base: the diffusion loss of its last 20 of 120 steps averages below that of
+    its first 20 (the zero convolutions start it at the base's loss; the control then tells where the object is)."""
+    train.main(["--config", "shapes-controlnet", "--base", str(base_run / "latest.pt"), "--batch-size", "8",
+                "--steps", "120", "--checkpoint-every", "120", "--log-every", "1", "--out", str(tmp_path)])
+    losses, config = logged(tmp_path)
+    assert np.mean(losses[-20:]) < np.mean(losses[:20])
+    assert (config["image_size"], config["shapes_max_objects"]) == (16, 1)
+
+
+def test_a_pipeline_run_from_before_max_objects_reads_as_three_objects(base_run, tmp_path):
+    """A checkpoint written before the field (no shapes_max_objects in its config) loads with the old scenes, up to
+    MAX_OBJECTS a scene, and its evaluation scenes are those."""
+    checkpoint = torch.load(base_run / "latest.pt", weights_only=False)
+    del checkpoint["args"]["shapes_max_objects"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    _, config = load_trained(tmp_path / "old.pt", "unet")
+    assert config["shapes_max_objects"] == MAX_OBJECTS
+    assert evaluation_scenes(config, 4).max_objects == MAX_OBJECTS
+    _, config = load_trained(base_run / "latest.pt", "unet")
+    assert evaluation_scenes(config, 4).max_objects == 1
