@@ -96,24 +96,26 @@ def errors_across_t(base, controlnet, probe, tap_mode, read_x0, schedule, task, 
     return rows
 
 
-def line_chart(series, metric, size=(520, 320), margin=48):
-    """Pillow line chart of {name: (colour, [(t, value)])} over t in [0, 1000]."""
+def line_chart(series, title, size=(520, 320), margin=48, x_ticks=range(0, 1001, 200)):
+    """Pillow line chart of {name: (colour, [(x, value)])}, x from the first to the last of x_ticks (default the
+    timestep t in [0, 1000])."""
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     values = [value for _, points in series.values() for _, value in points]
     low, high = min(values + [0.0]), max(values) * 1.05 or 1.0
     width, height = size[0] - 2 * margin, size[1] - 2 * margin
+    x_low, x_high = x_ticks[0], x_ticks[-1]
 
-    def xy(t, value):
-        return margin + width * t / 1000, margin + height * (1 - (value - low) / (high - low))
+    def xy(x, value):
+        return margin + width * (x - x_low) / (x_high - x_low), margin + height * (1 - (value - low) / (high - low))
     draw.rectangle([margin, margin, margin + width, margin + height], outline="black")
-    for t in range(0, 1001, 200):
-        draw.text((xy(t, low)[0] - 8, margin + height + 6), str(t), fill="black")
+    for x in x_ticks:
+        draw.text((xy(x, low)[0] - 8, margin + height + 6), f"{x:g}", fill="black")
     for fraction in (0, 0.5, 1):
         value = low + fraction * (high - low)
-        draw.text((4, xy(0, value)[1] - 6), f"{value:.3g}", fill="black")
-    draw.text((margin, 8), f"control {metric} vs timestep t", fill="black")
+        draw.text((4, xy(x_low, value)[1] - 6), f"{value:.3g}", fill="black")
+    draw.text((margin, 8), title, fill="black")
     for row, (name, (colour, points)) in enumerate(series.items()):
-        draw.line([xy(t, value) for t, value in points], fill=colour, width=2)
+        draw.line([xy(x, value) for x, value in points], fill=colour, width=2)
         draw.text((margin + width - 200, 8 + 14 * row), name, fill=colour)  # the legend, above the plot
     return image

@@ -171,4 +171,5 @@ def fig2_chart(curves, task):
     series = {f"{name}: {READERS[reader]}": (CURVE_COLOURS[name, reader], [(row["t"], row[reader][metric])
                                                                             for row in rows])
               for name, rows in curves.items() for reader in READERS}
-    return line_chart(series, metric, size=(640, 380), margin=16 + 14 * len(series))  # the legend above the plot
+    return line_chart(series, f"control {metric} vs timestep t", size=(640, 380),
+                      margin=16 + 14 * len(series))  # the legend above the plot

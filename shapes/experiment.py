@@ -180,7 +180,7 @@ def write_figures(task, rows, image, control, folder, scale=4):
     metric = CONTROL_METRICS[task]
     chart = line_chart({"probe on decoder features": ((40, 90, 220), [(r["t"], r["probe"][metric]) for r in rows]),
                         "reward model on one-step x0": ((220, 60, 40), [(r["t"], r["reward"][metric]) for r in rows])},
-                       metric)
+                       f"control {metric} vs timestep t")
     chart.save(folder / "fig2.png")
     shown = [row for row in rows if row["t"] in (0, 200, 400, 600, 800, 999)]
     exact = pipeline.control_picture(control, task)

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 import train
+from shapes import guidance_sweep
+from shapes.classifier import save_classifier, train_classifier
 from shapes.data import MAX_OBJECTS
 from shapes.evaluation import evaluation_scenes
 from shapes.runs import SHAPES_CONFIGS, load_trained, make_run
@@ -15,19 +17,42 @@ from shapes.runs import SHAPES_CONFIGS, load_trained, make_run
 torch.set_num_threads(1)
 
 
-def test_shapes_one_object_trains_and_its_loss_falls(tmp_path):
+@pytest.fixture(scope="module")
+def one_object_run(tmp_path_factory):
+    """The shapes-one-object preset, 60 steps of 8 fresh scenes."""
+    folder = tmp_path_factory.mktemp("one-object")
+    train.main(["--config", "shapes-one-object", "--batch-size", "8", "--steps", "60", "--checkpoint-every", "60",
+                "--log-every", "1", "--out", str(folder)])
+    return folder
+
+
+def test_shapes_one_object_trains_and_its_loss_falls(one_object_run):
     """60 steps of 8 new single-object scenes each (no scene repeats): the last 10 logged losses average below 0.6 x
     the first step's (measured: 2.01 -> 0.74, the mean of steps 51-60; a zero-initialised output starts at
     1.5 E||eps - x0||^2 with the IG term)."""
     preset = SHAPES_CONFIGS["shapes-one-object"]
-    train.main(["--config", "shapes-one-object", "--batch-size", "8", "--steps", "60", "--checkpoint-every", "60",
-                "--log-every", "1", "--out", str(tmp_path)])
-    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-    losses = [json.loads(line)["loss"] for line in lines]
+    losses, config = logged(one_object_run)
     assert len(losses) == 60 and np.all(np.isfinite(losses))
     assert np.mean(losses[-10:]) < 0.6 * losses[0]
-    config = json.loads((tmp_path / "log.txt").read_text().split("config ", 1)[1].splitlines()[0])
     assert config["shapes_max_objects"] == preset["shapes_max_objects"] == 1
+
+
+def test_guidance_sweep_chooses_on_one_seed_set_and_reports_on_others(one_object_run, tmp_path):
+    """--quick: every family's choice is its lowest FD on the selection seeds; the report rows are the held-out
+    seeds' own samples (unguided = IG w 1), at the NFE each costs; the files are written."""
+    classifier = tmp_path / "classifier.pt"
+    save_classifier(train_classifier(SHAPES_CONFIGS["shapes-one-object"]["image_size"], steps=2), classifier)
+    report = guidance_sweep.main([str(one_object_run), "--classifier", str(classifier), "--quick",
+                                  "--report-seeds", "7", "9", "--out", str(tmp_path / "sweep")])
+    for family, rows in report["selection"].items():
+        assert report["chosen"][family] == min(rows, key=lambda row: row["fd_shapes"])
+        assert {row["seed"] for row in rows} == {0}
+    unguided, ig, cfg, ig_cfg = report["table"].values()
+    assert [row["seed"] for row in unguided] == [7, 9] and {row["ig"] for row in unguided} == {1.0}
+    assert [row["nfe"] for row in unguided + ig] == [2] * 4 and [row["nfe"] for row in cfg + ig_cfg] == [4] * 4
+    assert unguided[0]["fd_shapes"] != unguided[1]["fd_shapes"]  # different samples
+    assert {path.name for path in (tmp_path / "sweep").iterdir() if path.is_file()} == {"sweep.json", "table.md",
+                                                                                       "guidance.png"}
 
 
 def logged(folder):
