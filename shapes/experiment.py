@@ -153,7 +153,8 @@ def markdown_table(task, table):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def figure_rows(task, stages, budget):
-    """errors_across_t on the fine-tuned ControlNet over the first fig_scenes evaluation scenes."""
+    """errors_across_t on the fine-tuned ControlNet over the first fig_scenes evaluation scenes, once per noise seed
+    0 .. seeds - 1 -> (rows of each seed, the first scene's image and control)."""
     base, _ = runs.load_trained(stages["unet"], "unet")
     controlnet, config = runs.load_trained(stages["controlnet"], "controlnet")
     probe, probe_config = runs.load_trained(stages["probe"], "probe")
@@ -161,9 +162,24 @@ def figure_rows(task, stages, budget):
     scenes = evaluation_scenes(config, budget["fig_scenes"])
     images, tokens, control = pipeline.collate_shapes([scenes[i] for i in range(len(scenes))], task)
     batch = images, tokens, control, pipeline.hint_of(control, task)
-    rows = errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
-                           DDPMSchedule.named(config["beta_schedule"]), task, batch, FIG2_TIMESTEPS)
+    rows = [errors_across_t(base, controlnet, probe, probe_config["tap_mode"], reward_model,
+                            DDPMSchedule.named(config["beta_schedule"]), task, batch, FIG2_TIMESTEPS, seed)
+            for seed in range(budget["seeds"])]
     return rows, images[0], control[0]
+
+
+def mean_across_seeds(rows_of_seeds):
+    """Fig. 2's numbers: per t, the probe's and the reward model's metrics averaged over the noise seeds, and each
+    seed's."""
+    rows = []
+    for at_t in zip(*rows_of_seeds):
+        row = {"t": at_t[0]["t"]}
+        for reader in ("probe", "reward"):
+            row[reader] = {name: float(np.mean([seed_row[reader][name] for seed_row in at_t]))
+                           for name in at_t[0][reader]}
+            row[f"{reader}_per_seed"] = [seed_row[reader] for seed_row in at_t]
+        rows.append(row)
+    return rows
 
 
 def picture(tensor, task):
@@ -173,13 +189,16 @@ def picture(tensor, task):
     return pipeline.control_picture(tensor.argmax(0) if task == "segmentation" else tensor.clamp(0, 1), task)
 
 
-def write_figures(task, rows, image, control, folder, scale=4):
-    """fig2.png: the control metric across t, probe vs reward model. fig3.png: the first scene's real image and exact
-    control on top, then one row per t in 0, 200, ..., 999: the one-step estimate x0, the reward model's reading of
-    it, the probe's reading of the decoder features."""
+def write_figures(task, rows, across_t, image, control, folder, scale=4):
+    """fig2.png: the control metric across t (across_t: the mean over noise seeds), probe vs reward model. fig3.png:
+    the first scene's real image and exact control on top, then one row per t in 0, 200, ..., 999 (rows: those of one
+    noise seed): the one-step estimate x0, the reward model's reading of it, the probe's reading of the decoder
+    features."""
     metric = CONTROL_METRICS[task]
-    chart = line_chart({"probe on decoder features": ((40, 90, 220), [(r["t"], r["probe"][metric]) for r in rows]),
-                        "reward model on one-step x0": ((220, 60, 40), [(r["t"], r["reward"][metric]) for r in rows])},
+    chart = line_chart({"probe on decoder features": ((40, 90, 220),
+                                                      [(r["t"], r["probe"][metric]) for r in across_t]),
+                        "reward model on one-step x0": ((220, 60, 40),
+                                                        [(r["t"], r["reward"][metric]) for r in across_t])},
                        f"control {metric} vs timestep t")
     chart.save(folder / "fig2.png")
     shown = [row for row in rows if row["t"] in (0, 200, 400, 600, 800, 999)]
@@ -212,8 +231,8 @@ def main(argv=None):
     table = evaluate_rows(args.task, out, stages, rows, classifier, budget, args.nproc)
     folder = out / args.task
     figure, image, control = figure_rows(args.task, stages, budget)
-    write_figures(args.task, figure, image, control, folder)
-    across_t = [{"t": row["t"], "probe": row["probe"], "reward": row["reward"]} for row in figure]
+    across_t = mean_across_seeds(figure)
+    write_figures(args.task, figure[0], across_t, image, control, folder)
     report = dict(task=args.task, budget=budget, table=table, errors_across_t=across_t,
                   seconds=time.perf_counter() - start)
     (folder / "table.json").write_text(json.dumps(report, indent=2))

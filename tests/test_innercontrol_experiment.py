@@ -21,6 +21,12 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
     for row in report["table"].values():
         assert 0 <= row["rmse"] <= 255 and np.isfinite(row["fd_shapes"])
     assert [row["t"] for row in report["errors_across_t"]] == experiment.FIG2_TIMESTEPS
+    for row in report["errors_across_t"]:  # Fig. 2: the mean over the noise seeds, each seed's kept
+        for reader in ("probe", "reward"):
+            per_seed = [seed_row["rmse"] for seed_row in row[f"{reader}_per_seed"]]
+            assert len(per_seed) == experiment.BUDGETS["quick"]["seeds"]
+            assert row[reader]["rmse"] == np.mean(per_seed)
+    assert row["reward_per_seed"][0] != row["reward_per_seed"][1]  # another noise draw at t = 999
     assert json.loads((folder / "table.json").read_text())["task"] == "depth"
     assert (folder / "table.md").read_text().count("\n") == 2 + len(report["table"])
     for name in ("fig2.png", "fig3.png"):
