@@ -17,13 +17,17 @@ from shapes.runs import SHAPES_CONFIGS, load_trained, make_run
 torch.set_num_threads(1)
 
 
+def short_run(config, folder, steps, *flags):
+    """train.py --config CONFIG for `steps` steps of 8 fresh scenes, every loss logged, into folder."""
+    train.main(["--config", config, "--batch-size", "8", "--steps", str(steps), "--checkpoint-every", str(steps),
+                "--log-every", "1", "--out", str(folder), *flags])
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_object_run(tmp_path_factory):
-    """The shapes-one-object preset, 60 steps of 8 fresh scenes."""
-    folder = tmp_path_factory.mktemp("one-object")
-    train.main(["--config", "shapes-one-object", "--batch-size", "8", "--steps", "60", "--checkpoint-every", "60",
-                "--log-every", "1", "--out", str(folder)])
-    return folder
+    """The shapes-one-object preset, 60 steps."""
+    return short_run("shapes-one-object", tmp_path_factory.mktemp("one-object"), 60)
 
 
 def test_shapes_one_object_trains_and_its_loss_falls(one_object_run):
@@ -63,11 +67,8 @@ def logged(folder):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """The shapes-unet preset (16 px scenes of one object), 80 steps of 8 fresh scenes."""
-    folder = tmp_path_factory.mktemp("unet")
-    train.main(["--config", "shapes-unet", "--batch-size", "8", "--steps", "80", "--checkpoint-every", "80",
-                "--log-every", "1", "--out", str(folder)])
-    return folder
+    """The shapes-unet preset (16 px scenes of one object), 80 steps."""
+    return short_run("shapes-unet", tmp_path_factory.mktemp("unet"), 80)
 
 
 def test_the_pipeline_base_trains_on_its_scenes_and_its_loss_falls(base_run):
@@ -82,8 +83,7 @@ def test_the_pipeline_base_trains_on_its_scenes_and_its_loss_falls(base_run):
 def test_the_pipeline_controlnet_trains_and_its_loss_falls(base_run, tmp_path):
     """The shapes-controlnet preset on that base: the diffusion loss of its last 20 of 120 steps averages below that of
     its first 20 (the zero convolutions start it at the base's loss; the control then tells where the object is)."""
-    train.main(["--config", "shapes-controlnet", "--base", str(base_run / "latest.pt"), "--batch-size", "8",
-                "--steps", "120", "--checkpoint-every", "120", "--log-every", "1", "--out", str(tmp_path)])
+    short_run("shapes-controlnet", tmp_path, 120, "--base", str(base_run / "latest.pt"))
     losses, config = logged(tmp_path)
     assert np.mean(losses[-20:]) < np.mean(losses[:20])
     assert (config["image_size"], config["shapes_max_objects"]) == (16, 1)
