@@ -73,13 +73,13 @@ def controlled_denoiser(unet, controlnet, context, null_context, hint, cfg_scale
     """denoise(x, t) -> eps for a sampler: the UNet steered by the ControlNet's residuals for `hint` (B, C, H, W),
     each times control_scale; the text `context` (B, L, D) guided against `null_context` (1, L, D), the empty
     caption's, with weight cfg_scale (1: the text branch alone, one pass), the control in both branches (ControlNet's
-    samplers, ControlNet++'s evaluation). x and hint are given to the networks in the UNet's dtype; eps comes back
-    float32."""
+    samplers, ControlNet++'s evaluation). controlnet None: the UNet alone (the hint is not read). x and hint are given
+    to the networks in the UNet's dtype; eps comes back float32."""
     dtype = next(unet.parameters()).dtype
     hint = hint.to(dtype)
 
     def eps(x, t, context, hint):
-        residuals = controlnet(x, hint, t, context, scales=control_scale)
+        residuals = None if controlnet is None else controlnet(x, hint, t, context, scales=control_scale)
         return unet(x, t, context, control=residuals).float()
 
     def denoise(x, t):  # x (B, C_latent, h, w), t (B,) float32

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
@@ -30,7 +31,9 @@ import train as train_script
 from ref.control_evaluation import CONTROL_METRICS, errors_across_t, line_chart
 from ref.data import to_uint8
 from ref.schedules import DDPMSchedule
+from ref.runtime import Distributed
 from shapes import pipeline, runs
+from shapes import sampling as shapes_sampling
 from shapes.classifier import render, save_classifier, train_classifier
 from shapes.evaluation import EVAL_SCENE_SEED, evaluation_scenes
 from shapes.runs import SHAPES_CONFIGS
@@ -47,6 +50,7 @@ DEPTH_ROWS = {
     "+ reward [0, 200] + alignment [0, 920]": dict(reward_range="0,200", align_range="0,920"),
 }
 OTHER_ROWS = {"fine-tuned ControlNet": dict(alpha=0, beta=0), "Eq. 8 (Table 4 settings)": {}}
+BASE_ALONE = "base UNet alone (caption only)"  # the table's row of the base without a ControlNet
 
 # Sampling and evaluation sizes; "train" overrides every stage's steps and batch size (the full run keeps the
 # configs' own, shapes/runs.py). "full" is the documented CPU run (README).
@@ -115,6 +119,25 @@ def real_images_samples(task, folder, budget):
     return folder
 
 
+def base_alone_samples(task, folder, stages, budget, seed):
+    """The base UNet without a ControlNet on the evaluation scenes' captions, sampled as a row is (sample i: scene i,
+    noise seed 1000 x seed + i) and written as sample.py would: what the base draws, and how close a caption alone
+    comes to the control."""
+    if (folder / "samples.npz").exists():
+        return folder
+    base, config = runs.load_trained(stages["unet"], "unet")
+    config = dict(config, task=task)
+    scene_indices, images = shapes_sampling.controlnet_share(
+        base, None, config, Distributed(0, 1, torch.device("cpu")), budget["scenes"], budget["sample_steps"],
+        budget["cfg"], seed=1000 * seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "samples.npz", arr_0=images, arr_1=scene_indices)
+    settings = dict(job="controlnet", task=task, scene_seed=EVAL_SCENE_SEED, config=config, controlnet=None,
+                    seed=1000 * seed, steps=budget["sample_steps"], cfg=budget["cfg"])
+    (folder / "settings.json").write_text(json.dumps(settings))
+    return folder
+
+
 def score(samples, stages, classifier, budget):
     return eval_script.main(["innercontrol", "--samples", str(samples), "--estimator", str(stages["eval"]),
                           "--classifier", str(classifier), "--ref-shapes", str(budget["ref_shapes"])])
@@ -124,11 +147,13 @@ def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
     """Sample every row with each seed and score it; the mean over seeds. -> {row: {metric: mean, "per_seed": [...]}}"""
     real = real_images_samples(task, out / task / "samples" / "real", budget)
     table = {"real images": score(real, stages, classifier, budget)}
-    for index, (name, checkpoint) in enumerate(rows.items()):
+    for index, (name, checkpoint) in enumerate({BASE_ALONE: None, **rows}.items()):
         per_seed = []
         for seed in range(budget["seeds"]):
-            folder = out / task / "samples" / f"row{index}-seed{seed}"
-            if not (folder / "samples.npz").exists():
+            folder = out / task / "samples" / f"{'base-alone' if checkpoint is None else f'row{index - 1}'}-seed{seed}"
+            if checkpoint is None:
+                base_alone_samples(task, folder, stages, budget, seed)
+            elif not (folder / "samples.npz").exists():
                 launch("sample.py", [checkpoint, "--num-samples", budget["scenes"], "--seed", 1000 * seed,
                                      "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--out", folder], nproc)
             per_seed.append(score(folder, stages, classifier, budget))

@@ -17,7 +17,9 @@ torch.set_num_threads(1)
 def test_quick_run_writes_the_table_and_figures(tmp_path):
     report = experiment.main(["--quick", "--out", str(tmp_path)])
     folder = tmp_path / "depth"
-    assert list(report["table"]) == ["real images", *experiment.DEPTH_ROWS]
+    assert list(report["table"]) == ["real images", experiment.BASE_ALONE, *experiment.DEPTH_ROWS]
+    base_alone = json.loads((folder / "samples" / "base-alone-seed1" / "settings.json").read_text())
+    assert (base_alone["controlnet"], base_alone["seed"], base_alone["config"]["task"]) == (None, 1000, "depth")
     for row in report["table"].values():
         assert 0 <= row["rmse"] <= 255 and np.isfinite(row["fd_shapes"])
     assert [row["t"] for row in report["errors_across_t"]] == experiment.FIG2_TIMESTEPS

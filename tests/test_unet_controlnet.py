@@ -7,6 +7,7 @@ import torch
 
 from ref.controlnet import MODELS as CONTROLNETS
 from ref.controlnet import ControlNet, hint_encoder
+from ref.guidance import controlled_denoiser
 from ref.unet import MODELS, load_checkpoint, timestep_embedding
 
 torch.set_num_threads(1)
@@ -227,6 +228,17 @@ def test_controlled_unet_equals_the_plain_unet_at_init_and_not_after_training_a_
     with torch.no_grad():
         controlnet.zero_convs[2][0].weight.normal_()
     assert not torch.allclose(unet(x, t, context, control=controlnet(x, hint, t, context)), plain, atol=1e-4)
+
+
+def test_controlled_denoiser_without_a_controlnet_is_the_plain_unet_with_text_cfg():
+    """controlnet None: the UNet alone (any hint ignored); CFG is uncond + s (cond - uncond) on the empty context."""
+    unet = tiny_unet()
+    x, t, context, hint = inputs()
+    null = torch.zeros(1, *context.shape[1:])
+    cond, uncond = unet(x, t, context), unet(x, t, null.expand_as(context))
+    assert torch.equal(controlled_denoiser(unet, None, context, null, hint, 1.0)(x, t), cond)
+    assert torch.allclose(controlled_denoiser(unet, None, context, null, torch.rand_like(hint), 3.0)(x, t),
+                          uncond + 3.0 * (cond - uncond), atol=1e-5)
 
 
 def test_residuals_are_added_to_the_middle_output_and_to_the_skip_half_of_each_decoder_input():
