@@ -181,7 +181,7 @@ def sample_controlnet(args, path, base, controlnet, config):
         start = time.perf_counter()
         samples = gather_in_order(shapes_sampling.controlnet_share(
             base, controlnet, config, world, args.num_samples, steps, args.cfg, args.seeds_per_control, args.seed,
-            args.batch_size, args.bf16))
+            args.batch_size, args.bf16, args.eta))
         if not world.is_main:
             return
         scene_indices = np.arange(args.num_samples) // args.seeds_per_control
@@ -189,7 +189,8 @@ def sample_controlnet(args, path, base, controlnet, config):
                         sampler="ddim", steps=steps, checkpoint=str(path), config=config,
                         network_evaluations_per_sample=steps * (2 if args.cfg != 1.0 else 1),
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
-        tag = f"ddim{steps}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}x{args.seeds_per_control}"
+        tag = (f"ddim{steps}-eta{args.eta:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}x"
+               f"{args.seeds_per_control}")
         out = Path(args.out) if args.out else default_out(path, tag)
         write_outputs(out, samples, scene_indices, settings, 1 + args.seeds_per_control, args.grid_rows,
                       shapes_sampling.control_pictures(samples, scene_indices, config, args.seeds_per_control))

@@ -24,10 +24,11 @@ def evaluation_scenes(config, count):
 
 
 @torch.no_grad()
-def generate(base, controlnet, schedule, hint, tokens, noise, steps, cfg_scale):
-    """Images (B, 3, H, W) in [-1, 1] (float32) from noise (B, 3, H, W) by `steps` DDIM steps (eta 0), every x0
-    estimate clipped to the pixel range [-1, 1]."""
+def generate(base, controlnet, schedule, hint, tokens, noise, steps, cfg_scale, eta=0.0, randn_like=torch.randn_like):
+    """Images (B, 3, H, W) in [-1, 1] (float32) from noise (B, 3, H, W) by `steps` DDIM steps (eta 0: deterministic;
+    1: DDPM-like, fresh noise from randn_like at every step), every x0 estimate clipped to the pixel range [-1, 1]."""
     context = base.text_encoder(tokens)  # (B, L, D_ctx), once for every step
     null_context = base.text_encoder(torch.full_like(tokens[:1], PAD))  # (1, L, D_ctx): the empty caption
     denoise = controlled_denoiser(base.unet, controlnet, context, null_context, hint, cfg_scale)
-    return ddim(denoise, noise, schedule, spaced_timesteps(schedule, steps), clip_x0=(-1.0, 1.0)).float()
+    return ddim(denoise, noise, schedule, spaced_timesteps(schedule, steps), eta=eta, randn_like=randn_like,
+                clip_x0=(-1.0, 1.0)).float()

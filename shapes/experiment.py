@@ -55,10 +55,10 @@ BASE_ALONE = "base UNet alone (caption only)"  # the table's row of the base wit
 # Sampling and evaluation sizes; "train" overrides every stage's steps and batch size (the full run keeps the
 # configs' own, shapes/runs.py). "full" is the documented CPU run (README).
 BUDGETS = {
-    "full": dict(train={}, scenes=100, seeds=3, sample_steps=20, cfg=3.0, ref_shapes=2000, fig_scenes=64,
+    "full": dict(train={}, scenes=100, seeds=3, sample_steps=20, eta=1.0, cfg=3.0, ref_shapes=2000, fig_scenes=64,
                  classifier_steps=2000),
-    "quick": dict(train=dict(steps=2, batch_size=4), scenes=4, seeds=2, sample_steps=2, cfg=3.0, ref_shapes=8,
-                  fig_scenes=2, classifier_steps=2),
+    "quick": dict(train=dict(steps=2, batch_size=4), scenes=4, seeds=2, sample_steps=2, eta=1.0, cfg=3.0,
+                  ref_shapes=8, fig_scenes=2, classifier_steps=2),
 }
 FIG2_TIMESTEPS = list(range(0, 1000, 50)) + [999]
 SCENES = {field: SHAPES_CONFIGS["shapes-unet"][field] for field in ("image_size", "shapes_max_objects")}
@@ -129,11 +129,11 @@ def base_alone_samples(task, folder, stages, budget, seed):
     config = dict(config, task=task)
     scene_indices, images = shapes_sampling.controlnet_share(
         base, None, config, Distributed(0, 1, torch.device("cpu")), budget["scenes"], budget["sample_steps"],
-        budget["cfg"], seed=1000 * seed)
+        budget["cfg"], seed=1000 * seed, eta=budget["eta"])
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "samples.npz", arr_0=images, arr_1=scene_indices)
     settings = dict(job="controlnet", task=task, scene_seed=EVAL_SCENE_SEED, config=config, controlnet=None,
-                    seed=1000 * seed, steps=budget["sample_steps"], cfg=budget["cfg"])
+                    seed=1000 * seed, steps=budget["sample_steps"], eta=budget["eta"], cfg=budget["cfg"])
     (folder / "settings.json").write_text(json.dumps(settings))
     return folder
 
@@ -155,7 +155,8 @@ def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
                 base_alone_samples(task, folder, stages, budget, seed)
             elif not (folder / "samples.npz").exists():
                 launch("sample.py", [checkpoint, "--num-samples", budget["scenes"], "--seed", 1000 * seed,
-                                     "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--out", folder], nproc)
+                                     "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--eta", budget["eta"],
+                                     "--out", folder], nproc)
             per_seed.append(score(folder, stages, classifier, budget))
         metrics = [key for key in per_seed[0] if isinstance(per_seed[0][key], float)]
         table[name] = {key: float(np.mean([report[key] for report in per_seed])) for key in metrics}

@@ -1,6 +1,7 @@
 """Sampling a controlnet run of the InnerControl pipeline (sample.py RUN on a shapes-controlnet / shapes-innercontrol
 run): its base UNet steered by the ControlNet (shapes.evaluation.generate: DDIM, caption CFG), each sample following
-the control and caption of a held-out evaluation scene (shapes.evaluation.evaluation_scenes) from noise seeded per sample.
+the control and caption of a held-out evaluation scene (shapes.evaluation.evaluation_scenes) from noise seeded per
+sample.
 """
 import numpy as np
 
@@ -19,9 +20,10 @@ def load_controlnet(path, weights="ema", checkpoint=None):
 
 
 def controlnet_share(base, controlnet, config, world, num_samples, steps, cfg_scale, seeds_per_control=1, seed=0,
-                     batch_size=32, bf16=False):
+                     batch_size=32, bf16=False, eta=0.0):
     """This rank's samples r, r + W, ...: sample i follows the control and caption of evaluation scene
-    i // seeds_per_control, from noise seeded with seed + i. -> (indices, images (n, H, W, 3) uint8)"""
+    i // seeds_per_control, from noise (and, with eta > 0, the DDIM steps' noise) seeded with seed + i. controlnet
+    None: the base alone on the captions. -> (indices, images (n, H, W, 3) uint8)"""
     scenes = evaluation_scenes(config, num_samples)
     schedule = DDPMSchedule.named(config["beta_schedule"])
     indices = np.arange(world.rank, num_samples, world.world_size)
@@ -34,7 +36,8 @@ def controlnet_share(base, controlnet, config, world, num_samples, steps, cfg_sc
         hint = pipeline.hint_of(control, config["task"]).to(world.device)
         noise = draws.randn(3, config["image_size"], config["image_size"]).to(world.device)
         with runtime.autocast(world.device, bf16):
-            images = generate(base, controlnet, schedule, hint, tokens.to(world.device), noise, steps, cfg_scale)
+            images = generate(base, controlnet, schedule, hint, tokens.to(world.device), noise, steps, cfg_scale, eta,
+                              draws.randn_like)
         outputs.append(to_uint8(images.cpu()))
     return indices, np.concatenate(outputs)
 

@@ -13,6 +13,7 @@ from ref.checkpoints import read_checkpoint
 from ref.probes import ReadoutProbe
 from ref.unet import MODELS as UNETS
 from shapes import pipeline, runs
+from shapes import sampling as shapes_sampling
 from shapes.data import Shapes
 from shapes.text import PAD
 from tests.helpers import assert_same_state, train_error
@@ -136,3 +137,19 @@ def test_a_probe_for_another_unet_is_refused_naming_both_channel_lists():
             f"embedding of width 128; this base UNet gives 4 maps with channels {wider.tap_channels('conv')} and "
             f"width 256")):
         runs.check_probe_fits(probe, wider, "conv", "probe.pt")
+
+
+def test_stochastic_ddim_samples_depend_on_each_sample_seed_alone(stages):
+    """eta 1 (the experiment's sampler): a sample's image is the same in a batch of 1 or 3 and on rank 1 of 2 (its
+    step noise comes from its own seed), and differs from the deterministic eta 0 one from the same start noise."""
+    base, controlnet, config = shapes_sampling.load_controlnet(stages["controlnet"])
+
+    def share(rank=0, world_size=1, batch_size=3, eta=1.0):
+        world = runtime.Distributed(rank, world_size, torch.device("cpu"))
+        return shapes_sampling.controlnet_share(base, controlnet, config, world, 3, 3, 2.0, seed=5,
+                                                batch_size=batch_size, eta=eta)
+    indices, batched = share()
+    assert list(indices) == [0, 1, 2]
+    assert (share(batch_size=1)[1] == batched).all()
+    assert (share(rank=1, world_size=2)[1] == batched[1:2]).all()
+    assert (share(eta=0.0)[1] != batched).any()
