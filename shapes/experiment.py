@@ -7,11 +7,12 @@ estimate) and Fig. 3 (one-step estimate, its reward-model reading, the probe's r
 
 Every stage is a train.py run in OUT (base UNet, reward and evaluation estimators, probe, fine-tuned ControlNet), each
 Table 2 row a train.py run that continues from the fine-tuned ControlNet for the same number of steps with its Eq. 8
-terms; rerunning the command resumes or skips what is done. Each row is sampled by sample.py (DDIM, caption CFG,
---seeds sampling seeds over the same evaluation scenes) and scored by eval.py innercontrol (the evaluation
-estimator's control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the estimator's
-floor). Writes OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and sampling run under torchrun with
---nproc ranks.
+terms; rerunning the command resumes or skips what is done. Each row is sampled by sample.py (DDIM with eta 1,
+caption CFG, the budget's sampling seeds over the same evaluation scenes) and scored by eval.py innercontrol (the
+evaluation estimator's control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the
+estimator's floor), "base UNet alone" the base without a ControlNet on their captions. Fig. 2 is measured once per
+sampling seed's noise draw and averaged. Writes OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and
+sampling run under torchrun with --nproc ranks.
 """
 import argparse
 import json
