@@ -113,11 +113,7 @@ def real_images_samples(task, folder, budget):
     """The evaluation scenes' own images written as sample.py would: the estimator's floor on the table."""
     scenes = evaluation_scenes(SCENES, budget["scenes"])
     scene_indices = np.repeat(np.arange(budget["scenes"]), budget["seeds"])  # each scene once per sampling seed
-    folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "samples.npz", arr_0=render(scenes, scene_indices)[0], arr_1=scene_indices)
-    settings = dict(job="controlnet", task=task, scene_seed=EVAL_SCENE_SEED, config=SCENES)
-    (folder / "settings.json").write_text(json.dumps(settings))
-    return folder
+    return write_samples(folder, render(scenes, scene_indices)[0], scene_indices, dict(task=task, config=SCENES))
 
 
 def base_alone_samples(task, folder, stages, budget, seed):
@@ -131,10 +127,17 @@ def base_alone_samples(task, folder, stages, budget, seed):
     scene_indices, images = shapes_sampling.controlnet_share(
         base, None, config, Distributed(0, 1, torch.device("cpu")), budget["scenes"], budget["sample_steps"],
         budget["cfg"], seed=1000 * seed, eta=budget["eta"])
+    settings = dict(task=task, config=config, controlnet=None, seed=1000 * seed, steps=budget["sample_steps"],
+                    eta=budget["eta"], cfg=budget["cfg"])
+    return write_samples(folder, images, scene_indices, settings)
+
+
+def write_samples(folder, images, scene_indices, settings):
+    """Images (N, H, W, 3) uint8 of evaluation scenes written as sample.py writes a controlnet run's (samples.npz with
+    the scene indices, settings.json), for eval.py innercontrol. -> folder"""
     folder.mkdir(parents=True, exist_ok=True)
     np.savez(folder / "samples.npz", arr_0=images, arr_1=scene_indices)
-    settings = dict(job="controlnet", task=task, scene_seed=EVAL_SCENE_SEED, config=config, controlnet=None,
-                    seed=1000 * seed, steps=budget["sample_steps"], eta=budget["eta"], cfg=budget["cfg"])
+    settings = dict(settings, job="controlnet", scene_seed=EVAL_SCENE_SEED)
     (folder / "settings.json").write_text(json.dumps(settings))
     return folder
 
@@ -148,10 +151,11 @@ def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
     """Sample every row with each seed and score it; the mean over seeds. -> {row: {metric: mean, "per_seed": [...]}}"""
     real = real_images_samples(task, out / task / "samples" / "real", budget)
     table = {"real images": score(real, stages, classifier, budget)}
-    for index, (name, checkpoint) in enumerate({BASE_ALONE: None, **rows}.items()):
+    folders = {BASE_ALONE: "base-alone", **{name: f"row{index}" for index, name in enumerate(rows)}}
+    for name, checkpoint in {BASE_ALONE: None, **rows}.items():
         per_seed = []
         for seed in range(budget["seeds"]):
-            folder = out / task / "samples" / f"{'base-alone' if checkpoint is None else f'row{index - 1}'}-seed{seed}"
+            folder = out / task / "samples" / f"{folders[name]}-seed{seed}"
             if checkpoint is None:
                 base_alone_samples(task, folder, stages, budget, seed)
             elif not (folder / "samples.npz").exists():
