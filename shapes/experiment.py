@@ -3,16 +3,18 @@ analogs of its Fig. 2 (control error across t: probe on the decoder features vs 
 estimate) and Fig. 3 (one-step estimate, its reward-model reading, the probe's reading, across noise levels).
 
     python -m shapes.experiment [--task depth|segmentation|edges] [--nproc 2] [--out runs/innercontrol]
+    python -m shapes.experiment --task depth --rows 0,4 --row-steps 2000   # two rows trained longer, same stages
     python -m shapes.experiment --quick          # seconds: every step on toy budgets (the tests run it)
 
 Every stage is a train.py run in OUT (base UNet, reward and evaluation estimators, probe, fine-tuned ControlNet), each
 Table 2 row a train.py run that continues from the fine-tuned ControlNet for the same number of steps with its Eq. 8
-terms; rerunning the command resumes or skips what is done. Each row is sampled by sample.py (DDIM with eta 1,
-caption CFG, the budget's sampling seeds over the same evaluation scenes) and scored by eval.py innercontrol (the
-evaluation estimator's control metric; FD-shapes); "real images" scores the evaluation scenes themselves (the
-estimator's floor), "base UNet alone" the base without a ControlNet on their captions. Fig. 2 is measured once per
-sampling seed's noise draw and averaged. Writes OUT/<task>/table.json, table.md, fig2.png, fig3.png. Training and
-sampling run under torchrun with --nproc ranks.
+terms; rerunning the command resumes or skips what is done. --rows keeps only the rows numbered, --row-steps trains
+them for N steps instead (in OUT/TASK/rows-Nsteps); either writes its own table-rows...-Nsteps.json beside table.json.
+Each row is sampled by sample.py (DDIM with eta 1, caption CFG, the budget's sampling seeds over the same evaluation
+scenes) and scored by eval.py innercontrol (the evaluation estimator's control metric; FD-shapes); "real images" scores
+the evaluation scenes themselves (the estimator's floor), "base UNet alone" the base without a ControlNet on their
+captions. Fig. 2 is measured once per sampling seed's noise draw and averaged. Writes OUT/<task>/table.json, table.md,
+fig2.png, fig3.png. Training and sampling run under torchrun with --nproc ranks.
 """
 import argparse
 import json
@@ -80,9 +82,11 @@ def launch(script, flags, nproc):
 
 
 def train(config, out, budget, nproc, **flags):
-    """train.py --config CONFIG with the flags (and the budget's sizes) -> the run's checkpoint."""
-    steps = budget["train"].get("steps", SHAPES_CONFIGS[config]["steps"])
-    flags = dict(flags, **budget["train"], log_every=max(1, steps // 10), out=out)
+    """train.py --config CONFIG with the flags (the budget's sizes where the flags give none) -> the run's
+    checkpoint."""
+    flags = dict(budget["train"], **flags)
+    steps = flags.get("steps", SHAPES_CONFIGS[config]["steps"])
+    flags.update(log_every=max(1, steps // 10), out=out)
     launch("train.py", ["--config", config, *[item for name, value in flags.items()
                                              for item in (f"--{name.replace('_', '-')}", value)]], nproc)
     return out / "latest.pt"
@@ -99,14 +103,25 @@ def train_stages(task, out, budget, nproc):
     return stages
 
 
-def train_rows(task, out, stages, budget, nproc):
-    """One run per Table 2 row, each from the fine-tuned ControlNet -> {row name: checkpoint path}."""
+def table_rows(task, numbers=None):
+    """The task's Table 2 rows, all or those numbered (their order in DEPTH_ROWS / OTHER_ROWS) -> {number: name}."""
+    names = list(DEPTH_ROWS if task == "depth" else OTHER_ROWS)
+    numbers = range(len(names)) if numbers is None else numbers
+    if not all(0 <= number < len(names) for number in numbers):
+        raise SystemExit(f"error: --rows: the {task} table's rows are numbered 0 to {len(names) - 1}")
+    return {number: names[number] for number in numbers}
+
+
+def train_rows(task, out, stages, budget, nproc, numbers, steps):
+    """One run per Table 2 row (numbers: {number: name}), each from the fine-tuned ControlNet, for `steps` (None: the
+    shapes-innercontrol config's) -> {row name: (folder tag, checkpoint path)}."""
     rows = DEPTH_ROWS if task == "depth" else OTHER_ROWS
     partners = dict(base=stages["unet"], task=task, init=stages["controlnet"], probe=stages["probe"],
-                    reward_model=stages["reward"])
-    return {name: train("shapes-innercontrol", out / task / "rows" / f"row{index}", budget, nproc, **partners,
-                        **settings)
-            for index, (name, settings) in enumerate(rows.items())}
+                    reward_model=stages["reward"], **({} if steps is None else dict(steps=steps)))
+    suffix = "" if steps is None else f"-{steps}steps"
+    return {name: (f"row{number}{suffix}", train("shapes-innercontrol", out / task / f"rows{suffix}" / f"row{number}",
+                                                 budget, nproc, **partners, **rows[name]))
+            for number, name in numbers.items()}
 
 
 def real_images_samples(task, folder, budget):
@@ -148,14 +163,14 @@ def score(samples, stages, classifier, budget):
 
 
 def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
-    """Sample every row with each seed and score it; the mean over seeds. -> {row: {metric: mean, "per_seed": [...]}}"""
+    """Sample every row ({name: (folder tag, checkpoint)}) with each seed and score it; the mean over seeds.
+    -> {row: {metric: mean, "per_seed": [...]}}"""
     real = real_images_samples(task, out / task / "samples" / "real", budget)
     table = {"real images": score(real, stages, classifier, budget)}
-    folders = {BASE_ALONE: "base-alone", **{name: f"row{index}" for index, name in enumerate(rows)}}
-    for name, checkpoint in {BASE_ALONE: None, **rows}.items():
+    for name, (tag, checkpoint) in {BASE_ALONE: ("base-alone", None), **rows}.items():
         per_seed = []
         for seed in range(budget["seeds"]):
-            folder = out / task / "samples" / f"{folders[name]}-seed{seed}"
+            folder = out / task / "samples" / f"{tag}-seed{seed}"
             if checkpoint is None:
                 base_alone_samples(task, folder, stages, budget, seed)
             elif not (folder / "samples.npz").exists():
@@ -250,6 +265,11 @@ def main(argv=None):
     parser.add_argument("--nproc", type=int, default=1, help="ranks for training and sampling (torchrun)")
     parser.add_argument("--classifier", help="FD-shapes classifier (default: OUT/shapes-classifier.pt, trained "
                                              "there if missing)")
+    parser.add_argument("--rows", type=lambda text: [int(number) for number in text.split(",")],
+                        help="comma-separated numbers of the Table 2 rows to train and score (default: all; depth: "
+                             "0 fine-tuned, 1 + alignment, 2 + reward [0, 200], 3 + reward [0, 920], 4 + both)")
+    parser.add_argument("--row-steps", type=int, help="train the rows for N steps instead of the shapes-innercontrol "
+                                                      "config's (in OUT/TASK/rows-Nsteps)")
     parser.add_argument("--quick", action="store_true", help="toy budgets: checks the plumbing in seconds")
     args = parser.parse_args(argv)
     budget, out, start = BUDGETS["quick" if args.quick else "full"], Path(args.out).resolve(), time.perf_counter()
@@ -258,18 +278,20 @@ def main(argv=None):
         print(f"training the FD-shapes classifier into {classifier}", flush=True)
         save_classifier(train_classifier(SCENES["image_size"], steps=budget["classifier_steps"]), classifier)
     stages = train_stages(args.task, out, budget, args.nproc)
-    rows = train_rows(args.task, out, stages, budget, args.nproc)
+    rows = train_rows(args.task, out, stages, budget, args.nproc, table_rows(args.task, args.rows), args.row_steps)
     table = evaluate_rows(args.task, out, stages, rows, classifier, budget, args.nproc)
     folder = out / args.task
     figure, image, control = figure_rows(args.task, stages, budget)
     across_t = mean_across_seeds(figure)
     write_figures(args.task, figure[0], across_t, image, control, folder)
-    report = dict(task=args.task, budget=budget, table=table, errors_across_t=across_t,
+    report = dict(task=args.task, budget=budget, row_steps=args.row_steps, table=table, errors_across_t=across_t,
                   seconds=time.perf_counter() - start)
-    (folder / "table.json").write_text(json.dumps(report, indent=2))
-    (folder / "table.md").write_text(markdown_table(args.task, table))
+    name = "-".join(["table", *([f"rows{'-'.join(map(str, args.rows))}"] if args.rows else []),
+                     *([f"{args.row_steps}steps"] if args.row_steps else [])])
+    (folder / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (folder / f"{name}.md").write_text(markdown_table(args.task, table))
     print(markdown_table(args.task, table))
-    print(f"wrote {folder}/table.json, table.md, fig2.png, fig3.png ({report['seconds'] / 60:.1f} min)")
+    print(f"wrote {folder}/{name}.json, {name}.md, fig2.png, fig3.png ({report['seconds'] / 60:.1f} min)")
     return report
 
 

@@ -1,6 +1,7 @@
 """shapes/experiment.py --quick: every stage, every Table 2 row, sampling, scoring and both figures run through
 the real scripts on toy budgets; the table has the paper's rows and the figures' measurement covers t in [0, 999]; each
-row's Eq. 8 terms change what its ControlNet learns from the same start, data and draws."""
+row's Eq. 8 terms change what its ControlNet learns from the same start, data and draws; chosen rows trained longer
+land beside the others."""
 import json
 
 import numpy as np
@@ -48,6 +49,14 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
     stamps = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
     experiment.main(["--quick", "--out", str(tmp_path)])
     assert stamps == {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
+    # two rows trained longer: their own runs, samples and table; the stages and the other rows' runs untouched
+    report = experiment.main(["--quick", "--out", str(tmp_path), "--rows", "0,4", "--row-steps", "3"])
+    names = list(experiment.DEPTH_ROWS)
+    assert list(report["table"]) == ["real images", experiment.BASE_ALONE, names[0], names[4]]
+    assert [read_checkpoint(folder / "rows-3steps" / f"row{index}" / "latest.pt")["step"] for index in (0, 4)] == [3, 3]
+    assert (folder / "samples" / "row4-3steps-seed1" / "samples.npz").exists()
+    assert json.loads((folder / "table-rows0-4-3steps.json").read_text())["row_steps"] == 3
+    assert stamps == {path: path.stat().st_mtime_ns for path in stamps}
 
 
 def distance(state, other):
