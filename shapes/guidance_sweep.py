@@ -108,7 +108,7 @@ def main(argv=None):
         args.num_samples, args.steps, args.ref_shapes = 8, 2, 16
         args.ig, args.cfg, args.ig_cfg = args.ig[:2], args.cfg[:2], args.ig_cfg[:2]
     run = Path(args.run)
-    _, config = runs.load_trained(run / "latest.pt" if run.is_dir() else run, "dit", load=False)
+    config = runs.trained_config(run / "latest.pt" if run.is_dir() else run, "dit")
     if config["data"] != "shapes":
         raise SystemExit(f"error: {args.run} trained on {config['data']}, not on shapes scenes")
     args.out = args.out or str((run if run.is_dir() else run.parent) / "guidance-sweep")

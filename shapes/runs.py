@@ -38,20 +38,24 @@ OLD_SCENES = dict(shapes_max_objects=MAX_OBJECTS)  # the added_fields of runs fr
 
 def load_trained(path, expected_job, weights="ema", checkpoint=None, load=True):
     """The network a train.py run trained, with its `weights` ("ema" or "model"), frozen, on the CPU, and its
-    config. checkpoint: the file's contents when the caller has read them already. A run of another job than
-    `expected_job` raises ValueError. load False: the same architecture untrained, on the default device (what a
-    run built on the meta device needs of its partners: the FLOP count builds so). The config holds the old default
-    of every field the run's kind gained after the checkpoint was written."""
+    config (`trained_config`). checkpoint: the file's contents when the caller has read them already. A run of another
+    job than `expected_job` raises ValueError. load False: the same architecture untrained, on the default device
+    (what a run built on the meta device needs of its partners: the FLOP count builds so)."""
     def build(config):
         return RUNS[expected_job](config, load=False).build()
     if load:
         network, config = load_trained_network(path, expected_job, build, weights, checkpoint)
-    else:
-        checkpoint = read_run_checkpoint(path) if checkpoint is None else checkpoint
-        check_job(checkpoint, expected_job, path)
-        config = checkpoint["args"]
-        network = build(config)
-    return network, dict(RUNS[expected_job].added_fields, **config)
+        return network, dict(RUNS[expected_job].added_fields, **config)
+    config = trained_config(path, expected_job, checkpoint)
+    return build(config), config
+
+
+def trained_config(path, expected_job, checkpoint=None):
+    """The config of a train.py run of `expected_job` (another job: ValueError), holding the old default of every
+    field the run's kind gained after the checkpoint was written."""
+    checkpoint = read_run_checkpoint(path) if checkpoint is None else checkpoint
+    check_job(checkpoint, expected_job, path)
+    return dict(RUNS[expected_job].added_fields, **checkpoint["args"])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
