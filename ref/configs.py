@@ -29,7 +29,11 @@ def optional_timestep_range(text):
 TRAINING_FIELDS = {
     "batch_size": (int, "global batch size, all ranks together"),
     "steps": (int, "training steps of the whole run"),
-    "lr": (float, "AdamW learning rate (beta1 0.9, weight decay 0, constant)"),
+    "lr": (float, "AdamW learning rate (beta1 0.9, weight decay 0; constant, as in both papers, unless "
+                  "--lr-decay-steps)"),
+    "lr_decay_steps": (int, "the run's last N steps lower the lr linearly towards 0 (the decay of a "
+                            "warmup-stable-decay schedule; 0: constant); raising --steps and setting it on resume "
+                            "cools a finished run down"),
     "adam_beta2": (float, "AdamW beta2 (0.999; LightningDiT 0.95)"),
     "grad_clip": (float, "clip the global gradient norm to this"),
     "ema_decay": (float, "EMA decay per step"),
@@ -45,18 +49,20 @@ TRAINING_FIELDS = {
     "stop_after": (optional_int, "debug: checkpoint and stop after this step, as if killed there"),
 }
 
-# Fields that may change when a run is resumed: how far and how it runs, not what it computes.
-RUN_FIELDS = {"config", "steps", "checkpoint_every", "snapshot_every", "log_every", "workers", "compile",
-              "gradient_checkpointing", "peak_tflops", "stop_after", "grad_accumulation"}
+# Fields that may change when a run is resumed: how far and how it runs, not what it computes; and where the lr's
+# final decay begins (steps, lr_decay_steps): a run resumed before that point computes what one run with the new
+# values does.
+RUN_FIELDS = {"config", "steps", "lr_decay_steps", "checkpoint_every", "snapshot_every", "log_every", "workers",
+              "compile", "gradient_checkpointing", "peak_tflops", "stop_after", "grad_accumulation"}
 # Counts that must be positive (None allowed where the field is optional) and counts that may be zero.
 POSITIVE_FIELDS = ("steps", "batch_size", "checkpoint_every", "snapshot_every", "log_every", "stop_after",
                    "shapes_items", "image_size", "num_classes", "depth", "hidden_size", "num_heads", "patch_size",
                    "grad_accumulation")
-NON_NEGATIVE_FIELDS = ("workers",)
+NON_NEGATIVE_FIELDS = ("workers", "lr_decay_steps")
 
 # Fields added after runs were stored, each with the value a stored config without it was trained with: of every run,
 # and of the DiT / SiT runs besides.
-ADDED_FIELDS = dict(adam_beta2=0.999)
+ADDED_FIELDS = dict(adam_beta2=0.999, lr_decay_steps=0)
 ADDED_DIT_FIELDS = dict(arch="dit", vae="sd", cosine_loss=False, ig_omega=0.0)
 
 RUN_DEFAULTS = dict(ADDED_FIELDS, lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True, compile=False,

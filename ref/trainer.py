@@ -1,5 +1,5 @@
-"""The one training loop of both papers' runs (`fit`): AdamW, gradient clipping, EMA, bf16 autocast on CUDA, DDP over
-the ranks, exact resume, progress, the run log, snapshots and the MFU.
+"""The one training loop of both papers' runs (`fit`): AdamW (constant lr, or a final linear decay), gradient
+clipping, EMA, bf16 autocast on CUDA, DDP over the ranks, exact resume, progress, the run log, snapshots and the MFU.
 
 A run (the IG run in ref/internal_guidance.py, the testbed's runs in shapes/runs.py) is a class made from its config
 that gives what the loop needs: `make_dataset()`, `build()` the trainable network, `collate(samples)` -> a batch of
@@ -121,10 +121,18 @@ def accumulate_gradients(run, net, batch, positions, config, world):
     return mean_loss
 
 
+def learning_rate(config, step):
+    """The lr of 0-based training step `step`: constant, then over the run's last lr_decay_steps steps falling
+    linearly towards 0 (the last step at lr / lr_decay_steps)."""
+    decay = config["lr_decay_steps"]
+    return config["lr"] * (min(1.0, (config["steps"] - step) / decay) if decay else 1.0)
+
+
 def fit(make_run, config, out, world):
-    """Train the run `make_run(config)` into `out`: AdamW (betas 0.9, adam_beta2, no weight decay), gradient clipping,
-    EMA, bf16 autocast on CUDA, DDP over the ranks, optional torch.compile; resume from out/latest.pt; progress,
-    log.txt, metrics.jsonl and the numbered snapshots on rank 0 (latest.pt is rewritten with each snapshot)."""
+    """Train the run `make_run(config)` into `out`: AdamW (betas 0.9, adam_beta2, no weight decay; `learning_rate`),
+    gradient clipping, EMA, bf16 autocast on CUDA, DDP over the ranks, optional torch.compile; resume from
+    out/latest.pt; progress, log.txt, metrics.jsonl and the numbered snapshots on rank 0 (latest.pt is rewritten with
+    each snapshot)."""
     run, dataset, model, checkpoint, flops_per_image = start(make_run, config, out, world)
     ema = copy.deepcopy(model).requires_grad_(False)
     hand_over_ema(run, ema)
@@ -161,6 +169,8 @@ def fit(make_run, config, out, world):
         optimizer.zero_grad(set_to_none=True)
         loss = accumulate_gradients(run, net, batch, positions, config, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config["grad_clip"])
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, step)
         optimizer.step()
         update_ema(ema, model, config["ema_decay"])
         done = step + 1

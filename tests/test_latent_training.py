@@ -26,6 +26,7 @@ from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
 from ref.losses import cosine_distance, flow_matching_loss
 from ref.runtime import SampleDraws, stream_seed
 from ref.safetensors import save_file
+from ref.trainer import learning_rate
 from ref.vae import MODELS as VAES
 from shapes.runs import ShapesDiTRun
 from tests.helpers import assert_same_state, train_error
@@ -345,6 +346,24 @@ def test_ig_omega_steps_read_the_trainers_ema_and_resume_bitwise(tmp_path, monke
     train.main([*SHAPES, "--ema-decay", "0.5", "--steps", "3", "--out", str(tmp_path / "plain")])
     plain = read_checkpoint(tmp_path / "plain" / "latest.pt")["model"]
     assert not torch.equal(plain["final_layer.linear.weight"], whole["model"]["final_layer.linear.weight"])
+
+
+def test_lr_decay_cools_a_finished_run_down(tmp_path):
+    """--lr-decay-steps: the last N steps' lr falls linearly (closed form); a run trained at a constant lr and then
+    resumed with more --steps and the decay ends bitwise where one run with those settings ends, and elsewhere than
+    the same steps at a constant lr."""
+    config = dict(lr=1e-3, steps=10, lr_decay_steps=4)
+    assert [learning_rate(config, step) for step in range(5, 10)] == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert learning_rate(dict(config, lr_decay_steps=0), 9) == 1e-3
+    flags = [*SHAPES, "--checkpoint-every", "2"]
+    train.main([*flags, "--steps", "4", "--lr-decay-steps", "2", "--out", str(tmp_path / "whole")])
+    train.main([*flags, "--steps", "4", "--out", str(tmp_path / "constant")])
+    train.main([*flags, "--steps", "2", "--out", str(tmp_path / "cooled")])
+    train.main([*flags, "--steps", "4", "--lr-decay-steps", "2", "--out", str(tmp_path / "cooled")])
+    whole, constant, cooled = (read_checkpoint(tmp_path / name / "latest.pt")["model"]
+                               for name in ("whole", "constant", "cooled"))
+    assert_same_state(cooled, whole)
+    assert any(not torch.equal(whole[name], constant[name]) for name in whole)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
