@@ -17,15 +17,15 @@ DiT objectives: flow matching with the velocity target (SiT / the IG release, t 
 with the IG auxiliary term lambda ||D_i - target||^2; for flow, optionally LightningDiT's cosine term (--cosine-loss)
 and IG's accelerated training (--ig-omega, with the EMA network). Latent shards are prepare.py's (--vae names the VAE
 that encoded them): stored moments give a fresh posterior sample every step, stored samples are normalised by
-SHARDS/latents_stats.pt. AdamW (beta1 0.9, --adam-beta2, no weight decay; a constant lr, or --lr-decay-steps N: the
-last N steps lower it linearly towards 0, settable on resume with more --steps), gradient clipping, gradient
-accumulation (--grad-accumulation), label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on CUDA. Rerun the same
+SHARDS/latents_stats.pt. AdamW (beta1 0.9, --adam-beta2, no weight decay; a constant lr, or --lr-decay-steps N: the last
+N steps lower it linearly towards 0, settable on resume with more --steps), gradient clipping, gradient accumulation
+(--grad-accumulation), label / caption dropout for CFG, EMA weights; bf16 autocast and TF32 on CUDA. Rerun the same
 command to resume from OUT/latest.pt: the data order and every random draw are functions of the seed and the step, so
 the resumed run is bitwise the uninterrupted one. Rank 0 writes OUT/latest.pt (atomically), OUT/log.txt and
 OUT/metrics.jsonl (loss, images/s, MFU); with --snapshot-every N, counted in training images (EDM's habit), also a
-numbered copy OUT/snapshot-<images seen, 9 digits>.pt whenever the images seen pass a multiple of N, for
-FID-vs-training curves (`sample.py OUT/snapshot-....pt`); the cadence may change on resume. Bad input (a count below
-1, a file that is not a checkpoint, shards that do not fit the config, ...): one `error:` line and exit status 2,
+numbered copy OUT/snapshot-<images seen, 9 digits>.pt whenever the images seen pass a multiple of N, for FID-vs-training
+curves (`sample.py OUT/snapshot-....pt`); the cadence may change on resume. Bad input (a count below 1, a file that is
+not a checkpoint, shards that do not fit the config, ...): one `error:` line and exit status 2,
 nothing written.
 """
 import argparse
