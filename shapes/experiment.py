@@ -104,24 +104,24 @@ def train_stages(task, out, budget, nproc):
 
 
 def table_rows(task, numbers=None):
-    """The task's Table 2 rows, all or those numbered (their order in DEPTH_ROWS / OTHER_ROWS) -> {number: name}."""
-    names = list(DEPTH_ROWS if task == "depth" else OTHER_ROWS)
-    numbers = range(len(names)) if numbers is None else numbers
-    if not all(0 <= number < len(names) for number in numbers):
-        raise SystemExit(f"error: --rows: the {task} table's rows are numbered 0 to {len(names) - 1}")
-    return {number: names[number] for number in numbers}
+    """The task's Table 2 rows, all or those numbered (their order in DEPTH_ROWS / OTHER_ROWS)
+    -> {number: (name, Eq. 8 settings)}."""
+    rows = list((DEPTH_ROWS if task == "depth" else OTHER_ROWS).items())
+    numbers = range(len(rows)) if numbers is None else numbers
+    if not all(0 <= number < len(rows) for number in numbers):
+        raise SystemExit(f"error: --rows: the {task} table's rows are numbered 0 to {len(rows) - 1}")
+    return {number: rows[number] for number in numbers}
 
 
-def train_rows(task, out, stages, budget, nproc, numbers, steps):
-    """One run per Table 2 row (numbers: {number: name}), each from the fine-tuned ControlNet, for `steps` (None: the
+def train_rows(task, out, stages, budget, nproc, rows, steps):
+    """One run per Table 2 row (rows: `table_rows`), each from the fine-tuned ControlNet, for `steps` (None: the
     shapes-innercontrol config's) -> {row name: (folder tag, checkpoint path)}."""
-    rows = DEPTH_ROWS if task == "depth" else OTHER_ROWS
     partners = dict(base=stages["unet"], task=task, init=stages["controlnet"], probe=stages["probe"],
                     reward_model=stages["reward"], **({} if steps is None else dict(steps=steps)))
     suffix = "" if steps is None else f"-{steps}steps"
     return {name: (f"row{number}{suffix}", train("shapes-innercontrol", out / task / f"rows{suffix}" / f"row{number}",
-                                                 budget, nproc, **partners, **rows[name]))
-            for number, name in numbers.items()}
+                                                 budget, nproc, **partners, **settings))
+            for number, (name, settings) in rows.items()}
 
 
 def real_images_samples(task, folder, budget):
@@ -272,13 +272,14 @@ def main(argv=None):
                                                       "config's (in OUT/TASK/rows-Nsteps)")
     parser.add_argument("--quick", action="store_true", help="toy budgets: checks the plumbing in seconds")
     args = parser.parse_args(argv)
+    chosen_rows = table_rows(args.task, args.rows)  # a wrong number stops here, before any training
     budget, out, start = BUDGETS["quick" if args.quick else "full"], Path(args.out).resolve(), time.perf_counter()
     classifier = Path(args.classifier) if args.classifier else out / "shapes-classifier.pt"
     if not classifier.exists():
         print(f"training the FD-shapes classifier into {classifier}", flush=True)
         save_classifier(train_classifier(SCENES["image_size"], steps=budget["classifier_steps"]), classifier)
     stages = train_stages(args.task, out, budget, args.nproc)
-    rows = train_rows(args.task, out, stages, budget, args.nproc, table_rows(args.task, args.rows), args.row_steps)
+    rows = train_rows(args.task, out, stages, budget, args.nproc, chosen_rows, args.row_steps)
     table = evaluate_rows(args.task, out, stages, rows, classifier, budget, args.nproc)
     folder = out / args.task
     figure, image, control = figure_rows(args.task, stages, budget)
