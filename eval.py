@@ -7,7 +7,7 @@ metrics (InnerControl).
     python eval.py fd-shapes --samples S.npz (--ref R.npz | --ref-shapes N [--ref-max-objects K]) [--classifier PATH]
     python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
     python eval.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
-    python eval.py innercontrol-sd --samples SAMPLE_DIR --data-path FOLDER --task depth|hed|segmentation \
+    python eval.py innercontrol-sd --samples SAMPLE_DIR --data-path FOLDER --task depth|hed|lineart|segmentation \
                    --eval-model FILE [--inception FILE] [--num-classes 150] [--out metrics.json]
     python eval.py innercontrol-sd-curve --probe runs/sd15-probe-depth --reward-model FILE --data-path FOLDER \
                    [--run CONTROLNET] [--timesteps 0,100,...,900] [--num-images 8] [--out fig2-sd.json]
@@ -25,9 +25,9 @@ sample (ref/innercontrol.py: RMSE for depth, mIoU for segmentation, SSIM for edg
 scene the sample followed), and FD-shapes / precision / recall against the first --ref-shapes evaluation scenes.
 innercontrol-sd: for `sample.py sd15 --data-path FOLDER`'s output, the ControlNet++ / InnerControl protocol
 (ref/sd_evaluation.py): the evaluation model on each generated image against the pair's control (depth: RMSE on
-0-255; hed: SSIM and MS-SSIM against the annotator on the real image; segmentation: mIoU over the set), taken per seed
-and averaged over the seeds; with --inception, FID (and IS, sFID, precision/recall) against the folder's real images
-cut as for training. Prints a table row, writes the JSON.
+0-255; hed / lineart: SSIM and MS-SSIM against the annotator on the real image; segmentation: mIoU over the set),
+taken per seed and averaged over the seeds; with --inception, FID (and IS, sFID, precision/recall) against the
+folder's real images cut as for training. Prints a table row, writes the JSON.
 innercontrol-sd-curve: Fig. 2 at SD scale: the control metric across t of the sd-probe run's probe on the decoder
 features and of the reward model on the decoded one-step x0 (Eq. 5), for SD1.5 alone and, with --run, steered by that
 ControlNet (a ControlNet file / folder or an sd-controlnet run); --out's JSON and a PNG chart beside it.
@@ -311,7 +311,8 @@ def parse_args(argv=None):
     innercontrol_sd.add_argument("--data-path", required=True, help="the metadata.jsonl folder the pairs came from")
     innercontrol_sd.add_argument("--task", required=True, choices=REWARD_TASKS)
     innercontrol_sd.add_argument("--eval-model", required=True, help="DPT-Hybrid file (depth), "
-                                 "ControlNetHED_Apache2.pth (hed), TorchScript segmenter (segmentation)")
+                                 "ControlNetHED_Apache2.pth (hed), sk_model.pth (lineart), TorchScript segmenter "
+                                 "(segmentation)")
     innercontrol_sd.add_argument("--inception", help="FID Inception weights; FID is left out without them")
     innercontrol_sd.add_argument("--resize", choices=sorted(INPUT_PIPELINES), default="tf1",
                                  help="FID's Inception input pipeline (see `eval.py fid --help`)")

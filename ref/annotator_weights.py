@@ -25,7 +25,7 @@ LAYOUTS = {
                   ("block1.convs.0.",)),
     "hed_bsds500": Layout("the original HED's weights (network-bsds500: netVggOne / moduleVggOne keys)",
                           ("netVggOne.", "moduleVggOne.")),
-    "lineart": Layout("the LineArt annotator's weights (model0 ... model4 keys)", ("model0.1.",)),
+    "lineart": Layout("the LineArt annotator's weights (sk_model.pth: model0 ... model4 keys)", ("model0.1.",)),
     "dpt": Layout("DPT depth weights (dpt.* keys)", ("dpt.",)),
     "stable_diffusion": Layout("a Stable Diffusion / ControlNet checkpoint (model.diffusion_model.* / "
                                "control_model.* keys)", ("model.diffusion_model.", "control_model.")),

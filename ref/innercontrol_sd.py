@@ -12,8 +12,9 @@ features and a ControlNet on the frozen SD1.5 with Eq. 8, on (image, control, ca
                    rank), gradient clip 1, EMA.
 Latents: the VAE's posterior sample (its noise from the sample's own generator) times 0.18215; the reward decodes the
 one-step estimate through the VAE decoder with gradients (recomputed in the backward pass with gradient_checkpointing)
-to RGB in [0, 1] for D: DPT-Hybrid for depth, the HED annotator for hed, a TorchScript segmenter for segmentation
-(ref/dpt.py, ref/hed.py, ref/segmenter.py, each with its own preprocessing); LineArt has no reward model here (alpha 0).
+to RGB in [0, 1] for D: DPT-Hybrid for depth, the HED annotator for hed, the LineArt annotator for lineart, a
+TorchScript segmenter for segmentation (ref/dpt.py, ref/hed.py, ref/lineart.py, ref/segmenter.py, each with its own
+preprocessing).
 With gradient_checkpointing the UNet's and the ControlNet's blocks are recomputed in the backward pass too.
 
 Named configs (`SD_CONFIGS`, train.py --config NAME): sd15-probe, sd15-controlnet (plain fine-tune, the first stage)
@@ -33,6 +34,7 @@ from ref.dpt import DPTHybridDepth
 from ref.hed import HEDAnnotator
 from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights, innercontrol_task,
                               innercontrol_training_step)
+from ref.lineart import LineArtAnnotator
 from ref.losses import drop_captions
 from ref.probes import ReadoutProbe
 from ref.runtime import check_job, load_trained_network, move_modules, read_run_checkpoint
@@ -259,16 +261,14 @@ class ProbeRun(StableDiffusionRun):
 # ControlNet training with Eq. 8
 # ---------------------------------------------------------------------------------------------------------------------
 
-REWARD_TASKS = ("depth", "hed", "segmentation")
+REWARD_TASKS = ("depth", "hed", "lineart", "segmentation")
 
 
 def reward_model(config, load=True):
-    """D of Eq. 6 for the config's task, frozen: DPT-Hybrid (depth), the HED annotator (hed), a TorchScript segmenter
-    (segmentation), from --reward-model. load False: untrained on the default device; the segmenter, a program that
-    cannot run on the meta device, is then left out (None)."""
+    """D of Eq. 6 for the config's task, frozen: DPT-Hybrid (depth), the HED annotator (hed), the LineArt annotator
+    (lineart), a TorchScript segmenter (segmentation), from --reward-model. load False: untrained on the default
+    device; the segmenter, a program that cannot run on the meta device, is then left out (None)."""
     task = config["task"]
-    if task not in REWARD_TASKS:
-        raise ValueError(f"this project has no {task} reward model; train the {task} ControlNet with --alpha 0")
     if not load:
         return None if task == "segmentation" else control_model(task, None)
     return control_model(task, required(config, "reward_model", f"the {task} reward model, for alpha > 0"),
@@ -277,15 +277,17 @@ def reward_model(config, load=True):
 
 def control_model(task, path, num_classes=None):
     """The frozen model that reads a task's control from RGB in [0, 1], D of Eq. 6 and the evaluation models alike:
-    DPT-Hybrid (depth: max-normalised relative depth), the HED annotator (hed: soft edges), a TorchScript segmenter
-    of num_classes classes (segmentation: logits). A file of another model is refused by name
-    (ref.annotator_weights); path None: random weights (not for segmentation)."""
+    DPT-Hybrid (depth: max-normalised relative depth), the HED annotator (hed: soft edges), the LineArt annotator
+    (lineart: white lines on black), a TorchScript segmenter of num_classes classes (segmentation: logits). A file of
+    another model is refused by name (ref.annotator_weights); path None: random weights (not for segmentation)."""
     if task not in REWARD_TASKS:
         raise ValueError(f"this project has no {task} model; choose one of {', '.join(REWARD_TASKS)}")
     if task == "depth":
         return DPTHybridDepth(path)
     if task == "hed":
         return HEDAnnotator(path)
+    if task == "lineart":
+        return LineArtAnnotator(path)
     return TorchScriptSegmenter(path, num_classes)
 
 
@@ -298,7 +300,7 @@ class ControlNetRun(StableDiffusionRun):
                                         "or an sd-controlnet run's latest.pt, its EMA weights); none: a copy of the "
                                         "UNet's encoder"),
         reward_model=(optional_path, "D for alpha > 0: DPT-Hybrid file (depth), ControlNetHED_Apache2.pth (hed), "
-                                     "TorchScript segmenter (segmentation)"),
+                                     "sk_model.pth (lineart), TorchScript segmenter (segmentation)"),
         probe=(optional_path, "the sd-probe run's latest.pt, for beta > 0"),
         **EQ8_FIELDS,
     )
