@@ -3,7 +3,8 @@ the test (an SD single file, a BPE vocabulary, a TorchScript segmenter, data fol
 naming the line; gradients reach the ControlNet from the reward (through the VAE decoder) and the alignment terms and
 nothing frozen, out-of-range samples add nothing; gradient accumulation gives the gradient of the whole batch; a 2-step
 Eq. 8 run via train.main resumed after --stop-after is bitwise the uninterrupted one, and the next stage starts from its
-EMA weights; the probe run trains and its loss falls on one overfitted batch."""
+EMA weights; the probe run trains and its loss falls on one overfitted batch; lineart's reward runs with the LineArt
+annotator at Table 4's alpha, and the other edge annotator's file is refused in one line."""
 import functools
 import gzip
 import json
@@ -19,7 +20,9 @@ from ref.clip import MODELS as TEXT_ENCODERS
 from ref.control_data import ControlDataset
 from ref.controlnet import ControlNet
 from ref.checkpoints import read_checkpoint
+from ref.hed import HEDAnnotator
 from ref.innercontrol_sd import SD_CONFIGS, SD_SIZES
+from ref.lineart import LineArtAnnotator
 from ref.runtime import Distributed, SampleDraws
 from ref.trainer import accumulate_gradients
 from ref.unet import UNet
@@ -281,10 +284,36 @@ def test_a_probe_for_another_base_is_refused_in_one_line(case, files, tmp_path, 
     assert error.startswith("error: ") and error.count("\n") == 1 and expected in error, error
 
 
-def test_lineart_has_no_reward_model(files, tmp_path, capsys):
-    error = train_error(["--config", "sd15-innercontrol", *files["flags"], "--task", "lineart", "--data-path",
-                         files["depth"], "--beta", "0", "--out", tmp_path], capsys)
-    assert "no lineart reward model; train the lineart ControlNet with --alpha 0" in error
+def test_the_lineart_reward_trains_with_the_lineart_annotator_at_table_4s_alpha(files, tmp_path):
+    """sd15-innercontrol --task lineart --reward-model sk_model.pth: Table 4's alpha 10 on [0, 200] by default, D the
+    LineArt annotator loaded from the file; over [0, 999] its reward changes the ControlNet's gradient."""
+    torch.manual_seed(2)
+    torch.save(randomise(LineArtAnnotator()).state_dict(), tmp_path / "sk_model.pth")
+    lineart = dict(task="lineart", data_path=data_folder(tmp_path / "lineart", "lineart"),
+                   reward_model=tmp_path / "sk_model.pth", beta=0)
+    run = train.make_run(controlnet_config(files, **lineart))
+    assert (run.terms.alpha, run.terms.reward_range, run.terms.reward_kind) == (10.0, (0, 200), "mse")
+    assert isinstance(run.terms.reward_model, LineArtAnnotator)
+    torch.testing.assert_close(run.terms.reward_model.state_dict(), torch.load(tmp_path / "sk_model.pth"))
+    diffusion, _, _ = controlnet_gradients(controlnet_config(files, **dict(lineart, alpha=0)))
+    with_reward, _, _ = controlnet_gradients(controlnet_config(files, **lineart, reward_range="0,999"))
+    assert (with_reward - diffusion).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("task, given, expected", [
+    ("lineart", "hed", "holds the HED annotator's weights (ControlNetHED_Apache2: norm, block1.convs.0 ... "
+                       "block5.projection), not the LineArt annotator's weights (sk_model.pth: model0 ... model4 "
+                       "keys)"),
+    ("hed", "lineart", "holds the LineArt annotator's weights (sk_model.pth: model0 ... model4 keys), not the HED "
+                       "annotator's weights")])
+def test_the_other_annotators_file_is_refused_in_one_line(task, given, expected, files, tmp_path, capsys):
+    annotator = {"hed": HEDAnnotator, "lineart": LineArtAnnotator}[given]()
+    torch.save(annotator.state_dict(), tmp_path / f"{given}.pth")
+    error = train_error(["--config", "sd15-innercontrol", *files["flags"], "--task", task, "--data-path",
+                         data_folder(tmp_path / task, task), "--controlnet-init", "none", "--beta", "0",
+                         "--reward-model", tmp_path / f"{given}.pth", "--out", tmp_path / "run"], capsys)
+    assert error.startswith("error: ") and error.count("\n") == 1 and expected in error, error
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

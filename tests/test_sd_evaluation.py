@@ -1,8 +1,8 @@
 """`eval.py innercontrol-sd` (ref/sd_evaluation.py) on hand-made generated sets whose metric values are worked out by
 hand: segmentation mIoU per seed then averaged (a TorchScript segmenter that labels pure red / green / blue pixels
 0 / 1 / 2), depth RMSE (the loader monkeypatched with a stand-in reading the red channel as depth: DPT-Hybrid has one
-size, too slow here), HED SSIM of identical images and FID of the real images themselves (the HED annotator with
-random weights, an Inception stand-in); evaluation models of another task and samples of another folder refused."""
+size, too slow here), HED and LineArt SSIM of identical images and FID of the real images themselves (the annotators
+with random weights, an Inception stand-in); evaluation models of another task and samples of another folder refused."""
 import json
 
 import numpy as np
@@ -11,6 +11,7 @@ import torch
 
 import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 from ref.hed import HEDAnnotator
+from ref.lineart import LineArtAnnotator
 from tests.helpers import write_image
 
 torch.set_num_threads(1)
@@ -111,14 +112,15 @@ def mean_colour(images):
     return {"pool": colour, "logits": colour}
 
 
-def test_hed_ssim_and_fid_of_the_real_images_themselves(tmp_path):
+@pytest.mark.parametrize("task, annotator", [("hed", HEDAnnotator), ("lineart", LineArtAnnotator)])
+def test_edge_ssim_and_fid_of_the_real_images_themselves(task, annotator, tmp_path):
     generator = np.random.default_rng(0)
     images = generator.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
-    data = write_data(tmp_path / "data", "hed", images, generator.integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8))
-    samples = write_samples(tmp_path / "samples", list(images), 1, "hed")
+    data = write_data(tmp_path / "data", task, images, generator.integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8))
+    samples = write_samples(tmp_path / "samples", list(images), 1, task)
     torch.manual_seed(0)
-    torch.save(HEDAnnotator().state_dict(), tmp_path / "hed.pth")
-    metrics = evaluate(samples, data, "hed", tmp_path / "hed.pth", tmp_path, "--inception", "stand-in",
+    torch.save(annotator().state_dict(), tmp_path / "model.pth")
+    metrics = evaluate(samples, data, task, tmp_path / "model.pth", tmp_path, "--inception", "stand-in",
                        extractor=mean_colour)
     assert metrics["ssim"] == pytest.approx(1.0, abs=1e-6)  # the annotator on the same pixels, generated and real
     assert "ms_ssim" not in metrics  # 16 px is below MS-SSIM's 176
@@ -128,6 +130,11 @@ def test_hed_ssim_and_fid_of_the_real_images_themselves(tmp_path):
 WRONG_MODELS = {  # a file of another task's model, named by what it holds
     "dpt-as-hed": ("hed", {"dpt.embeddings.cls_token": torch.zeros(1)}, "holds DPT depth weights (dpt.* keys), not "
                    "the HED annotator's weights"),
+    "lineart-as-hed": ("hed", {"model0.1.weight": torch.zeros(1)}, "holds the LineArt annotator's weights "
+                       "(sk_model.pth: model0 ... model4 keys), not the HED annotator's weights"),
+    "hed-as-lineart": ("lineart", {"block1.convs.0.weight": torch.zeros(1)}, "holds the HED annotator's weights "
+                       "(ControlNetHED_Apache2: norm, block1.convs.0 ... block5.projection), not the LineArt "
+                       "annotator's"),
     "hed-as-segmenter": ("segmentation", {"block1.convs.0.weight": torch.zeros(1)}, "holds the HED annotator's "
                          "weights (ControlNetHED_Apache2: norm, block1.convs.0 ... block5.projection), not a "
                          "TorchScript segmenter"),
