@@ -84,7 +84,7 @@ DPT_CONFIGS = {
                             reassemble_factors=(4, 2, 1, 0.5), neck_channels=(8, 16, 32, 32)),
 }
 
-# The key that tells the two files apart, and what to call each in an error.
+# Each stem's key prefix (hybrid: True), which tells the two files apart, and what to call its file in an error.
 STEMS = {True: ("dpt.embeddings.backbone.", "DPT-Hybrid depth weights (Intel/dpt-hybrid-midas, the reward model: "
                                             "dpt.embeddings.backbone.bit.* keys)"),
          False: ("dpt.embeddings.patch_embeddings.", "DPT-Large depth weights (model.safetensors of Intel/dpt-large, "
@@ -343,8 +343,8 @@ class Neck(nn.Module):
         super().__init__()
         hidden, stem_maps = config.hidden_size, len(config.neck_channels) - len(config.read_layers)
         self.reassemble_stage = nn.Module()
-        self.reassemble_stage.readout_projects = nn.ModuleList([nn.Identity()] * stem_maps)  # BiT maps: as they are
-        self.reassemble_stage.layers = nn.ModuleList([nn.Identity()] * stem_maps)
+        self.reassemble_stage.readout_projects = nn.ModuleList(nn.Identity() for _ in range(stem_maps))  # as they are
+        self.reassemble_stage.layers = nn.ModuleList(nn.Identity() for _ in range(stem_maps))
         for channels, factor in zip(config.neck_channels[stem_maps:], config.reassemble_factors):
             self.reassemble_stage.readout_projects.append(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU()))
             layer = nn.Module()
