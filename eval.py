@@ -8,7 +8,8 @@ metrics (InnerControl).
     python eval.py control --task depth|edges|seg --generated DIR_or_NPZ --controls DIR_or_NPZ [--out metrics.json]
     python eval.py innercontrol --samples SAMPLE_DIR --estimator runs/shapes-estimator-eval-depth/latest.pt [...]
     python eval.py innercontrol-sd --samples SAMPLE_DIR --data-path FOLDER --task depth|hed|lineart|segmentation \
-                   --eval-model FILE [--inception FILE] [--num-classes 150] [--out metrics.json]
+                   --eval-model FILE [--eval-model-kind dpt-large|dpt-hybrid-midas] [--inception FILE] \
+                   [--num-classes 150] [--out metrics.json]
     python eval.py innercontrol-sd-curve --probe runs/sd15-probe-depth --reward-model FILE --data-path FOLDER \
                    [--run CONTROLNET] [--timesteps 0,100,...,900] [--num-images 8] [--out fig2-sd.json]
 
@@ -191,7 +192,7 @@ def run_innercontrol_sd(args, extractor=None):
     --inception (or an extractor stand-in), FID against the data folder's real images."""
     settings, pair_indices, samples = sd_evaluation.read_samples(args.samples)
     dataset = sd_evaluation.sample_dataset(args.samples, settings, args.data_path, args.task)
-    model = control_model(args.task, args.eval_model, args.num_classes).to(args.device)
+    model = control_model(args.task, args.eval_model, args.num_classes, args.eval_model_kind).to(args.device)
     scores = sd_evaluation.control_scores(samples, pair_indices, settings["seeds_per_prompt"], dataset, args.task,
                                           model, args.num_classes, args.batch_size, args.device, Progress("control"))
     report = {"task": args.task, "samples": len(samples), "pairs": len(dataset),
@@ -310,9 +311,12 @@ def parse_args(argv=None):
     innercontrol_sd.add_argument("--samples", required=True, help="the folder `sample.py sd15 --data-path` wrote")
     innercontrol_sd.add_argument("--data-path", required=True, help="the metadata.jsonl folder the pairs came from")
     innercontrol_sd.add_argument("--task", required=True, choices=REWARD_TASKS)
-    innercontrol_sd.add_argument("--eval-model", required=True, help="DPT-Hybrid file (depth), "
+    innercontrol_sd.add_argument("--eval-model", required=True, help="Intel/dpt-large's model.safetensors (depth), "
                                  "ControlNetHED_Apache2.pth (hed), sk_model.pth (lineart), TorchScript segmenter "
                                  "(segmentation)")
+    innercontrol_sd.add_argument("--eval-model-kind", choices=("dpt-large", "dpt-hybrid-midas"), default="dpt-large",
+                                 help="depth: the DPT --eval-model holds: DPT-Large, the releases' evaluation model, "
+                                      "or on request DPT-Hybrid, the reward model")
     innercontrol_sd.add_argument("--inception", help="FID Inception weights; FID is left out without them")
     innercontrol_sd.add_argument("--resize", choices=sorted(INPUT_PIPELINES), default="tf1",
                                  help="FID's Inception input pipeline (see `eval.py fid --help`)")

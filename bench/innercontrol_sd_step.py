@@ -27,7 +27,7 @@ import torch
 
 from ref.clip import MODELS as TEXT_ENCODERS
 from ref.controlnet import ControlNet
-from ref.dpt import DPTHybridDepth
+from ref.dpt import DPTDepth
 from ref.innercontrol import InnerControlTerms, alignment_loss, innercontrol_task, innercontrol_training_step
 from ref.innercontrol_sd import SD_SIZES, StableDiffusion, build_probe
 from ref.runtime import SampleDraws
@@ -85,7 +85,7 @@ class StepBench:
                             probe_width=384, num_classes=1)
         uses = [VARIANTS[variant] for variant in variants]
         self.probe = build_probe(probe_config, unet).requires_grad_(False) if any(a for _, a in uses) else None
-        reward = DPTHybridDepth() if any(r for r, _ in uses) else None
+        reward = DPTDepth() if any(r for r, _ in uses) else None
         self.terms = {variant: InnerControlTerms(task.alpha, reward if reward_on else None, (0, 999),
                                                  task.reward_kind, task.beta, self.probe if alignment_on else None,
                                                  "attn", (0, 999), task.alignment_kind, decode=self.base.decode)

@@ -69,8 +69,13 @@ def read_task_weights(path, task):
 
 def load_task_weights(model, path, task):
     """Copy the `task` weights in `path` into `model`: a file of another known model is refused by name, one of this
-    layout with wrong keys or shapes with every difference listed (ref.checkpoints.check_state_fits)."""
-    state, original = read_task_weights(path, task)
+    layout with wrong keys or shapes with every difference listed (load_state)."""
+    load_state(model, path, *read_task_weights(path, task))
+
+
+def load_state(model, path, state, original):
+    """Copy a state dict read from `path` (and its file keys) into `model`, every difference of keys or shapes listed
+    first (ref.checkpoints.check_state_fits)."""
     try:
         check_state_fits(model, state, original)
     except ValueError as error:  # keep the counts and the first few names of each kind of difference

@@ -1,29 +1,43 @@
-"""DPT-Hybrid depth (Ranftl et al. 2021, the MiDaS 3.0 `dpt_hybrid` weights as `Intel/dpt-hybrid-midas`): the depth
-reward model D of Eq. 6 that ControlNet++ and InnerControl load (Table 4), with the state-dict keys of transformers'
-`DPTForDepthEstimation` (is_hybrid), so that repository's pytorch_model.bin / model.safetensors loads as it is.
+"""DPT depth (Ranftl et al. 2021, the MiDaS 3.0 weights) in two presets, with the state-dict keys of transformers'
+`DPTForDepthEstimation`, so that the published pytorch_model.bin / model.safetensors load as they are:
 
-  BiT stem      ResNet-50 v1.5-style trunk, first three stages (3, 4, 9 bottlenecks; 256, 512, 1024 channels at
-                strides 4, 8, 16) with weight-standardised convs (each filter to zero mean, unit variance, eps 1e-8),
-                TF 'SAME' padding and GroupNorm(32) + ReLU;         dpt.embeddings.backbone.bit.*
-  ViT-B/16      the stride-16 map projected 1x1 to 768 tokens, a [CLS] token and learned position embeddings (a 24 x 24
-                grid, bilinearly resized for another input size), 12 pre-norm layers (12 heads, MLP 3072, GELU,
-                LayerNorm eps 1e-12);                                dpt.embeddings.{cls_token, position_embeddings,
-                                                                     projection}, dpt.encoder.layer.N.*
-  reassemble    four maps: the BiT stage 1 and 2 outputs as they are (stride 4 and 8), and the tokens after ViT layers
-                8 and 11 (0-based; config backbone_out_indices [2, 5, 8, 11], of which the hybrid uses the last two),
-                each with its [CLS] token concatenated and projected back ("project" readout: Linear 2C -> C + GELU),
-                1x1 to 768 channels, the last one halved in size by a 3x3 stride-2 conv (reassemble factors 1, 0.5);
-                                                            neck.reassemble_stage.{readout_projects, layers}.{2, 3}
+  dpt-hybrid-midas  `Intel/dpt-hybrid-midas`, 122,377,985 parameters: the depth reward model D of Eq. 6 that
+                    ControlNet++ and InnerControl train with (Table 4; `train.py --reward-model`)
+  dpt-large         `Intel/dpt-large`, 343,030,465 parameters: their depth evaluation model (eval/eval.py:119-120 of
+                    both releases; `eval.py innercontrol-sd --eval-model`)
+
+  stem          hybrid: a BiT trunk, ResNet-50 v1.5-style, first three stages (3, 4, 9 bottlenecks; 256, 512, 1024
+                channels at strides 4, 8, 16) with weight-standardised convs (each filter to zero mean, unit variance,
+                eps 1e-8), TF 'SAME' padding and GroupNorm(32) + ReLU, its stride-16 map projected 1x1 to the width;
+                                                  dpt.embeddings.backbone.bit.*, dpt.embeddings.projection
+                large: a 16 x 16 stride-16 patch conv 3 -> width; dpt.embeddings.patch_embeddings.projection
+  ViT           a [CLS] token and learned position embeddings (a 24 x 24 grid, bilinearly resized to another input's
+                grid), pre-norm layers (GELU MLP, LayerNorm eps 1e-12): hybrid ViT-B/16 (12 layers, width 768, 12
+                heads, MLP 3072), large ViT-L/16 (24 layers, width 1024, 16 heads, MLP 4096);
+                                                  dpt.embeddings.{cls_token, position_embeddings}, dpt.encoder.layer.N
+  reassemble    four maps at strides 4, 8, 16, 32: the tokens after the read layers (0-based; hybrid 8, 11; large 5,
+                11, 17, 23), each with its [CLS] token concatenated and projected back ("project" readout: Linear
+                2C -> C + GELU), 1x1 to the neck width and resized by the reassemble factor (> 1: a transposed conv of
+                kernel = stride = factor; 1: none; 0.5: a 3x3 stride-2 conv): large factors 4, 2, 1, 0.5, widths 256,
+                512, 1024, 1024; the hybrid takes its first two maps from BiT stages 1 and 2 as they are (transformers'
+                neck_ignore_stages [0, 1]) and reassembles the last two at factors 1, 0.5 to 768, 768;
+                                                  neck.reassemble_stage.{readout_projects, layers}.N
   fusion        each map 3x3 to 256 channels (neck.convs), then from the coarsest: + residual unit(skip), residual
                 unit, 2x bilinear upsampling (align_corners), 1x1 conv; neck.fusion_stage.layers.0-3
-  head          conv 3x3 256 -> 128, 2x upsampling, conv 3x3 128 -> 32, ReLU, conv 1x1 32 -> 1, ReLU: relative inverse
-                depth at the input size;                              head.head.{0, 2, 4}
-Parameters: 122,377,985 (the full preset; the count of transformers' model with the hybrid config, given in the notes).
-`dpt.layernorm` is in the file but the depth head reads the encoder's layer outputs before it, as transformers does.
+  head          conv 3x3 256 -> 128, 2x upsampling, conv 3x3 128 -> 32, ReLU, conv 1x1 32 -> 1, ReLU: relative
+                inverse depth at the input size (no projection before it: add_projection is false in both files);
+                                                  head.head.{0, 2, 4}
+`dpt.layernorm` is in the files but the depth head reads the encoder's layer outputs before it, as transformers does.
+A file of the other preset is refused by its stem's keys, naming what it holds and where the expected one comes from.
 
-Input as ControlNet++'s reward step: RGB in [0, 1] resized to 384 x 384 (bilinear; antialiased as torchvision's tensor
-resize), normalised with mean = std = 0.5; the predicted depth resized back (bilinear) to the control's size and each
-sample divided by its own maximum (ref.innercontrol.max_normalised), so it lies in [0, 1] as the max-normalised control.
+Input, as ControlNet++'s reward step and both releases' evaluation (Intel/dpt-large's preprocessor_config.json: size
+384, bilinear, mean = std = 0.5, keep_aspect_ratio false): RGB in [0, 1] resized to 384 x 384 (bilinear, antialiased
+as PIL's resize), normalised with mean = std = 0.5; the predicted depth resized back (bilinear) to the control's size
+and each sample divided by its own maximum (ref.innercontrol.max_normalised), so it lies in [0, 1] as the
+max-normalised control. The releases' evaluation (ControlNet++ eval/eval.py:251-256, InnerControl eval/eval.py:230-235)
+resizes 8-bit images (PIL), divides the depth by its maximum at 384 px, truncates that map to 8 bits, resizes it to
+512 px (PIL, bilinear) and rounds it to 8 bits: the same up to those 8-bit roundings and the maximum taken before
+rather than after the bilinear resize.
 """
 import math
 from dataclasses import dataclass
@@ -32,7 +46,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ref.annotator_weights import load_task_weights
+from ref.annotator_weights import load_state, read_task_weights
 from ref.innercontrol import max_normalised
 
 INPUT_SIZE = 384
@@ -40,28 +54,42 @@ HEAD_CHANNELS = 32
 
 
 @dataclass(frozen=True)
-class DPTHybridConfig:
+class DPTConfig:
+    hybrid: bool = True  # the BiT stem (DPT-Hybrid) or a patch conv (DPT-Large)
     image_size: int = 384  # the position embeddings' grid is image_size / patch_size
-    patch_size: int = 16  # the BiT stem's total stride
+    patch_size: int = 16  # the patch conv's stride, or the BiT stem's total stride
     hidden_size: int = 768
     layers: int = 12
     heads: int = 12
     mlp_size: int = 3072
-    stem_channels: int = 64
+    stem_channels: int = 64  # stem_channels .. groups: the BiT stem
     stage_depths: tuple = (3, 4, 9)
     stage_channels: tuple = (256, 512, 1024)
     groups: int = 32  # GroupNorm groups in the BiT stem
-    read_layers: tuple = (8, 11)  # ViT layers whose tokens feed reassemble stages 2 and 3
+    read_layers: tuple = (8, 11)  # ViT layers whose tokens feed the last len(read_layers) reassemble stages
+    reassemble_factors: tuple = (1, 0.5)  # one per read layer
     neck_channels: tuple = (256, 512, 768, 768)
     fusion_channels: int = 256
 
 
+_TINY = dict(hidden_size=32, heads=2, mlp_size=64, fusion_channels=16)  # tests only
 DPT_CONFIGS = {
-    "hybrid-midas": DPTHybridConfig(),
-    "tiny": DPTHybridConfig(hidden_size=32, layers=3, heads=2, mlp_size=64, stem_channels=8, stage_depths=(1, 1, 2),
-                            stage_channels=(16, 32, 64), groups=4, read_layers=(1, 2), neck_channels=(16, 32, 32, 32),
-                            fusion_channels=16),  # tests only
+    "dpt-hybrid-midas": DPTConfig(),
+    "dpt-large": DPTConfig(hybrid=False, hidden_size=1024, layers=24, heads=16, mlp_size=4096,
+                           read_layers=(5, 11, 17, 23), reassemble_factors=(4, 2, 1, 0.5),
+                           neck_channels=(256, 512, 1024, 1024)),
+    "tiny-hybrid": DPTConfig(**_TINY, layers=3, stem_channels=8, stage_depths=(1, 1, 2), stage_channels=(16, 32, 64),
+                             groups=4, read_layers=(1, 2), neck_channels=(16, 32, 32, 32)),
+    "tiny-large": DPTConfig(**_TINY, hybrid=False, layers=5, read_layers=(0, 2, 3, 4),
+                            reassemble_factors=(4, 2, 1, 0.5), neck_channels=(8, 16, 32, 32)),
 }
+
+# Each stem's key prefix (hybrid: True), which tells the two files apart, and what to call its file in an error.
+STEMS = {True: ("dpt.embeddings.backbone.", "DPT-Hybrid depth weights (Intel/dpt-hybrid-midas, the reward model: "
+                                            "dpt.embeddings.backbone.bit.* keys)"),
+         False: ("dpt.embeddings.patch_embeddings.", "DPT-Large depth weights (model.safetensors of Intel/dpt-large, "
+                                                     "from huggingface.co/Intel/dpt-large: dpt.embeddings."
+                                                     "patch_embeddings.* keys)")}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -161,7 +189,7 @@ class BiTStem(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# ViT encoder on the stem's tokens
+# ViT encoder on the stem's or the patch conv's tokens
 # ---------------------------------------------------------------------------------------------------------------------
 
 class Dense(nn.Module):
@@ -208,22 +236,35 @@ class EncoderLayer(nn.Module):
         return x + self.output(F.gelu(self.intermediate(self.layernorm_after(x))))
 
 
-class HybridViT(nn.Module):
-    """image (B, 3, H, W) -> the BiT stage 1 and 2 maps and the tokens (B, 1 + HW/256, C) after each read layer."""
+class ViT(nn.Module):
+    """image (B, 3, H, W) -> the maps the neck takes as they are (the hybrid's BiT stages 1 and 2; none for the patch
+    conv), the tokens (B, 1 + hw, C) after each read layer, and the patch grid (h, w) = (H/16, W/16)."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
         grid = config.image_size // config.patch_size
         self.embeddings = nn.Module()
-        self.embeddings.backbone = nn.Module()
-        self.embeddings.backbone.bit = BiTStem(config)
-        self.embeddings.projection = nn.Conv2d(config.stage_channels[-1], config.hidden_size, 1)
+        if config.hybrid:
+            self.embeddings.backbone = nn.Module()
+            self.embeddings.backbone.bit = BiTStem(config)
+            self.embeddings.projection = nn.Conv2d(config.stage_channels[-1], config.hidden_size, 1)
+        else:
+            self.embeddings.patch_embeddings = nn.Module()
+            self.embeddings.patch_embeddings.projection = nn.Conv2d(3, config.hidden_size, config.patch_size,
+                                                                    stride=config.patch_size)
         self.embeddings.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
         self.embeddings.position_embeddings = nn.Parameter(torch.zeros(1, 1 + grid * grid, config.hidden_size))
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(EncoderLayer(config) for _ in range(config.layers))
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=1e-12)  # in the file; unused by the depth head
+
+    def patches(self, image):
+        """-> (the stem maps kept for the neck, the patch embeddings (B, C, H/16, W/16))"""
+        if not self.config.hybrid:
+            return [], self.embeddings.patch_embeddings.projection(image)
+        stages = self.embeddings.backbone.bit(image)
+        return stages[:-1], self.embeddings.projection(stages[-1])
 
     def position_embeddings(self, height, width):
         """The learned embeddings, the patch grid bilinearly resized to height x width. -> (1, 1 + HW, C)"""
@@ -236,8 +277,7 @@ class HybridViT(nn.Module):
         return torch.cat([embeddings[:, :1], patches.flatten(2).transpose(1, 2)], dim=1)
 
     def forward(self, image):
-        stages = self.embeddings.backbone.bit(image)
-        patches = self.embeddings.projection(stages[-1])  # (B, C, H/16, W/16)
+        stem_maps, patches = self.patches(image)  # [(B, C_s, ., .)], (B, C, H/16, W/16)
         height, width = patches.shape[-2:]
         x = torch.cat([self.embeddings.cls_token.expand(len(image), -1, -1), patches.flatten(2).transpose(1, 2)], 1)
         x = x + self.position_embeddings(height, width)  # (B, 1 + HW, C)
@@ -246,11 +286,11 @@ class HybridViT(nn.Module):
             x = layer(x)
             if index in self.config.read_layers:
                 tokens.append(x)
-        return stages[:2], tokens, (height, width)
+        return stem_maps, tokens, (height, width)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Neck (reassemble + fusion) and depth head
+# Neck (reassemble + fusion), depth head and weights
 # ---------------------------------------------------------------------------------------------------------------------
 
 class ResidualUnit(nn.Module):
@@ -286,21 +326,30 @@ class FusionBlock(nn.Module):
         return self.projection(x)
 
 
+def resampling(channels, factor):
+    """Reassemble's resizing by `factor`: up by a transposed conv of kernel = stride = factor, none at 1, down by a
+    3x3 conv of stride 1 / factor (transformers DPTReassembleLayer). (B, C, h, w) -> (B, C, h factor, w factor)"""
+    if factor > 1:
+        return nn.ConvTranspose2d(channels, channels, int(factor), stride=int(factor))
+    if factor == 1:
+        return nn.Identity()
+    return nn.Conv2d(channels, channels, 3, stride=round(1 / factor), padding=1)
+
+
 class Neck(nn.Module):
-    """BiT maps + read tokens -> the finest fused map (B, F, H/2, W/2)."""
+    """The hybrid's BiT maps + the read tokens -> the finest fused map (B, F, H/2, W/2)."""
 
     def __init__(self, config):
         super().__init__()
-        hidden = config.hidden_size
+        hidden, stem_maps = config.hidden_size, len(config.neck_channels) - len(config.read_layers)
         self.reassemble_stage = nn.Module()
-        self.reassemble_stage.readout_projects = nn.ModuleList([nn.Identity(), nn.Identity()])  # BiT maps: as they are
-        self.reassemble_stage.layers = nn.ModuleList([nn.Identity(), nn.Identity()])
-        for index in (2, 3):
+        self.reassemble_stage.readout_projects = nn.ModuleList(nn.Identity() for _ in range(stem_maps))  # as they are
+        self.reassemble_stage.layers = nn.ModuleList(nn.Identity() for _ in range(stem_maps))
+        for channels, factor in zip(config.neck_channels[stem_maps:], config.reassemble_factors):
             self.reassemble_stage.readout_projects.append(nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU()))
             layer = nn.Module()
-            layer.projection = nn.Conv2d(hidden, config.neck_channels[index], 1)
-            channels = config.neck_channels[index]
-            layer.resize = nn.Identity() if index == 2 else nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+            layer.projection = nn.Conv2d(hidden, channels, 1)
+            layer.resize = resampling(channels, factor)
             self.reassemble_stage.layers.append(layer)
         self.convs = nn.ModuleList(nn.Conv2d(channels, config.fusion_channels, 3, padding=1, bias=False)
                                    for channels in config.neck_channels)
@@ -316,7 +365,8 @@ class Neck(nn.Module):
         return layer.resize(layer.projection(maps))
 
     def forward(self, stem_maps, tokens, grid):
-        maps = stem_maps + [self.reassemble(x, index, grid) for index, x in enumerate(tokens, start=2)]
+        first = len(stem_maps)  # the token maps follow the stem's
+        maps = stem_maps + [self.reassemble(x, first + index, grid) for index, x in enumerate(tokens)]
         maps = [conv(x) for conv, x in zip(self.convs, maps)]  # (B, F, ., .): strides 4, 8, 16, 32
         fused = None
         for block, skip in zip(self.fusion_stage.layers, reversed(maps)):
@@ -324,16 +374,28 @@ class Neck(nn.Module):
         return fused
 
 
-class DPTHybridDepth(nn.Module):
+def read_weights(path, hybrid):
+    """The DPT state dict in `path` (ref.annotator_weights.read_task_weights: a file of another task refused by
+    name), refused by name when it holds the other preset's stem. -> ({key: tensor}, {key: the key in the file})"""
+    state, original = read_task_weights(path, "dpt")
+    other_prefix, other = STEMS[not hybrid]
+    if any(key.startswith(other_prefix) for key in state):
+        raise ValueError(f"{path} holds {other}, not {STEMS[hybrid][1]}")
+    return state, original
+
+
+class DPTDepth(nn.Module):
     """image (B, 3, H, W), RGB in [0, 1] -> max-normalised relative inverse depth (B, 1, H', W') in [0, 1],
     (H', W') = `size` or the image's own. Frozen, eval mode, differentiable.
-    weights: a DPTForDepthEstimation file (pytorch_model.bin / model.safetensors of Intel/dpt-hybrid-midas); None
-    leaves random weights (tests only). config: a DPT_CONFIGS name."""
+    weights: a DPTForDepthEstimation file of the preset (pytorch_model.bin / model.safetensors of
+    Intel/dpt-hybrid-midas or Intel/dpt-large), read and checked before the network is built; None leaves random
+    weights (tests only). config: a DPT_CONFIGS name."""
 
-    def __init__(self, weights=None, config="hybrid-midas"):
+    def __init__(self, weights=None, config="dpt-hybrid-midas"):
         super().__init__()
         config = DPT_CONFIGS[config]
-        self.dpt = HybridViT(config)
+        state = None if weights is None else read_weights(weights, config.hybrid)
+        self.dpt = ViT(config)
         self.neck = Neck(config)
         features = config.fusion_channels
         self.head = nn.Module()
@@ -341,8 +403,8 @@ class DPTHybridDepth(nn.Module):
                                        nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True),
                                        nn.Conv2d(features // 2, HEAD_CHANNELS, 3, padding=1), nn.ReLU(),
                                        nn.Conv2d(HEAD_CHANNELS, 1, 1), nn.ReLU())
-        if weights is not None:
-            load_task_weights(self, weights, "dpt")
+        if state is not None:
+            load_state(self, weights, *state)
         self.eval().requires_grad_(False)
 
     def predicted_depth(self, pixels):

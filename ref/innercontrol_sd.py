@@ -30,7 +30,7 @@ from ref.clip import MODELS as TEXT_ENCODERS
 from ref.configs import RUN_DEFAULTS, TRAINING_FIELDS
 from ref.control_data import LABEL_TASKS, ControlDataset, collate_controls
 from ref.controlnet import ControlNet
-from ref.dpt import DPTHybridDepth
+from ref.dpt import DPTDepth
 from ref.hed import HEDAnnotator
 from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights, innercontrol_task,
                               innercontrol_training_step)
@@ -275,15 +275,17 @@ def reward_model(config, load=True):
                          config["num_classes"])
 
 
-def control_model(task, path, num_classes=None):
+def control_model(task, path, num_classes=None, depth_model="dpt-hybrid-midas"):
     """The frozen model that reads a task's control from RGB in [0, 1], D of Eq. 6 and the evaluation models alike:
-    DPT-Hybrid (depth: max-normalised relative depth), the HED annotator (hed: soft edges), the LineArt annotator
+    DPT (depth: max-normalised relative depth; depth_model, a ref.dpt.DPT_CONFIGS preset: DPT-Hybrid the reward
+    model, DPT-Large the releases' evaluation model), the HED annotator (hed: soft edges), the LineArt annotator
     (lineart: white lines on black), a TorchScript segmenter of num_classes classes (segmentation: logits). A file of
-    another model is refused by name (ref.annotator_weights); path None: random weights (not for segmentation)."""
+    another model is refused by name (ref.annotator_weights, ref.dpt); path None: random weights (not for
+    segmentation)."""
     if task not in REWARD_TASKS:
         raise ValueError(f"this project has no {task} model; choose one of {', '.join(REWARD_TASKS)}")
     if task == "depth":
-        return DPTHybridDepth(path)
+        return DPTDepth(path, depth_model)
     if task == "hed":
         return HEDAnnotator(path)
     if task == "lineart":

@@ -1,25 +1,26 @@
-"""DPT-Hybrid depth (ref/dpt.py): the Intel/dpt-hybrid-midas key layout and parameter count (full preset on the meta
-device), TF 'SAME' padding and weight standardisation on hand-checked cases, ControlNet++'s input normalisation and the
-max-normalised output, the forward at 512 px on a tiny config with gradients reaching the image, weights files (.bin
-and .safetensors) and a file for another task refused by name. With transformers installed (optional, not a run-time
-dependency), the tiny config is compared with its DPTForDepthEstimation at random weights."""
+"""DPT depth (ref/dpt.py): the Intel/dpt-hybrid-midas and Intel/dpt-large key layouts and parameter counts (full
+presets on the meta device), TF 'SAME' padding and weight standardisation on hand-checked cases, ControlNet++'s input
+normalisation and the max-normalised output, the forward at 512 px on a tiny config with gradients reaching the image,
+weights files (.bin and .safetensors) of both presets, a file for another task and one of the other preset refused by
+name. Parity with transformers' DPTForDepthEstimation: tests/parity/test_dpt_parity.py."""
 import json
 
 import pytest
 import torch
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from ref.dpt import DPT_CONFIGS, DPTHybridDepth, StandardisedConv2d, pad_same
+import ref.dpt
+from ref.dpt import DPTDepth, StandardisedConv2d, pad_same
+from tests.helpers import randomise
 
-# transformers' DPTForDepthEstimation with the hybrid config of Intel/dpt-hybrid-midas, counted with transformers
-# 4.46.3 at random weights (the notes give the same figure).
-PUBLIC_PARAMETERS = 122_377_985
+# transformers' DPTForDepthEstimation with the configs of Intel/dpt-hybrid-midas (counted with transformers 4.46.3 at
+# random weights; the notes give the same figure) and Intel/dpt-large (transformers 5.25.0, on the meta device).
+PUBLIC_PARAMETERS = {"dpt-hybrid-midas": 122_377_985, "dpt-large": 343_030_465}
 
 
-def public_layout():
-    """The file's keys and shapes, written from the public description of the hybrid model."""
-    layout = {"dpt.embeddings.cls_token": (1, 1, 768), "dpt.embeddings.position_embeddings": (1, 577, 768)}
-    bit = "dpt.embeddings.backbone.bit."
+def bit_stem_layout():
+    """The hybrid's BiT stem: its keys and shapes."""
+    layout, bit = {}, "dpt.embeddings.backbone.bit."
     layout[bit + "embedder.convolution.weight"] = (64, 3, 7, 7)
     layout.update({bit + f"embedder.norm.{p}": (64,) for p in ("weight", "bias")})
     in_channels = 64
@@ -35,26 +36,44 @@ def public_layout():
                 layout[prefix + f"conv{index}.weight"] = (c_out, c_in, k, k)
                 layout.update({prefix + f"norm{index}.{p}": (c_out,) for p in ("weight", "bias")})
         in_channels = out_channels
-    layout["dpt.embeddings.projection.weight"] = (768, 1024, 1, 1)
-    layout["dpt.embeddings.projection.bias"] = (768,)
-    for layer in range(12):
+    return layout
+
+
+def public_layout(preset):
+    """The file's keys and shapes, written from the public description of each model (hybrid: a BiT stem, ViT-B/16,
+    BiT maps for reassemble stages 0 and 1; large: a 16 x 16 patch conv, ViT-L/16, all four stages from tokens)."""
+    hybrid = preset == "dpt-hybrid-midas"
+    width, layers, mlp = (768, 12, 3072) if hybrid else (1024, 24, 4096)
+    neck = (256, 512, 768, 768) if hybrid else (256, 512, 1024, 1024)
+    layout = {"dpt.embeddings.cls_token": (1, 1, width), "dpt.embeddings.position_embeddings": (1, 577, width)}
+    if hybrid:
+        layout.update(bit_stem_layout())
+        layout["dpt.embeddings.projection.weight"] = (768, 1024, 1, 1)
+        layout["dpt.embeddings.projection.bias"] = (768,)
+    else:
+        layout["dpt.embeddings.patch_embeddings.projection.weight"] = (1024, 3, 16, 16)
+        layout["dpt.embeddings.patch_embeddings.projection.bias"] = (1024,)
+    for layer in range(layers):
         prefix = f"dpt.encoder.layer.{layer}."
-        for name, (c_out, c_in) in {"attention.attention.query": (768, 768), "attention.attention.key": (768, 768),
-                                    "attention.attention.value": (768, 768), "attention.output.dense": (768, 768),
-                                    "intermediate.dense": (3072, 768), "output.dense": (768, 3072)}.items():
+        for name, (c_out, c_in) in {"attention.attention.query": (width, width), "attention.attention.key":
+                                    (width, width), "attention.attention.value": (width, width),
+                                    "attention.output.dense": (width, width), "intermediate.dense": (mlp, width),
+                                    "output.dense": (width, mlp)}.items():
             layout[prefix + name + ".weight"], layout[prefix + name + ".bias"] = (c_out, c_in), (c_out,)
         for norm in ("layernorm_before", "layernorm_after"):
-            layout.update({prefix + f"{norm}.{p}": (768,) for p in ("weight", "bias")})
-    layout.update({f"dpt.layernorm.{p}": (768,) for p in ("weight", "bias")})
+            layout.update({prefix + f"{norm}.{p}": (width,) for p in ("weight", "bias")})
+    layout.update({f"dpt.layernorm.{p}": (width,) for p in ("weight", "bias")})
     stage = "neck.reassemble_stage."
-    for index in (2, 3):  # stages 0 and 1 are the BiT maps: nothing to learn
-        layout[stage + f"readout_projects.{index}.0.weight"] = (768, 1536)
-        layout[stage + f"readout_projects.{index}.0.bias"] = (768,)
-        layout[stage + f"layers.{index}.projection.weight"] = (768, 768, 1, 1)
-        layout[stage + f"layers.{index}.projection.bias"] = (768,)
-    layout[stage + "layers.3.resize.weight"] = (768, 768, 3, 3)  # factor 0.5: a stride-2 conv; factor 1: none
-    layout[stage + "layers.3.resize.bias"] = (768,)
-    for index, channels in enumerate((256, 512, 768, 768)):
+    for index in (2, 3) if hybrid else range(4):  # the hybrid's stages 0 and 1 are BiT maps: nothing to learn
+        layout[stage + f"readout_projects.{index}.0.weight"] = (width, 2 * width)
+        layout[stage + f"readout_projects.{index}.0.bias"] = (width,)
+        layout[stage + f"layers.{index}.projection.weight"] = (neck[index], width, 1, 1)
+        layout[stage + f"layers.{index}.projection.bias"] = (neck[index],)
+    # factor 4 and 2: transposed convs of that kernel and stride; factor 1: none; factor 0.5: a 3x3 stride-2 conv
+    for index, kernel in ({3: 3} if hybrid else {0: 4, 1: 2, 3: 3}).items():
+        layout[stage + f"layers.{index}.resize.weight"] = (neck[index], neck[index], kernel, kernel)
+        layout[stage + f"layers.{index}.resize.bias"] = (neck[index],)
+    for index, channels in enumerate(neck):
         layout[f"neck.convs.{index}.weight"] = (256, channels, 3, 3)
     for index in range(4):
         prefix = f"neck.fusion_stage.layers.{index}."
@@ -78,14 +97,15 @@ def randomised(model, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return randomised(DPTHybridDepth(config="tiny"))
+    return randomised(DPTDepth(config="tiny-hybrid"))
 
 
-def test_layout_and_parameter_count_match_the_public_model():
+@pytest.mark.parametrize("preset", PUBLIC_PARAMETERS)
+def test_layout_and_parameter_count_match_the_public_model(preset):
     with torch.device("meta"):
-        state = DPTHybridDepth().state_dict()
-    assert {key: tuple(value.shape) for key, value in state.items()} == public_layout()
-    assert sum(value.numel() for value in state.values()) == PUBLIC_PARAMETERS
+        state = DPTDepth(config=preset).state_dict()
+    assert {key: tuple(value.shape) for key, value in state.items()} == public_layout(preset)
+    assert sum(value.numel() for value in state.values()) == PUBLIC_PARAMETERS[preset]
 
 
 def test_same_padding_matches_tf():
@@ -169,37 +189,43 @@ def test_weights_files_load_and_other_tasks_are_refused(tiny, tmp_path):
     write_safetensors(tiny.state_dict(), tmp_path / "model.safetensors")
     for name in ("pytorch_model.bin", "model.safetensors"):
         with torch.no_grad():
-            loaded = DPTHybridDepth(str(tmp_path / name), config="tiny")(image)
+            loaded = DPTDepth(str(tmp_path / name), config="tiny-hybrid")(image)
         torch.testing.assert_close(loaded, expected, rtol=0, atol=0)
     hed = tmp_path / "ControlNetHED_Apache2.pth"
     torch.save({"norm": torch.zeros(1, 3, 1, 1), "block1.convs.0.weight": torch.zeros(64, 3, 3, 3)}, hed)
     with pytest.raises(ValueError, match=r"ControlNetHED_Apache2\.pth holds the HED annotator's weights .*, not DPT "
                                          r"depth weights \(dpt\.\* keys\)"):
-        DPTHybridDepth(str(hed), config="tiny")
+        DPTDepth(str(hed), config="tiny-hybrid")
     damaged = dict(tiny.state_dict())
     del damaged["head.head.4.bias"]
     damaged["neck.convs.3.weight"] = damaged["neck.convs.3.weight"][:, :8]
     torch.save(damaged, tmp_path / "damaged.bin")
     with pytest.raises(ValueError, match=r"(?s)damaged.bin: checkpoint does not fit .*missing keys \(1\): head.head.4"
                                          r".bias.*neck.convs.3.weight expected \(16, 32, 3, 3\), got \(16, 8, 3, 3\)"):
-        DPTHybridDepth(str(tmp_path / "damaged.bin"), config="tiny")
+        DPTDepth(str(tmp_path / "damaged.bin"), config="tiny-hybrid")
 
 
-def test_matches_transformers_at_random_weights(tiny, tmp_path):
-    transformers = pytest.importorskip("transformers")  # optional parity check, not a run-time dependency
-    config = DPT_CONFIGS["tiny"]
-    theirs = transformers.DPTForDepthEstimation(transformers.DPTConfig(
-        is_hybrid=True, image_size=config.image_size, patch_size=config.patch_size, hidden_size=config.hidden_size,
-        num_hidden_layers=config.layers, num_attention_heads=config.heads, intermediate_size=config.mlp_size,
-        backbone_out_indices=[0, 0, *config.read_layers], neck_hidden_sizes=list(config.neck_channels),
-        reassemble_factors=[1, 1, 1, 0.5], fusion_hidden_size=config.fusion_channels, readout_type="project",
-        use_batch_norm_in_fusion_residual=False, backbone_featmap_shape=[1, config.stage_channels[-1], 24, 24],
-        backbone_config={"global_padding": "same", "layer_type": "bottleneck", "depths": list(config.stage_depths),
-                         "out_features": ["stage1", "stage2", "stage3"], "embedding_dynamic_padding": True,
-                         "hidden_sizes": list(config.stage_channels), "num_groups": config.groups,
-                         "embedding_size": config.stem_channels})).eval()
-    theirs.load_state_dict(tiny.state_dict())
-    pixels = torch.rand(2, 3, 384, 384) * 2 - 1
+OTHER_PRESET = {  # what the file holds, as the refusal names it
+    "tiny-hybrid": r"holds DPT-Hybrid depth weights \(Intel/dpt-hybrid-midas, the reward model: "
+                   r"dpt\.embeddings\.backbone\.bit\.\* keys\), not DPT-Large depth weights \(model\.safetensors of "
+                   r"Intel/dpt-large, from huggingface\.co/Intel/dpt-large: dpt\.embeddings\.patch_embeddings\.\* keys\)$",
+    "tiny-large": r"holds DPT-Large depth weights \(.*\), not DPT-Hybrid depth weights \(Intel/dpt-hybrid-midas",
+}
+
+
+def test_large_weights_load_and_a_file_of_the_other_preset_is_refused_before_the_build(tiny, tmp_path, monkeypatch):
+    large = randomise(DPTDepth(config="tiny-large"), seed=3, scale=0.2)
+    image = torch.rand(1, 3, 96, 96, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        torch.testing.assert_close(tiny.predicted_depth(pixels), theirs(pixel_values=pixels).predicted_depth,
-                                   rtol=1e-4, atol=1e-5)
+        expected = large(image)
+    assert expected.shape == (1, 1, 96, 96) and expected.amax().item() == pytest.approx(1.0) and expected.std() > 0
+    files = {"tiny-hybrid": tmp_path / "hybrid.safetensors", "tiny-large": tmp_path / "large.safetensors"}
+    write_safetensors(tiny.state_dict(), files["tiny-hybrid"])
+    write_safetensors(large.state_dict(), files["tiny-large"])
+    with torch.no_grad():
+        torch.testing.assert_close(DPTDepth(str(files["tiny-large"]), config="tiny-large")(image), expected,
+                                   rtol=0, atol=0)
+    monkeypatch.setattr(ref.dpt, "ViT", None)  # building the network now fails otherwise than by a refusal
+    for held, expected_preset in (("tiny-hybrid", "tiny-large"), ("tiny-large", "tiny-hybrid")):
+        with pytest.raises(ValueError, match=OTHER_PRESET[held]):
+            DPTDepth(str(files[held]), config=expected_preset)

@@ -1,8 +1,9 @@
 """`eval.py innercontrol-sd` (ref/sd_evaluation.py) on hand-made generated sets whose metric values are worked out by
 hand: segmentation mIoU per seed then averaged (a TorchScript segmenter that labels pure red / green / blue pixels
-0 / 1 / 2), depth RMSE (the loader monkeypatched with a stand-in reading the red channel as depth: DPT-Hybrid has one
-size, too slow here), HED and LineArt SSIM of identical images and FID of the real images themselves (the annotators
-with random weights, an Inception stand-in); evaluation models of another task and samples of another folder refused."""
+0 / 1 / 2), depth RMSE (the loader monkeypatched with a stand-in reading the red channel as depth: DPT-Large has one
+size, too slow here; DPT-Hybrid only with --eval-model-kind), HED and LineArt SSIM of identical images and FID of
+the real images themselves (the annotators with random weights, an Inception stand-in); evaluation models of another
+task, a DPT-Hybrid file as DPT-Large and samples of another folder refused."""
 import json
 
 import numpy as np
@@ -93,7 +94,9 @@ class RedDepth(torch.nn.Module):
 
 
 def test_depth_rmse_compares_the_max_normalised_reading_with_the_min_max_scaled_control(tmp_path, monkeypatch):
-    monkeypatch.setattr(eval_script, "control_model", lambda task, path, num_classes: RedDepth())
+    presets = []  # the DPT preset eval.py asks for: DPT-Large unless --eval-model-kind says otherwise
+    monkeypatch.setattr(eval_script, "control_model",
+                        lambda task, path, num_classes, depth_model: presets.append(depth_model) or RedDepth())
     depth = np.zeros((2, SIZE, SIZE), np.uint8)
     depth[0, :, SIZE // 2:], depth[1, :SIZE // 2], depth[1, SIZE // 2:] = 255, 64, 192  # min-max: 0 / 255 halves
     scaled = [np.repeat(((d - d.min()) / (d.max() - d.min()) * 255).astype(np.uint8)[..., None], 3, -1)
@@ -104,6 +107,8 @@ def test_depth_rmse_compares_the_max_normalised_reading_with_the_min_max_scaled_
     metrics = evaluate(samples, data, "depth", tmp_path / "unused", tmp_path)
     assert [seed["rmse"] for seed in metrics["per_seed"]] == pytest.approx([0.0, 255 / np.sqrt(2)], abs=1e-9)
     assert metrics["rmse"] == pytest.approx(255 / np.sqrt(2) / 2)
+    evaluate(samples, data, "depth", tmp_path / "unused", tmp_path, "--eval-model-kind", "dpt-hybrid-midas")
+    assert presets == ["dpt-large", "dpt-hybrid-midas"]
 
 
 def mean_colour(images):
@@ -135,6 +140,10 @@ WRONG_MODELS = {  # a file of another task's model, named by what it holds
     "hed-as-lineart": ("lineart", {"block1.convs.0.weight": torch.zeros(1)}, "holds the HED annotator's weights "
                        "(ControlNetHED_Apache2: norm, block1.convs.0 ... block5.projection), not the LineArt "
                        "annotator's"),
+    "dpt-hybrid-as-dpt-large": ("depth", {"dpt.embeddings.backbone.bit.embedder.convolution.weight": torch.zeros(1)},
+                                "holds DPT-Hybrid depth weights (Intel/dpt-hybrid-midas, the reward model: "
+                                "dpt.embeddings.backbone.bit.* keys), not DPT-Large depth weights (model.safetensors "
+                                "of Intel/dpt-large, from huggingface.co/Intel/dpt-large: "),
     "hed-as-segmenter": ("segmentation", {"block1.convs.0.weight": torch.zeros(1)}, "holds the HED annotator's "
                          "weights (ControlNetHED_Apache2: norm, block1.convs.0 ... block5.projection), not a "
                          "TorchScript segmenter"),
@@ -158,5 +167,5 @@ def test_bad_input_exits_2_with_one_error_line(case, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         evaluate(samples, data, task, model, tmp_path, "--num-classes", 3)
     error = capsys.readouterr().err
-    assert exit_info.value.code == 2
+    assert exit_info.value.code == 2 and not (tmp_path / "metrics.json").exists()
     assert error.startswith("error: ") and error.count("\n") == 1 and expected in error, error
