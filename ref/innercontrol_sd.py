@@ -25,6 +25,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ref import sd_checkpoints
+from ref.checkpoints import read_checkpoint
 from ref.clip import MODELS as TEXT_ENCODERS
 from ref.configs import RUN_DEFAULTS, TRAINING_FIELDS
 from ref.control_data import LABEL_TASKS, ControlDataset, collate_controls
@@ -34,7 +35,6 @@ from ref.hed import HEDAnnotator
 from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights, innercontrol_task,
                               innercontrol_training_step)
 from ref.losses import drop_captions
-from ref.checkpoints import read_checkpoint
 from ref.probes import ReadoutProbe, is_release_align_model, release_align_model
 from ref.runtime import check_job, load_trained_network, move_modules, read_run_checkpoint
 from ref.schedules import DDPMSchedule
@@ -237,8 +237,8 @@ def release_probe(path, contents, config, unet, load=True):
                          f"UNet's attn taps have {unet.tap_channels('attn')}, its conv taps "
                          f"{unet.tap_channels('conv')}: an align model for another base")
     if probe.t_emb_dim not in (None, unet.emb_channels):
-        raise ValueError(f"{path} is a release align model that reads a {probe.t_emb_dim}-d time embedding; this UNet's "
-                         f"is {unet.emb_channels}-d: an align model for another base")
+        raise ValueError(f"{path} is a release align model that reads a {probe.t_emb_dim}-d time embedding; this "
+                         f"UNet's is {unet.emb_channels}-d: an align model for another base")
     return probe, tap_mode
 
 

@@ -16,6 +16,9 @@ and so the softmax confidence.
 The probe takes plain tensors, so it does not depend on which UNet produced the features; it is trained as a
 train.py run (the testbed's ProbeRun, shapes/runs.py), and a probe run used on another UNet (other feature channels)
 is refused with both channel lists named (check_probe_fits there).
+
+The InnerControl release's align models (its AggregationNetwork files) are this network with 3 output channels, a
+64 x 64 output and, by default, no timestep input: `release_align_model` imports them (last section).
 """
 import math
 
@@ -140,9 +143,12 @@ class ReadoutProbe(nn.Module):
 def tanh_reading(estimate, control_channels):
     """A tanh probe's estimate (B, C_out, R, R) read as a control of `control_channels` channels in [0, 1]: (H + 1) / 2
     (InnerControl release, train/reward_control_aligned.py:1836); several channels against a one-channel control
-    averaged into one map (:1841 for depth, :1849 for lineart: the release's align models have C_out 3)."""
+    averaged into one map, as the release reads its 3-channel align models for depth (:1841) and lineart (:1848; for
+    hed, :1855-1856 compares each channel with the label instead). -> (B, 1 | C_out, R, R)"""
     reading = (estimate + 1) / 2
-    return reading.mean(1, keepdim=True) if control_channels == 1 < reading.shape[1] else reading
+    if control_channels == 1 and reading.shape[1] > 1:
+        return reading.mean(1, keepdim=True)
+    return reading
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,8 +165,8 @@ def tanh_reading(estimate, control_channels):
 
 RELEASE_RESOLUTION = 64  # every map resized to 64 x 64 (helpers.py:315, the size reward_control_aligned.py:1830 uses)
 RELEASE_T_EMB_DIM = 1280  # BottleneckBlock's emb_channels (aggregation_network.py:57), which AggregationNetwork keeps
-RELEASE_DEFAULTS = dict(use_output_head=False, output_head_channels=3, output_head_act=True,
-                        bottleneck_sequential=True)  # AggregationNetwork's keyword defaults (aggregation_network.py:152)
+# AggregationNetwork's keyword defaults (aggregation_network.py:152-155)
+RELEASE_DEFAULTS = dict(use_output_head=False, output_head_channels=3, output_head_act=True, bottleneck_sequential=True)
 RELEASE_CONFIG_FIELDS = ("dims", "projection_dim", "save_timestep")  # what helpers.py:357-362 reads from the config
 RELEASE_BLOCK_KEYS = {
     **{f"conv{i}.weight": f"conv{i}.weight" for i in (1, 2, 3)},

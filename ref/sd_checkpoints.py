@@ -193,7 +193,7 @@ def is_diffusers(state):
 
 # The model folders in a checkpoint-N/ folder of the InnerControl release's training (accelerate's save_state):
 # the ControlNet's save_pretrained in controlnet/ (train/reward_control_aligned.py:1394-1402) and its EMA's in
-# controlnet_ema/ (:1918-1919). The EMA first: the weights the release evaluates (eval/eval_depth.sh:1, a `_ema` folder).
+# controlnet_ema/ (:1918-1919). The EMA first: the weights the release evaluates (eval/eval_depth.sh:1, an _ema folder).
 TRAINING_CHECKPOINT_FOLDERS = ("controlnet_ema", "controlnet")
 
 

@@ -50,12 +50,13 @@ def release_align_file(path, dims, sequential=True, seed=0, state_dims=None, **a
     state = {}
     for layer, channels in enumerate(state_dims or dims):
         prefix = f"bottleneck_layers.{layer}." + ("0." if sequential else "")
-        convs = {"conv1": (WIDTH // 4, channels, 1), "conv2": (WIDTH // 4, WIDTH // 4, 3), "conv3": (WIDTH, WIDTH // 4, 1)}
+        convs = {"conv1": (WIDTH // 4, channels, 1), "conv2": (WIDTH // 4, WIDTH // 4, 3),
+                 "conv3": (WIDTH, WIDTH // 4, 1)}
         if channels != WIDTH:  # :64-74
             convs["shortcut"] = (WIDTH, channels, 1)
         for name, (out, inp, kernel) in convs.items():
-            state.update({prefix + f"{name}.weight": conv(out, inp, kernel),
-                          prefix + f"{name}.norm.weight": rand(out, around=1.0), prefix + f"{name}.norm.bias": rand(out)})
+            state.update({prefix + f"{name}.weight": conv(out, inp, kernel), prefix + f"{name}.norm.bias": rand(out),
+                          prefix + f"{name}.norm.weight": rand(out, around=1.0)})
         state.update({prefix + "emb_layers.weight": rand(WIDTH // 4, 1280, scale=0.03),
                       prefix + "emb_layers.bias": rand(WIDTH // 4)})
     state["mixing_weights"] = rand(len(state_dims or dims), around=1.0)
