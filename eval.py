@@ -208,9 +208,10 @@ def run_innercontrol_sd(args, extractor=None):
 def run_innercontrol_sd_curve(args):
     """Fig. 2 at SD scale: the curves as JSON (the report) and the chart as a PNG beside --out."""
     timesteps = sd_evaluation.parse_timesteps(args.timesteps)
+    release_flags = dict(task=args.task, sd_size=args.sd_size, image_size=args.image_size)
     curves, task = sd_evaluation.fig2_curves(args.probe, args.reward_model, args.data_path, timesteps,
                                              args.num_images, args.run, args.sd15, args.tokenizer, args.device,
-                                             args.seed)
+                                             args.seed, release_flags)
     chart = Path(args.out).with_suffix(".png")
     sd_evaluation.fig2_chart(curves, task).save(chart)
     print(f"wrote {chart}")
@@ -322,7 +323,12 @@ def parse_args(argv=None):
                                  help="FID's Inception input pipeline (see `eval.py fid --help`)")
     innercontrol_sd.add_argument("--num-classes", type=int, default=150, help="segmentation: the segmenter's classes")
     curve = commands.add_parser("innercontrol-sd-curve", help="Fig. 2 at SD scale: probe vs reward model across t")
-    curve.add_argument("--probe", required=True, help="an sd-probe run (folder or latest.pt): probe, task, SD1.5")
+    curve.add_argument("--probe", required=True, help="an sd-probe run (folder or latest.pt): probe, task, SD1.5; or "
+                                                      "an align model of the InnerControl release (with --task, "
+                                                      "--sd15, --tokenizer)")
+    curve.add_argument("--task", help="the release align model's task (default: the probe run's)")
+    curve.add_argument("--sd-size", help="the release align model's model size (default sd15)")
+    curve.add_argument("--image-size", type=int, help="the release align model's resolution (default 512)")
     curve.add_argument("--reward-model", required=True, help="D of the probe's task (as train.py --reward-model)")
     curve.add_argument("--data-path", required=True, help="a metadata.jsonl folder of the task: images, controls")
     curve.add_argument("--run", help="also the SD1.5 steered by this ControlNet: a ControlNet file / folder or an "

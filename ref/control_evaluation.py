@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from ref.innercontrol import IGNORE_LABEL
 from ref.metrics import MS_SSIM_WEIGHTS, SegmentationIoU, depth_rmse, ms_ssim, ssim
+from ref.probes import tanh_reading
 
 # The metric of each task: lower is better for rmse, higher for ssim and miou. "edges": the shapes testbed's edge task.
 CONTROL_METRICS = {"depth": "rmse", "segmentation": "miou", "edges": "ssim", "hed": "ssim", "lineart": "ssim"}
@@ -51,10 +52,11 @@ class ControlScore:
         return {name: float(torch.cat(values).mean()) for name, values in self.per_image.items()}
 
 
-def probe_reading(probe, features, t_emb):
-    """The probe's control estimate in the estimators' form: maps in [0, 1] ((H + 1) / 2 of a tanh probe), or logits."""
+def probe_reading(probe, features, t_emb, control_channels):
+    """The probe's control estimate in the estimators' form: maps in [0, 1] (a tanh probe's, ref.probes.tanh_reading),
+    or logits."""
     estimate = probe(features, t_emb)
-    return estimate if probe.output == "logits" else (estimate + 1) / 2
+    return estimate if probe.output == "logits" else tanh_reading(estimate, control_channels)
 
 
 def at_size(estimate, size):
@@ -84,7 +86,8 @@ def errors_across_t(base, controlnet, probe, tap_mode, read_x0, schedule, task, 
         residuals = None if controlnet is None else controlnet(x_t, hint, t, context)
         eps_hat, features = base.unet(x_t, t, context, control=residuals, taps=tap_mode)
         x0 = schedule.x0_from_eps(x_t, eps_hat, t)
-        readings = {"probe": probe_reading(probe, features, base.unet.embed_time(t)), "reward": read_x0(x0)}
+        readings = {"probe": probe_reading(probe, features, base.unet.embed_time(t), control.shape[1]),
+                    "reward": read_x0(x0)}
         row = {"t": int(step), "x0": x0[0].cpu()}
         for name, estimate in readings.items():
             estimate = at_size(estimate, control.shape[-2:])

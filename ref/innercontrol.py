@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ref.configs import optional_float, optional_timestep_range
 from ref.losses import mean_squared_error
+from ref.probes import tanh_reading
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def alignment_loss(probe, features, t_emb, control, kind):
     Probe training (before the ControlNet's) minimises this same loss with the probe trainable and the UNet frozen."""
     estimate = probe(features, t_emb)  # H_t
     if kind != "cross_entropy":
-        estimate = (estimate + 1) / 2  # [-1, 1] -> [0, 1]
+        estimate = tanh_reading(estimate, control.shape[1])  # [-1, 1] -> [0, 1]
     size = control.shape[-2:]
     if estimate.shape[-2:] != size:  # the release resizes H_t to the control's resolution (512 px at SD scale)
         estimate = F.interpolate(estimate, size=size, mode="bilinear", align_corners=False)

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from ref import sd_checkpoints
+from ref.checkpoints import read_checkpoint
 from ref.clip import MODELS as TEXT_ENCODERS
 from ref.configs import RUN_DEFAULTS, TRAINING_FIELDS
 from ref.control_data import LABEL_TASKS, ControlDataset, collate_controls
@@ -36,13 +37,13 @@ from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8
                               innercontrol_training_step)
 from ref.lineart import LineArtAnnotator
 from ref.losses import drop_captions
-from ref.probes import ReadoutProbe
+from ref.probes import ReadoutProbe, is_release_align_model, release_align_model
 from ref.runtime import check_job, load_trained_network, move_modules, read_run_checkpoint
 from ref.schedules import DDPMSchedule
 from ref.segmenter import TorchScriptSegmenter
 from ref.tokenizer import CLIPTokenizer
 from ref.unet import CONFIGS as UNET_CONFIGS
-from ref.unet import UNet
+from ref.unet import TAP_MODES, UNet
 from ref.vae import MODELS as AUTOENCODERS
 
 # The parts of one model size: UNet keywords, VAE and text-encoder presets (tiny: the same layout, for the tests).
@@ -222,10 +223,34 @@ def check_probe_base(path, probe_config, state, config, unet):
                          f"trained for another base")
 
 
+def release_probe(path, contents, config, unet, load=True):
+    """An align model of the InnerControl release (ref.probes.release_align_model) for `config`'s task on `unet`'s
+    decoder features, read on the taps whose channels its bottlenecks take. The file names no task: what it can tell is
+    checked, a tanh map given for segmentation, feature maps or a time embedding this UNet does not have are refused.
+    -> (probe, tap_mode)"""
+    if config["task"] in LABEL_TASKS:
+        raise ValueError(f"{path} is an align model of the InnerControl release: a tanh control map, which the release "
+                         f"trains for depth, hed and lineart only; {config['task']} needs a probe of class logits (an "
+                         f"sd-probe run)")
+    probe = release_align_model(contents, path, load)
+    tap_mode = next((mode for mode in TAP_MODES if unet.tap_channels(mode) == probe.feature_channels), None)
+    if tap_mode is None:
+        raise ValueError(f"{path} is a release align model for feature maps of {probe.feature_channels} channels; this "
+                         f"UNet's attn taps have {unet.tap_channels('attn')}, its conv taps "
+                         f"{unet.tap_channels('conv')}: an align model for another base")
+    if probe.t_emb_dim not in (None, unet.emb_channels):
+        raise ValueError(f"{path} is a release align model that reads a {probe.t_emb_dim}-d time embedding; this "
+                         f"UNet's is {unet.emb_channels}-d: an align model for another base")
+    return probe, tap_mode
+
+
 def trained_probe(path, config, unet, load=True):
     """The frozen EMA probe of an sd-probe run for `config`'s task and model size on `unet`'s decoder features, and
-    its tap mode; a probe of another job or base is refused (check_probe_base). load False: untrained, the same
-    checks. -> (probe, tap_mode)"""
+    its tap mode; a probe of another job or base is refused (check_probe_base). An align model of the InnerControl
+    release is imported (release_probe). load False: untrained, the same checks. -> (probe, tap_mode)"""
+    contents = read_checkpoint(path)
+    if is_release_align_model(contents):
+        return release_probe(path, contents, config, unet, load)
     checkpoint = read_run_checkpoint(path)
     check_job(checkpoint, "sd-probe", path)
     probe_config = checkpoint["args"]
@@ -303,7 +328,8 @@ class ControlNetRun(StableDiffusionRun):
                                         "UNet's encoder"),
         reward_model=(optional_path, "D for alpha > 0: DPT-Hybrid file (depth), ControlNetHED_Apache2.pth (hed), "
                                      "sk_model.pth (lineart), TorchScript segmenter (segmentation)"),
-        probe=(optional_path, "the sd-probe run's latest.pt, for beta > 0"),
+        probe=(optional_path, "the sd-probe run's latest.pt or an align model of the InnerControl release "
+                              "(checkpoints/aligning/TASK.pt), for beta > 0"),
         **EQ8_FIELDS,
     )
 

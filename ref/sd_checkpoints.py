@@ -191,11 +191,19 @@ def is_diffusers(state):
 # Loading and writing
 # ---------------------------------------------------------------------------------------------------------------------
 
+# The model folders in a checkpoint-N/ folder of the InnerControl release's training (accelerate's save_state):
+# the ControlNet's save_pretrained in controlnet/ (train/reward_control_aligned.py:1394-1402) and its EMA's in
+# controlnet_ema/ (:1918-1919). The EMA first: the weights the release evaluates (eval/eval_depth.sh:1, an _ema folder).
+TRAINING_CHECKPOINT_FOLDERS = ("controlnet_ema", "controlnet")
+
+
 def file_state(checkpoint):
-    """A path (file or diffusers folder) or a checkpoint dict -> its state dict (see ref.checkpoints.unwrap_state)."""
+    """A path (file, diffusers folder or a release's checkpoint-N/ folder) or a checkpoint dict -> its state dict (see
+    ref.checkpoints.unwrap_state)."""
     if isinstance(checkpoint, dict):
         return unwrap_state(checkpoint)[0]
-    return read_state_dict(checkpoint, "the weights of a UNet or ControlNet")[0]
+    inside = [Path(checkpoint) / name for name in TRAINING_CHECKPOINT_FOLDERS if (Path(checkpoint) / name).is_dir()]
+    return read_state_dict(inside[0] if inside else checkpoint, "the weights of a UNet or ControlNet")[0]
 
 
 def native_state(model, state, prefer="ema"):

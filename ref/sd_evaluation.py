@@ -22,12 +22,14 @@ import numpy as np
 import torch
 
 from ref import sd_checkpoints
+from ref.checkpoints import read_checkpoint
 from ref.control_data import ControlDataset
 from ref.control_evaluation import CONTROL_METRICS, ControlScore, errors_across_t, line_chart
 from ref.controlnet import ControlNet
 from ref.data import to_uint8
-from ref.innercontrol_sd import EDGE_TASKS, StableDiffusionRun, control_model, trained_probe
+from ref.innercontrol_sd import EDGE_TASKS, SD_CONFIGS, StableDiffusionRun, control_model, trained_probe
 from ref.metrics import ImageSource
+from ref.probes import is_release_align_model
 from ref.runtime import SampleDraws, checkpoint_file, read_run_checkpoint
 
 SAMPLER_JOB = "sd15-controlnet"  # settings.json's job of sample.py sd15
@@ -127,14 +129,30 @@ def parse_timesteps(text, num_timesteps=1000):
     return timesteps
 
 
+def probe_file_config(probe_path, release_flags):
+    """The settings a probe file was made for: an sd-probe run's config; for an align model of the InnerControl
+    release, which names no task, model size or resolution, sd15-probe's with release_flags laid over it ({"task"}
+    required, "sd_size", "image_size"). A --task other than a probe run's is refused. -> config"""
+    if is_release_align_model(read_checkpoint(probe_path)):
+        if not release_flags.get("task"):
+            raise ValueError(f"{probe_path} is an align model of the InnerControl release, which names no task: give "
+                             f"--task")
+        return dict(SD_CONFIGS["sd15-probe"], **{name: value for name, value in release_flags.items() if value})
+    config = read_run_checkpoint(probe_path)["args"]
+    if release_flags.get("task") not in (None, config["task"]):
+        raise ValueError(f"{probe_path} is a probe for {config['task']}; --task {release_flags['task']} given")
+    return config
+
+
 def fig2_curves(probe_path, reward_path, data_path, timesteps, num_images, controlnet_path=None, sd15=None,
-                tokenizer=None, device="cpu", seed=0):
+                tokenizer=None, device="cpu", seed=0, release_flags=None):
     """errors_across_t on the first num_images lines of the data folder, for SD1.5 alone ("sd15") and, with
     controlnet_path (a ControlNet file or folder, or an sd-controlnet run: its EMA weights), steered by that
     ControlNet ("controlnet"). The SD1.5 parts, tokenizer and task are the probe run's (sd15 / tokenizer: other
-    paths to the same files). -> ({model: [{"t", "probe": {metric: value}, "reward": {...}}]}, task)"""
+    paths to the same files); an align model of the InnerControl release needs them given (probe_file_config).
+    -> ({model: [{"t", "probe": {metric: value}, "reward": {...}}]}, task)"""
     probe_path = checkpoint_file(probe_path)
-    probe_config = read_run_checkpoint(probe_path)["args"]
+    probe_config = probe_file_config(probe_path, release_flags or {})
     config = dict(probe_config, data_path=data_path, sd15=sd15 or probe_config["sd15"],
                   tokenizer=tokenizer or probe_config["tokenizer"], gradient_checkpointing=False)
     run = StableDiffusionRun(config)
