@@ -33,7 +33,7 @@ from ref import clip, controlnet, runtime, sd_checkpoints, unet, vae
 from ref.control_data import ControlDataset
 from ref.data import read_image, to_uint8
 from ref.guidance import controlled_denoiser
-from ref.samplers import ddim, leading_timesteps
+from ref.samplers import ddim, leading_timesteps, linspace_timesteps, unipc
 from ref.schedules import DDPMSchedule
 
 TRAINING_TIMESTEPS = 1000
@@ -66,8 +66,18 @@ def sd15_schedule():
     return DDPMSchedule.named("scaled_linear", TRAINING_TIMESTEPS)
 
 
-def sampling_timesteps(steps):
-    """SD1.5's DDIM timesteps for `steps` steps (leading spacing, steps_offset 1), descending. (steps,) int64"""
+SAMPLERS = ("ddim", "unipc")
+
+
+def sampling_timesteps(steps, sampler="ddim"):
+    """The timesteps of `steps` steps, descending. (steps,) int64
+    ddim: DDIMScheduler.from_config(SD1.5's config): leading spacing with steps_offset 1 (50 steps: 981, .., 1).
+    unipc: UniPCMultistepScheduler.from_config(SD1.5's config): linspace spacing (20 steps: 999, 949, .., 50).
+    UniPC's spacing is its own default: SD1.5's scheduler config names no timestep_spacing, so the PNDMScheduler it
+    builds records its "leading" as a default, and from_config drops recorded defaults (diffusers 0.42.1
+    configuration_utils.py:491-492); steps_offset 1 is passed on but unused by linspace."""
+    if sampler == "unipc":
+        return linspace_timesteps(TRAINING_TIMESTEPS, steps)
     return leading_timesteps(TRAINING_TIMESTEPS, steps, STEPS_OFFSET)
 
 
@@ -110,13 +120,20 @@ def check_tokenizer(tokenizer, text_encoder):
 
 
 @torch.no_grad()
-def generate(networks, context, null_context, hint, noise, steps=50, cfg_scale=7.5, control_scale=1.0):
+def generate(networks, context, null_context, hint, noise, steps=50, cfg_scale=7.5, control_scale=1.0,
+             sampler="ddim"):
     """Images (B, 3, S, S) in [-1, 1] (float32, unclamped) from latent noise (B, 4, S/8, S/8): DDIM (eta 0) over the
-    leading timesteps, the last step to abar_0 (set_alpha_to_one False), then the VAE decoder on latents / scale."""
+    leading timesteps, the last step to abar_0 (set_alpha_to_one False), or UniPC (order 2, bh2) over the linspace
+    timesteps, the last step to the x0 estimate; then the VAE decoder on latents / scale. null_context: CFG's
+    unconditional branch, the empty prompt's or a negative prompt's context."""
     schedule = sd15_schedule()
     denoise = controlled_denoiser(networks.unet, networks.controlnet, context, null_context, hint, cfg_scale,
                                   control_scale)
-    latents = ddim(denoise, noise, schedule, sampling_timesteps(steps), final_abar=schedule.abar(0))  # (B, 4, h, w)
+    timesteps = sampling_timesteps(steps, sampler)
+    if sampler == "unipc":
+        latents = unipc(denoise, noise, schedule, timesteps)  # (B, 4, h, w)
+    else:
+        latents = ddim(denoise, noise, schedule, timesteps, final_abar=schedule.abar(0))
     autoencoder = networks.autoencoder
     dtype = next(autoencoder.parameters()).dtype
     return autoencoder.decode((latents / autoencoder.scaling_factor).to(dtype)).float()
@@ -132,7 +149,8 @@ CONTROL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 class PairSampling(NamedTuple):
     """How sd15_share samples the pairs (sample.py sd15's flags of the same names)."""
     size: int  # image side in pixels
-    steps: int  # DDIM steps
+    sampler: str  # ddim or unipc
+    steps: int  # sampler steps
     cfg: float  # CFG weight, 1: off
     control_scale: float  # multiplies the ControlNet's residuals
     seeds_per_prompt: int
@@ -228,7 +246,7 @@ def sd15_share(settings, networks, hints, tokens, null_tokens, world):
         context = networks.text_encoder(tokens[pair_indices].to(world.device))  # (n, 77, D)
         noise = runtime.SampleDraws(settings.seed + int(i) for i in batch).randn(4, side, side).to(world.device)
         images = generate(networks, context, null_context, hint, noise, settings.steps, settings.cfg,
-                          settings.control_scale)
+                          settings.control_scale, settings.sampler)
         outputs.append(to_uint8(images.cpu()))
     return indices, np.concatenate(outputs)
 
