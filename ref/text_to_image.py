@@ -67,6 +67,10 @@ def sd15_schedule():
 
 
 SAMPLERS = ("ddim", "unipc")
+# What each sampler does beyond its name and timesteps, for a run's settings.json.
+SAMPLER_SETTINGS = {"ddim": dict(eta=0.0, timestep_spacing="leading", final_abar="abar_0"),
+                    "unipc": dict(order=2, solver_type="bh2", prediction="x0",
+                                  timestep_spacing="linspace", final_abar=1.0)}
 
 
 def sampling_timesteps(steps, sampler="ddim"):
