@@ -367,4 +367,5 @@ def test_the_releases_evaluation_preset_runs_end_to_end(files, tmp_path, monkeyp
         assert images.shape == (4, 64, 64, 3) and npz["arr_1"].tolist() == [0, 0, 0, 0]
     run_sd15([*common, "--sampler", "unipc", "--seed", "44", "--negative-prompt",
               "worst quality, low quality", "--size", "64", "--out", tmp_path / "flags"])
-    assert np.array_equal(np.load(tmp_path / "flags" / "samples.npz")["arr_0"][0], images[2])  # seed 44 = 42 + 2
+    alone = np.load(tmp_path / "flags" / "samples.npz")["arr_0"][0].astype(int)  # seed 44 = 42 + 2: image 2
+    assert np.abs(alone - images[2]).max() <= 1 and np.abs(alone - images[1]).mean() > 1  # float rounding by rows
