@@ -253,12 +253,13 @@ of the InnerControl release (ControlGenAI/InnerControl, "IC"), the same script b
   512 px: --resolution 512 (C++ :318, IC :293).
   seed 42 (C++ :320, IC :295): there one global seed_torch(42) per process (C++ :61, IC :60), and every pipeline call
       draws its (4, 4, 64, 64) noise from that process's CUDA generator, in the order of the process's share of the
-      prompts (accelerate's split_between_processes, C++ :159, IC :160); the noise of an image thus depends on the number of GPUs, on
-      its prompt's place in the share and on skipped (already written) prompts. Here sample i = 4 p + k (prompt p,
-      image k) has its own generator seeded with 42 + i: the same images on any number of GPUs, not the releases'
-      noise (which no per-sample scheme reproduces).
+      prompts (accelerate's split_between_processes, C++ :159, IC :160); the noise of an image thus depends on the
+      number of GPUs, on its prompt's place in the share and on skipped (already written) prompts. Here sample
+      i = 4 p + k (prompt p, image k) has its own generator seeded with 42 + i: the same images on any number of GPUs,
+      not the releases' noise (which no per-sample scheme reproduces).
   Not fixed here: their networks run in fp16 (C++ :84-90, IC :84-90; --dtype fp16 here), their UniPC state in the
-  latents' fp16 (this one float64)."""
+  latents' fp16 (this one float64); their diffusers version is not pinned (ref.samplers.unipc says what an older one
+  changes)."""
 
 
 def parse_sd15_args(argv):

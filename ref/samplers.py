@@ -264,7 +264,10 @@ def unipc(denoise, noise, schedule, timesteps, prediction="eps", model_dtype=tor
     n - i) at step i: one at the first and the last, :1208-1213), no step without corrector (disable_corrector [],
     the corrector at every step after the first, :1188), final sigma 0 (final_sigmas_type "zero", :458): the last step
     lands on the x0 estimate. The grid points are `timesteps` (linspace_timesteps for the diffusers configuration)
-    and the end point abar = 1. Network evaluations: len(timesteps)."""
+    and the end point abar = 1. Network evaluations: len(timesteps).
+    The releases pin no diffusers version (requirements.txt: `diffusers`). Before diffusers PR #7517 (April 2024,
+    `final_sigmas_type`) the end point repeated the last timestep's sigma, so the last update was a zero-length step
+    and the sample kept that timestep's noise; with a diffusers of that time their images differ from these there."""
     abar = torch.cat([schedule.abar(torch.as_tensor(timesteps)), torch.ones(1, dtype=torch.float64)])  # (n + 1,)
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     lam = alpha.log() - sigma.log()  # log-SNR / 2; +inf at the end point

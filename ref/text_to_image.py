@@ -1,13 +1,16 @@
 """Text-to-image sampling with Stable Diffusion 1.5 steered by a ControlNet, from the released weights.
 
-    prompts --tokenizer, CLIP text encoder--> context (B, 77, 768); the empty prompt's context is CFG's null
-    noise (B, 4, S/8, S/8) --DDIM over SD's "leading" timesteps, eps = UNet(x, t, context, ControlNet residuals)-->
+    prompts --tokenizer, CLIP text encoder--> context (B, 77, 768); CFG's null: the empty or a negative prompt's
+    noise (B, 4, S/8, S/8) --DDIM or UniPC, eps = UNet(x, t, context, ControlNet residuals)-->
     latents --/ 0.18215, VAE decoder--> images (B, 3, S, S) in [-1, 1]
 
-The sampler is SD1.5's scheduler as its scheduler_config sets diffusers' DDIMScheduler: 1000 training steps with
-scaled_linear betas 0.00085 .. 0.012 (ref.schedules), timestep_spacing "leading" with steps_offset 1 (50 steps: 981,
-961, .., 1; ref.samplers.leading_timesteps) and set_alpha_to_one False: the last step goes from t = 1 to abar_0, not
-to the x0 estimate. eta 0. Classifier-free guidance (Ho & Salimans 2022) on the text, eps = eps_null + w (eps_text -
+Two samplers, each as diffusers sets it up from SD1.5's scheduler_config (1000 training steps with scaled_linear
+betas 0.00085 .. 0.012, ref.schedules): "ddim", DDIMScheduler: timestep_spacing "leading" with steps_offset 1 (50
+steps: 981, 961, .., 1; ref.samplers.leading_timesteps) and set_alpha_to_one False: the last step goes from t = 1 to
+abar_0, not to the x0 estimate; eta 0. "unipc", UniPCMultistepScheduler.from_config (the ControlNet++ and InnerControl
+evaluation): multistep UniPC of order 2 with B(h) = e^h - 1 on x0 estimates, timestep_spacing "linspace" (20 steps:
+999, 949, .., 50; ref.samplers.linspace_timesteps), the last step to the x0 estimate (ref.samplers.unipc).
+Classifier-free guidance (Ho & Salimans 2022) on the text, eps = eps_null + w (eps_text -
 eps_null), with the control in both branches (lllyasviel/ControlNet's samplers; ControlNet++'s evaluation); the
 ControlNet's residuals are multiplied by the control scale (ControlNet 1.1's "control strength"). The control image is
 RGB in [0, 1] (the ControlNet releases feed the annotator's map / 255), at the image size, 8x the latent side.
@@ -16,8 +19,8 @@ A set of prompt / control pairs (read_pairs: a prompt file and control images; m
 folder of ref/control_data.py, its captions and the hints its ControlNets are trained on) is sampled as sample.py sd15
 describes: sample i follows pair i // seeds_per_prompt from noise seeded with seed + i, rank r taking samples r, r + W.
 
-The networks run in their own dtype; the DDIM state and the timesteps stay in float64 / float32 (a bf16 timestep would
-round 981 to 980).
+The networks run in their own dtype; the sampler state and the timesteps stay in float64 / float32 (a bf16 timestep
+would round 981 to 980).
 """
 import functools
 import json

@@ -288,8 +288,8 @@ def test_unipc_follows_the_exact_probability_flow_far_closer_than_ddim():
     alpha, sigma = schedule.alpha_sigma(timesteps[-1:])
     variance = alpha ** 2 * STD ** 2 + sigma ** 2
     exact = MEAN + alpha * STD ** 2 / variance * variance.sqrt() * z
-    errors = [(sample(gaussian_eps(schedule), noise, schedule, timesteps, model_dtype=torch.float64) - exact).abs().max()
-              for sample in (samplers.unipc, samplers.ddim)]
+    errors = [(sample(gaussian_eps(schedule), noise, schedule, timesteps, model_dtype=torch.float64) - exact)
+              .abs().max() for sample in (samplers.unipc, samplers.ddim)]
     assert errors[0] < 1e-3 and errors[1] > 10 * errors[0], errors
 
 
