@@ -369,3 +369,25 @@ def test_the_releases_evaluation_preset_runs_end_to_end(files, tmp_path, monkeyp
               "worst quality, low quality", "--size", "64", "--out", tmp_path / "flags"])
     alone = np.load(tmp_path / "flags" / "samples.npz")["arr_0"][0].astype(int)  # seed 44 = 42 + 2: image 2
     assert np.abs(alone - images[2]).max() <= 1 and np.abs(alone - images[1]).mean() > 1  # float rounding by rows
+
+
+def without(argv, *flags):
+    """argv less each flag and its value."""
+    drop = {index + offset for index, item in enumerate(argv) if item in flags for offset in (0, 1)}
+    return [item for index, item in enumerate(argv) if index not in drop]
+
+
+@pytest.mark.parametrize("extra, dropped, message", [
+    (("--sampler", "unipc", "--steps", "1000"), ("--steps",),
+     "1000 linspace steps do not fit in 1000 timesteps (1 .. 999)"),
+    (("--controlnet-plus-plus", "--sampler", "ddim", "--steps", "20"), ("--steps", "--size"),
+     "--controlnet-plus-plus fixes --steps 50 for --sampler ddim, got 20"),
+    (("--controlnet-plus-plus", "--negative-prompt", ""), ("--steps", "--size"),
+     "--controlnet-plus-plus fixes --negative-prompt 'worst quality, low quality', got ''"),
+], ids=["unipc-steps", "preset-ddim-steps", "preset-negative-prompt"])
+def test_bad_sampler_settings_exit_2_with_one_error_line(extra, dropped, message, files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_sd15([*without(sd15_argv(files, tmp_path / "out"), *dropped), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
