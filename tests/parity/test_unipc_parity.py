@@ -34,11 +34,11 @@ SD15_SCHEDULER_CONFIG = {
 }
 
 
-def releases_scheduler(steps=None):
+def releases_scheduler(steps=None, **overrides):
     """The pipeline loads the PNDMScheduler from its config; eval.py swaps in UniPC from that scheduler's config.
-    steps: set its timesteps (the pipeline does it itself)."""
+    steps: set its timesteps (the pipeline does it itself); overrides: settings the releases leave at their default."""
     pipeline_scheduler = diffusers.PNDMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    scheduler = diffusers.UniPCMultistepScheduler.from_config(pipeline_scheduler.config)
+    scheduler = diffusers.UniPCMultistepScheduler.from_config(pipeline_scheduler.config, **overrides)
     if steps is not None:
         scheduler.set_timesteps(steps)
     return scheduler
@@ -49,7 +49,7 @@ def eps_of(x, t):
     return torch.tanh(x * 0.7 + 0.001 * t.reshape(-1, 1, 1, 1).to(x.dtype))
 
 
-def trajectories(scheduler, steps):
+def trajectories(scheduler, steps, order=2):
     """Each step's sample (the network's input) and the final sample, from diffusers and from ref.samplers.unipc."""
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     theirs, x = [], noise.clone()
@@ -63,7 +63,7 @@ def trajectories(scheduler, steps):
         ours.append(x_t)
         return eps_of(x_t, t)
     ours.append(unipc(recorded_eps, noise, sd15_schedule(), sampling_timesteps(steps, "unipc"),
-                      model_dtype=torch.float64))
+                      model_dtype=torch.float64, order=order))
     return torch.stack(ours), torch.stack(theirs)
 
 
@@ -84,14 +84,14 @@ def test_every_step_equals_diffusers(steps):
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("steps", [20, 50, 7])
-def test_every_step_equals_diffusers_given_float64_sigmas(steps):
+@pytest.mark.parametrize("steps, order", [(20, 2), (50, 2), (7, 2), (20, 3), (7, 1)])
+def test_every_step_equals_diffusers_given_float64_sigmas(steps, order):
     """diffusers' step with this repository's float64 sigmas sqrt((1 - abar) / abar) (and 0 at the end): the update
-    formulas agree to float64 rounding."""
-    scheduler = releases_scheduler(steps)
+    formulas agree to float64 rounding, at the releases' order 2 and at orders 3 (the linear solve of UniP) and 1."""
+    scheduler = releases_scheduler(steps, solver_order=order)
     abar = sd15_schedule().abar(scheduler.timesteps)
     scheduler.sigmas = torch.cat([((1 - abar) / abar).sqrt(), torch.zeros(1, dtype=torch.float64)])
-    ours, theirs = trajectories(scheduler, steps)
+    ours, theirs = trajectories(scheduler, steps, order)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
 
 
