@@ -224,7 +224,7 @@ def ddpm_ancestral(denoise, noise, schedule, prediction="eps", model_dtype=torch
 def _unipc_weights(ratios, hh):
     """The weights rho_k of the differences D_k with ratios r_k (UniPC's order conditions, Theorem 3.1 / Corollary 3.2):
     the Vandermonde system sum_k rho_k r_k^(j-1) = b_j, j = 1..K, with b_j = j! hh phi_{j+1}(hh) / B(hh),
-    phi_1(z) = (e^z - 1) / z, phi_{j+1}(z) = (phi_j(z) - 1 / j!) / z, B(hh) = e^hh - 1 (the paper's B_2, "bh2").
+    phi_1(z) = (e^z - 1) / z, phi_{j+1}(z) = (phi_j(z) - 1 / j!) / z, B(hh) = e^hh - 1 ("bh2" of the UniPC release and diffusers).
     One difference takes rho = 1/2 instead, as the UniPC release and diffusers do for the order-2 predictor and the
     order-1 corrector (scheduling_unipc_multistep.py:938 and :1076). hh: minus the step in log-SNR (x0 prediction)."""
     if len(ratios) <= 1:
@@ -257,7 +257,8 @@ def _unipc_update(x, s, t, x0, others, alpha, sigma, lam):
 def unipc(denoise, noise, schedule, timesteps, prediction="eps", model_dtype=torch.float32, order=2):
     """Multistep UniPC (Zhao et al. 2023): UniP-p predicts x at the next timestep from the x0 estimates of the last p
     points; once the network has seen that prediction, UniC-p corrects it with the new x0 estimate (one network
-    evaluation a step; the corrected sample feeds the next predictor, the network keeps the uncorrected one). The
+    evaluation a step: the next predictor starts from the corrected sample with the x0 estimate the network made at
+    the uncorrected one). The
     configuration is what diffusers' UniPCMultistepScheduler.from_config(SD1.5's scheduler config) yields (0.42.1,
     schedulers/scheduling_unipc_multistep.py: defaults :206-223, step :1153-1232): order 2, predict_x0 (the history
     holds x0 estimates, :795-800), solver_type bh2 (B(h) = e^h - 1, :921), lower_order_final (order min(order, i + 1,
