@@ -224,9 +224,10 @@ def ddpm_ancestral(denoise, noise, schedule, prediction="eps", model_dtype=torch
 def _unipc_weights(ratios, hh):
     """The weights rho_k of the differences D_k with ratios r_k (UniPC's order conditions, Theorem 3.1 / Corollary 3.2):
     the Vandermonde system sum_k rho_k r_k^(j-1) = b_j, j = 1..K, with b_j = j! hh phi_{j+1}(hh) / B(hh),
-    phi_1(z) = (e^z - 1) / z, phi_{j+1}(z) = (phi_j(z) - 1 / j!) / z, B(hh) = e^hh - 1 ("bh2" of the UniPC release and diffusers).
-    One difference takes rho = 1/2 instead, as the UniPC release and diffusers do for the order-2 predictor and the
-    order-1 corrector (scheduling_unipc_multistep.py:938 and :1076). hh: minus the step in log-SNR (x0 prediction)."""
+    phi_1(z) = (e^z - 1) / z, phi_{j+1}(z) = (phi_j(z) - 1 / j!) / z, B(hh) = e^hh - 1 ("bh2" of the UniPC release
+    and diffusers). One difference takes rho = 1/2 instead, as the UniPC release and diffusers do for the order-2
+    predictor and the order-1 corrector (scheduling_unipc_multistep.py:938 and :1076). hh: minus the step in log-SNR
+    (x0 prediction)."""
     if len(ratios) <= 1:
         return [0.5] * len(ratios)
     b_of_h = torch.expm1(hh)
