@@ -206,8 +206,8 @@ SD15_HELP = """Text-to-image with Stable Diffusion 1.5 steered by a ControlNet 1
 
     python sample.py sd15 --sd15 v1-5-pruned-emaonly.safetensors --controlnet control_v11f1p_sd15_depth.pth \\
         --tokenizer bpe_simple_vocab_16e6.txt.gz --prompts prompts.txt --controls depth/ [--out DIR] [--steps 50]
-        [--cfg 7.5] [--control-scale 1.0] [--seeds-per-prompt 1] [--seed 0] [--batch-size 4] [--size 512]
-        [--dtype fp32|bf16|fp16] [--png] [--controlnet-plus-plus]
+        [--sampler ddim|unipc] [--cfg 7.5] [--negative-prompt TEXT] [--control-scale 1.0] [--seeds-per-prompt 1]
+        [--seed 0] [--batch-size 4] [--size 512] [--dtype fp32|bf16|fp16] [--png] [--controlnet-plus-plus]
     torchrun --nproc_per_node=N sample.py sd15 ...
 
 Pairs: --prompts PROMPTS.txt holds one prompt per line, matched in order to the control images of --controls DIR
@@ -219,9 +219,13 @@ training cuts them (short side to --size, central square); `eval.py innercontrol
 A control is an RGB image the size of the output (--size; 8x the latent side), fed to the ControlNet in [0, 1]; an
 image of another size is resized to SIZE x SIZE (Lanczos, aspect not kept) with a warning: give segmentation maps at
 the right size, or their colours blend at the borders. Prompts longer than 77 tokens are cut with a warning.
-Sampling: DDIM, eta 0, SD's leading timesteps (steps_offset 1; 50 steps: 981, 961, .., 1), the last step to abar_0,
-CFG on the text against the empty prompt with the control in both branches (--cfg 1: the text branch alone), the
-ControlNet's residuals times --control-scale; VAE decode of latents / 0.18215.
+Sampling (ref.text_to_image): --sampler ddim (the default; 50 steps): DDIM, eta 0, SD's leading timesteps
+(steps_offset 1; 50 steps: 981, 961, .., 1), the last step to abar_0, as diffusers' DDIMScheduler on SD1.5's scheduler
+config; --sampler unipc (20 steps by default): multistep UniPC, order 2, B(h) = e^h - 1, x0 prediction, linspace
+timesteps (20 steps: 999, 949, .., 50), the last step to the x0 estimate, as UniPCMultistepScheduler.from_config on that
+config. CFG on the text against the empty prompt (--negative-prompt: that text instead) with the control in both
+branches (--cfg 1: the text branch alone), the ControlNet's residuals times --control-scale; VAE decode of latents /
+0.18215. --controlnet-plus-plus: the evaluation of the ControlNet++ and InnerControl releases (below).
 Sample i follows pair i // seeds-per-prompt and its own noise generator seeded with seed + i: the same images at any
 batch size or number of ranks (up to float rounding). Rank r takes samples r, r + W, ..; rank 0 writes OUT/samples.npz
 (ADM: arr_0 uint8 N x S x S x 3, arr_1 the pair of each sample), OUT/grid.png (each control beside its samples),
@@ -229,13 +233,37 @@ OUT/settings.json (with every prompt and control) and, with --png, OUT/images/<p
 the pair). Bad input: one error line, exit status 2, nothing written.
 """
 SD15_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# ControlNet++'s evaluation (Li et al. 2024), which InnerControl follows: 4 images a prompt, DDIM 50, CFG 7.5, 512 px.
-CONTROLNET_PLUS_PLUS = dict(seeds_per_prompt=4, steps=50, cfg=7.5, size=512)
-SD15_DEFAULTS = dict(seeds_per_prompt=1, steps=50, cfg=7.5, size=512)
+SD15_STEPS = {"ddim": 50, "unipc": 20}  # --steps by --sampler
+SD15_DEFAULTS = dict(sampler="ddim", seed=0, seeds_per_prompt=1, cfg=7.5, size=512, negative_prompt="")
+CONTROLNET_PLUS_PLUS = dict(sampler="unipc", seed=42, seeds_per_prompt=4, cfg=7.5, size=512,
+                            negative_prompt="worst quality, low quality")
+CONTROLNET_PLUS_PLUS_CHOICES = ("sampler", "seed")  # flags of the releases' eval.py: the preset's value is a default
+CONTROLNET_PLUS_PLUS_HELP = """
+--controlnet-plus-plus: `eval/eval.py` of the ControlNet++ release (liming-ai/ControlNet_Plus_Plus, "C++" below) and
+of the InnerControl release (ControlGenAI/InnerControl, "IC"), the same script but for IC's readout:
+  sampler unipc, 20 steps: UniPCMultistepScheduler.from_config(pipe.scheduler.config) on SD1.5's pipeline (C++
+      eval.py:149, IC eval.py:151), --num_inference_steps 20 (C++ :324, IC :299; both eval_*.sh NUM_STEPS=20).
+      --sampler ddim takes 50 steps instead (their --ddim flag, C++ :146-147 / :323, IC :148-149 / :298; 50 DDIM
+      steps as ControlNet++ reports them).
+  CFG 7.5: --guidance_scale (C++ :312, IC :287; eval_*.sh SCALE=7.5; the InnerControl paper, Sec. 5.1).
+  negative prompt "worst quality, low quality" (C++ :222, IC :214): its text embedding is CFG's unconditional branch.
+  4 images a prompt: --batch_size 4 copies of the prompt and control in one pipeline call (C++ :204, :317; IC :189,
+      :292), saved as group_0 .. group_3 (C++ :141-144); the InnerControl paper (Sec. 5.1): "4 independent sample
+      batches with different random seeds", the metrics their mean.
+  512 px: --resolution 512 (C++ :318, IC :293).
+  seed 42 (C++ :320, IC :295): there one global seed_torch(42) per process (C++ :61, IC :60), and every pipeline call
+      draws its (4, 4, 64, 64) noise from that process's CUDA generator, in the order of the process's share of the
+      prompts (accelerate's split_between_processes, C++ :159, IC :160); the noise of an image thus depends on the
+      number of GPUs, on its prompt's place in the share and on skipped (already written) prompts. Here sample
+      i = 4 p + k (prompt p, image k) has its own generator seeded with 42 + i: the same images on any number of GPUs,
+      not the releases' noise (which no per-sample scheme reproduces).
+  Not fixed here: their networks run in fp16 (C++ :84-90, IC :84-90; --dtype fp16 here), their UniPC state in the
+  latents' fp16 (this one float64); their diffusers version is not pinned (ref.samplers.unipc says what an older one
+  changes)."""
 
 
 def parse_sd15_args(argv):
-    parser = argparse.ArgumentParser(prog="sample.py sd15", description=SD15_HELP,
+    parser = argparse.ArgumentParser(prog="sample.py sd15", description=SD15_HELP + CONTROLNET_PLUS_PLUS_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sd15", required=True, help="SD1.5 single file (v1-5-pruned-emaonly.safetensors / .ckpt) "
                         "or diffusers pipeline folder (unet/, vae/, text_encoder/)")
@@ -249,32 +277,44 @@ def parse_sd15_args(argv):
     parser.add_argument("--task", choices=CONTROL_TASKS, help="with --data-path: the control task of its lines")
     parser.add_argument("--controls", help="folder of control images (required with a .txt of prompts)")
     parser.add_argument("--out", help="output folder (default: samples-sd15-<controlnet>-<settings> here)")
-    parser.add_argument("--steps", type=int, help=f"DDIM steps (default {SD15_DEFAULTS['steps']})")
+    parser.add_argument("--sampler", choices=text_to_image.SAMPLERS,
+                        help=f"default {SD15_DEFAULTS['sampler']} ({CONTROLNET_PLUS_PLUS['sampler']} with "
+                             f"--controlnet-plus-plus)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: " + ", ".join(
+        f"{sampler} {steps}" for sampler, steps in SD15_STEPS.items()) + ")")
     parser.add_argument("--cfg", type=float, help=f"CFG weight; 1 = off (default {SD15_DEFAULTS['cfg']})")
+    parser.add_argument("--negative-prompt", help="CFG's unconditional text (default: the empty prompt; "
+                        f"{CONTROLNET_PLUS_PLUS['negative_prompt']!r} with --controlnet-plus-plus)")
     parser.add_argument("--control-scale", type=float, default=1.0, help="multiplies the ControlNet's residuals")
     parser.add_argument("--seeds-per-prompt", type=int, help="samples a pair (default 1)")
-    parser.add_argument("--seed", type=int, default=0, help="sample i uses seed + i")
+    parser.add_argument("--seed", type=int, help="sample i uses seed + i (default 0; 42 with --controlnet-plus-plus)")
     parser.add_argument("--batch-size", type=int, default=4, help="per rank (CFG runs twice as many rows)")
     parser.add_argument("--size", type=int, help=f"image side in pixels (default {SD15_DEFAULTS['size']})")
     parser.add_argument("--dtype", choices=tuple(SD15_DTYPES), default="fp32", help="the networks' dtype")
     parser.add_argument("--png", action="store_true", help="also write one PNG per sample to OUT/images/")
     parser.add_argument("--grid-rows", type=int, default=8, help="pairs shown in grid.png")
     parser.add_argument("--controlnet-plus-plus", action="store_true",
-                        help="ControlNet++'s evaluation settings: 4 seeds a prompt, 50 steps, CFG 7.5, 512 px")
+                        help="the ControlNet++ / InnerControl releases' evaluation: UniPC 20 steps, CFG 7.5, negative "
+                             "prompt, 4 seeds a prompt from seed 42, 512 px (see above)")
     parser.add_argument("--architecture", choices=tuple(text_to_image.ARCHITECTURES), default="sd15",
                         help="tiny: the test-sized networks of ref.text_to_image")
     return parser.parse_args(argv)
 
 
 def resolve_sd15_settings(args):
-    """Fill the unset --seeds-per-prompt / --steps / --cfg / --size from the protocol or the defaults; a value that
-    contradicts --controlnet-plus-plus raises."""
-    for name, default in SD15_DEFAULTS.items():
-        protocol = CONTROLNET_PLUS_PLUS[name] if args.controlnet_plus_plus else default
-        if getattr(args, name) not in (None, protocol) and args.controlnet_plus_plus:
-            raise ValueError(f"--controlnet-plus-plus fixes --{name.replace('_', '-')} {protocol}, got "
-                             f"{getattr(args, name)}")
-        setattr(args, name, protocol if getattr(args, name) is None else getattr(args, name))
+    """Fill the unset --sampler / --seed / --seeds-per-prompt / --cfg / --size / --negative-prompt from the protocol or
+    the defaults, then --steps from the sampler; a value that contradicts --controlnet-plus-plus raises (its sampler
+    and seed are defaults, as in the releases' eval.py)."""
+    preset = CONTROLNET_PLUS_PLUS if args.controlnet_plus_plus else SD15_DEFAULTS
+    for name, value in preset.items():
+        given = getattr(args, name)
+        if args.controlnet_plus_plus and given not in (None, value) and name not in CONTROLNET_PLUS_PLUS_CHOICES:
+            raise ValueError(f"--controlnet-plus-plus fixes --{name.replace('_', '-')} {value!r}, got {given!r}")
+        setattr(args, name, value if given is None else given)
+    steps = SD15_STEPS[args.sampler]
+    if args.controlnet_plus_plus and args.steps not in (None, steps):
+        raise ValueError(f"--controlnet-plus-plus fixes --steps {steps} for --sampler {args.sampler}, got {args.steps}")
+    args.steps = steps if args.steps is None else args.steps
     for name in ("steps", "seeds_per_prompt", "batch_size", "grid_rows"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -302,7 +342,7 @@ def load_sd15_inputs(args):
     networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype])
     text_to_image.check_tokenizer(tokenizer, networks.text_encoder)
     text_to_image.latent_side(networks, args.size)
-    text_to_image.sampling_timesteps(args.steps)
+    text_to_image.sampling_timesteps(args.steps, args.sampler)
     for pair, (_, path) in enumerate(pairs):  # every control read once: a bad file stops here, not mid-sampling
         if args.data_path is None:
             text_to_image.read_control(path, args.size, warn=True)
@@ -327,18 +367,19 @@ def sample_sd15(argv):
             network.to(world.device)
         start = time.perf_counter()
         share = text_to_image.sd15_share(flags_as(text_to_image.PairSampling, args), networks, hints, tokens,
-                                         tokenizer([""]), world)
+                                         tokenizer([args.negative_prompt]), world)
         samples = gather_in_order(share)
         if not world.is_main:
             return
         num_samples = len(samples)
-        settings = dict(vars(args), job="sd15-controlnet", latent=False, sampler="ddim", eta=0.0,
-                        timesteps=text_to_image.sampling_timesteps(args.steps).tolist(), final_abar="abar_0",
+        settings = dict(vars(args), job="sd15-controlnet", latent=False,
+                        **text_to_image.SAMPLER_SETTINGS[args.sampler],
+                        timesteps=text_to_image.sampling_timesteps(args.steps, args.sampler).tolist(),
                         num_samples=num_samples,
                         network_evaluations_per_sample=args.steps * (2 if args.cfg != 1.0 else 1),
                         pairs=[dict(prompt=prompt, control=str(path)) for prompt, path in pairs],
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
-        tag = f"ddim{args.steps}-cfg{args.cfg:g}-cs{args.control_scale:g}-seed{args.seed}-n{num_samples}"
+        tag = f"{args.sampler}{args.steps}-cfg{args.cfg:g}-cs{args.control_scale:g}-seed{args.seed}-n{num_samples}"
         out = Path(args.out) if args.out else Path(f"samples-sd15-{Path(args.controlnet).stem}-{tag}")
         pictures = text_to_image.sd15_grid_pictures(samples, hints, len(pairs), args.grid_rows, args.seeds_per_prompt)
         write_outputs(out, samples, np.arange(num_samples) // args.seeds_per_prompt, settings,

@@ -7,8 +7,10 @@ Flow family (t = 1 noise -> t = 0 data; the callable returns the velocity v, see
     g(t)^2 = 2t of REPA and the Internal Guidance release (`ig_diffusion`), or SiT's "SBDM" form (`sbdm_diffusion`).
   The state is integrated in float64; the network is called in its own dtype (`model_dtype`).
 DDPM family (integer timesteps; the callable returns eps, x0 or v as `prediction` says):
-  - `ddpm_ancestral` (Ho et al. 2020, Alg. 2; optionally respaced and with the learned variance of ADM / DiT) and
-    `ddim` (Song et al. 2021, Eq. 12, eta = 0 deterministic).
+  - `ddpm_ancestral` (Ho et al. 2020, Alg. 2; optionally respaced and with the learned variance of ADM / DiT),
+    `ddim` (Song et al. 2021, Eq. 12, eta = 0 deterministic) and
+  - `unipc`: the multistep UniPC predictor-corrector (Zhao et al. 2023) in the configuration diffusers'
+    UniPCMultistepScheduler takes by default (order 2, B(h) = e^h - 1, x0 prediction, lower-order final step).
 
 Randomness comes from `randn_like` (default torch.randn_like), so callers can draw per-sample seeded noise.
 """
@@ -134,6 +136,17 @@ def leading_timesteps(num_timesteps, steps, offset=1):
     return torch.arange(steps - 1, -1, -1, dtype=torch.long) * (num_timesteps // steps) + offset
 
 
+def linspace_timesteps(num_timesteps, steps):
+    """The "linspace" spacing of diffusers' UniPCMultistepScheduler.set_timesteps (diffusers 0.42.1,
+    schedulers/scheduling_unipc_multistep.py:351-357): the points k (T - 1) / steps for k = steps, ..., 1 (computed as
+    numpy's linspace computes them, k times the spacing) rounded half to even; k = 0 is left out and no steps_offset
+    is added. T = 1000, 20 steps: 999, 949, 899, .., 549, 500, 450, .., 50. -> (steps,) int64, descending"""
+    if not 1 <= steps < num_timesteps:
+        raise ValueError(f"{steps} linspace steps do not fit in {num_timesteps} timesteps (1 .. {num_timesteps - 1})")
+    k = torch.arange(steps, 0, -1, dtype=torch.float64)
+    return (k * ((num_timesteps - 1) / steps)).round().long()
+
+
 def respaced_timesteps(num_timesteps, count):
     """The timesteps ADM's and DiT's `space_timesteps(num_timesteps, str(count))` keep (one section): round(i * stride)
     for i < count, stride = (T - 1) / (count - 1), summed and rounded as they do (Python's round, half to even), so the
@@ -201,4 +214,73 @@ def ddpm_ancestral(denoise, noise, schedule, prediction="eps", model_dtype=torch
         else:
             std = schedule.posterior_variance(t).sqrt()
         x = mean + std * randn_like(x)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion Models")
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _unipc_weights(ratios, hh):
+    """The weights rho_k of the differences D_k with ratios r_k (UniPC's order conditions, Theorem 3.1 / Corollary 3.2):
+    the Vandermonde system sum_k rho_k r_k^(j-1) = b_j, j = 1..K, with b_j = j! hh phi_{j+1}(hh) / B(hh),
+    phi_1(z) = (e^z - 1) / z, phi_{j+1}(z) = (phi_j(z) - 1 / j!) / z, B(hh) = e^hh - 1 ("bh2" of the UniPC release
+    and diffusers). One difference takes rho = 1/2 instead, as the UniPC release and diffusers do for the order-2
+    predictor and the order-1 corrector (scheduling_unipc_multistep.py:938 and :1076). hh: minus the step in log-SNR
+    (x0 prediction)."""
+    if len(ratios) <= 1:
+        return [0.5] * len(ratios)
+    b_of_h = torch.expm1(hh)
+    g = b_of_h / hh - 1  # hh phi_2(hh)
+    factorial, b = 1, []
+    for j in range(1, len(ratios) + 1):
+        b.append(g * factorial / b_of_h)  # j! hh phi_{j+1}(hh) / B(hh)
+        factorial *= j + 1
+        g = g / hh - 1 / factorial  # hh phi_{j+2}(hh)
+    r = torch.stack(ratios)
+    return torch.linalg.solve(torch.stack([r ** power for power in range(len(ratios))]), torch.stack(b))
+
+
+def _unipc_update(x, s, t, x0, others, alpha, sigma, lam):
+    """One UniPC step in its data-prediction form from grid point s to t (log-SNR lam, h = lam_t - lam_s):
+        x_t = (sigma_t / sigma_s) x_s - alpha_t (e^-h - 1) (x0_s + sum_k rho_k D_k),  D_k = (x0_k - x0_s) / r_k,
+    r_k = (lam_k - lam_s) / h for the points k in `others`. UniP (the predictor): the earlier points; UniC (the
+    corrector): the earlier points and t itself (r = 1), whose x0 comes from the network at the predicted x_t.
+    Without differences this is DDIM written in x0 (DPM-Solver++(1)); B(h) = e^-h - 1 multiplies the sum (bh2)."""
+    h = lam[t] - lam[s]
+    ratios = [(lam[k] - lam[s]) / h for k in others]
+    weights = _unipc_weights(ratios, -h)
+    correction = sum(w * (x0[k] - x0[s]) / r for w, r, k in zip(weights, ratios, others))
+    return sigma[t] / sigma[s] * x - alpha[t] * torch.expm1(-h) * (x0[s] + correction)
+
+
+@torch.no_grad()
+def unipc(denoise, noise, schedule, timesteps, prediction="eps", model_dtype=torch.float32, order=2):
+    """Multistep UniPC (Zhao et al. 2023): UniP-p predicts x at the next timestep from the x0 estimates of the last p
+    points; once the network has seen that prediction, UniC-p corrects it with the new x0 estimate (one network
+    evaluation a step: the next predictor starts from the corrected sample with the x0 estimate the network made at
+    the uncorrected one). The
+    configuration is what diffusers' UniPCMultistepScheduler.from_config(SD1.5's scheduler config) yields (0.42.1,
+    schedulers/scheduling_unipc_multistep.py: defaults :206-223, step :1153-1232): order 2, predict_x0 (the history
+    holds x0 estimates, :795-800), solver_type bh2 (B(h) = e^h - 1, :921), lower_order_final (order min(order, i + 1,
+    n - i) at step i: one at the first and the last, :1208-1213), no step without corrector (disable_corrector [],
+    the corrector at every step after the first, :1188), final sigma 0 (final_sigmas_type "zero", :458): the last step
+    lands on the x0 estimate. The grid points are `timesteps` (linspace_timesteps for the diffusers configuration)
+    and the end point abar = 1. Network evaluations: len(timesteps).
+    The releases pin no diffusers version (requirements.txt: `diffusers`). Before diffusers PR #7517 (April 2024,
+    `final_sigmas_type`) the end point repeated the last timestep's sigma, so the last update was a zero-length step
+    and the sample kept that timestep's noise; with a diffusers of that time their images differ from these there."""
+    abar = torch.cat([schedule.abar(torch.as_tensor(timesteps)), torch.ones(1, dtype=torch.float64)])  # (n + 1,)
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = alpha.log() - sigma.log()  # log-SNR / 2; +inf at the end point
+    steps = len(timesteps)
+    x, x0, previous = noise.to(torch.float64), [], None
+    for i, t in enumerate(timesteps):
+        x0.append(schedule.x0_eps(x, _call(denoise, x, t, model_dtype), int(t), prediction)[0])
+        if previous is not None:  # UniC: correct the predicted x with its own x0 estimate
+            x_start, used = previous
+            x = _unipc_update(x_start, i - 1, i, x0, [*used, i], alpha, sigma, lam)
+        used = [i - k for k in range(1, min(order, i + 1, steps - i))]  # UniP: the earlier points it uses
+        previous = (x, used)
+        x = _unipc_update(x, i, i + 1, x0, used, alpha, sigma, lam)
     return x

@@ -1,13 +1,16 @@
 """Text-to-image sampling with Stable Diffusion 1.5 steered by a ControlNet, from the released weights.
 
-    prompts --tokenizer, CLIP text encoder--> context (B, 77, 768); the empty prompt's context is CFG's null
-    noise (B, 4, S/8, S/8) --DDIM over SD's "leading" timesteps, eps = UNet(x, t, context, ControlNet residuals)-->
+    prompts --tokenizer, CLIP text encoder--> context (B, 77, 768); CFG's null: the empty or a negative prompt's
+    noise (B, 4, S/8, S/8) --DDIM or UniPC, eps = UNet(x, t, context, ControlNet residuals)-->
     latents --/ 0.18215, VAE decoder--> images (B, 3, S, S) in [-1, 1]
 
-The sampler is SD1.5's scheduler as its scheduler_config sets diffusers' DDIMScheduler: 1000 training steps with
-scaled_linear betas 0.00085 .. 0.012 (ref.schedules), timestep_spacing "leading" with steps_offset 1 (50 steps: 981,
-961, .., 1; ref.samplers.leading_timesteps) and set_alpha_to_one False: the last step goes from t = 1 to abar_0, not
-to the x0 estimate. eta 0. Classifier-free guidance (Ho & Salimans 2022) on the text, eps = eps_null + w (eps_text -
+Two samplers, each as diffusers sets it up from SD1.5's scheduler_config (1000 training steps with scaled_linear
+betas 0.00085 .. 0.012, ref.schedules): "ddim", DDIMScheduler: timestep_spacing "leading" with steps_offset 1 (50
+steps: 981, 961, .., 1; ref.samplers.leading_timesteps) and set_alpha_to_one False: the last step goes from t = 1 to
+abar_0, not to the x0 estimate; eta 0. "unipc", UniPCMultistepScheduler.from_config (the ControlNet++ and InnerControl
+evaluation): multistep UniPC of order 2 with B(h) = e^h - 1 on x0 estimates, timestep_spacing "linspace" (20 steps:
+999, 949, .., 50; ref.samplers.linspace_timesteps), the last step to the x0 estimate (ref.samplers.unipc).
+Classifier-free guidance (Ho & Salimans 2022) on the text, eps = eps_null + w (eps_text -
 eps_null), with the control in both branches (lllyasviel/ControlNet's samplers; ControlNet++'s evaluation); the
 ControlNet's residuals are multiplied by the control scale (ControlNet 1.1's "control strength"). The control image is
 RGB in [0, 1] (the ControlNet releases feed the annotator's map / 255), at the image size, 8x the latent side.
@@ -16,8 +19,8 @@ A set of prompt / control pairs (read_pairs: a prompt file and control images; m
 folder of ref/control_data.py, its captions and the hints its ControlNets are trained on) is sampled as sample.py sd15
 describes: sample i follows pair i // seeds_per_prompt from noise seeded with seed + i, rank r taking samples r, r + W.
 
-The networks run in their own dtype; the DDIM state and the timesteps stay in float64 / float32 (a bf16 timestep would
-round 981 to 980).
+The networks run in their own dtype; the sampler state and the timesteps stay in float64 / float32 (a bf16 timestep
+would round 981 to 980).
 """
 import functools
 import json
@@ -33,7 +36,7 @@ from ref import clip, controlnet, runtime, sd_checkpoints, unet, vae
 from ref.control_data import ControlDataset
 from ref.data import read_image, to_uint8
 from ref.guidance import controlled_denoiser
-from ref.samplers import ddim, leading_timesteps
+from ref.samplers import ddim, leading_timesteps, linspace_timesteps, unipc
 from ref.schedules import DDPMSchedule
 
 TRAINING_TIMESTEPS = 1000
@@ -66,8 +69,22 @@ def sd15_schedule():
     return DDPMSchedule.named("scaled_linear", TRAINING_TIMESTEPS)
 
 
-def sampling_timesteps(steps):
-    """SD1.5's DDIM timesteps for `steps` steps (leading spacing, steps_offset 1), descending. (steps,) int64"""
+SAMPLERS = ("ddim", "unipc")
+# What each sampler does beyond its name and timesteps, for a run's settings.json.
+SAMPLER_SETTINGS = {"ddim": dict(eta=0.0, timestep_spacing="leading", final_abar="abar_0"),
+                    "unipc": dict(order=2, solver_type="bh2", prediction="x0",
+                                  timestep_spacing="linspace", final_abar=1.0)}
+
+
+def sampling_timesteps(steps, sampler="ddim"):
+    """The timesteps of `steps` steps, descending. (steps,) int64
+    ddim: DDIMScheduler.from_config(SD1.5's config): leading spacing with steps_offset 1 (50 steps: 981, .., 1).
+    unipc: UniPCMultistepScheduler.from_config(SD1.5's config): linspace spacing (20 steps: 999, 949, .., 50).
+    UniPC's spacing is its own default: SD1.5's scheduler config names no timestep_spacing, so the PNDMScheduler it
+    builds records its "leading" as a default, and from_config drops recorded defaults (diffusers 0.42.1
+    configuration_utils.py:491-492); steps_offset 1 is passed on but unused by linspace."""
+    if sampler == "unipc":
+        return linspace_timesteps(TRAINING_TIMESTEPS, steps)
     return leading_timesteps(TRAINING_TIMESTEPS, steps, STEPS_OFFSET)
 
 
@@ -110,13 +127,20 @@ def check_tokenizer(tokenizer, text_encoder):
 
 
 @torch.no_grad()
-def generate(networks, context, null_context, hint, noise, steps=50, cfg_scale=7.5, control_scale=1.0):
+def generate(networks, context, null_context, hint, noise, steps=50, cfg_scale=7.5, control_scale=1.0,
+             sampler="ddim"):
     """Images (B, 3, S, S) in [-1, 1] (float32, unclamped) from latent noise (B, 4, S/8, S/8): DDIM (eta 0) over the
-    leading timesteps, the last step to abar_0 (set_alpha_to_one False), then the VAE decoder on latents / scale."""
+    leading timesteps, the last step to abar_0 (set_alpha_to_one False), or UniPC (order 2, bh2) over the linspace
+    timesteps, the last step to the x0 estimate; then the VAE decoder on latents / scale. null_context: CFG's
+    unconditional branch, the empty prompt's or a negative prompt's context."""
     schedule = sd15_schedule()
     denoise = controlled_denoiser(networks.unet, networks.controlnet, context, null_context, hint, cfg_scale,
                                   control_scale)
-    latents = ddim(denoise, noise, schedule, sampling_timesteps(steps), final_abar=schedule.abar(0))  # (B, 4, h, w)
+    timesteps = sampling_timesteps(steps, sampler)
+    if sampler == "unipc":
+        latents = unipc(denoise, noise, schedule, timesteps)  # (B, 4, h, w)
+    else:
+        latents = ddim(denoise, noise, schedule, timesteps, final_abar=schedule.abar(0))
     autoencoder = networks.autoencoder
     dtype = next(autoencoder.parameters()).dtype
     return autoencoder.decode((latents / autoencoder.scaling_factor).to(dtype)).float()
@@ -132,7 +156,8 @@ CONTROL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 class PairSampling(NamedTuple):
     """How sd15_share samples the pairs (sample.py sd15's flags of the same names)."""
     size: int  # image side in pixels
-    steps: int  # DDIM steps
+    sampler: str  # ddim or unipc
+    steps: int  # sampler steps
     cfg: float  # CFG weight, 1: off
     control_scale: float  # multiplies the ControlNet's residuals
     seeds_per_prompt: int
@@ -228,7 +253,7 @@ def sd15_share(settings, networks, hints, tokens, null_tokens, world):
         context = networks.text_encoder(tokens[pair_indices].to(world.device))  # (n, 77, D)
         noise = runtime.SampleDraws(settings.seed + int(i) for i in batch).randn(4, side, side).to(world.device)
         images = generate(networks, context, null_context, hint, noise, settings.steps, settings.cfg,
-                          settings.control_scale)
+                          settings.control_scale, settings.sampler)
         outputs.append(to_uint8(images.cpu()))
     return indices, np.concatenate(outputs)
 

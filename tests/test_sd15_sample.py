@@ -19,7 +19,7 @@ from ref.safetensors import save_file
 from ref.sd_checkpoints import save_diffusers
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
-from ref.tokenizer import clip_vocabulary
+from ref.tokenizer import CLIPTokenizer, clip_vocabulary
 from tests.helpers import randomise, write_folder, write_image
 
 torch.set_num_threads(1)
@@ -229,9 +229,9 @@ def test_long_prompts_are_cut_with_a_warning_naming_them(files, tmp_path, capsys
     (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(prompt=long_prompt, control="0.png")) + "\n")
     argv = sd15_argv(files, tmp_path / "out", "--controlnet-plus-plus")
     argv[argv.index("--prompts") + 1] = tmp_path / "pairs.jsonl"
-    with pytest.raises(SystemExit):  # the protocol's 50 steps at 512 px are too slow here: its refusal instead
+    with pytest.raises(SystemExit):  # the protocol at 512 px is slow here: its refusal of --size 64 instead
         run_sd15(argv)
-    assert "--controlnet-plus-plus fixes --steps 50, got 3" in capsys.readouterr().err
+    assert "--controlnet-plus-plus fixes --size 512, got 64" in capsys.readouterr().err
     argv.remove("--controlnet-plus-plus")
     run_sd15(argv)
     err = capsys.readouterr().err
@@ -309,4 +309,85 @@ def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(case, files, t
     err = capsys.readouterr().err
     assert exit_info.value.code == 2
     assert err.startswith("error: ") and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# UniPC, the negative prompt and the releases' evaluation preset
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_unipc_samples_over_its_linspace_timesteps_and_differs_from_ddim(files, tmp_path):
+    for sampler in ("unipc", "ddim"):
+        run_sd15(sd15_argv(files, tmp_path / sampler, "--sampler", sampler, "--cfg", "3"))
+    settings = json.loads((tmp_path / "unipc" / "settings.json").read_text())
+    assert settings["sampler"] == "unipc" and settings["timesteps"] == [999, 666, 333]  # round(k * 333), k = 3, 2, 1
+    assert settings["network_evaluations_per_sample"] == 6 and settings["final_abar"] == 1.0
+    unipc_images, ddim_images = (np.load(tmp_path / name / "samples.npz")["arr_0"] for name in ("unipc", "ddim"))
+    assert unipc_images.shape == ddim_images.shape == (3, 64, 64, 3)
+    assert np.abs(unipc_images.astype(int) - ddim_images).mean() > 1
+
+
+def test_the_negative_prompt_s_tokens_are_cfg_s_unconditional_branch(files, tmp_path, monkeypatch):
+    """sample.py hands sd15_share the tokens of --negative-prompt (default: the empty prompt) as CFG's null branch;
+    test_cfg_weight_one_runs_the_text_branch_alone_and_otherwise_both checks that branch's effect."""
+    null_tokens, share = [], text_to_image.sd15_share
+
+    def recorded_share(settings, networks, hints, tokens, null, world):
+        null_tokens.append(null)
+        return share(settings, networks, hints, tokens, null, world)
+    monkeypatch.setattr(text_to_image, "sd15_share", recorded_share)
+    run_sd15(sd15_argv(files, tmp_path / "negative", "--steps", "1", "--negative-prompt", "a cat"))
+    run_sd15(sd15_argv(files, tmp_path / "empty", "--steps", "1"))
+    tokenizer = CLIPTokenizer.from_path(files / "vocab.txt.gz")
+    assert torch.equal(null_tokens[0], tokenizer(["a cat"])) and torch.equal(null_tokens[1], tokenizer([""]))
+    assert not torch.equal(null_tokens[0], null_tokens[1])
+    assert json.loads((tmp_path / "negative" / "settings.json").read_text())["negative_prompt"] == "a cat"
+
+
+def test_the_releases_evaluation_preset_runs_end_to_end(files, tmp_path, monkeypatch):
+    """--controlnet-plus-plus: UniPC 20 steps, CFG 7.5, the negative prompt, 4 images a prompt from seed 42 + i,
+    512 px (run at 64 px here: 512 px takes minutes on the tiny networks); --sampler ddim takes 50 steps."""
+    (tmp_path / "pairs.jsonl").write_text(json.dumps(dict(prompt="a cat", control=str(files / "controls" / "0.png")))
+                                          + "\n")
+    common = ["sd15", "--architecture", "tiny", "--sd15", files / "sd15.safetensors", "--controlnet",
+              files / "control.pth", "--tokenizer", files / "vocab.txt.gz", "--prompts", tmp_path / "pairs.jsonl"]
+    args = sample.parse_sd15_args(list(map(str, [*common[1:], "--controlnet-plus-plus", "--sampler", "ddim"])))
+    sample.resolve_sd15_settings(args)
+    assert (args.sampler, args.steps, args.seed, args.size) == ("ddim", 50, 42, 512)
+    monkeypatch.setitem(sample.CONTROLNET_PLUS_PLUS, "size", 64)
+    run_sd15([*common, "--controlnet-plus-plus", "--out", tmp_path / "preset"])
+    settings = json.loads((tmp_path / "preset" / "settings.json").read_text())
+    assert {key: settings[key] for key in ("sampler", "steps", "cfg", "negative_prompt", "seed", "seeds_per_prompt",
+                                           "size", "num_samples")} == dict(
+        sampler="unipc", steps=20, cfg=7.5, negative_prompt="worst quality, low quality", seed=42, seeds_per_prompt=4,
+        size=64, num_samples=4)
+    assert settings["timesteps"] == text_to_image.sampling_timesteps(20, "unipc").tolist()
+    with np.load(tmp_path / "preset" / "samples.npz") as npz:
+        images = npz["arr_0"]
+        assert images.shape == (4, 64, 64, 3) and npz["arr_1"].tolist() == [0, 0, 0, 0]
+    run_sd15([*common, "--sampler", "unipc", "--seed", "44", "--negative-prompt",
+              "worst quality, low quality", "--size", "64", "--out", tmp_path / "flags"])
+    alone = np.load(tmp_path / "flags" / "samples.npz")["arr_0"][0].astype(int)  # seed 44 = 42 + 2: image 2
+    assert np.abs(alone - images[2]).max() <= 1 and np.abs(alone - images[1]).mean() > 1  # float rounding by rows
+
+
+def without(argv, *flags):
+    """argv less each flag and its value."""
+    drop = {index + offset for index, item in enumerate(argv) if item in flags for offset in (0, 1)}
+    return [item for index, item in enumerate(argv) if index not in drop]
+
+
+@pytest.mark.parametrize("extra, dropped, message", [
+    (("--sampler", "unipc", "--steps", "1000"), ("--steps",),
+     "1000 linspace steps do not fit in 1000 timesteps (1 .. 999)"),
+    (("--controlnet-plus-plus", "--sampler", "ddim", "--steps", "20"), ("--steps", "--size"),
+     "--controlnet-plus-plus fixes --steps 50 for --sampler ddim, got 20"),
+    (("--controlnet-plus-plus", "--negative-prompt", ""), ("--steps", "--size"),
+     "--controlnet-plus-plus fixes --negative-prompt 'worst quality, low quality', got ''"),
+], ids=["unipc-steps", "preset-ddim-steps", "preset-negative-prompt"])
+def test_bad_sampler_settings_exit_2_with_one_error_line(extra, dropped, message, files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_sd15([*without(sd15_argv(files, tmp_path / "out"), *dropped), *extra])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == f"error: {message}\n"
     assert not (tmp_path / "out").exists()
