@@ -79,7 +79,6 @@ def load_networks(architecture, sd15_file, controlnet_file, dtype=torch.float32,
     base model (SD2, SDXL, another width) or networks that do not fit together raise a ValueError naming what was
     found. -> Networks, frozen, in eval mode, in `dtype`, on the CPU"""
     builds = ARCHITECTURES[architecture] | sd_checkpoints.folder_builds(sd15_file, controlnet_file)
-    controlnet_weights = sd_checkpoints.weights_path(controlnet_file, variant)
     with torch.device("meta"):
         networks = Networks(**{name: build() for name, build in builds.items()})
     check_fit(networks)
@@ -89,7 +88,7 @@ def load_networks(architecture, sd15_file, controlnet_file, dtype=torch.float32,
     except ValueError as error:
         raise ValueError(f"SD1.5 file: {error}") from None
     try:
-        sd_checkpoints.load(networks.controlnet, controlnet_weights)
+        sd_checkpoints.load(networks.controlnet, sd_checkpoints.weights_path(controlnet_file, variant))
     except ValueError as error:
         raise ValueError(f"ControlNet file: {error}") from None
     for network in networks:
