@@ -20,8 +20,8 @@ The vocabulary is read from the user's files, in any of these layouts:
 
 Cleaning (CLIP's simple_tokenizer.py: basic_clean = ftfy.fix_text, then html.unescape twice, then whitespace_clean
 and lower()). Of ftfy.fix_text's steps (ftfy 6.3, its default TextFixerConfig, in its order) these are written here,
-in `repair`: unescape_html (only when the text holds no "<", as ftfy's "auto"; stdlib html.unescape here, ftfy also
-reads a few all-caps entity names), fix_latin_ligatures (ﬁ -> fi, ĳ -> ij, ...: the NFKC letters, but ﬅ -> ſt),
+in `repair`: unescape_html (on the lines before the first line holding a "<", as ftfy's "auto"; stdlib
+html.unescape here, ftfy also reads a few all-caps entity names), fix_latin_ligatures (ﬁ -> fi, ĳ -> ij, ...: the NFKC letters, but ﬅ -> ſt),
 fix_character_width (full-width and half-width forms U+FF01-U+FFEF to their NFKC form, U+3000 to a space),
 uncurl_quotes (U+02BC and U+2018-U+201B -> ', U+201C-U+201F -> "), remove_control_chars (U+0000-0008, 000B,
 000E-001F, 007F, 206A-206F, FEFF, FFF9-FFFC deleted) and its NFC normalisation. Not written: the mojibake repairs
@@ -94,10 +94,12 @@ REPAIRS = {**QUOTES, **CONTROL_CHARACTERS,
 
 def repair(text):
     """The part of ftfy.fix_text (CLIP's basic_clean) that changes CLIP's tokens (see the module docstring): HTML
-    entities unescaped when the text holds no "<", ligatures and full-width forms folded, curly quotes straightened,
-    control characters deleted, NFC."""
-    if "<" not in text:
-        text = html.unescape(text)
+    entities unescaped on the lines before the first line holding a "<" (ftfy fixes line by line and stops unescaping
+    at such a line), ligatures and full-width forms folded, curly quotes straightened, control characters deleted,
+    NFC."""
+    head, tag, _ = text.partition("<")
+    cut = head.rfind("\n") + 1 if tag else len(text)  # the start of the first line holding "<"
+    text = html.unescape(text[:cut]) + text[cut:]
     return unicodedata.normalize("NFC", text.translate(REPAIRS))
 
 

@@ -79,6 +79,35 @@ def write_folder(folder, task, samples=4, width=None, height=None, size=16, clas
     return folder
 
 
+# Text -> what CLIP's cleaning gives (openai/CLIP simple_tokenizer.py: ftfy.fix_text, html.unescape twice, whitespace
+# collapsed, lower()), written out here; ftfy 6.3.1 gave each (tests/parity/test_tokenizer_parity.py checks them).
+TEXT_KINDS = {
+    "ascii": ("A photo of a cat, 4K!", "a photo of a cat, 4k!"),
+    "straight contraction": ("don't stop, it's the dog's", "don't stop, it's the dog's"),
+    "curly contraction": ("don\u2019t stop, it\u2019s the dog\u2019s", "don't stop, it's the dog's"),
+    "curly quotes": ("a sign saying \u201copen\u201d and \u2018closed\u2019", "a sign saying \"open\" and 'closed'"),
+    "precomposed accents": ("Caf\u00e9 cr\u00e8me", "caf\u00e9 cr\u00e8me"),
+    "combining accents": ("Cafe\u0301 cre\u0300me", "caf\u00e9 cr\u00e8me"),
+    "cjk": ("東京の夜景、寿司と라면", "東京の夜景、寿司と라면"),
+    "greek": ("Ελληνικό ΝΗΣΙ", "ελληνικό νησι"),
+    "cyrillic": ("Привет, МИР", "привет, мир"),
+    "arabic": ("مرحبا بالعالم", "مرحبا بالعالم"),
+    "emoji": ("a cat \U0001f431 in a hat \U0001f3a9 \U0001f44d\U0001f3fd",
+              "a cat \U0001f431 in a hat \U0001f3a9 \U0001f44d\U0001f3fd"),
+    "entities": ("Tom &amp; Jerry &lt;3 &quot;hi&quot;", "tom & jerry <3 \"hi\""),
+    "double-escaped entity": ("fish &amp;amp; chips", "fish & chips"),
+    "entity of a curly quote": ("it&rsquo;s &ldquo;fine&rdquo;", "it's \"fine\""),
+    "entity beside a tag": ("<b>bold</b> it&rsquo;s", "<b>bold</b> it\u2019s"),  # ftfy leaves text with "<" escaped
+    "ligatures": ("\ufb01ne \ufb02our, \ufb00 \ufb03 \ufb04 \ufb05 \ufb06 \u0132ssel \u0149",
+                  "fine flour, ff ffi ffl \u017ft st ijssel 'n"),
+    "full-width": ("１２３ ＡＢＣ！ ｃａｔ", "123 abc! cat"),
+    "half-width and ideographic space": ("ﾃｽﾄ\u3000ｶﾞ", "テスト ガ"),
+    "control characters": ("\ufeffa\x07 cat\x00 sat\u2060\u206a", "a cat sat\u2060"),
+    "whitespace": ("  a\tcat\n\nsat\u2028on  a\xa0mat  ", "a cat sat on a mat"),
+    "numbers and punctuation": ("3.5 kg... 42% (x\u00b2) \u00bd \u216b", "3.5 kg... 42% (x\u00b2) \u00bd \u217b"),
+}
+
+
 def write_tokenizer_json(folder, vocabulary, merges, pairs=True, model_type="BPE"):
     """tokenizer.json as transformers 5's CLIPTokenizer.save_pretrained writes it (the tokenizers library's format):
     merges as [a, b] pairs (older files: "a b" strings), the start and end tokens as added tokens."""

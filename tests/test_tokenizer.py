@@ -9,7 +9,7 @@ import unicodedata
 import pytest
 
 from ref.tokenizer import CLIPTokenizer, bytes_to_unicode, clean, pre_tokenizer
-from tests.helpers import write_tokenizer_json
+from tests.helpers import TEXT_KINDS, write_tokenizer_json
 
 # Ranks 0..5. "cat": c a t</w> -> (c, a) rank 0 first -> ca t</w> -> cat</w>; merging (a, t</w>) first would end at
 # c at</w>. "aaaa": (a, a) merged left to right, not overlapping: aa a a</w>.
@@ -91,35 +91,6 @@ def test_tokenizer_json_of_another_model_is_refused(tmp_path):
     (tmp_path / "t5" / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
     with pytest.raises(ValueError, match=r"expected a tokenizers-library file whose \"model\" holds a BPE"):
         CLIPTokenizer.from_path(folder)
-
-
-# Text -> what CLIP's cleaning gives (openai/CLIP simple_tokenizer.py: ftfy.fix_text, html.unescape twice, whitespace
-# collapsed, lower()), written out here; ftfy 6.3.1 gave each (tests/parity/test_tokenizer_parity.py checks them).
-TEXT_KINDS = {
-    "ascii": ("A photo of a cat, 4K!", "a photo of a cat, 4k!"),
-    "straight contraction": ("don't stop, it's the dog's", "don't stop, it's the dog's"),
-    "curly contraction": ("don\u2019t stop, it\u2019s the dog\u2019s", "don't stop, it's the dog's"),
-    "curly quotes": ("a sign saying \u201copen\u201d and \u2018closed\u2019", "a sign saying \"open\" and 'closed'"),
-    "precomposed accents": ("Caf\u00e9 cr\u00e8me", "caf\u00e9 cr\u00e8me"),
-    "combining accents": ("Cafe\u0301 cre\u0300me", "caf\u00e9 cr\u00e8me"),
-    "cjk": ("東京の夜景、寿司と라면", "東京の夜景、寿司と라면"),
-    "greek": ("Ελληνικό ΝΗΣΙ", "ελληνικό νησι"),
-    "cyrillic": ("Привет, МИР", "привет, мир"),
-    "arabic": ("مرحبا بالعالم", "مرحبا بالعالم"),
-    "emoji": ("a cat \U0001f431 in a hat \U0001f3a9 \U0001f44d\U0001f3fd",
-              "a cat \U0001f431 in a hat \U0001f3a9 \U0001f44d\U0001f3fd"),
-    "entities": ("Tom &amp; Jerry &lt;3 &quot;hi&quot;", "tom & jerry <3 \"hi\""),
-    "double-escaped entity": ("fish &amp;amp; chips", "fish & chips"),
-    "entity of a curly quote": ("it&rsquo;s &ldquo;fine&rdquo;", "it's \"fine\""),
-    "entity beside a tag": ("<b>bold</b> it&rsquo;s", "<b>bold</b> it\u2019s"),  # ftfy leaves text with "<" escaped
-    "ligatures": ("\ufb01ne \ufb02our, \ufb00 \ufb03 \ufb04 \ufb05 \ufb06 \u0132ssel \u0149",
-                  "fine flour, ff ffi ffl \u017ft st ijssel 'n"),
-    "full-width": ("１２３ ＡＢＣ！ ｃａｔ", "123 abc! cat"),
-    "half-width and ideographic space": ("ﾃｽﾄ\u3000ｶﾞ", "テスト ガ"),
-    "control characters": ("\ufeffa\x07 cat\x00 sat\u2060\u206a", "a cat sat\u2060"),
-    "whitespace": ("  a\tcat\n\nsat\u2028on  a\xa0mat  ", "a cat sat on a mat"),
-    "numbers and punctuation": ("3.5 kg... 42% (x\u00b2) \u00bd \u216b", "3.5 kg... 42% (x\u00b2) \u00bd \u217b"),
-}
 
 
 @pytest.mark.parametrize("kind", TEXT_KINDS)
