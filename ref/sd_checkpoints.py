@@ -365,8 +365,9 @@ OTHER_CONTEXTS = {1024: "SD2's OpenCLIP ViT-H context", 2048: "SDXL's two-encode
 VAE_FIXED = {
     "in_channels": (3, "another image channel count"), "out_channels": (3, "another image channel count"),
     "act_fn": ("silu", "another activation"), "norm_num_groups": (32, "another GroupNorm"),
-    "shift_factor": (None, "a latent shift (SD3 / Flux's VAE)"), "latents_mean": (None, "per-channel latent statistics"),
-    "latents_std": (None, "per-channel latent statistics"), "use_quant_conv": (True, "no quant_conv"),
+    "shift_factor": (None, "a latent shift (SD3 / Flux's VAE)"),
+    "latents_mean": (None, "per-channel latent statistics"), "latents_std": (None, "per-channel latent statistics"),
+    "use_quant_conv": (True, "no quant_conv"),
     "use_post_quant_conv": (True, "no post_quant_conv"), "mid_block_add_attention": (True, "no middle attention"),
 }
 CLIP_FIXED = {"hidden_act": ("quick_gelu", "GELU, SD2's OpenCLIP text encoder")}

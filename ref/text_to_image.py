@@ -237,8 +237,9 @@ def sd15_share(settings, networks, hints, tokens, null_tokens, world):
     """This rank's samples r, r + W, ..: sample i follows pair i // seeds_per_prompt from latent noise seeded with
     seed + i; the prompts' context with settings.clip_skip, the empty prompt's from the last layer, as diffusers'
     encode_prompt applies clip_skip to the prompt only (pipeline_controlnet.py, encode_prompt: the negative prompt's
-    embeddings are the text encoder's output [0]). settings: PairSampling (or an object with its fields); hints: hint(p) -> pair p's control (3, S, S) in
-    [0, 1] (file_hints, metadata_pairs); tokens: (P, 77) of the prompts, null_tokens (1, 77) of the empty one.
+    embeddings are the text encoder's output [0]). settings: PairSampling (or an object with its fields); hints:
+    hint(p) -> pair p's control (3, S, S) in [0, 1] (file_hints, metadata_pairs); tokens: (P, 77) of the prompts,
+    null_tokens (1, 77) of the empty one.
     -> (indices, images (n, S, S, 3) uint8)"""
     num_samples = len(tokens) * settings.seeds_per_prompt
     side = latent_side(networks, settings.size)

@@ -19,15 +19,19 @@ The vocabulary is read from the user's files, in any of these layouts:
   ("a b" strings or [a, b] pairs), and "added_tokens" the start and end tokens' ids.
 
 Cleaning (CLIP's simple_tokenizer.py: basic_clean = ftfy.fix_text, then html.unescape twice, then whitespace_clean
-and lower()). Of ftfy.fix_text's steps (ftfy 6.3, its default TextFixerConfig, in its order) these are written here,
-in `repair`: unescape_html (on the lines before the first line holding a "<", as ftfy's "auto"; stdlib
-html.unescape here, ftfy also reads a few all-caps entity names), fix_latin_ligatures (ﬁ -> fi, ĳ -> ij, ...: the NFKC letters, but ﬅ -> ſt),
-fix_character_width (full-width and half-width forms U+FF01-U+FFEF to their NFKC form, U+3000 to a space),
-uncurl_quotes (U+02BC and U+2018-U+201B -> ', U+201C-U+201F -> "), remove_control_chars (U+0000-0008, 000B,
-000E-001F, 007F, 206A-206F, FEFF, FFF9-FFFC deleted) and its NFC normalisation. Not written: the mojibake repairs
-(fix_encoding, fix_c1_controls: "cafÃ©" stays as it is), terminal escapes and surrogates; its line-break fixes only
-make whitespace, which whitespace_clean collapses anyway. tests/parity/test_tokenizer_parity.py checks `clean`
-against CLIP's cleaning with ftfy on the kinds of text in tests/test_tokenizer.py.
+and lower()). Of ftfy.fix_text's steps (ftfy 6.3, its default TextFixerConfig, in its order) these are written
+here, in `repair`:
+- unescape_html on the lines before the first line holding a "<" (ftfy's "auto"; stdlib html.unescape here, ftfy
+  also reads a few all-caps entity names);
+- fix_latin_ligatures: ﬁ -> fi, ĳ -> ij, ... (the NFKC letters, but ﬅ -> ſt);
+- fix_character_width: the full-width and half-width forms U+FF01-U+FFEF to their NFKC form, U+3000 to a space;
+- uncurl_quotes: U+02BC and U+2018-U+201B -> ', U+201C-U+201F -> ";
+- remove_control_chars: U+0000-0008, 000B, 000E-001F, 007F, 206A-206F, FEFF, FFF9-FFFC deleted;
+- its NFC normalisation.
+Not written: the mojibake repairs (fix_encoding, fix_c1_controls: "cafÃ©" stays as it is), terminal escapes and
+surrogates; its line-break fixes only make whitespace, which whitespace_clean collapses anyway.
+tests/parity/test_tokenizer_parity.py checks `clean` against CLIP's cleaning with ftfy on the 21 kinds of text of
+tests/test_tokenizer.py and 2,000 random strings of the characters these repairs touch.
 
 CLIP's pattern uses the `regex` module's \\p{L} / \\p{N}; Python's `re` lacks them, so `pre_tokenizer` builds the
 same classes from \\w, \\d and the Unicode categories Nl / No, as Python's Unicode database

@@ -342,8 +342,8 @@ def diffusers_files(files, tmp_path_factory):
 def folder_argv(files, diffusers_files, out, *extra):
     """sample.py sd15 on the diffusers folders, the default architecture (sd15: the configs, not it, build them)."""
     argv = sd15_argv(files, out, "--variant", "fp16", *extra)
-    for flag, value in (("--architecture", "sd15"), ("--sd15", diffusers_files / "sd"),
-                        ("--controlnet", diffusers_files / "controlnet"), ("--tokenizer", diffusers_files / "tokenizer")):
+    for flag, value in (("--architecture", "sd15"), ("--sd15", diffusers_files / "sd"), ("--controlnet",
+                        diffusers_files / "controlnet"), ("--tokenizer", diffusers_files / "tokenizer")):
         argv = set_flag(argv, flag, value)
     return argv
 

@@ -14,8 +14,9 @@ from ref.checkpoints import read_checkpoint
 from ref.controlnet import CONFIGS, ControlNet
 from ref.controlnet import MODELS as CONTROLNETS
 from ref.safetensors import save_file
-from ref.sd_checkpoints import (controlnet_from_sd15, diffusers_key, ema_key, folder_builds, from_diffusers, load,
-                                load_sd15, save_diffusers, split_sd15, to_diffusers)
+from ref.sd_checkpoints import (clip_arguments, controlnet_from_sd15, diffusers_config, diffusers_key, ema_key,
+                                folder_builds, from_diffusers, load, load_sd15, save_diffusers, split_sd15,
+                                to_diffusers, unet_arguments, vae_arguments)
 from ref.unet import MODELS, UNet
 from tests.helpers import (CONFIGS_BY_FOLDER, LAYOUTS, UNET_CONFIG, tiny_sd_networks, write_diffusers_folders,
                            write_weights)
@@ -330,6 +331,32 @@ def network_outputs(networks):
         return [context, *residuals, networks.unet(x, t, context, control=residuals), networks.autoencoder.decode(x)]
 
 
+# The values of stable-diffusion-v1-5's published unet/, vae/ and text_encoder/ config.json (the fields read here).
+SD15_UNET_CONFIG = {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4,
+                    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8,
+                    "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "flip_sin_to_cos": True,
+                    "freq_shift": 0, "norm_eps": 1e-05, "norm_num_groups": 32, "act_fn": "silu",
+                    "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False}
+SD15_VAE_CONFIG = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                   "latent_channels": 4, "in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
+                   "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD15_TEXT_CONFIG = {"architectures": ["CLIPTextModel"], "hidden_size": 768, "intermediate_size": 3072,
+                    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+                    "vocab_size": 49408, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}
+
+
+def test_the_published_sd15_configs_build_the_sd15_presets():
+    assert unet_arguments(SD15_UNET_CONFIG, "unet") == CONFIGS["sd15"] | {"out_channels": 4}
+    assert vae_arguments(SD15_VAE_CONFIG, "vae") == dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4,
+                                                         scaling_factor=0.18215)  # vae.MODELS["sd"]
+    assert clip_arguments(SD15_TEXT_CONFIG, "text_encoder") == clip.CONFIGS["clip-vit-l14"] | dict(mlp_ratio=4,
+                                                                                                    eps=1e-5)
+    controlnet = on_meta(CONTROLNETS["sd15"])  # diffusers_config's ControlNetModel config read back
+    assert unet_arguments(json.loads(json.dumps(diffusers_config(controlnet))), "controlnet") == CONFIGS["sd15"] | dict(
+        hint_channels=3, hint_downsampling=8)
+
+
 @pytest.fixture(scope="module")
 def sd_networks():
     return tiny_sd_networks()
@@ -392,8 +419,8 @@ def test_configs_outside_sd1x_are_refused_by_name(tmp_path, sd_networks, folder,
 
 def test_variants_and_shards_are_refused_naming_what_the_folder_holds(tmp_path, sd_networks):
     sd_folder, controlnet_folder = write_diffusers_folders(tmp_path, sd_networks, "fp16 variant")
-    with pytest.raises(ValueError, match=r"^SD1\.5 file: .*unet is a folder holding none of .* it holds the variant\(s\) fp16: "
-                                         r"choose one \(--variant\)"):
+    with pytest.raises(ValueError, match=r"^SD1\.5 file: .*unet is a folder holding none of .* it holds the "
+                                         r"variant\(s\) fp16: choose one \(--variant\)"):
         text_to_image.load_networks("tiny", sd_folder, controlnet_folder)
     with pytest.raises(ValueError, match=r"holding the bf16 variant of none of"):
         text_to_image.load_networks("tiny", sd_folder, controlnet_folder, variant="bf16")

@@ -93,7 +93,8 @@ def test_sample_py_draws_diffusers_images_from_its_saved_pipeline(tmp_path):
     # CLIPTextModel holds final_layer_norm itself: the same LayerNorm offered under the old path, so that diffusers'
     # own clip-skip code runs.
     text_encoder = pipeline.text_encoder
-    object.__setattr__(text_encoder, "text_model", types.SimpleNamespace(final_layer_norm=text_encoder.final_layer_norm))
+    old_path = types.SimpleNamespace(final_layer_norm=text_encoder.final_layer_norm)
+    object.__setattr__(text_encoder, "text_model", old_path)
     for clip_skip in (0, 1):
         out = tmp_path / f"skip{clip_skip}"
         argv = list(map(str, [
