@@ -37,7 +37,7 @@ def variant_name(name, variant):
 def folder_variants(folder):
     """The variants whose weights a model folder holds (fp16, ...), from its file names."""
     names = [name for weights in FOLDER_WEIGHTS for name in (weights, weights + INDEX_SUFFIX)]
-    patterns = [re.escape(variant_name(name, "@")).replace("@", r"([\w]+)") for name in names]
+    patterns = [re.escape(variant_name(name, "@")).replace("@", r"(\w+)") for name in names]
     return sorted({match[1] for path in folder.iterdir() for pattern in patterns
                    if (match := re.fullmatch(pattern, path.name))})
 
@@ -63,11 +63,12 @@ def read_sharded(index_path):
     the index does not list, raises naming them. -> {key: tensor}"""
     try:
         weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{index_path}: expected a shard index, a JSON object with a \"weight_map\" of tensor names "
                          f"to shard files ({type(error).__name__}: {error})") from None
     tensors = {}
-    for shard in sorted(set(weight_map.values())):
+    for shard in shards:
         contents = read_checkpoint(Path(index_path).parent / shard)
         listed = {key for key, file in weight_map.items() if file == shard}
         missing, extra = sorted(listed - set(contents)), sorted(set(contents) - listed)
