@@ -208,7 +208,16 @@ SD15_HELP = """Text-to-image with Stable Diffusion 1.5 steered by a ControlNet 1
         --tokenizer bpe_simple_vocab_16e6.txt.gz --prompts prompts.txt --controls depth/ [--out DIR] [--steps 50]
         [--sampler ddim|unipc] [--cfg 7.5] [--negative-prompt TEXT] [--control-scale 1.0] [--seeds-per-prompt 1]
         [--seed 0] [--batch-size 4] [--size 512] [--dtype fp32|bf16|fp16] [--png] [--controlnet-plus-plus]
+        [--variant fp16] [--clip-skip N]
     torchrun --nproc_per_node=N sample.py sd15 ...
+
+Weights: --sd15 an SD1.5 single file or a diffusers pipeline folder (unet/, vae/, text_encoder/), --controlnet a
+ControlNet 1.0 / 1.1 file or a diffusers ControlNet folder. A folder's networks are built from its config.json (other
+heads, widths, levels of the SD1.x family; SD2, SDXL and upcast_attention refused by name), its weights read as one
+file or as shards (*.index.json), --variant choosing among *.<variant>.safetensors / .bin. Single files use the SD1.5
+presets. --tokenizer: bpe_simple_vocab_16e6.txt.gz or a tokenizer/ folder (vocab.json + merges.txt, or tokenizer.json).
+--clip-skip N: the prompt's context from layer depth - N (diffusers' clip_skip; the empty prompt's stays the last
+layer's, as in diffusers).
 
 Pairs: --prompts PROMPTS.txt holds one prompt per line, matched in order to the control images of --controls DIR
 sorted by file name (.png, .jpg, .jpeg, .bmp, .webp); the counts must be equal. Or --prompts PAIRS.jsonl, one
@@ -269,8 +278,11 @@ def parse_sd15_args(argv):
                         "or diffusers pipeline folder (unet/, vae/, text_encoder/)")
     parser.add_argument("--controlnet", required=True, help="ControlNet 1.0 / 1.1 file (control_v11f1p_sd15_depth.pth, "
                         "...) or a diffusers ControlNet folder")
-    parser.add_argument("--tokenizer", required=True,
-                        help="CLIP's bpe_simple_vocab_16e6.txt.gz, or a folder holding vocab.json and merges.txt")
+    parser.add_argument("--tokenizer", required=True, help="CLIP's bpe_simple_vocab_16e6.txt.gz, or a folder holding "
+                        "vocab.json and merges.txt or tokenizer.json (a diffusers pipeline's tokenizer/)")
+    parser.add_argument("--variant", help="the weights variant of diffusers folders (fp16: *.fp16.safetensors)")
+    parser.add_argument("--clip-skip", type=int, default=0, help="the prompts' context from the text encoder's layer "
+                        "N before the last, final LayerNorm applied (diffusers' clip_skip; A1111's 'Clip skip' N+1)")
     pairs = parser.add_mutually_exclusive_group(required=True)
     pairs.add_argument("--prompts", help="PROMPTS.txt (one a line) or PAIRS.jsonl (see above)")
     pairs.add_argument("--data-path", help="a metadata.jsonl folder (ref/control_data.py): captions and hints")
@@ -339,8 +351,10 @@ def load_sd15_inputs(args):
         raise ValueError(f"no such file: {', '.join(missing)}")
     pairs, hints = read_sd15_pairs(args)
     tokenizer = CLIPTokenizer.from_path(args.tokenizer)
-    networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype])
+    networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype],
+                                           args.variant)
     text_to_image.check_tokenizer(tokenizer, networks.text_encoder)
+    networks.text_encoder.check_clip_skip(args.clip_skip)
     text_to_image.latent_side(networks, args.size)
     text_to_image.sampling_timesteps(args.steps, args.sampler)
     for pair, (_, path) in enumerate(pairs):  # every control read once: a bad file stops here, not mid-sampling

@@ -1,9 +1,12 @@
 """Reading checkpoint files and checking that a state dict fits a model, shared by every network in ref/.
 
 One reader for every weights file: PyTorch files (.pt / .pth / .ckpt / .bin, torch.load restricted to tensors),
-.safetensors (ref.safetensors, memory-mapped) and a model folder in the diffusers / transformers layout (the weights
-file inside it)."""
+.safetensors (ref.safetensors, memory-mapped), sharded weights (an `*.index.json` naming the shard of every tensor, as
+diffusers' and transformers' save_pretrained write them above max_shard_size) and a model folder in the diffusers /
+transformers layout (the weights file, or the shard index, inside it; a variant such as fp16 named in the file names).
+"""
 import argparse
+import json
 import pickle
 import re
 from pathlib import Path
@@ -18,18 +21,74 @@ EXPECTED = "expected a file written by train.py or torch.save (tensors in plain 
 # The weights file of a model folder as diffusers (first two) and transformers (last two) publish them.
 FOLDER_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin", "model.safetensors",
                   "pytorch_model.bin")
+INDEX_SUFFIX = ".index.json"  # diffusion_pytorch_model.safetensors.index.json: {"weight_map": {key: shard file}}
 
 
-def read_checkpoint(path):
-    """The contents of a weights file: .safetensors -> {name: tensor} (memory-mapped); a folder -> its FOLDER_WEIGHTS
-    file's contents; any other file -> read_torch_file. Every failure is a ValueError naming the file."""
+def variant_name(name, variant):
+    """A weights file name with a variant: the variant goes before the last suffix, as diffusers' _add_variant
+    (utils/hub_utils.py) and transformers name them: model.safetensors -> model.fp16.safetensors,
+    diffusion_pytorch_model.safetensors.index.json -> diffusion_pytorch_model.safetensors.index.fp16.json."""
+    if variant is None:
+        return name
+    stem, _, suffix = name.rpartition(".")
+    return f"{stem}.{variant}.{suffix}"
+
+
+def folder_variants(folder):
+    """The variants whose weights a model folder holds (fp16, ...), from its file names."""
+    names = [name for weights in FOLDER_WEIGHTS for name in (weights, weights + INDEX_SUFFIX)]
+    patterns = [re.escape(variant_name(name, "@")).replace("@", r"(\w+)") for name in names]
+    return sorted({match[1] for path in folder.iterdir() for pattern in patterns
+                   if (match := re.fullmatch(pattern, path.name))})
+
+
+def folder_weights(folder, variant=None):
+    """The weights of a model folder: the first FOLDER_WEIGHTS name present (with `variant` in it, see variant_name)
+    as one file or as a shard index. -> the path of that file or index"""
+    folder = Path(folder)
+    for name in FOLDER_WEIGHTS:
+        for candidate in (variant_name(name, variant), variant_name(name + INDEX_SUFFIX, variant)):
+            if (folder / candidate).is_file():
+                return folder / candidate
+    variants = folder_variants(folder)
+    wanted = f"the {variant} variant of " if variant else ""
+    held = f"; it holds the variant(s) {', '.join(variants)}: choose one (--variant)" if variants else ""
+    raise ValueError(f"{folder} is a folder holding {wanted}none of {', '.join(FOLDER_WEIGHTS)} or their "
+                     f"{INDEX_SUFFIX} shard index (a diffusers or transformers model folder was expected){held}")
+
+
+def read_sharded(index_path):
+    """The tensors of sharded weights: the index's weight_map names the shard file (beside the index) of every key;
+    each shard read once (read_checkpoint: .safetensors memory-mapped). A key its shard lacks, or a shard holding keys
+    the index does not list, raises naming them. -> {key: tensor}"""
+    try:
+        weight_map = json.loads(Path(index_path).read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{index_path}: expected a shard index, a JSON object with a \"weight_map\" of tensor names "
+                         f"to shard files ({type(error).__name__}: {error})") from None
+    tensors = {}
+    for shard in shards:
+        contents = read_checkpoint(Path(index_path).parent / shard)
+        listed = {key for key, file in weight_map.items() if file == shard}
+        missing, extra = sorted(listed - set(contents)), sorted(set(contents) - listed)
+        if missing or extra:
+            raise ValueError(f"{index_path}: shard {shard} does not hold what the index lists: "
+                             f"{len(missing)} missing ({', '.join(missing[:3])}), {len(extra)} unlisted "
+                             f"({', '.join(extra[:3])})")
+        tensors |= contents
+    return tensors
+
+
+def read_checkpoint(path, variant=None):
+    """The contents of a weights file: .safetensors -> {name: tensor} (memory-mapped); a shard index (*.index.json) ->
+    its shards' tensors (read_sharded); a folder -> its weights (folder_weights, `variant` choosing the files); any
+    other file -> read_torch_file. Every failure is a ValueError naming the file."""
     path = Path(path)
     if path.is_dir():
-        inside = next((path / name for name in FOLDER_WEIGHTS if (path / name).is_file()), None)
-        if inside is None:
-            raise ValueError(f"{path} is a folder holding none of {', '.join(FOLDER_WEIGHTS)} (a diffusers or "
-                             f"transformers model folder was expected)")
-        path = inside
+        path = folder_weights(path, variant)
+    if re.search(r"\.index(\.\w+)?\.json$", path.name):
+        return read_sharded(path)
     return load_file(path) if path.suffix == ".safetensors" else read_torch_file(path)
 
 
@@ -100,20 +159,21 @@ def strip_wrappers(key):
     return key
 
 
-def read_expected(path, expected):
+def read_expected(path, expected, variant=None):
     """read_checkpoint, with `expected` (what the caller wants, in words) in every error, a missing path included."""
     if not Path(path).exists():
         raise ValueError(f"{path}: no such file ({expected} expected)")
     try:
-        return read_checkpoint(path)
+        return read_checkpoint(path, variant)
     except ValueError as error:
         raise ValueError(f"{error}; here {expected} were expected") from None
 
 
-def read_state_dict(path, expected, prefer="ema"):
-    """The state dict in a weights file or model folder (read_checkpoint), wrappers stripped (unwrap_state).
-    `expected` (what the caller wants, in words) goes into every error. -> {key: tensor}, {key: the key in the file}"""
-    contents = read_expected(path, expected)
+def read_state_dict(path, expected, prefer="ema", variant=None):
+    """The state dict in a weights file or model folder (read_checkpoint; `variant` chooses a folder's files), wrappers
+    stripped (unwrap_state). `expected` (what the caller wants, in words) goes into every error.
+    -> {key: tensor}, {key: the key in the file}"""
+    contents = read_expected(path, expected, variant)
     if not isinstance(contents, dict):
         raise ValueError(f"{path} holds a {type(contents).__name__}, not a state dict ({expected} expected)")
     return unwrap_state(contents, prefer)

@@ -5,7 +5,9 @@ masked (causal) self-attention; the ViT-L/14 model's text tower is 12 layers wid
 pre-LayerNorm (eps 1e-5): x + attention(LN(x)), then x + MLP(LN(x)), the MLP 768 -> 3072 -> 768 with quick-GELU
 x * sigmoid(1.702 x); a final LayerNorm closes the stack. SD1.5 (ldm FrozenCLIPEmbedder, openai/clip-vit-large-patch14)
 reads `last_hidden_state`, the final LayerNorm's output at all 77 positions, padding included: no mask but the causal
-one, and no pooling or projection.
+one, and no pooling or projection. `encode` gives every layer's hidden state and the pooled output of one forward;
+`forward(tokens, clip_skip)` the context of diffusers' StableDiffusionPipeline.encode_prompt (clip_skip N: the final
+LayerNorm of hidden_states[-(N + 1)], the output of layer depth - N; pipeline_stable_diffusion.py, encode_prompt).
 
 Parameter names are those of the published text encoder (transformers' CLIPTextModel, as in
 openai/clip-vit-large-patch14 and the `text_encoder/` folder of SD1.5's diffusers layout):
@@ -14,6 +16,7 @@ openai/clip-vit-large-patch14 and the `text_encoder/` folder of SD1.5's diffuser
 `load_checkpoint` reads either.
 """
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -87,10 +90,18 @@ class Encoder(nn.Module):
         super().__init__()
         self.layers = nn.ModuleList(EncoderLayer(**layer_config) for _ in range(depth))
 
-    def forward(self, x):  # (B, L, width)
+    def forward(self, x):  # (B, L, width) -> depth + 1 of (B, L, width): x, then every layer's output
+        hidden_states = [x]
         for layer in self.layers:
-            x = layer(x)
-        return x
+            hidden_states.append(layer(hidden_states[-1]))
+        return hidden_states
+
+
+class TextEncoding(NamedTuple):
+    """One forward of the text encoder, as transformers' CLIPTextModel(output_hidden_states=True) returns it."""
+    hidden_states: list  # depth + 1 of (B, L, width): the embeddings, then each layer's output
+    last_hidden_state: torch.Tensor  # (B, L, width): the final LayerNorm of hidden_states[-1]
+    pooled: torch.Tensor  # (B, width): last_hidden_state at each row's end token
 
 
 class TextTransformer(nn.Module):
@@ -101,21 +112,40 @@ class TextTransformer(nn.Module):
         self.encoder = Encoder(depth, width=width, num_heads=num_heads, mlp_ratio=mlp_ratio, eps=eps)
         self.final_layer_norm = nn.LayerNorm(width, eps=eps)
 
-    def forward(self, tokens):  # (B, L) int64, L <= context_length
+    def forward(self, tokens):  # (B, L) int64, L <= context_length -> depth + 1 of (B, L, width)
         if tokens.shape[-1] > self.context_length:
             raise ValueError(f"{tokens.shape[-1]} tokens given; the text encoder has {self.context_length} positions")
-        return self.final_layer_norm(self.encoder(self.embeddings(tokens)))  # (B, L, width)
+        return self.encoder(self.embeddings(tokens))
 
 
 class CLIPTextModel(nn.Module):
-    """tokens (B, L) -> context (B, L, width): the last hidden state after the final LayerNorm."""
+    """tokens (B, L) -> context (B, L, width): the final LayerNorm of the last hidden state, or with clip_skip N of
+    the hidden state N layers before it."""
 
     def __init__(self, vocab_size=49408, context_length=77, width=768, depth=12, num_heads=12, mlp_ratio=4, eps=1e-5):
         super().__init__()
         self.text_model = TextTransformer(vocab_size, context_length, width, depth, num_heads, mlp_ratio, eps)
 
-    def forward(self, tokens):
-        return self.text_model(tokens)
+    def check_clip_skip(self, clip_skip):
+        depth = len(self.text_model.encoder.layers)
+        if not 0 <= clip_skip < depth:
+            raise ValueError(f"clip skip must be from 0 (the last layer) to {depth - 1} (the text encoder has {depth} "
+                             f"layers), got {clip_skip}")
+
+    def encode(self, tokens):
+        """tokens (B, L) -> TextEncoding. The pooled output reads the position of each row's highest id, the end
+        token in CLIP's vocabulary (openai/CLIP model.py encode_text, `text.argmax(dim=-1)`; transformers'
+        CLIPTextTransformer reads the first end token, the same position)."""
+        hidden_states = self.text_model(tokens)
+        last = self.text_model.final_layer_norm(hidden_states[-1])  # (B, L, width)
+        pooled = last[torch.arange(len(tokens), device=tokens.device), tokens.argmax(dim=-1)]  # (B, width)
+        return TextEncoding(hidden_states, last, pooled)
+
+    def forward(self, tokens, clip_skip=0):
+        """tokens (B, L) -> (B, L, width): the final LayerNorm of hidden_states[-(clip_skip + 1)]; 0 gives the last
+        hidden state, 1 the penultimate layer's output (A1111's "Clip skip 2")."""
+        self.check_clip_skip(clip_skip)
+        return self.text_model.final_layer_norm(self.text_model(tokens)[-(clip_skip + 1)])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

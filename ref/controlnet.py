@@ -21,6 +21,7 @@ weight`, `control_model.input_blocks...`, `control_model.time_embed...`); ref.un
 import functools
 import math
 
+import torch
 import torch.nn as nn
 
 from ref.unet import CONFIGS, UNetEncoder, zero_module
@@ -92,16 +93,19 @@ class ControlNet(UNetEncoder):
         """x (B, C_in, H, W) noisy input, hint (B, hint_channels, f H, f W) control image, t (B,), context
         (B, L, D_ctx) -> the residuals, one (B, C_k, H_k, W_k) per encoder skip and the last for the middle block.
 
-        scales: one float for all residuals or one per residual (ControlNet 1.1's control_scales)."""
+        scales: one number for all residuals (a float, a numpy number, a 0-d array or tensor) or one per residual
+            (ControlNet 1.1's control_scales: a list, a 1-d array or tensor)."""
         self.check_input(x)
         self.check_hint(hint, x)
         emb = self.embed_time(t)  # (B, 4C)
         h, skips = self.encode(x, emb, context, hint=self.input_hint_block(hint))
         residuals = [conv(skip) for conv, skip in zip(self.zero_convs, skips)] + [self.middle_block_out(h)]
-        scales = [scales] * len(residuals) if isinstance(scales, (int, float)) else list(scales)
+        one = not isinstance(scales, (list, tuple)) and getattr(scales, "ndim", 0) == 0
+        scales = [scales] * len(residuals) if one else list(scales)
         if len(scales) != len(residuals):
             raise ValueError(f"control scales must be one number or {len(residuals)} of them, got {len(scales)}")
-        return [scale * residual for scale, residual in zip(scales, residuals)]
+        return [residual * torch.as_tensor(scale, dtype=residual.dtype, device=residual.device)
+                for scale, residual in zip(scales, residuals)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------

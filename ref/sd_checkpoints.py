@@ -18,13 +18,20 @@ LDM's openaimodel.py for the facts) differ from LDM's in names only: `diffusers_
 ControlNet with `num_res_blocks` ResBlocks a level, and its inverse on a model's keys maps back. SD1.5 keeps 1x1-conv
 proj_in / proj_out in both (use_linear_projection False) and Linear to_q / to_k / to_v / to_out.0 in both, so no
 shape changes.
+
+A diffusers model folder's config.json says what network its weights are for; `folder_builds` builds each network of
+a pipeline folder (unet/, vae/, text_encoder/) or ControlNet folder from it (unet_arguments, vae_arguments,
+clip_arguments), within the SD1.x family these modules implement, and refuses the rest naming the field (SD2's linear
+projections and OpenCLIP text encoder, SDXL's added embeddings, upcast_attention, ...). A single file has no config:
+it is read with the SD1.5 presets, and check_base refuses it when its shapes say otherwise.
 """
+import functools
 import json
 import re
 from pathlib import Path
 
 from ref import clip, vae
-from ref.checkpoints import check_state_fits, read_state_dict, unwrap_state
+from ref.checkpoints import check_state_fits, folder_weights, read_state_dict, unwrap_state
 from ref.controlnet import HINT_WIDTHS, ControlNet
 from ref.safetensors import save_file
 from ref.unet import UNet, select_state
@@ -197,13 +204,19 @@ def is_diffusers(state):
 TRAINING_CHECKPOINT_FOLDERS = ("controlnet_ema", "controlnet")
 
 
+def model_folder(path):
+    """A release's checkpoint-N/ folder (accelerate's save_state) -> its controlnet_ema/ subfolder, else its
+    controlnet/ one (the release evaluates the EMA weights); any other path as it is."""
+    inside = [Path(path) / name for name in TRAINING_CHECKPOINT_FOLDERS if (Path(path) / name).is_dir()]
+    return inside[0] if inside else path
+
+
 def file_state(checkpoint):
     """A path (file, diffusers folder or a release's checkpoint-N/ folder) or a checkpoint dict -> its state dict (see
     ref.checkpoints.unwrap_state)."""
     if isinstance(checkpoint, dict):
         return unwrap_state(checkpoint)[0]
-    inside = [Path(checkpoint) / name for name in TRAINING_CHECKPOINT_FOLDERS if (Path(checkpoint) / name).is_dir()]
-    return read_state_dict(inside[0] if inside else checkpoint, "the weights of a UNet or ControlNet")[0]
+    return read_state_dict(model_folder(checkpoint), "the weights of a UNet or ControlNet")[0]
 
 
 def native_state(model, state, prefer="ema"):
@@ -238,13 +251,16 @@ def load(model, checkpoint, prefer="ema"):
 PIPELINE_FOLDERS = ("unet", "vae", "text_encoder")
 
 
-def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema"):
-    """Read an SD1.5 single file once, or a diffusers pipeline folder (unet/, vae/, text_encoder/), and load its UNet
-    (EMA or training weights, see split_sd15), VAE and text encoder into the given models, each all or nothing; a file
-    for another base model or missing one of the three is refused naming what was found or missing.
-    -> (unet, autoencoder, text_encoder)"""
+def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema", variant=None):
+    """Read an SD1.5 single file once, or a diffusers pipeline folder (unet/, vae/, text_encoder/; `variant` choosing
+    their weights files, see weights_path), and load its UNet (EMA or training weights, see split_sd15), VAE and text
+    encoder into the given models, each all or nothing; a file for another base model or missing one of the three is
+    refused naming what was found or missing. -> (unet, autoencoder, text_encoder)"""
     if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_dir():
-        return load_sd15_pipeline(Path(checkpoint), unet, autoencoder, text_encoder)
+        return load_sd15_pipeline(Path(checkpoint), unet, autoencoder, text_encoder, variant)
+    if variant is not None:
+        raise ValueError(f"{checkpoint} is a single file; a variant ({variant}) chooses among the files of a diffusers "
+                         f"pipeline folder")
     state = file_state(checkpoint)
     check_base(state, unet)
     absent = [f"{prefix}* ({part})" for part, prefix in SD15_PARTS.items()
@@ -257,16 +273,16 @@ def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema"):
     return unet, autoencoder, text_encoder
 
 
-def load_sd15_pipeline(folder, unet, autoencoder, text_encoder):
-    """load_sd15 for a diffusers pipeline folder: each network from its model folder (ref.checkpoints.read_checkpoint
-    finds the weights file inside)."""
+def load_sd15_pipeline(folder, unet, autoencoder, text_encoder, variant=None):
+    """load_sd15 for a diffusers pipeline folder: each network from its model folder (weights_path finds the weights
+    file or shard index inside)."""
     absent = [name for name in PIPELINE_FOLDERS if not (folder / name).is_dir()]
     if absent:
         raise ValueError(f"{folder} is a folder but not a diffusers SD1.5 pipeline: it has no {', no '.join(absent)} "
                          f"model folder (expected unet/, vae/, text_encoder/ as StableDiffusionPipeline saves them)")
-    load(unet, folder / "unet")
-    vae.load_state(autoencoder, file_state(folder / "vae"))
-    clip.load_checkpoint(text_encoder, folder / "text_encoder")
+    load(unet, weights_path(folder / "unet", variant))
+    vae.load_state(autoencoder, file_state(weights_path(folder / "vae", variant)))
+    clip.load_checkpoint(text_encoder, weights_path(folder / "text_encoder", variant))
     return unet, autoencoder, text_encoder
 
 
@@ -310,3 +326,206 @@ def save_diffusers(model, folder):
     save_file(state, folder / "diffusion_pytorch_model.safetensors")
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Building the networks from a diffusers / transformers folder's config.json
+# ---------------------------------------------------------------------------------------------------------------------
+
+# Fields whose value is fixed in the SD1.x family: {field: (SD1.x's value, what another value means)}. A field the
+# config leaves out takes diffusers' default, which is SD1.x's for each of these (UNet2DConditionModel.__init__,
+# ControlNetModel.__init__, AutoencoderKL.__init__ in diffusers 0.42).
+UNET_FIXED = {
+    "use_linear_projection": (False, "SD2's linear proj_in / proj_out"),
+    "upcast_attention": (False, "SD2.1's attention upcast to float32, which changes the numerics"),
+    "addition_embed_type": (None, "SDXL's added text / time embedding"),
+    "transformer_layers_per_block": (1, "SDXL's stacked transformer blocks"),
+    "reverse_transformer_layers_per_block": (None, "SDXL-style stacked transformer blocks"),
+    "class_embed_type": (None, "a class embedding"),
+    "num_class_embeds": (None, "a class embedding"),
+    "encoder_hid_dim": (None, "a projection of the context (encoder_hid_proj)"),
+    "time_cond_proj_dim": (None, "LCM's guidance embedding"),
+    "num_attention_heads": (None, "num_attention_heads, which diffusers' SD UNet refuses"),
+    "dual_cross_attention": (False, "dual cross-attention"),
+    "only_cross_attention": (False, "cross-attention in place of self-attention"),
+    "mid_block_only_cross_attention": (None, "cross-attention in place of self-attention"),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn", "another middle block"),
+    "attention_type": ("default", "gated (GLIGEN) attention"),
+    "flip_sin_to_cos": (True, "sines before cosines in the timestep embedding"),
+    "freq_shift": (0, "a shifted timestep frequency"),
+    "time_embedding_type": ("positional", "another timestep embedding"),
+    "time_embedding_dim": (None, "another timestep embedding width"),
+    "time_embedding_act_fn": (None, "another timestep embedding"),
+    "timestep_post_act": (None, "another timestep embedding"),
+    "resnet_time_scale_shift": ("default", "scale-shift timestep conditioning"),
+    "resnet_skip_time_act": (False, "another ResNet block"),
+    "resnet_out_scale_factor": (1.0, "another ResNet block"),
+    "act_fn": ("silu", "another activation"),
+    "norm_num_groups": (32, "another GroupNorm"),
+    "norm_eps": (1e-5, "another GroupNorm"),
+    "center_input_sample": (False, "input centring"),
+    "downsample_padding": (1, "another downsampling"),
+    "mid_block_scale_factor": (1, "a scaled middle block"),
+    "conv_in_kernel": (3, "another input conv"),
+    "conv_out_kernel": (3, "another output conv"),
+    "class_embeddings_concat": (False, "a class embedding"),
+    "cross_attention_norm": (None, "a normalised context"),
+    # ControlNetModel's own
+    "conditioning_embedding_out_channels": ([16, 32, 96, 256], "another hint encoder"),
+    "controlnet_conditioning_channel_order": ("rgb", "BGR control images"),
+    "global_pool_conditions": (False, "pooled (shuffle-style) residuals"),
+}
+OTHER_CONTEXTS = {1024: "SD2's OpenCLIP ViT-H context", 2048: "SDXL's two-encoder context"}
+VAE_FIXED = {
+    "in_channels": (3, "another image channel count"), "out_channels": (3, "another image channel count"),
+    "act_fn": ("silu", "another activation"), "norm_num_groups": (32, "another GroupNorm"),
+    "shift_factor": (None, "a latent shift (SD3 / Flux's VAE)"),
+    "latents_mean": (None, "per-channel latent statistics"), "latents_std": (None, "per-channel latent statistics"),
+    "use_quant_conv": (True, "no quant_conv"),
+    "use_post_quant_conv": (True, "no post_quant_conv"), "mid_block_add_attention": (True, "no middle attention"),
+}
+CLIP_FIXED = {"hidden_act": ("quick_gelu", "GELU, SD2's OpenCLIP text encoder")}
+
+
+def read_config(folder):
+    """A model folder's config.json -> dict, None when it has none."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: expected a JSON object, a diffusers / transformers model config ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, a diffusers / transformers model config")
+    return config
+
+
+def refuse_outside_family(config, fixed, path, required=()):
+    """Raise naming every field of `config` whose value leaves the SD1.x family (`fixed`) and every missing
+    `required` field."""
+    found = [f"{field} {json.dumps(config[field])} ({meaning}; SD1.x: {json.dumps(value)})"
+             for field, (value, meaning) in fixed.items() if field in config and config[field] != value]
+    found += [f"no {field}" for field in required if field not in config]
+    if found:
+        raise ValueError(f"{path}/config.json describes a network outside the SD1.x family built here: "
+                         + "; ".join(found))
+
+
+def one_value(config, field, path):
+    """A per-level field given as one number or as a list of equal ones -> the number."""
+    value = config[field]
+    values = set(value) if isinstance(value, list) else {value}
+    if len(values) != 1 or not isinstance(next(iter(values)), int):
+        raise ValueError(f"{path}/config.json: {field} {json.dumps(value)} differs between levels (SD2's per-level "
+                         f"heads); these networks take one value for every level")
+    return values.pop()
+
+
+UNET_REQUIRED = ("in_channels", "block_out_channels", "layers_per_block", "attention_head_dim", "cross_attention_dim",
+                 "down_block_types")
+
+
+def unet_arguments(config, path):
+    """A UNet2DConditionModel / ControlNetModel config.json -> the keyword arguments of ref.unet.UNet /
+    ref.controlnet.ControlNet (the inverse of diffusers_config): block_out_channels -> model_channels, channel_mult;
+    layers_per_block -> num_res_blocks; CrossAttn* blocks -> attention_levels; attention_head_dim -> num_heads (the
+    number of heads: diffusers' SD UNets read attention_head_dim as the head count, unet_2d_condition.py
+    `num_attention_heads = num_attention_heads or attention_head_dim`); cross_attention_dim -> context_dim."""
+    refuse_outside_family(config, UNET_FIXED, path, UNET_REQUIRED)
+    context_dim = config["cross_attention_dim"]
+    if context_dim in OTHER_CONTEXTS:
+        raise ValueError(f"{path}/config.json: cross_attention_dim {context_dim} is {OTHER_CONTEXTS[context_dim]}, "
+                         f"not an SD1.x model (768, CLIP ViT-L/14)")
+    widths, down = config["block_out_channels"], config["down_block_types"]
+    known = {"CrossAttnDownBlock2D", "DownBlock2D"}
+    if len(down) != len(widths) or not set(down) <= known or any(width % widths[0] for width in widths):
+        raise ValueError(f"{path}/config.json: down_block_types {down} with block_out_channels {widths}: expected one "
+                         f"of {sorted(known)} a level, widths multiples of the first")
+    expected_up = [block.replace("Down", "Up") for block in reversed(down)]
+    if config.get("up_block_types", expected_up) != expected_up:
+        raise ValueError(f"{path}/config.json: up_block_types {config['up_block_types']} do not mirror "
+                         f"down_block_types (expected {expected_up})")
+    arguments = dict(in_channels=config["in_channels"], model_channels=widths[0],
+                     channel_mult=tuple(width // widths[0] for width in widths),
+                     num_res_blocks=one_value(config, "layers_per_block", path),
+                     attention_levels=tuple(level for level, block in enumerate(down) if block.startswith("CrossAttn")),
+                     num_heads=one_value(config, "attention_head_dim", path), context_dim=context_dim)
+    if config_class(config) == "ControlNetModel":
+        return arguments | dict(hint_channels=config.get("conditioning_channels", 3), hint_downsampling=8)
+    return arguments | dict(out_channels=config.get("out_channels", config["in_channels"]))
+
+
+def vae_arguments(config, path):
+    """An AutoencoderKL config.json -> ref.vae.AutoencoderKL's keyword arguments: block_out_channels -> ch, ch_mult;
+    layers_per_block -> num_res_blocks; latent_channels -> z_channels; scaling_factor (diffusers' default 0.18215,
+    SD1.x's). Attention in the middle blocks only, as diffusers' AutoencoderKL."""
+    refuse_outside_family(config, VAE_FIXED, path, ("block_out_channels", "layers_per_block", "latent_channels"))
+    widths = config["block_out_channels"]
+    if any(width % widths[0] for width in widths):
+        raise ValueError(f"{path}/config.json: block_out_channels {widths} are not multiples of the first")
+    return dict(ch=widths[0], ch_mult=tuple(width // widths[0] for width in widths),
+                num_res_blocks=config["layers_per_block"], z_channels=config["latent_channels"],
+                scaling_factor=config.get("scaling_factor", 0.18215))
+
+
+CLIP_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def clip_arguments(config, path):
+    """A transformers CLIPTextConfig (text_encoder/config.json; a whole CLIPConfig's text_config) -> ref.clip.
+    CLIPTextModel's keyword arguments: hidden_size -> width, num_hidden_layers -> depth, num_attention_heads ->
+    num_heads, intermediate_size / hidden_size -> mlp_ratio, max_position_embeddings -> context_length (77),
+    layer_norm_eps -> eps (1e-5)."""
+    config = config.get("text_config", config)
+    refuse_outside_family(config, CLIP_FIXED, path, CLIP_REQUIRED)
+    if config["intermediate_size"] % config["hidden_size"]:
+        raise ValueError(f"{path}/config.json: intermediate_size {config['intermediate_size']} is not a multiple of "
+                         f"hidden_size {config['hidden_size']}")
+    return dict(vocab_size=config["vocab_size"], context_length=config.get("max_position_embeddings", 77),
+                width=config["hidden_size"], depth=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+                mlp_ratio=config["intermediate_size"] // config["hidden_size"], eps=config.get("layer_norm_eps", 1e-5))
+
+
+# network (ref.text_to_image.Networks' field) -> (its folder in a pipeline, the class its config names, config reader,
+# the class here)
+FOLDER_NETWORKS = {
+    "unet": ("unet", "UNet2DConditionModel", unet_arguments, UNet),
+    "autoencoder": ("vae", "AutoencoderKL", vae_arguments, vae.AutoencoderKL),
+    "text_encoder": ("text_encoder", "CLIPTextModel", clip_arguments, clip.CLIPTextModel),
+    "controlnet": (".", "ControlNetModel", unet_arguments, ControlNet),
+}
+
+
+def config_class(config):
+    """The class a config.json is for: diffusers' _class_name, transformers' architectures[0]."""
+    return config.get("_class_name") or (config.get("architectures") or [None])[0]
+
+
+def folder_builds(sd15, controlnet):
+    """The networks that a diffusers pipeline folder `sd15` and a ControlNet folder `controlnet` describe in their
+    config.json, as {network: build} (a build makes the network when called); networks read from single files or
+    from folders without config.json are not in it (their presets build them). A config for another class (an SDXL
+    text_encoder_2's CLIPTextModelWithProjection, a UNet where a ControlNet belongs) is refused naming it."""
+    folders = {name: Path(sd15) / folder for name, (folder, *_) in FOLDER_NETWORKS.items() if name != "controlnet"}
+    folders["controlnet"] = Path(controlnet)
+    builds = {}
+    for name, folder in folders.items():
+        config = read_config(folder) if folder.is_dir() else None
+        if config is None:
+            continue
+        _, expected, arguments, network = FOLDER_NETWORKS[name]
+        if config_class(config) not in (None, expected):
+            raise ValueError(f"{folder}/config.json is for a {config_class(config)}; a {expected} was expected there")
+        builds[name] = functools.partial(network, **arguments(config, folder))
+    return builds
+
+
+def weights_path(path, variant=None):
+    """The weights of `path`: a model folder's file or shard index (ref.checkpoints.folder_weights, `variant` choosing
+    among its files), or the file itself; a variant given with a file is refused."""
+    if Path(path).is_dir():
+        return folder_weights(path, variant)
+    if variant is not None:
+        raise ValueError(f"{path} is a file; a variant ({variant}) chooses among the files of a diffusers model folder")
+    return path

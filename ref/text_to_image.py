@@ -88,24 +88,46 @@ def sampling_timesteps(steps, sampler="ddim"):
     return leading_timesteps(TRAINING_TIMESTEPS, steps, STEPS_OFFSET)
 
 
-def load_networks(architecture, sd15_file, controlnet_file, dtype=torch.float32):
-    """The four networks of `architecture`, built on the meta device and given the files' tensors: the UNet, VAE and
-    text encoder from an SD1.5 single file, the ControlNet from a ControlNet 1.0 / 1.1 or diffusers file. A file for
-    another base model (SD2, SDXL, another width) raises a ValueError naming what was found. -> Networks, frozen, in
-    eval mode, in `dtype`, on the CPU"""
+def load_networks(architecture, sd15_file, controlnet_file, dtype=torch.float32, variant=None):
+    """The four networks, built on the meta device and given the files' tensors: the UNet, VAE and text encoder from
+    an SD1.5 single file or diffusers pipeline folder, the ControlNet from a ControlNet 1.0 / 1.1 file or diffusers
+    folder. A diffusers folder's networks are built from its config.json (sd_checkpoints.folder_builds), a single
+    file's from `architecture`'s presets; `variant` (fp16, ..) chooses a folder's weights files. A file for another
+    base model (SD2, SDXL, another width) or networks that do not fit together raise a ValueError naming what was
+    found. -> Networks, frozen, in eval mode, in `dtype`, on the CPU"""
+    controlnet_file = sd_checkpoints.model_folder(controlnet_file)
+    builds = ARCHITECTURES[architecture] | sd_checkpoints.folder_builds(sd15_file, controlnet_file)
     with torch.device("meta"):
-        networks = Networks(**{name: build() for name, build in ARCHITECTURES[architecture].items()})
+        networks = Networks(**{name: build() for name, build in builds.items()})
+    check_fit(networks)
     try:
-        sd_checkpoints.load_sd15(sd15_file, networks.unet, networks.autoencoder, networks.text_encoder)
+        sd_checkpoints.load_sd15(sd15_file, networks.unet, networks.autoencoder, networks.text_encoder,
+                                 variant=variant)
     except ValueError as error:
         raise ValueError(f"SD1.5 file: {error}") from None
     try:
-        sd_checkpoints.load(networks.controlnet, controlnet_file)
+        sd_checkpoints.load(networks.controlnet, sd_checkpoints.weights_path(controlnet_file, variant))
     except ValueError as error:
         raise ValueError(f"ControlNet file: {error}") from None
     for network in networks:
         network.requires_grad_(False).eval().to(dtype)
     return networks
+
+
+def check_fit(networks):
+    """Networks built from configs must fit together: the ControlNet's encoder the UNet's (its residuals are the UNet's
+    skips), the text encoder's width the UNet's context width, the VAE's latents the UNet's input."""
+    unet = networks.unet
+    problems = [f"{what} {theirs}, the UNet's {ours}" for what, theirs, ours in (
+        ("the ControlNet's residuals (channels, downsampling)", networks.controlnet.residual_layout,
+         unet.residual_layout),
+        *((f"the ControlNet's {field}", networks.controlnet.encoder_config[field], unet.encoder_config[field])
+          for field in ("in_channels", "context_dim")),
+        ("the text encoder's width", networks.text_encoder.text_model.final_layer_norm.normalized_shape[0],
+         unet.encoder_config["context_dim"]),
+        ("the VAE's latent channels", networks.autoencoder.z_channels, unet.in_channels)) if theirs != ours]
+    if problems:
+        raise ValueError("the networks do not fit together: " + "; ".join(problems))
 
 
 def latent_side(networks, image_size):
@@ -163,6 +185,7 @@ class PairSampling(NamedTuple):
     seeds_per_prompt: int
     seed: int  # sample i: seed + i
     batch_size: int  # per rank
+    clip_skip: int = 0  # the prompts' context from the text encoder's layer depth - clip_skip (CLIPTextModel.forward)
 
 
 def read_pairs(prompts_file, controls):
@@ -238,8 +261,11 @@ def hint_picture(hint):
 @torch.no_grad()
 def sd15_share(settings, networks, hints, tokens, null_tokens, world):
     """This rank's samples r, r + W, ..: sample i follows pair i // seeds_per_prompt from latent noise seeded with
-    seed + i. settings: PairSampling (or an object with its fields); hints: hint(p) -> pair p's control (3, S, S) in
-    [0, 1] (file_hints, metadata_pairs); tokens: (P, 77) of the prompts, null_tokens (1, 77) of the empty one.
+    seed + i; the prompts' context with settings.clip_skip, the empty prompt's from the last layer, as diffusers'
+    encode_prompt applies clip_skip to the prompt only (pipeline_controlnet.py, encode_prompt: the negative prompt's
+    embeddings are the text encoder's output [0]). settings: PairSampling (or an object with its fields); hints:
+    hint(p) -> pair p's control (3, S, S) in [0, 1] (file_hints, metadata_pairs); tokens: (P, 77) of the prompts,
+    null_tokens (1, 77) of the empty one.
     -> (indices, images (n, S, S, 3) uint8)"""
     num_samples = len(tokens) * settings.seeds_per_prompt
     side = latent_side(networks, settings.size)
@@ -250,7 +276,7 @@ def sd15_share(settings, networks, hints, tokens, null_tokens, world):
         batch = indices[start:start + settings.batch_size]
         pair_indices = batch // settings.seeds_per_prompt
         hint = torch.stack([hints(int(p)) for p in pair_indices]).to(world.device)  # (n, 3, S, S) in [0, 1]
-        context = networks.text_encoder(tokens[pair_indices].to(world.device))  # (n, 77, D)
+        context = networks.text_encoder(tokens[pair_indices].to(world.device), settings.clip_skip)  # (n, 77, D)
         noise = runtime.SampleDraws(settings.seed + int(i) for i in batch).randn(4, side, side).to(world.device)
         images = generate(networks, context, null_context, hint, noise, settings.steps, settings.cfg,
                           settings.control_scale, settings.sampler)

@@ -8,22 +8,37 @@ pair has a rank; look the symbols up in the vocabulary. A prompt becomes <|start
 pad token of openai/clip-vit-large-patch14's tokenizer is <|endoftext|>. Longer prompts keep their first 75 tokens and
 the end token (as the Hugging Face tokenizer with truncation=True and clip.tokenize(truncate=True)), with a warning.
 
-The vocabulary is read from the user's files, in either layout:
+The vocabulary is read from the user's files, in any of these layouts:
 - `bpe_simple_vocab_16e6.txt.gz` (openai/CLIP): gzip text, a header line, then one merge "a b" per line; CLIP keeps
   the first 49152 - 256 - 2 = 48,894 merges and numbers the 256 byte symbols, the same 256 with `</w>`, one token per
   merge, then the start and end tokens: 49,408 ids.
 - a folder with `vocab.json` (token -> id) and `merges.txt` (a "#version" header, then the merges): the Hugging Face
   layout, e.g. the `tokenizer/` folder of SD1.5 in the diffusers layout.
+- a folder with `tokenizer.json` (the tokenizers library's format, all that transformers 5's save_pretrained writes):
+  its "model" is a BPE with end_of_word_suffix `</w>`, its "vocab" the ids, its "merges" the merges in rank order
+  ("a b" strings or [a, b] pairs), and "added_tokens" the start and end tokens' ids.
 
-Differences from CLIP's cleaning, which runs ftfy.fix_text and then html.unescape twice before collapsing whitespace
-and lower-casing: ftfy is not used, so mojibake ("cafÃ©" for "café"), curly quotes (ftfy straightens them) and the
-other text ftfy repairs are tokenized as they are; its NFC normalisation is done (stdlib unicodedata), and
-html.unescape (stdlib) is applied twice as in CLIP. CLIP's pattern uses the `regex` module's \\p{L} / \\p{N}; Python's
-`re` lacks them, so `pre_tokenizer` builds the same classes from \\w, \\d and the Unicode categories Nl / No, as
-Python's Unicode database (unicodedata.unidata_version) defines them: characters assigned after that version may
-split differently. Whitespace is Python's \\s (str.isspace), which may count a few control characters (U+001C-U+001F)
-as space where `regex` does not. On 3,000 random strings of ASCII, punctuation, numbers, accented, CJK, emoji and
-random assigned BMP characters, encode(ftfy.fix_text(text)) gave openai/CLIP SimpleTokenizer's ids every time.
+Cleaning (CLIP's simple_tokenizer.py: basic_clean = ftfy.fix_text, then html.unescape twice, then whitespace_clean
+and lower()). Of ftfy.fix_text's steps (ftfy 6.3, its default TextFixerConfig, in its order) these are written
+here, in `repair`:
+- unescape_html on the lines before the first line holding a "<" (ftfy's "auto"; stdlib html.unescape here, ftfy
+  also reads a few all-caps entity names);
+- fix_latin_ligatures: ﬁ -> fi, ĳ -> ij, ... (the NFKC letters, but ﬅ -> ſt);
+- fix_character_width: the full-width and half-width forms U+FF01-U+FFEF to their NFKC form, U+3000 to a space;
+- uncurl_quotes: U+02BC and U+2018-U+201B -> ', U+201C-U+201F -> ";
+- remove_control_chars: U+0000-0008, 000B, 000E-001F, 007F, 206A-206F, FEFF, FFF9-FFFC deleted;
+- its NFC normalisation.
+Not written: the mojibake repairs (fix_encoding, fix_c1_controls: "cafÃ©" stays as it is), terminal escapes and
+surrogates; its line-break fixes only make whitespace, which whitespace_clean collapses anyway.
+tests/parity/test_tokenizer_parity.py checks `clean` against CLIP's cleaning with ftfy on the 21 kinds of text of
+tests/test_tokenizer.py and 2,000 random strings of the characters these repairs touch.
+
+CLIP's pattern uses the `regex` module's \\p{L} / \\p{N}; Python's `re` lacks them, so `pre_tokenizer` builds the
+same classes from \\w, \\d and the Unicode categories Nl / No, as Python's Unicode database
+(unicodedata.unidata_version) defines them: characters assigned after that version may split differently. Whitespace
+is Python's \\s (str.isspace), which counts U+001C-U+001F as space where `regex` does not (repair deletes them
+first). On 3,000 random strings of ASCII, punctuation, numbers, accented, CJK, emoji and random assigned BMP
+characters, encode(ftfy.fix_text(text)) gave openai/CLIP SimpleTokenizer's ids every time.
 """
 import functools
 import gzip
@@ -68,9 +83,33 @@ def pre_tokenizer():
     return re.compile(rf"{specials}|'s|'t|'re|'ve|'m|'ll|'d|{letters}|{number}|{other}", re.IGNORECASE)
 
 
+QUOTES = {**dict.fromkeys([0x02BC, *range(0x2018, 0x201C)], "'"), **dict.fromkeys(range(0x201C, 0x2020), '"')}
+CONTROL_CHARACTERS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
+                                    0xFEFF, *range(0xFFF9, 0xFFFD)])
+LIGATURES = {**{ord(ligature): unicodedata.normalize("NFKC", ligature) for ligature in "ĲĳŉǄǅǆǇǈǉǊǋǌǱǲǳﬀﬁﬂﬃﬄﬆ"},
+             0xFB05: "\u017ft"}  # ﬅ -> ſt in ftfy (NFKC: st)
+WIDTHS = {0x3000: " ", **{code: unicodedata.normalize("NFKC", chr(code)) for code in range(0xFF01, 0xFFF0)
+                          if unicodedata.normalize("NFKC", chr(code)) != chr(code)}}
+# ftfy's fixes run in turn (ligatures, widths, quotes, control characters); as one table, a ligature's or a wide
+# form's letters are uncurled too (ŉ -> ʼn -> 'n).
+REPAIRS = {**QUOTES, **CONTROL_CHARACTERS,
+           **{code: letters.translate(QUOTES) for code, letters in (LIGATURES | WIDTHS).items()}}
+
+
+def repair(text):
+    """The part of ftfy.fix_text (CLIP's basic_clean) that changes CLIP's tokens (see the module docstring): HTML
+    entities unescaped on the lines before the first line holding a "<" (ftfy fixes line by line and stops unescaping
+    at such a line), ligatures and full-width forms folded, curly quotes straightened, control characters deleted,
+    NFC."""
+    head, tag, _ = text.partition("<")
+    cut = head.rfind("\n") + 1 if tag else len(text)  # the start of the first line holding "<"
+    text = html.unescape(text[:cut]) + text[cut:]
+    return unicodedata.normalize("NFC", text.translate(REPAIRS))
+
+
 def clean(text):
-    """CLIP's basic_clean + whitespace_clean + lower(), with ftfy's NFC normalisation but not its repairs."""
-    text = html.unescape(html.unescape(unicodedata.normalize("NFC", text)))
+    """CLIP's basic_clean (repair for ftfy.fix_text, then html.unescape twice) + whitespace_clean + lower()."""
+    text = html.unescape(html.unescape(repair(text)))
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
@@ -113,8 +152,8 @@ def read_vocab_and_merges(folder):
     vocab_path, merges_path = os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt")
     missing = [path for path in (vocab_path, merges_path) if not os.path.isfile(path)]
     if missing:
-        raise ValueError(f"{folder}: expected a tokenizer folder holding vocab.json and merges.txt; "
-                         f"missing {', '.join(missing)}")
+        raise ValueError(f"{folder}: expected a tokenizer folder holding vocab.json and merges.txt, or "
+                         f"tokenizer.json; missing {', '.join(missing)}")
     try:
         with open(merges_path, encoding="utf-8") as file:
             merges = parse_merges(file.read(), merges_path)
@@ -127,6 +166,30 @@ def read_vocab_and_merges(folder):
     if not isinstance(vocabulary, dict) or not all(isinstance(i, int) for i in vocabulary.values()):
         raise ValueError(f"{vocab_path}: expected a JSON object mapping each token to an integer id")
     return merges, vocabulary
+
+
+def read_tokenizer_json(folder):
+    """A folder with tokenizer.json (the tokenizers library's format) -> merges, {token: id}: the BPE model's merges
+    and vocabulary, with the added tokens' ids."""
+    path = os.path.join(folder, "tokenizer.json")
+    try:
+        with open(path, encoding="utf-8") as file:
+            contents = json.load(file)
+        model = contents["model"]
+        kind, suffix, vocabulary, merge_list = (model.get("type"), model.get("end_of_word_suffix"), model["vocab"],
+                                                model["merges"])
+        added = {token["content"]: token["id"] for token in contents.get("added_tokens", [])}
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path}: expected a tokenizers-library file whose \"model\" holds a BPE \"vocab\" and "
+                         f"\"merges\" ({type(error).__name__}: {error})") from None
+    if kind != "BPE" or suffix != END_OF_WORD:
+        raise ValueError(f"{path}: a {kind} model with end_of_word_suffix {suffix!r}; CLIP's tokenizer is a BPE with "
+                         f"{END_OF_WORD!r}")
+    merges = [tuple(merge.split(" ") if isinstance(merge, str) else merge) for merge in merge_list]
+    broken = [merge for merge in merges if len(merge) != 2]
+    if broken or not isinstance(vocabulary, dict):
+        raise ValueError(f"{path}: expected merges of two symbols and a vocabulary of ids, found e.g. {broken[:1]}")
+    return merges, vocabulary | added
 
 
 def clip_vocabulary(merges):
@@ -170,14 +233,17 @@ class CLIPTokenizer:
 
     @classmethod
     def from_path(cls, path, context_length=CONTEXT_LENGTH):
-        """`path`: bpe_simple_vocab_16e6.txt.gz, or a folder holding vocab.json and merges.txt."""
+        """`path`: bpe_simple_vocab_16e6.txt.gz, or a folder holding vocab.json and merges.txt or tokenizer.json
+        (vocab.json and merges.txt when it holds both)."""
         if os.path.isdir(path):
-            merges, vocabulary = read_vocab_and_merges(path)
-            check_vocabulary(vocabulary, merges, os.path.join(path, "vocab.json"))
+            only_json = not os.path.isfile(os.path.join(path, "vocab.json")) and \
+                os.path.isfile(os.path.join(path, "tokenizer.json"))
+            merges, vocabulary = (read_tokenizer_json if only_json else read_vocab_and_merges)(path)
+            check_vocabulary(vocabulary, merges, os.path.join(path, "tokenizer.json" if only_json else "vocab.json"))
             return cls(merges, vocabulary, context_length)
         if not os.path.isfile(path):
             raise ValueError(f"{path}: no such file or folder; expected bpe_simple_vocab_16e6.txt.gz or a tokenizer "
-                             f"folder holding vocab.json and merges.txt")
+                             f"folder holding vocab.json and merges.txt, or tokenizer.json")
         if os.path.basename(path) in ("vocab.json", "merges.txt"):
             raise ValueError(f"{path}: give the folder holding vocab.json and merges.txt, not one of the two files")
         return cls(read_merges_gz(path), None, context_length)

@@ -1,5 +1,6 @@
 """CLIP text encoder (ref.clip): ViT-L/14's published key names, shapes and size; the causal mask; quick-GELU; one
-layer against plain torch ops; loading bare, SD1.5 single-file and full-CLIP key layouts; bad checkpoints."""
+layer against plain torch ops; every layer's hidden state, clip skip and the pooled output; loading bare, SD1.5
+single-file and full-CLIP key layouts; bad checkpoints."""
 import math
 
 import pytest
@@ -85,6 +86,28 @@ def test_a_shorter_sequence_gives_the_first_positions_of_the_longer_one():
 def test_more_tokens_than_positions_are_refused():
     with pytest.raises(ValueError, match="9 tokens given; the text encoder has 8 positions"):
         tiny()(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_hidden_states_are_the_embeddings_and_each_layers_output_and_clip_skip_reads_them():
+    """clip_skip N equals the final LayerNorm over an encoder cut to depth - N layers (the same weights); the pooled
+    output is the last hidden state at each row's end token (the highest id, 49 here)."""
+    model = tiny(depth=3)
+    tokens = torch.tensor([[5, 7, 49, 0, 49, 49], [5, 49, 3, 3, 3, 3]])
+    with torch.no_grad():
+        encoding = model.encode(tokens)
+        assert len(encoding.hidden_states) == 4
+        torch.testing.assert_close(encoding.hidden_states[0], model.text_model.embeddings(tokens), rtol=0, atol=0)
+        torch.testing.assert_close(model(tokens), encoding.last_hidden_state, rtol=0, atol=0)
+        for skip in (0, 1, 2):
+            cut = tiny(depth=3 - skip)
+            skipped = tuple(f"text_model.encoder.layers.{layer}." for layer in range(3 - skip, 3))
+            cut.load_state_dict({key: value for key, value in model.state_dict().items()
+                                 if not key.startswith(skipped)})
+            torch.testing.assert_close(model(tokens, clip_skip=skip), cut(tokens), rtol=0, atol=0)
+        torch.testing.assert_close(encoding.pooled, encoding.last_hidden_state[[0, 1], [2, 1]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"clip skip must be from 0 \(the last layer\) to 2 \(the text encoder has 3 "
+                                         r"layers\), got 3"):
+        model(tokens, clip_skip=3)
 
 
 def layer_norm(x, weight, bias):

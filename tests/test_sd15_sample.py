@@ -20,7 +20,8 @@ from ref.sd_checkpoints import save_diffusers
 from ref.samplers import ddim, leading_timesteps
 from ref.schedules import DDPMSchedule
 from ref.tokenizer import CLIPTokenizer, clip_vocabulary
-from tests.helpers import randomise, write_folder, write_image
+from tests.helpers import (CONFIGS_BY_FOLDER, randomise, tiny_sd_networks, write_diffusers_folders, write_folder,
+                           write_image, write_tokenizer_json)
 
 torch.set_num_threads(1)
 
@@ -390,4 +391,76 @@ def test_bad_sampler_settings_exit_2_with_one_error_line(extra, dropped, message
         run_sd15([*without(sd15_argv(files, tmp_path / "out"), *dropped), *extra])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err == f"error: {message}\n"
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Diffusers folders: built from their config.json, an fp16 variant, tokenizer.json; clip skip
+# ---------------------------------------------------------------------------------------------------------------------
+
+def set_flag(argv, flag, value):
+    """argv with `flag` set to `value` (replaced when present)."""
+    if flag in argv:
+        argv[argv.index(flag) + 1] = value
+        return argv
+    return [*argv, flag, value]
+
+
+@pytest.fixture(scope="module")
+def diffusers_files(files, tmp_path_factory):
+    """The tiny networks (values float16 holds) as diffusers folders with the fp16 variant and tokenizer.json, and as
+    an SD1.5 single file and ControlNet 1.1 file."""
+    root = tmp_path_factory.mktemp("diffusers")
+    networks = tiny_sd_networks()
+    write_diffusers_folders(root, networks, "fp16 variant")
+    save_file(sd15_state(networks.unet, networks.text_encoder, networks.autoencoder), root / "sd15.safetensors")
+    torch.save({"control_model." + k: v for k, v in networks.controlnet.state_dict().items()}, root / "control.pth")
+    write_tokenizer_json(root / "tokenizer", clip_vocabulary([tuple(m.split()) for m in MERGES]), MERGES)
+    (root / "pair.jsonl").write_text(json.dumps(dict(prompt="a cat", control=str(files / "controls" / "0.png"))))
+    return root
+
+
+def folder_argv(files, diffusers_files, out, *extra):
+    """sample.py sd15 on the diffusers folders, the default architecture (sd15: the configs, not it, build them)."""
+    argv = sd15_argv(files, out, "--variant", "fp16", *extra)
+    for flag, value in (("--architecture", "sd15"), ("--sd15", diffusers_files / "sd"), ("--controlnet",
+                        diffusers_files / "controlnet"), ("--tokenizer", diffusers_files / "tokenizer")):
+        argv = set_flag(argv, flag, value)
+    return argv
+
+
+def test_diffusers_folders_with_a_variant_and_tokenizer_json_sample_as_the_single_files(files, diffusers_files,
+                                                                                      tmp_path):
+    one_pair = ("--prompts", diffusers_files / "pair.jsonl", "--seeds-per-prompt", "2")
+    run_sd15(folder_argv(files, diffusers_files, tmp_path / "folders", *one_pair))
+    single = set_flag(sd15_argv(files, tmp_path / "single", *one_pair), "--sd15", diffusers_files / "sd15.safetensors")
+    run_sd15(set_flag(single, "--controlnet", diffusers_files / "control.pth"))
+    run_sd15(folder_argv(files, diffusers_files, tmp_path / "skip", *one_pair, "--clip-skip", "1"))
+    folders, single, skip = (np.load(tmp_path / name / "samples.npz")["arr_0"].astype(int)
+                             for name in ("folders", "single", "skip"))
+    assert np.abs(folders - single).max() <= 1 and (folders == single).mean() > 0.99  # CPU rounding: the same images
+    assert np.abs(skip - folders).mean() > 1  # the penultimate layer's context draws other images
+    assert json.loads((tmp_path / "skip" / "settings.json").read_text())["clip_skip"] == 1
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--sd15", "sd2", "config.json describes a network outside the SD1.x family built here: use_linear_projection "
+                      "true (SD2's linear proj_in / proj_out; SD1.x: false)"),
+    ("--clip-skip", "2", "clip skip must be from 0 (the last layer) to 1 (the text encoder has 2 layers), got 2"),
+    ("--variant", "fp16", "sd15.safetensors is a single file; a variant (fp16) chooses among the files of a "
+                          "diffusers pipeline folder"),
+    ("--variant", "bf16", "unet is a folder holding the bf16 variant of none of"),
+], ids=["sd2-folder", "clip-skip", "variant-of-a-file", "absent-variant"])
+def test_bad_folders_and_flags_exit_2_with_one_error_line(files, diffusers_files, tmp_path, capsys, flag, value,
+                                                          message):
+    argv = folder_argv(files, diffusers_files, tmp_path / "out") if value in ("sd2", "bf16") else \
+        sd15_argv(files, tmp_path / "out")
+    if value == "sd2":
+        configs = CONFIGS_BY_FOLDER | {"sd/unet": CONFIGS_BY_FOLDER["sd/unet"] | {"use_linear_projection": True}}
+        value = write_diffusers_folders(tmp_path, tiny_sd_networks(), "fp16 variant", configs)[0]
+    with pytest.raises(SystemExit) as exit_info:
+        run_sd15(set_flag(argv, flag, value))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: ") and message in err, err
     assert not (tmp_path / "out").exists()

@@ -1,19 +1,25 @@
 """SD1.5 and ControlNet checkpoint layouts: the LDM <-> diffusers key map on the full SD1.5 key sets (on the meta
 device), SD1.5 single files (EMA and training weights, .ckpt with Lightning extras, .safetensors), ControlNet 1.0 /
-1.1 / diffusers files, refusal of SD2 / SDXL / other-width checkpoints, and a ControlNet initialised from SD1.5."""
+1.1 / diffusers files, refusal of SD2 / SDXL / other-width checkpoints, a ControlNet initialised from SD1.5, and
+diffusers folders: networks built from hand-written config.json files, weights as one file, an fp16 variant or shards,
+SD2 / SDXL configs refused by name."""
 import json
 import re
 
 import pytest
 import torch
 
-from ref import clip, vae
+from ref import clip, text_to_image, vae
+from ref.checkpoints import read_checkpoint
 from ref.controlnet import CONFIGS, ControlNet
 from ref.controlnet import MODELS as CONTROLNETS
 from ref.safetensors import save_file
-from ref.sd_checkpoints import (controlnet_from_sd15, diffusers_key, ema_key, from_diffusers, load, load_sd15,
-                                save_diffusers, split_sd15, to_diffusers)
+from ref.sd_checkpoints import (clip_arguments, controlnet_from_sd15, diffusers_config, diffusers_key, ema_key,
+                                folder_builds, from_diffusers, load, load_sd15, save_diffusers, split_sd15,
+                                to_diffusers, unet_arguments, vae_arguments)
 from ref.unet import MODELS, UNet
+from tests.helpers import (CONFIGS_BY_FOLDER, LAYOUTS, UNET_CONFIG, tiny_sd_networks, write_diffusers_folders,
+                           write_weights)
 
 torch.set_num_threads(1)
 
@@ -305,3 +311,126 @@ def test_controlnet_from_sd15_starts_as_the_files_encoder_with_zero_residuals():
     x, hint = torch.randn(1, 4, 8, 8), torch.rand(1, 3, 64, 64)
     residuals = controlnet(x, hint, torch.tensor([500]), torch.randn(1, 5, 32))
     assert all(not residual.is_meta and not residual.any() for residual in residuals)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Diffusers folders: the networks built from config.json, the weights in every layout save_pretrained writes
+# ---------------------------------------------------------------------------------------------------------------------
+def network_outputs(networks):
+    """What each network gives for fixed inputs: text context, ControlNet residuals, UNet output, decoded image. The
+    weights are copied out of the files' memory maps first: CPU kernels round differently for weights at other memory
+    alignments (~1e-5 on these outputs), and the files place them at other offsets."""
+    for parameter in (parameter for network in networks for parameter in network.parameters()):
+        parameter.data = parameter.data.clone()
+    generator = torch.Generator().manual_seed(0)
+    x, t = torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([500])
+    hint = torch.rand(1, 3, 64, 64, generator=generator)
+    with torch.no_grad():
+        context = networks.text_encoder(torch.tensor([[49406, 320, 2368, 49407, 49407]]))  # (1, 5, 32)
+        residuals = networks.controlnet(x, hint, t, context)
+        return [context, *residuals, networks.unet(x, t, context, control=residuals), networks.autoencoder.decode(x)]
+
+
+# The values of stable-diffusion-v1-5's published unet/, vae/ and text_encoder/ config.json (the fields read here).
+SD15_UNET_CONFIG = {"_class_name": "UNet2DConditionModel", "in_channels": 4, "out_channels": 4,
+                    "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "attention_head_dim": 8,
+                    "cross_attention_dim": 768, "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, "flip_sin_to_cos": True,
+                    "freq_shift": 0, "norm_eps": 1e-05, "norm_num_groups": 32, "act_fn": "silu",
+                    "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False}
+SD15_VAE_CONFIG = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+                   "latent_channels": 4, "in_channels": 3, "out_channels": 3, "act_fn": "silu", "norm_num_groups": 32,
+                   "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+SD15_TEXT_CONFIG = {"architectures": ["CLIPTextModel"], "hidden_size": 768, "intermediate_size": 3072,
+                    "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
+                    "vocab_size": 49408, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-05}
+
+
+def test_the_published_sd15_configs_build_the_sd15_presets():
+    assert unet_arguments(SD15_UNET_CONFIG, "unet") == CONFIGS["sd15"] | {"out_channels": 4}
+    assert vae_arguments(SD15_VAE_CONFIG, "vae") == dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4,
+                                                         scaling_factor=0.18215)  # vae.MODELS["sd"]
+    assert clip_arguments(SD15_TEXT_CONFIG, "text_encoder") == clip.CONFIGS["clip-vit-l14"] | dict(mlp_ratio=4,
+                                                                                                    eps=1e-5)
+    controlnet = on_meta(CONTROLNETS["sd15"])  # diffusers_config's ControlNetModel config read back
+    assert unet_arguments(json.loads(json.dumps(diffusers_config(controlnet))), "controlnet") == CONFIGS["sd15"] | dict(
+        hint_channels=3, hint_downsampling=8)
+
+
+@pytest.fixture(scope="module")
+def sd_networks():
+    return tiny_sd_networks()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_diffusers_folders_in_every_layout_give_the_preset_paths_outputs(tmp_path, sd_networks, layout):
+    """Built from the configs (the "sd15" presets would be SD1.5-sized) and read as one file, the fp16 variant or
+    shards, the four networks give what the tiny presets loaded from an SD1.5 single file and a ControlNet 1.1 file
+    give."""
+    sd_folder, controlnet_folder = write_diffusers_folders(tmp_path, sd_networks, layout)
+    save_file(sd15_state(sd_networks.unet, sd_networks.autoencoder, sd_networks.text_encoder),
+              tmp_path / "sd15.safetensors")
+    torch.save(prefixed(sd_networks.controlnet, "control_model."), tmp_path / "control.pth")
+    variant = "fp16" if layout == "fp16 variant" else None
+    from_folders = text_to_image.load_networks("sd15", sd_folder, controlnet_folder, variant=variant)
+    from_files = text_to_image.load_networks("tiny", tmp_path / "sd15.safetensors", tmp_path / "control.pth")
+    for ours, preset in zip(network_outputs(from_folders), network_outputs(from_files)):
+        assert torch.equal(ours, preset)
+
+
+def test_a_config_with_other_heads_builds_them(tmp_path, sd_networks):
+    """attention_head_dim 4 (as a per-level list): 4 heads, where the weights alone (the same shapes) cannot say."""
+    configs = CONFIGS_BY_FOLDER | {"sd/unet": UNET_CONFIG | {"attention_head_dim": [4, 4]}}
+    sd_folder, controlnet_folder = write_diffusers_folders(tmp_path, sd_networks, "one file", configs)
+    built = folder_builds(sd_folder, controlnet_folder)["unet"]()
+    assert built.encoder_config["num_heads"] == 4
+    x, t, context = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 5, 32)
+    four, two = (load(UNet(**text_to_image.TINY_UNET | {"num_heads": heads}), sd_folder / "unet") for heads in (4, 2))
+    with torch.no_grad():
+        output = load(built, sd_folder / "unet")(x, t, context)
+        assert torch.equal(output, four(x, t, context)) and not torch.allclose(output, two(x, t, context))
+
+
+SD2_UNET = {"use_linear_projection": True, "upcast_attention": True, "cross_attention_dim": 1024}
+SDXL_UNET = {"addition_embed_type": "text_time", "transformer_layers_per_block": [1, 2], "cross_attention_dim": 2048}
+
+
+@pytest.mark.parametrize("folder, changes, named", [
+    ("sd/unet", SD2_UNET, ["use_linear_projection true (SD2's linear proj_in / proj_out",
+                           "upcast_attention true (SD2.1's attention upcast to float32"]),
+    ("sd/unet", {"cross_attention_dim": 1024}, ["cross_attention_dim 1024 is SD2's OpenCLIP ViT-H context"]),
+    ("sd/unet", {"attention_head_dim": [5, 10]}, ["attention_head_dim [5, 10] differs between levels"]),
+    ("sd/unet", SDXL_UNET, ["addition_embed_type \"text_time\" (SDXL's added text / time embedding",
+                            "transformer_layers_per_block [1, 2] (SDXL's stacked transformer blocks"]),
+    ("sd/text_encoder", {"hidden_act": "gelu"}, ["hidden_act \"gelu\" (GELU, SD2's OpenCLIP text encoder"]),
+    ("sd/text_encoder", {"architectures": ["CLIPTextModelWithProjection"]},
+     ["config.json is for a CLIPTextModelWithProjection; a CLIPTextModel was expected"]),
+    ("controlnet", {"global_pool_conditions": True}, ["global_pool_conditions true (pooled"]),
+    ("sd/vae", {"shift_factor": 0.1159}, ["shift_factor 0.1159 (a latent shift"]),
+], ids=["sd2 unet", "sd2 context", "sd2 heads", "sdxl unet", "sd2 text encoder", "sdxl text encoder 2",
+        "pooled controlnet", "sd3 vae"])
+def test_configs_outside_sd1x_are_refused_by_name(tmp_path, sd_networks, folder, changes, named):
+    configs = CONFIGS_BY_FOLDER | {folder: CONFIGS_BY_FOLDER[folder] | changes}
+    sd_folder, controlnet_folder = write_diffusers_folders(tmp_path, sd_networks, "one file", configs)
+    with pytest.raises(ValueError) as error:
+        text_to_image.load_networks("tiny", sd_folder, controlnet_folder)
+    assert all(name in str(error.value) for name in named), str(error.value)
+
+
+def test_variants_and_shards_are_refused_naming_what_the_folder_holds(tmp_path, sd_networks):
+    sd_folder, controlnet_folder = write_diffusers_folders(tmp_path, sd_networks, "fp16 variant")
+    with pytest.raises(ValueError, match=r"^SD1\.5 file: .*unet is a folder holding none of .* it holds the "
+                                         r"variant\(s\) fp16: choose one \(--variant\)"):
+        text_to_image.load_networks("tiny", sd_folder, controlnet_folder)
+    with pytest.raises(ValueError, match=r"holding the bf16 variant of none of"):
+        text_to_image.load_networks("tiny", sd_folder, controlnet_folder, variant="bf16")
+    with pytest.raises(ValueError, match=r"sd15\.safetensors is a single file; a variant \(fp16\) chooses among"):
+        load_sd15(tmp_path / "sd15.safetensors", *empty_models(), variant="fp16")
+    write_weights(tmp_path / "shards", "model", {"a": torch.ones(2), "b": torch.zeros(3)}, "safetensors shards")
+    assert read_checkpoint(tmp_path / "shards").keys() == {"a", "b"}
+    index = tmp_path / "shards" / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                "b": "model-00001-of-00002.safetensors"}}))
+    with pytest.raises(ValueError, match=r"shard model-00001-of-00002\.safetensors does not hold what the index lists: "
+                                         r"1 missing \(b\)"):
+        read_checkpoint(index)

@@ -1,6 +1,6 @@
-"""CLIP BPE tokenizer (ref.tokenizer): hand-made merges in both file layouts with ids worked out by hand, the byte
-table, CLIP's word pattern against the Unicode database, padding and truncation to 77, files of the wrong kind, and
-the real vocabulary's known encodings when CLIP_BPE_PATH points at it."""
+"""CLIP BPE tokenizer (ref.tokenizer): hand-made merges in the three file layouts with ids worked out by hand, the
+byte table, CLIP's word pattern against the Unicode database, CLIP's cleaning on 21 kinds of text, padding and
+truncation to 77, files of the wrong kind, and the real vocabulary's known encodings when CLIP_BPE_PATH points at it."""
 import gzip
 import json
 import os
@@ -8,7 +8,8 @@ import unicodedata
 
 import pytest
 
-from ref.tokenizer import CLIPTokenizer, bytes_to_unicode, pre_tokenizer
+from ref.tokenizer import CLIPTokenizer, bytes_to_unicode, clean, pre_tokenizer
+from tests.helpers import TEXT_KINDS, write_tokenizer_json
 
 # Ranks 0..5. "cat": c a t</w> -> (c, a) rank 0 first -> ca t</w> -> cat</w>; merging (a, t</w>) first would end at
 # c at</w>. "aaaa": (a, a) merged left to right, not overlapping: aa a a</w>.
@@ -72,6 +73,40 @@ def test_non_ascii_words_are_bytes_and_decode_back(gz_tokenizer):
     symbols = list(bytes_to_unicode())
     assert gz_tokenizer.encode("é") == [symbols.index(0xC3), symbols.index(0xA9) + 256]
     assert gz_tokenizer.decode(gz_tokenizer.encode("The cat é!")) == "the cat é ! "
+
+
+@pytest.mark.parametrize("pairs", [True, False], ids=["pairs", "strings"])
+def test_tokenizer_json_gives_the_ids_of_vocab_json_and_merges(tmp_path, pairs):
+    vocabulary = {token: 1000 - index for index, token in enumerate(hand_vocabulary())}
+    from_json = CLIPTokenizer.from_path(write_tokenizer_json(tmp_path / "json", vocabulary, MERGES, pairs))
+    from_files = CLIPTokenizer.from_path(write_folder(tmp_path / "files", vocabulary, [HEADER, *MERGES]))
+    assert from_json.ids == from_files.ids and from_json.ranks == from_files.ranks
+    assert from_json(["the cat tat", ""]).tolist() == from_files(["the cat tat", ""]).tolist()
+
+
+def test_tokenizer_json_of_another_model_is_refused(tmp_path):
+    folder = write_tokenizer_json(tmp_path / "t5", hand_vocabulary(), MERGES, model_type="Unigram")
+    with pytest.raises(ValueError, match=r"tokenizer\.json: a Unigram model with end_of_word_suffix '</w>'; CLIP's"):
+        CLIPTokenizer.from_path(folder)
+    (tmp_path / "t5" / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
+    with pytest.raises(ValueError, match=r"expected a tokenizers-library file whose \"model\" holds a BPE"):
+        CLIPTokenizer.from_path(folder)
+
+
+@pytest.mark.parametrize("kind", TEXT_KINDS)
+def test_text_is_cleaned_as_clips_reference_cleans_it(kind):
+    text, cleaned = TEXT_KINDS[kind]
+    assert clean(text) == cleaned
+
+
+def test_curly_quotes_ligatures_and_full_width_give_the_plain_texts_tokens(gz_tokenizer):
+    """The three SD1.5-pipeline cases that tokenized differently before the repairs, and a long curly prompt cut at
+    77 as the straight one is."""
+    for repaired, plain in (("don\u2019t", "don't"), ("\ufb01ne", "fine"), ("１２３", "123"), ("ＣＡＴ", "cat")):
+        assert gz_tokenizer.encode(repaired) == gz_tokenizer.encode(plain)
+    with pytest.warns(UserWarning, match="truncated"):
+        curly, straight = gz_tokenizer([" ".join(["\u2018cat\u2019"] * 40), " ".join(["'cat'"] * 40)])
+    assert curly.tolist() == straight.tolist() and curly[-1] == gz_tokenizer.end_id
 
 
 def test_html_entities_are_unescaped_twice_and_text_is_nfc_normalised(gz_tokenizer):
@@ -143,7 +178,7 @@ def test_tokenizer_folders_of_the_wrong_kind_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"vocab\.json: expected a JSON object mapping tokens to ids"):
         CLIPTokenizer.from_path(folder)
     (tmp_path / "list" / "merges.txt").unlink()
-    with pytest.raises(ValueError, match=r"expected a tokenizer folder holding vocab\.json and merges\.txt; missing"):
+    with pytest.raises(ValueError, match=r"holding vocab\.json and merges\.txt, or tokenizer\.json; missing"):
         CLIPTokenizer.from_path(folder)
     with pytest.raises(ValueError, match=r"give the folder holding vocab\.json and merges\.txt"):
         CLIPTokenizer.from_path(os.path.join(folder, "vocab.json"))

@@ -2,6 +2,7 @@
 initialisation, where the residuals go, the feature taps, bad controls and checkpoint loading."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -277,6 +278,12 @@ def test_control_scales_multiply_the_residuals():
         torch.testing.assert_close(scaled, scale * residual)
     for residual, halved in zip(full, controlnet(x, hint, t, context, scales=0.5)):
         torch.testing.assert_close(halved, 0.5 * residual)
+    for number in (np.float32(0.5), np.array(0.5), torch.tensor(0.5, dtype=torch.float64)):  # one number, any type
+        assert all(torch.equal(a, b) for a, b in zip(controlnet(x, hint, t, context, scales=number),
+                                                     controlnet(x, hint, t, context, scales=0.5)))
+    for each in (torch.tensor(scales), np.array(scales, dtype=np.float32)):  # one a residual
+        assert all(torch.equal(a, b) for a, b in zip(controlnet(x, hint, t, context, scales=each),
+                                                     controlnet(x, hint, t, context, scales=scales)))
     with pytest.raises(ValueError, match="one number or 5"):
         controlnet(x, hint, t, context, scales=[1.0, 1.0])
 
