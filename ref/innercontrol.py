@@ -30,6 +30,13 @@ def max_normalised(maps, eps=1e-8):
     return maps / peak.reshape((-1,) + (1,) * (maps.ndim - 1))
 
 
+def depth_normalised(maps):
+    """The release's depth maps: the mean over channels, then each sample divided by its own maximum, so a map's
+    scale does not count, only its shape (InnerControl `train/reward_control_aligned.py`:1780-1782 for the label,
+    :1841-1843 for the probe's output). (B, C, H, W) -> (B, 1, H, W)"""
+    return max_normalised(maps.mean(1, keepdim=True))
+
+
 def sparse_mse(prediction, target):
     """Thin-edge MSE: the mean of the MSE over the background pixels (target == its per-sample minimum) and the MSE
     over the foreground pixels, each averaged over its own pixels, so a few edge pixels weigh as much as the
@@ -54,7 +61,8 @@ def cross_entropy(logits, labels):
 def control_loss(prediction, control, kind):
     """L(c_spatial, c_hat) per sample -> (B,), computed in float32.
 
-    kind: "mse", "max_normalised_mse" (depth reward), "sparse_mse" (thin edges) on (B, C, H, W) maps of equal shape;
+    kind: "mse", "max_normalised_mse" (depth: both maps depth_normalised first), "sparse_mse" (thin edges) on
+        (B, C, H, W) maps of equal shape;
         "cross_entropy" on logits (B, K, H, W) against class indices (B, H, W).
     A control of another size or channel count than the prediction raises a ValueError naming both shapes."""
     if kind not in CONTROL_LOSSES:
@@ -73,7 +81,7 @@ def control_loss(prediction, control, kind):
     if kind == "sparse_mse":
         return sparse_mse(prediction, control)
     if kind == "max_normalised_mse":
-        prediction, control = max_normalised(prediction), max_normalised(control)
+        prediction, control = depth_normalised(prediction), depth_normalised(control)
     return mean_squared_error(prediction, control)
 
 
@@ -105,13 +113,21 @@ def alignment_loss(probe, features, t_emb, control, kind):
     probe: H (ref.probes.ReadoutProbe), frozen while the ControlNet trains; the gradient reaches the ControlNet
         through the features (B, C_l, H_l, W_l) of the UNet decoder that received its residuals.
     t_emb: the UNet's own timestep embedding of t, (B, D_t).
-    control: (B, C, H, W) in [0, 1]: a tanh probe's [-1, 1] is read as (H + 1) / 2, as in the InnerControl release;
-        for kind "cross_entropy" the probe gives logits and the control is class indices (B, H, W). An estimate of
-        another size than the control is resized to it (bilinear), as the release does.
-    Probe training (before the ControlNet's) minimises this same loss with the probe trainable and the UNet frozen."""
+    control: (B, C, H, W) in [0, 1]: a tanh probe's [-1, 1] is read as (H + 1) / 2, as in the InnerControl release
+        (`train/reward_control_aligned.py`:1836); for kind "cross_entropy" the probe gives logits and the control is
+        class indices (B, H, W). An estimate of another size than the control is resized to it (bilinear), as the
+        release does (:1845, to the 512 px training resolution).
+    kind "max_normalised_mse" (depth), as the release (:1840-1845; the paper is silent): the estimate depth_normalised
+        at the probe's resolution (its channels averaged, then divided by its maximum), then resized; the control
+        depth_normalised; then the MSE, a mean over H, W per sample (the pre-release `train/reward_control.py`:1905 of
+        commit 6ab2294; the release as committed lost this mean, :1858).
+    Probe training (before the ControlNet's) minimises this loss with the task's probe_kind, the probe trainable and
+    the UNet frozen."""
     estimate = probe(features, t_emb)  # H_t
     if kind != "cross_entropy":
         estimate = (estimate + 1) / 2  # [-1, 1] -> [0, 1]
+    if kind == "max_normalised_mse":  # normalised before the resize, as the release; the MSE of the normalised maps
+        estimate, control, kind = depth_normalised(estimate), depth_normalised(control), "mse"  # (B, 1, ., .)
     size = control.shape[-2:]
     if estimate.shape[-2:] != size:  # the release resizes H_t to the control's resolution (512 px at SD scale)
         estimate = F.interpolate(estimate, size=size, mode="bilinear", align_corners=False)
@@ -186,20 +202,26 @@ def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range
 @dataclass(frozen=True)
 class InnerControlTask:
     """One column of Table 4: reward weight alpha (as ControlNet++), reward range and comparison; alignment weight
-    beta, range and comparison. Ranges are inclusive [low, high] in DDPM steps of a 1000-step schedule."""
+    beta, range and comparison (Eq. 7 in the ControlNet's training); the comparison the probe is trained with
+    (probe_kind). Ranges are inclusive [low, high] in DDPM steps of a 1000-step schedule.
+    Depth's alignment compares max-normalised maps as the release does (alignment_loss), while its probe learns the
+    control itself by plain MSE, the loss of the paper's probe training (appendix: "MSE, except for the segmentation
+    task"; the release has no probe trainer)."""
     alpha: float
     reward_range: tuple
     reward_kind: str
     beta: float
     align_range: tuple
     alignment_kind: str
+    probe_kind: str
 
 
 INNERCONTROL_TASKS = {
-    "depth": InnerControlTask(0.5, (0, 400), "max_normalised_mse", 1.0, (0, 920), "mse"),
-    "hed": InnerControlTask(1.0, (0, 400), "mse", 0.1, (0, 800), "sparse_mse"),
-    "lineart": InnerControlTask(10.0, (0, 200), "mse", 2.0, (0, 700), "mse"),
-    "segmentation": InnerControlTask(0.5, (0, 200), "cross_entropy", 0.05, (450, 980), "cross_entropy"),
+    "depth": InnerControlTask(0.5, (0, 400), "max_normalised_mse", 1.0, (0, 920), "max_normalised_mse", "mse"),
+    "hed": InnerControlTask(1.0, (0, 400), "mse", 0.1, (0, 800), "sparse_mse", "sparse_mse"),
+    "lineart": InnerControlTask(10.0, (0, 200), "mse", 2.0, (0, 700), "mse", "mse"),
+    "segmentation": InnerControlTask(0.5, (0, 200), "cross_entropy", 0.05, (450, 980), "cross_entropy",
+                                     "cross_entropy"),
 }
 
 

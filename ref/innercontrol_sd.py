@@ -238,7 +238,8 @@ def trained_probe(path, config, unet, load=True):
 
 class ProbeRun(StableDiffusionRun):
     """sd-probe: H on the frozen SD1.5's decoder features of noised real latents at random t, regressing the input
-    control with the task's alignment comparison (Eq. 7). Captions are dropped as in the ControlNet's training."""
+    control with the task's probe comparison (probe_kind, in Eq. 7's form). Captions are dropped as in the
+    ControlNet's training."""
     fields = dict(SD_FIELDS, **PROBE_FIELDS)
 
     def build(self):
@@ -252,7 +253,7 @@ class ProbeRun(StableDiffusionRun):
             x_t = self.schedule.add_noise(x0, draws.randn_like(x0), t)
             _, features = self.base.unet(x_t, t, self.base.text_encoder(tokens), taps=tap_mode)
             t_emb = self.base.unet.embed_time(t)  # (B, D_t)
-        return alignment_loss(net, features, t_emb, controls, self.task.alignment_kind)
+        return alignment_loss(net, features, t_emb, controls, self.task.probe_kind)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ class EstimatorRun(ShapesRun):
 
     def loss(self, net, batch, draws, device):
         images, _, control = (tensor.to(device, non_blocking=True) for tensor in batch)
-        return control_loss(net(images), control, self.task.settings.alignment_kind)
+        return control_loss(net(images), control, self.task.settings.probe_kind)
 
 
 def required_run(config, field, role):
@@ -201,7 +201,7 @@ class ProbeRun(ShapesRun):
         with torch.no_grad():
             _, features = self.base(self.schedule.add_noise(x0, eps, t), t, tokens, taps=self.config["tap_mode"])
             t_emb = self.base.unet.embed_time(t)
-        return alignment_loss(net, features, t_emb, control, self.task.settings.alignment_kind)
+        return alignment_loss(net, features, t_emb, control, self.task.settings.probe_kind)
 
 
 class ControlNetRun(ShapesRun):

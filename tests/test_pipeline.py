@@ -104,10 +104,12 @@ def test_eq8_terms_act_exactly_inside_their_ranges(stages):
         x_t = run.schedule.add_noise(x0, eps, t)
         eps_hat, features = run.base.unet(x_t, t, run.base.text_encoder(tokens), control=net(
             x_t, hint, t, run.base.text_encoder(tokens)), taps=terms.tap_mode)
+        def peak_one(maps):  # (B, 1, H, W) depth, each sample divided by its maximum
+            return maps / maps.flatten(1).amax(1)[:, None, None, None]
         reward = terms.reward_model(run.schedule.x0_from_eps(x_t, eps_hat, t))  # (B, 1, H, W) depth in [0, 1]
-        reward = (reward / reward.flatten(1).amax(1)[:, None, None, None]
-                  - control / control.flatten(1).amax(1)[:, None, None, None]).square().flatten(1).mean(1)
-        alignment = ((terms.probe(features, run.base.unet.embed_time(t)) + 1) / 2 - control).square().flatten(1).mean(1)
+        reward = (peak_one(reward) - peak_one(control)).square().flatten(1).mean(1)
+        read = (terms.probe(features, run.base.unet.embed_time(t)) + 1) / 2  # (B, 1, H, W)
+        alignment = (peak_one(read) - peak_one(control)).square().flatten(1).mean(1)
     torch.testing.assert_close(full, plain + 0.5 * reward + 1.0 * alignment, rtol=1e-5, atol=1e-6)
 
 

@@ -220,10 +220,39 @@ def test_alignment_averages_over_c_h_w_before_masking():
     torch.testing.assert_close(released, torch.tensor(0.125))  # sample 0 alone, the in-range mean
 
 
+def probe_reading_as(read):
+    """A stand-in probe whose tanh output reads (H + 1) / 2 = read."""
+    return lambda features, t_emb: 2 * read - 1
+
+
+def test_depth_alignment_max_normalises_the_channel_mean_as_the_release():
+    """reward_control_aligned.py:1836-1845: (H + 1) / 2, the mean over channels, each sample / its max; the label /
+    its max; the MSE. Sample 0 by hand; sample 1 is the control at half its scale on both channels: no loss."""
+    read = torch.tensor([[[[0.8, 0.4], [0.0, 0.4]], [[0.4, 0.0], [0.0, 0.4]]],  # channel mean [[.6, .2], [0, .4]]
+                         [[[0.25, 0.5], [0.0, 0.1]], [[0.25, 0.5], [0.0, 0.1]]]])  # (2, 2, 2, 2)
+    control = torch.tensor([[[[0.5, 0.25], [0.5, 0.0]]], [[[0.5, 1.0], [0.0, 0.2]]]])  # (2, 1, 2, 2)
+    loss = alignment_loss(probe_reading_as(read), None, None, control, "max_normalised_mse")
+    # sample 0: [[1, 1/3], [0, 2/3]] against [[1, 1/2], [1, 0]]: squared errors 0, 1/36, 1, 4/9 -> 53/144
+    torch.testing.assert_close(loss, torch.tensor([53 / 144, 0.0]))
+
+
+def test_depth_alignment_normalises_at_the_probe_resolution_before_the_resize():
+    """The release divides the probe's 64 px map by its maximum, then resizes it to 512 px: a peak between the
+    upsampled pixels stays below 1. A 3 x 3 map peaking at its centre, doubled: the rows/columns of the bilinear
+    upsampling are u = [0, 1/4, 3/4, 3/4, 1/4, 0], the peak 9/16; the control is outer(u, u), normalised to peak 1."""
+    read = torch.zeros(1, 1, 3, 3)
+    read[0, 0, 1, 1] = 0.5
+    u = torch.tensor([0, 0.25, 0.75, 0.75, 0.25, 0])
+    control = torch.outer(u, u)[None, None]  # (1, 1, 6, 6)
+    loss = alignment_loss(probe_reading_as(read), None, None, control, "max_normalised_mse")
+    # outer(u, u) against outer(u, u) * 16 / 9: (7 / 9)^2 x mean(u^2)^2 = 49 / 81 x (5 / 24)^2
+    torch.testing.assert_close(loss, torch.tensor([49 / 81 * 25 / 576]))
+
+
 def test_table4_settings_and_unknown_task():
     depth = innercontrol_task("depth")
     assert (depth.alpha, depth.reward_range, depth.beta, depth.align_range) == (0.5, (0, 400), 1.0, (0, 920))
-    assert (depth.reward_kind, depth.alignment_kind) == ("max_normalised_mse", "mse")
+    assert (depth.reward_kind, depth.alignment_kind, depth.probe_kind) == ("max_normalised_mse",) * 2 + ("mse",)
     hed, lineart, segmentation = (INNERCONTROL_TASKS[name] for name in ("hed", "lineart", "segmentation"))
     assert (hed.alpha, hed.beta, hed.align_range, hed.alignment_kind) == (1.0, 0.1, (0, 800), "sparse_mse")
     assert (lineart.alpha, lineart.reward_range, lineart.beta, lineart.align_range) == (10.0, (0, 200), 2.0, (0, 700))
