@@ -4,11 +4,13 @@
     control_scores  what `sample.py sd15 --data-path FOLDER` wrote (samples.npz: arr_0 the images, arr_1 the pair of
                     each; settings.json: the pairs) against that folder: the evaluation model (control_model) on every
                     generated image. depth: RMSE on 0-255 of its max-normalised output against the min-max-scaled input
-                    depth; hed / lineart: SSIM (and MS-SSIM, the released metric, at 176 px and up) of the annotator on
-                    the generated image against the annotator on the real image; segmentation: mIoU of the segmenter's
-                    labels against the label map, 255 ignored, accumulated over the set. Each metric is taken over one
-                    seed (the k-th sample of every pair), then averaged over the seeds, as ControlNet++ scores its four
-                    seed folders.
+                    depth; hed / lineart: MS-SSIM (the released metric; SSIM beside) of the annotator on the
+                    generated image against the annotator on the real image; segmentation: mIoU of the segmenter's
+                    labels against the label map, 255 ignored. Each metric is taken over every generated image at
+                    once, as the released evaluation does: RMSE and (MS-)SSIM the mean over images
+                    (`eval/eval_depth.py`:28, InnerControl `eval/eval_edge.py`:64-70), mIoU pooled over the images of
+                    all seeds (ControlNet++ `eval/eval_ade20k.sh`: mmseg's IoUMetric on the four seed folders as one
+                    set); per seed beside.
     RealImages      the folder's real images, cut as for training: FID's reference set (ref.metrics.summarise_images)
     fig2_curves     Fig. 2: the control error across t of the probe on the decoder features against the reward model
                     on the decoded one-step estimate x0 (Eq. 5), for SD1.5 alone and steered by a ControlNet
@@ -72,8 +74,9 @@ def sample_dataset(folder, settings, data_path, task):
 def control_scores(samples, pair_indices, seeds_per_prompt, dataset, task, model, num_classes=None, batch_size=16,
                    device="cpu", on_batch=None):
     """The task's control metric of the evaluation `model` (RGB in [0, 1] -> its reading at the image size) on every
-    generated image (sample i: pair pair_indices[i], seed i mod seeds_per_prompt), one ControlScore a seed.
-    -> {metric: the mean over seeds, "per_seed": [{metric: value}]}"""
+    generated image (sample i: pair pair_indices[i], seed i mod seeds_per_prompt): one ControlScore over all of them,
+    and one a seed. -> {metric: over all images, "per_seed": [{metric: value}]}"""
+    overall = ControlScore(task, num_classes)
     scores = [ControlScore(task, num_classes) for _ in range(seeds_per_prompt)]
     done = 0
     for batch in samples.batches(batch_size):
@@ -85,6 +88,7 @@ def control_scores(samples, pair_indices, seeds_per_prompt, dataset, task, model
         else:
             controls = torch.stack([item[2] for item in items])  # (B, 1, S, S) depth or (B, S, S) labels
         estimates = model(images)  # (B, 1 | K, S, S)
+        overall.update(estimates, controls)
         for seed, score in enumerate(scores):
             chosen = torch.from_numpy(indices % seeds_per_prompt == seed)
             if chosen.any():
@@ -92,9 +96,7 @@ def control_scores(samples, pair_indices, seeds_per_prompt, dataset, task, model
         done += len(batch)
         if on_batch:
             on_batch(done, len(samples))
-    per_seed = [score.result() for score in scores]
-    return {**{name: float(np.mean([result[name] for result in per_seed])) for name in per_seed[0]},
-            "per_seed": per_seed}
+    return {**overall.result(), "per_seed": [score.result() for score in scores]}
 
 
 class RealImages:
