@@ -50,10 +50,23 @@ def sparse_mse(prediction, target):
     return torch.where(foreground.any(1), (background_mse + foreground_mse) / 2, background_mse)
 
 
+def labels_at(labels, size):
+    """Class maps resized to `size` by nearest neighbour, output pixel (i, j) taking input pixel (floor(i H / h),
+    floor(j W / w)): torchvision's NEAREST, with which ControlNet++ brings its labels to the size of the segmenter's
+    logits (`train/utils.py`:131 in `seg_label_transform`, called at `train/reward_control.py`:1494-1495), so no
+    class is invented. (B, H, W) integer -> (B, h, w) long"""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels.long()
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()  # exact below 2^24
+
+
 def cross_entropy(logits, labels):
     """Pixel cross-entropy averaged over each sample's labelled pixels (label IGNORE_LABEL left out; a sample with
-    none gives 0). logits (B, K, H, W), labels (B, H, W) integer -> (B,)"""
-    pixels = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="none")  # (B, H, W), 0 if ignored
+    none gives 0), at the logits' size: labels of another size are brought to it (labels_at), as ControlNet++'s
+    reward does (`train/reward_control.py`:1494-1495, :1510-1513). logits (B, K, h, w), labels (B, H, W) integer
+    -> (B,)"""
+    labels = labels_at(labels, logits.shape[-2:])  # (B, h, w)
+    pixels = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="none")  # (B, h, w), 0 if ignored
     labelled = (labels != IGNORE_LABEL).flatten(1).sum(1)  # (B,)
     return pixels.flatten(1).sum(1) / labelled.clamp_min(1)
 
@@ -63,17 +76,16 @@ def control_loss(prediction, control, kind):
 
     kind: "mse", "max_normalised_mse" (depth: both maps depth_normalised first), "sparse_mse" (thin edges) on
         (B, C, H, W) maps of equal shape;
-        "cross_entropy" on logits (B, K, H, W) against class indices (B, H, W).
-    A control of another size or channel count than the prediction raises a ValueError naming both shapes."""
+        "cross_entropy" on logits (B, K, h, w) against class indices (B, H, W) of any size (cross_entropy).
+    A map control of another size or channel count than the prediction raises a ValueError naming both shapes."""
     if kind not in CONTROL_LOSSES:
         raise ValueError(f"control loss must be one of {CONTROL_LOSSES}, got {kind!r}")
     prediction = prediction.float()
     if kind == "cross_entropy":
-        if control.shape != prediction.shape[:1] + prediction.shape[2:] or control.is_floating_point():
-            raise ValueError(f"cross-entropy expects integer class indices of shape (B, H, W) = "
-                             f"{tuple(prediction.shape[:1] + prediction.shape[2:])} for logits "
-                             f"{tuple(prediction.shape)}, got {control.dtype} {tuple(control.shape)}")
-        return cross_entropy(prediction, control.long())
+        if control.ndim != 3 or len(control) != len(prediction) or control.is_floating_point():
+            raise ValueError(f"cross-entropy expects integer class indices of shape (B, H, W), B = {len(prediction)}, "
+                             f"for logits {tuple(prediction.shape)}, got {control.dtype} {tuple(control.shape)}")
+        return cross_entropy(prediction, control)
     if control.shape != prediction.shape:
         raise ValueError(f"control of shape {tuple(control.shape)} does not match the prediction's "
                          f"{tuple(prediction.shape)} (B, C, H, W)")

@@ -25,7 +25,7 @@ import torch
 
 from ref import sd_checkpoints
 from ref.control_data import ControlDataset
-from ref.control_evaluation import CONTROL_METRICS, ControlScore, errors_across_t, line_chart
+from ref.control_evaluation import CONTROL_METRICS, ControlScore, at_size, errors_across_t, line_chart
 from ref.controlnet import ControlNet
 from ref.data import to_uint8
 from ref.innercontrol_sd import EDGE_TASKS, StableDiffusionRun, control_model, trained_probe
@@ -73,7 +73,8 @@ def sample_dataset(folder, settings, data_path, task):
 @torch.no_grad()
 def control_scores(samples, pair_indices, seeds_per_prompt, dataset, task, model, num_classes=None, batch_size=16,
                    device="cpu", on_batch=None):
-    """The task's control metric of the evaluation `model` (RGB in [0, 1] -> its reading at the image size) on every
+    """The task's control metric of the evaluation `model` (RGB in [0, 1] -> its reading, resized bilinearly to the
+    control's size where it has another: a segmenter's logits, as mmsegmentation's inference resizes them) on every
     generated image (sample i: pair pair_indices[i], seed i mod seeds_per_prompt): one ControlScore over all of them,
     and one a seed. -> {metric: over all images, "per_seed": [{metric: value}]}"""
     overall = ControlScore(task, num_classes)
@@ -87,7 +88,7 @@ def control_scores(samples, pair_indices, seeds_per_prompt, dataset, task, model
             controls = model((torch.stack([item[0] for item in items]).to(device) + 1) / 2)  # (B, 1, S, S)
         else:
             controls = torch.stack([item[2] for item in items])  # (B, 1, S, S) depth or (B, S, S) labels
-        estimates = model(images)  # (B, 1 | K, S, S)
+        estimates = at_size(model(images), controls.shape[-2:])  # (B, 1 | K, S, S)
         overall.update(estimates, controls)
         for seed, score in enumerate(scores):
             chosen = torch.from_numpy(indices % seeds_per_prompt == seed)

@@ -1,13 +1,15 @@
 """Readout probe H(features, t) and the InnerControl objective: probe shapes, range, mixing and timestep conditioning;
 the one-step x0 of the reward (Eq. 5); control comparisons; per-sample timestep masks; the
 alignment gradient's path (Eq. 7); Eq. 8 and the Table 4 settings."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.innercontrol import (INNERCONTROL_TASKS, alignment_loss, control_loss, innercontrol_loss, innercontrol_task,
-                              range_probability, reward_loss, timestep_masked)
+                              labels_at, range_probability, reward_loss, timestep_masked)
 from ref.probes import ReadoutProbe
 from ref.schedules import DDPMSchedule
 
@@ -140,6 +142,21 @@ def test_cross_entropy_leaves_out_ignored_pixels():
     torch.testing.assert_close(control_loss(logits, labels, "cross_entropy"), torch.stack([pixel0, torch.tensor(0.0)]))
 
 
+def test_cross_entropy_downsamples_the_labels_to_the_logits_nearest_as_controlnet_plus_plus():
+    """Logits (1, 2, 2, 2), every pixel [0, log 3]: -log p = log 4 for class 0, log 4/3 for class 1. Labels 4 x 4:
+    nearest downsampling (ControlNet++'s seg_label_transform) keeps the pixels (0, 0), (0, 2), (2, 0), (2, 2) = 1, 0,
+    255, 1; every other pixel is class 0 and counts for nothing (logits upsampled to the labels would score 15 pixels,
+    12 of them at log 4)."""
+    logits = torch.stack([torch.zeros(2, 2), torch.full((2, 2), math.log(3))])[None]  # (1, 2, 2, 2)
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, 0, 0], labels[0, 2, 0], labels[0, 2, 2] = 1, 255, 1
+    expected = (math.log(4 / 3) + math.log(4) + math.log(4 / 3)) / 3
+    torch.testing.assert_close(control_loss(logits, labels, "cross_entropy"), torch.tensor([expected]))
+    # rows / columns 0 and 2 of 4, and of 6 -> 3: 0, 2, 4 (floor(i H / h))
+    torch.testing.assert_close(labels_at(torch.arange(36).reshape(1, 6, 6), (3, 3)),
+                               torch.tensor([[[0, 2, 4], [12, 14, 16], [24, 26, 28]]]))
+
+
 def test_bad_controls_name_the_expected_shape():
     prediction = torch.zeros(2, 1, 8, 8)
     with pytest.raises(ValueError, match=r"control of shape \(2, 1, 16, 16\) does not match the prediction's "
@@ -147,8 +164,10 @@ def test_bad_controls_name_the_expected_shape():
         control_loss(prediction, torch.zeros(2, 1, 16, 16), "mse")
     with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\)"):
         control_loss(prediction, torch.zeros(2, 3, 8, 8), "sparse_mse")
-    with pytest.raises(ValueError, match=r"\(B, H, W\) = \(2, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"\(B, H, W\), B = 2, for logits \(2, 5, 8, 8\), got torch.float32"):
         control_loss(torch.zeros(2, 5, 8, 8), torch.zeros(2, 8, 8), "cross_entropy")  # float, not class indices
+    with pytest.raises(ValueError, match=r"B = 2, for logits \(2, 5, 8, 8\), got torch.int64 \(3, 8, 8\)"):
+        control_loss(torch.zeros(2, 5, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long), "cross_entropy")
     with pytest.raises(ValueError, match="one of"):
         control_loss(prediction, prediction, "l1")
 
