@@ -187,27 +187,53 @@ def range_probability(t_range, num_timesteps):
     return (high - low + 1) / num_timesteps
 
 
-def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range, align_range, num_timesteps=1000):
+EQ8_REDUCTIONS = ("unbiased", "release")
+
+
+def check_reduction(reduction):
+    if reduction not in EQ8_REDUCTIONS:
+        raise ValueError(f"--eq8-reduction must be one of {', '.join(EQ8_REDUCTIONS)}, got {reduction!r}")
+
+
+def in_range_weight(t, t_range, num_timesteps, reduction):
+    """The factor w of a masked term in Eq. 8, the batch mean of w 1[t_i in R] L_i standing for its in-range mean:
+        "unbiased": w = 1 / P(R), P(R) = (high - low + 1) / T (range_probability);
+        "release":  w = B / (N_R + 1e-10) for the B samples of this (micro-)batch, N_R of them in range, so the batch
+                    mean is the InnerControl release's  (mask * loss).sum() / (mask.sum() + 1e-10)  per micro-batch
+                    (`train/reward_control_aligned.py`:1820 for the reward, :1859 for the alignment; ControlNet++
+                    `train/reward_control.py`:1520). -> float or () tensor"""
+    check_reduction(reduction)
+    if reduction == "unbiased":
+        return 1 / range_probability(t_range, num_timesteps)
+    return len(t) / (in_timestep_range(t, t_range).sum() + 1e-10)
+
+
+def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range, align_range, num_timesteps=1000,
+                      reduction="unbiased"):
     """Eq. 8 per sample -> (B,):
-        L_i = L_diff,i + alpha 1[t_i in R_reward] L_reward,i / P(R_reward)
-                       + beta 1[t_i in R_align] L_align,i / P(R_align)
+        L_i = L_diff,i + alpha w_reward 1[t_i in R_reward] L_reward,i + beta w_align 1[t_i in R_align] L_align,i
 
     diffusion, reward, alignment: per-sample losses (B,); reward or alignment None leaves that term out (the rows of
-    Table 2 without it). P(R) = (high - low + 1) / T is the probability of the range under the uniform training draw
-    of t over T = num_timesteps steps.
+    Table 2 without it). w: in_range_weight of the term's range under the reduction, over T = num_timesteps steps.
 
     alpha and beta weight each term's mean over the samples IN its range, as in ControlNet++ and the InnerControl
-    release, which compute  (mask * loss).sum() / (mask.sum() + 1e-10)  per batch. Here the caller takes the plain
-    batch mean, as for every loss, and E[1[t in R] L(t)] / P(R) = E[L(t) | t in R]: an unbiased estimate of the
-    same in-range mean that does not depend on how the batch is split over ranks (DDP averages per-rank means; the
-    release's ratio would change with the split). Without the 1 / P(R) the effective weight would be alpha P(R)
-    (depth's 0.5 on [0, 400] acting as 0.20) and widening a range would also raise its weight.
-    A batch with no sample in range adds an exact zero that keeps the graph."""
+    release; the caller takes the plain batch mean, as for every loss. The expected weight of E[L | t in R] that each
+    reduction gives, for t ~ U{0..T-1}, range probability P = P(R) and (micro-)batch size B:
+        "unbiased" (default): exactly alpha, as E[1[t in R] L(t)] / P = E[L(t) | t in R]; it does not depend on how
+            the batch is split over ranks and micro-batches (DDP averages per-rank means).
+        "release": alpha (1 - (1 - P)^B): a micro-batch with N_R >= 1 samples in range gives their mean, whose
+            expectation is E[L | t in R]; one with none (probability (1 - P)^B) gives 0. Depth's reward on [0, 400]
+            (P = 0.401) at the release's micro-batch of 8 acts as 0.983 alpha, segmentation's on [0, 200] as 0.834
+            alpha, at B = 1 as P alpha; the weight of a sample also depends on the rest of its micro-batch.
+    Without any w the effective weight would be alpha P (depth's 0.5 on [0, 400] acting as 0.20) and widening a range
+    would also raise its weight. A batch with no sample in range adds an exact zero that keeps the graph."""
     loss = diffusion
     if reward is not None:
-        loss = loss + alpha / range_probability(reward_range, num_timesteps) * timestep_masked(reward, t, reward_range)
+        weight = in_range_weight(t, reward_range, num_timesteps, reduction)
+        loss = loss + alpha * weight * timestep_masked(reward, t, reward_range)
     if alignment is not None:
-        loss = loss + beta / range_probability(align_range, num_timesteps) * timestep_masked(alignment, t, align_range)
+        weight = in_range_weight(t, align_range, num_timesteps, reduction)
+        loss = loss + beta * weight * timestep_masked(alignment, t, align_range)
     return loss
 
 
@@ -249,12 +275,18 @@ EQ8_FIELDS = {
     "beta": (optional_float, "alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
     "reward_range": (optional_timestep_range, "LOW,HIGH steps of the reward term (none: Table 4)"),
     "align_range": (optional_timestep_range, "LOW,HIGH steps of the alignment term (none: Table 4)"),
+    "eq8_reduction": (str, "unbiased: each masked term times 1 / P(range), expected weight alpha | release: the "
+                           "InnerControl release's in-range mean per micro-batch, expected weight alpha (1 - (1 - "
+                           "P)^B)"),
 }
+OLD_EQ8_FIELDS = dict(eq8_reduction="unbiased")  # what runs stored before the field were trained with
 
 
 def eq8_weights(settings, config, num_timesteps=1000):
     """alpha, beta, reward range, alignment range of a run: the config's EQ8_FIELDS where given, else Table 4's
-    (`settings`, an InnerControlTask). A range of a term that is on and holds no step raises ValueError."""
+    (`settings`, an InnerControlTask). A range of a term that is on and holds no step, or an unknown eq8_reduction,
+    raises ValueError."""
+    check_reduction(config["eq8_reduction"])
     alpha = settings.alpha if config["alpha"] is None else config["alpha"]
     beta = settings.beta if config["beta"] is None else config["beta"]
     reward_range = tuple(config["reward_range"] or settings.reward_range)
@@ -274,7 +306,8 @@ class InnerControlTerms:
     """What Eq. 8 adds to the diffusion loss: alpha, the reward model D (None: no reward term), its range and
     comparison; beta, the frozen probe H (None: no alignment term), the UNet features it reads (`tap_mode`), its
     range and comparison. Ranges are inclusive DDPM steps. decode: latents -> the reward model's image (RGB in
-    [0, 1]); None in pixel space."""
+    [0, 1]); None in pixel space. eq8_reduction: how each masked term stands for its in-range mean
+    (innercontrol_loss)."""
     alpha: float
     reward_model: object
     reward_range: tuple
@@ -285,6 +318,7 @@ class InnerControlTerms:
     align_range: tuple
     alignment_kind: str
     decode: object = None
+    eq8_reduction: str = "unbiased"
 
 
 def innercontrol_training_step(controlnet, base, schedule, terms, x0, tokens, hint, control, draws, device):
@@ -320,4 +354,5 @@ def innercontrol_training_step(controlnet, base, schedule, terms, x0, tokens, hi
                                                               t_emb[rows], control[rows], terms.alignment_kind),
                                   t, terms.align_range)
     return innercontrol_loss(mean_squared_error(eps_hat, eps), reward, alignment, t, terms.alpha, terms.beta,
-                             terms.reward_range, terms.align_range, schedule.num_timesteps)  # Eq. 8
+                             terms.reward_range, terms.align_range, schedule.num_timesteps,
+                             terms.eq8_reduction)  # Eq. 8

@@ -31,8 +31,8 @@ from ref.control_data import LABEL_TASKS, ControlDataset, collate_controls
 from ref.controlnet import ControlNet
 from ref.dpt import DPTHybridDepth
 from ref.hed import HEDAnnotator
-from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights, innercontrol_task,
-                              innercontrol_training_step)
+from ref.innercontrol import (EQ8_FIELDS, OLD_EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights,
+                              innercontrol_task, innercontrol_training_step)
 from ref.losses import drop_captions
 from ref.probes import ReadoutProbe
 from ref.runtime import check_job, load_trained_network, move_modules, read_run_checkpoint
@@ -306,6 +306,7 @@ class ControlNetRun(StableDiffusionRun):
         probe=(optional_path, "the sd-probe run's latest.pt, for beta > 0"),
         **EQ8_FIELDS,
     )
+    added_fields = dict(StableDiffusionRun.added_fields, **OLD_EQ8_FIELDS)
 
     def __init__(self, config, load=True):
         super().__init__(config, load)
@@ -319,7 +320,8 @@ class ControlNetRun(StableDiffusionRun):
             path = required(config, "probe", f"an sd-probe run of task {config['task']}, for beta > 0")
             probe, tap_mode = trained_probe(path, config, self.base.unet, load)
         self.terms = InnerControlTerms(alpha, reward, reward_range, settings.reward_kind, beta, probe, tap_mode,
-                                       align_range, settings.alignment_kind, decode=self.base.decode)
+                                       align_range, settings.alignment_kind, decode=self.base.decode,
+                                       eq8_reduction=config["eq8_reduction"])
 
     def build(self):
         unet = self.base.unet
@@ -357,8 +359,9 @@ SD_CONFIGS = {
     # release's), global batch 256 (on 8 ranks, 4 micro-batches of 8 a rank), clip 1, 10k steps (--steps 5000 for
     # segmentation); EMA over ~1k steps.
     "sd15-controlnet": dict(_SD15, job="sd-controlnet", controlnet_init=None, reward_model=None, probe=None,
-                            alpha=0.0, beta=0.0, reward_range=None, align_range=None, batch_size=256,
-                            grad_accumulation=4, steps=10_000, lr=1e-5, weight_decay=1e-2, ema_decay=0.999),
+                            alpha=0.0, beta=0.0, reward_range=None, align_range=None, eq8_reduction="unbiased",
+                            batch_size=256, grad_accumulation=4, steps=10_000, lr=1e-5, weight_decay=1e-2,
+                            ema_decay=0.999),
 }
 # Eq. 8 for as many steps again, from the fine-tune's EMA weights, with Table 4's alpha, beta and ranges.
 SD_CONFIGS["sd15-innercontrol"] = dict(SD_CONFIGS["sd15-controlnet"], alpha=None, beta=None,

@@ -138,9 +138,9 @@ def fig2_curves(probe_path, reward_path, data_path, timesteps, num_images, contr
     paths to the same files). -> ({model: [{"t", "probe": {metric: value}, "reward": {...}}]}, task)"""
     probe_path = checkpoint_file(probe_path)
     probe_config = read_run_checkpoint(probe_path)["args"]
-    config = dict(StableDiffusionRun.added_fields, **probe_config, data_path=data_path,
-                  sd15=sd15 or probe_config["sd15"], tokenizer=tokenizer or probe_config["tokenizer"],
-                  gradient_checkpointing=False)
+    config = {**StableDiffusionRun.added_fields, **probe_config, "data_path": data_path,
+              "sd15": sd15 or probe_config["sd15"], "tokenizer": tokenizer or probe_config["tokenizer"],
+              "gradient_checkpointing": False}
     run = StableDiffusionRun(config)
     task, base = config["task"], run.base
     probe, tap_mode = trained_probe(probe_path, config, base.unet)

@@ -72,6 +72,10 @@ def test_innercontrol_starts_from_init_and_resumes_bitwise(stages, tmp_path):
     assert_same_state(started.state_dict(), read_checkpoint(stages["controlnet"])["model"])
     train.main(innercontrol_flags(stages, out=tmp_path / "whole"))
     train.main(innercontrol_flags(stages, out=tmp_path / "split", stop_after=2))
+    checkpoint = read_checkpoint(tmp_path / "split" / "latest.pt")  # as written before the field eq8_reduction
+    del checkpoint["args"]["eq8_reduction"]
+    torch.save(checkpoint, tmp_path / "split" / "latest.pt")
+    assert runs.load_trained(tmp_path / "split" / "latest.pt", "controlnet")[1]["eq8_reduction"] == "unbiased"
     train.main(innercontrol_flags(stages, out=tmp_path / "split"))
     whole, split = (read_checkpoint(tmp_path / name / "latest.pt") for name in ("whole", "split"))
     assert_same_state(split["model"], whole["model"])
@@ -111,6 +115,12 @@ def test_eq8_terms_act_exactly_inside_their_ranges(stages):
         read = (terms.probe(features, run.base.unet.embed_time(t)) + 1) / 2  # (B, 1, H, W)
         alignment = (peak_one(read) - peak_one(control)).square().flatten(1).mean(1)
     torch.testing.assert_close(full, plain + 0.5 * reward + 1.0 * alignment, rtol=1e-5, atol=1e-6)
+    # --eq8-reduction release over the two earliest draws' steps: each in-range term times B / N = 4 / 2
+    high = int(t.sort().values[1])
+    release, *_ = per_sample_loss(reward_range=f"0,{high}", align_range=f"0,{high}", eq8_reduction="release")
+    in_range = (t <= high).float()
+    assert in_range.sum() == 2
+    torch.testing.assert_close(release, plain + 2 * in_range * (0.5 * reward + 1.0 * alignment), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_pipeline_input_exits_2_naming_what_was_expected(stages, tmp_path, capsys):

@@ -223,6 +223,38 @@ def test_eq8_weights_the_in_range_mean_as_the_release_does():
     torch.testing.assert_close((per_sample[:4].mean() + per_sample[4:].mean()) / 2, per_sample.mean())
 
 
+def test_release_reduction_is_the_in_range_mean_of_each_micro_batch():
+    """--eq8-reduction release on a hand batch: 2 of 4 samples in the reward range [0, 400], 3 in the alignment range
+    [0, 920]; the batch mean is alpha x the mean of the in-range rewards + beta x that of the in-range alignments."""
+    diffusion, reward, alignment = torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([8.0, 4, 2, 1])
+    t = torch.tensor([100, 300, 500, 950])
+    loss = innercontrol_loss(diffusion, reward, alignment, t, 0.5, 0.1, (0, 400), (0, 920), reduction="release")
+    # per sample: 0.5 x 4/2 x [1, 2, 0, 0] + 0.1 x 4/3 x [8, 4, 2, 0]
+    torch.testing.assert_close(loss, torch.tensor([1 + 3.2 / 3, 2 + 1.6 / 3, 0.8 / 3, 0.0]))
+    torch.testing.assert_close(loss.mean(), torch.tensor(0.5 * (1 + 2) / 2 + 0.1 * (8 + 4 + 2) / 3))
+    unbiased = innercontrol_loss(diffusion, reward, alignment, t, 0.5, 0.1, (0, 400), (0, 920))
+    torch.testing.assert_close(unbiased.mean(), torch.tensor((0.5 * 3 / 0.401 + 0.1 * 14 / 0.921) / 4))
+    none_in_range = innercontrol_loss(diffusion, reward, None, t + 500, 0.5, 0.0, (0, 400), (0, 0), reduction="release")
+    assert torch.equal(none_in_range, torch.zeros(4))  # the 1e-10 of the release: an exact 0, not 0 / 0
+    with pytest.raises(ValueError, match="--eq8-reduction must be one of unbiased, release, got 'mean'"):
+        innercontrol_loss(diffusion, reward, None, t, 0.5, 0.0, (0, 400), (0, 0), reduction="mean")
+
+
+def test_expected_weights_of_the_two_reductions():
+    """Monte Carlo over 100,000 micro-batches of B draws t ~ U{0..999}, loss 1 + t / 1000, reward range [0, 200]
+    (P = 0.201, in-range mean 1.1): the release's reduction weighs the in-range mean by alpha (1 - (1 - P)^B), the
+    unbiased one by alpha, whatever B (standard errors below 0.6 %)."""
+    generator = torch.Generator().manual_seed(0)
+    probability, in_range_mean, alpha = 0.201, 1.1, 0.5
+    for micro_batch in (1, 4, 8):
+        t = torch.randint(0, 1000, (100_000, micro_batch), generator=generator)
+        for reduction, weight in (("release", 1 - (1 - probability) ** micro_batch), ("unbiased", 1.0)):
+            batch_mean = torch.vmap(lambda row: innercontrol_loss(torch.zeros(micro_batch), 1 + row.float() / 1000,
+                                                                  None, row, alpha, 0.0, (0, 200), (0, 0),
+                                                                  reduction=reduction).mean())
+            assert float(batch_mean(t).mean()) == pytest.approx(alpha * in_range_mean * weight, rel=0.02)
+
+
 def test_alignment_averages_over_c_h_w_before_masking():
     """Two samples with 2 x 2 x 2 controls; only sample 0 is in the alignment range."""
     probe_output = torch.stack([torch.zeros(2, 2, 2), torch.ones(2, 2, 2)])  # (2, 2, 2, 2); read as 0.5 and 1.0
