@@ -26,9 +26,10 @@ sample (ref/innercontrol.py: RMSE for depth, mIoU for segmentation, SSIM for edg
 scene the sample followed), and FD-shapes / precision / recall against the first --ref-shapes evaluation scenes.
 innercontrol-sd: for `sample.py sd15 --data-path FOLDER`'s output, the ControlNet++ / InnerControl protocol
 (ref/sd_evaluation.py): the evaluation model on each generated image against the pair's control (depth: RMSE on
-0-255; hed / lineart: SSIM and MS-SSIM against the annotator on the real image; segmentation: mIoU over the set),
-taken per seed and averaged over the seeds; with --inception, FID (and IS, sFID, precision/recall) against the
-folder's real images cut as for training. Prints a table row, writes the JSON.
+0-255; hed / lineart: MS-SSIM and SSIM against the annotator on the real image; segmentation: mIoU), taken over all
+generated images as the released evaluation does (mIoU pooled over every seed's images), per seed beside; with
+--inception, FID (and IS, sFID, precision/recall) against the folder's real images cut as for training. Prints a
+table row, writes the JSON.
 innercontrol-sd-curve: Fig. 2 at SD scale: the control metric across t of the sd-probe run's probe on the decoder
 features and of the reward model on the decoded one-step x0 (Eq. 5), for SD1.5 alone and, with --run, steered by that
 ControlNet (a ControlNet file / folder or an sd-controlnet run); --out's JSON and a PNG chart beside it.
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from ref import runtime, sd_evaluation
-from ref.control_evaluation import CONTROL_METRICS, ControlScore
+from ref.control_evaluation import CURVE_METRICS, ControlScore
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
 from ref.innercontrol_sd import REWARD_TASKS, control_model
 from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_alignment, fid_report, load_reference,
@@ -188,7 +189,7 @@ def run_innercontrol(args):
 
 
 def run_innercontrol_sd(args, extractor=None):
-    """The control metric of the evaluation model on sample.py sd15's output, per seed and averaged, and, with
+    """The control metric of the evaluation model on sample.py sd15's output, over all images and per seed, and, with
     --inception (or an extractor stand-in), FID against the data folder's real images."""
     settings, pair_indices, samples = sd_evaluation.read_samples(args.samples)
     dataset = sd_evaluation.sample_dataset(args.samples, settings, args.data_path, args.task)
@@ -215,7 +216,7 @@ def run_innercontrol_sd_curve(args):
     chart = Path(args.out).with_suffix(".png")
     sd_evaluation.fig2_chart(curves, task).save(chart)
     print(f"wrote {chart}")
-    return {"task": task, "metric": CONTROL_METRICS[task], "num_images": args.num_images, "curves": curves}
+    return {"task": task, "metric": CURVE_METRICS[task], "num_images": args.num_images, "curves": curves}
 
 
 def run_train_shapes_classifier(args):
@@ -238,7 +239,7 @@ def run_control(args):
 
 def print_row(report):
     """innercontrol-sd: one markdown table row (under its header) of the task's metrics and FID."""
-    metrics = [name for name in ("rmse", "ssim", "ms_ssim", "miou") if name in report]
+    metrics = [name for name in ("rmse", "ms_ssim", "ssim", "miou") if name in report]
     fid = report.get("fid", {}).get("fid")
     print("| task | samples | " + " | ".join(metrics) + " | FID |\n|" + "---|" * (len(metrics) + 3))
     print(f"| {report['task']} | {report['samples']} | " + " | ".join(f"{report[name]:.4f}" for name in metrics)

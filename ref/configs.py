@@ -29,8 +29,8 @@ def optional_timestep_range(text):
 TRAINING_FIELDS = {
     "batch_size": (int, "global batch size, all ranks together"),
     "steps": (int, "training steps of the whole run"),
-    "lr": (float, "AdamW learning rate (beta1 0.9, weight decay 0; constant, as in both papers, unless "
-                  "--lr-decay-steps)"),
+    "lr": (float, "AdamW learning rate (beta1 0.9; constant, as in both papers, unless --lr-decay-steps)"),
+    "weight_decay": (float, "AdamW weight decay (0; the SD1.5 ControlNet runs 1e-2, the InnerControl release's)"),
     "lr_decay_steps": (int, "the run's last N steps lower the lr linearly towards 0 (the decay of a "
                             "warmup-stable-decay schedule; 0: constant); raising --steps and setting it on resume "
                             "cools a finished run down"),
@@ -62,7 +62,7 @@ NON_NEGATIVE_FIELDS = ("workers", "lr_decay_steps")
 
 # Fields added after runs were stored, each with the value a stored config without it was trained with: of every run,
 # and of the DiT / SiT runs besides.
-ADDED_FIELDS = dict(adam_beta2=0.999, lr_decay_steps=0)
+ADDED_FIELDS = dict(adam_beta2=0.999, lr_decay_steps=0, weight_decay=0.0)
 ADDED_DIT_FIELDS = dict(arch="dit", vae="sd", cosine_loss=False, ig_omega=0.0)
 
 RUN_DEFAULTS = dict(ADDED_FIELDS, lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True, compile=False,

@@ -8,9 +8,11 @@ Controls by task (the kind of file each expects):
     depth, hed, lineart   a grey map (8-bit or 16-bit grey, or RGB with three equal channels) -> (1, S, S) in [0, 1];
                           the ControlNet's hint is the same map on three channels (ControlNet's grey hints)
     segmentation          a label map (8-bit grey or palette indices: class k = value k, 255 = no class) -> (S, S) long
-Every file is cut the same way: the short side resized to S (512 in the paper), then the central S x S square; the
-image bicubic, a grey map bilinear, a label map and its hint nearest (no invented classes). The image ends in [-1, 1]
-(the VAE's input), hint and control in pixel space.
+Every file of a sample is cut the same way (`resize`): "crop", the short side resized to S (512 in the paper), then the
+central S x S square; or "square", the whole file squashed to S x S whatever its aspect, as the InnerControl release
+does (`train/reward_control_aligned.py`:1184-1205: Resize((resolution, resolution)), the CenterCrop commented out;
+its evaluation too, `eval/eval.py`:172-188). Either way the image bicubic, a grey map bilinear, a label map and its
+hint nearest (no invented classes). The image ends in [-1, 1] (the VAE's input), hint and control in pixel space.
 
 Bad input raises one ValueError naming metadata.jsonl's line and what was expected: a line that is not JSON or lacks a
 key, a caption that is not text, a path to no file; at loading, a control of the wrong kind (RGB where a label map is
@@ -31,6 +33,7 @@ METADATA = "metadata.jsonl"
 MAP_TASKS = ("depth", "hed", "lineart")
 LABEL_TASKS = ("segmentation",)
 CONTROL_TASKS = MAP_TASKS + LABEL_TASKS
+RESIZE_MODES = ("crop", "square")
 GREY_MODES = ("L", "I;16", "I")  # 8-bit, 16-bit and 32-bit grey maps
 LABEL_MODES = ("L", "P")  # class indices as 8-bit grey or as a palette image's indices
 
@@ -91,7 +94,10 @@ def crop_box(width, height, size):
     return scaled, (left, top, left + size, top + size)
 
 
-def cropped(image, size, resample):
+def cut(image, size, resample, resize):
+    """One file at size x size: "crop" (crop_box) or "square" (squashed whole)."""
+    if resize == "square":
+        return image.resize((size, size), resample=resample)
     scaled, box = crop_box(*image.size, size)
     return image.resize(scaled, resample=resample).crop(box)
 
@@ -113,10 +119,12 @@ class ControlDataset(torch.utils.data.Dataset):
     """(image (3, S, S) in [-1, 1], hint (3, S, S) in [0, 1], control, caption) per metadata.jsonl line; control
     (1, S, S) float in [0, 1] for a map task, (S, S) int64 class indices (255: no class) for segmentation."""
 
-    def __init__(self, folder, task, size=512):
+    def __init__(self, folder, task, size=512, resize="crop"):
         if task not in CONTROL_TASKS:
             raise ValueError(f"unknown control task {task!r}; choose one of {', '.join(CONTROL_TASKS)}")
-        self.task, self.size = task, size
+        if resize not in RESIZE_MODES:
+            raise ValueError(f"unknown --resize {resize!r}; choose one of {', '.join(RESIZE_MODES)}")
+        self.task, self.size, self.resize = task, size, resize
         self.entries = read_metadata(folder, task)
 
     def __len__(self):
@@ -131,18 +139,18 @@ class ControlDataset(torch.utils.data.Dataset):
         if control.size != image.size:
             raise ValueError(f"{where}: control {entry.control} is {control.size[0]}x{control.size[1]}, the image "
                              f"{image.size[0]}x{image.size[1]}; expected the same size")
-        image = np.asarray(cropped(image, self.size, Image.BICUBIC), dtype=np.float32)  # (S, S, 3)
+        image = np.asarray(cut(image, self.size, Image.BICUBIC, self.resize), dtype=np.float32)  # (S, S, 3)
         image = torch.from_numpy(image).permute(2, 0, 1) / 127.5 - 1  # (3, S, S) in [-1, 1]
         if self.task in LABEL_TASKS:
             if control.mode not in LABEL_MODES:
                 raise ValueError(f"{where}: control {entry.control} is a {control.mode} image; expected a label map "
                                  f"(8-bit grey or palette indices, 255 = no class)")
-            labels = np.asarray(cropped(control, self.size, Image.NEAREST), dtype=np.int64)  # (S, S)
+            labels = np.asarray(cut(control, self.size, Image.NEAREST, self.resize), dtype=np.int64)  # (S, S)
             hint = read_image(entry.hint)
             if hint.size != control.size:
                 raise ValueError(f"{where}: hint {entry.hint} is {hint.size[0]}x{hint.size[1]}, the control "
                                  f"{control.size[0]}x{control.size[1]}; expected the same size")
-            hint = np.asarray(cropped(hint, self.size, Image.NEAREST), dtype=np.float32) / 255
+            hint = np.asarray(cut(hint, self.size, Image.NEAREST, self.resize), dtype=np.float32) / 255
             hint = torch.from_numpy(hint).permute(2, 0, 1)  # (3, S, S)
             return image, hint, torch.from_numpy(labels), entry.caption
         grey = grey_map(control)
@@ -150,7 +158,7 @@ class ControlDataset(torch.utils.data.Dataset):
             raise ValueError(f"{where}: control {entry.control} is a {control.mode} image with colour; expected a grey "
                              f"{self.task} map (8- or 16-bit grey, or RGB with three equal channels)")
         grey = Image.fromarray(grey)  # mode F
-        control = torch.from_numpy(np.array(cropped(grey, self.size, Image.BILINEAR)))[None].clamp(0, 1)
+        control = torch.from_numpy(np.array(cut(grey, self.size, Image.BILINEAR, self.resize)))[None].clamp(0, 1)
         return image, control.expand(3, -1, -1).clone(), control, entry.caption  # (3, S, S), (1, S, S)
 
 

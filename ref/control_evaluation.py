@@ -2,7 +2,8 @@
 protocol"), shared by the shapes testbed (shapes/) and the SD1.5 runs (ref/sd_evaluation.py):
 
     ControlScore      a task's control metric over batches of (estimate, control): depth RMSE on the 0-255 scale,
-                      edge SSIM (and MS-SSIM on maps large enough for its five scales), segmentation mIoU over the set
+                      HED / LineArt MS-SSIM with SSIM beside, the shapes edges' SSIM (and MS-SSIM on maps large
+                      enough for its five scales), segmentation mIoU over the set
     errors_across_t   Fig. 2: at each t, the probe's reading of the decoder features against the reward model's reading
                       of the one-step estimate x0 (Eq. 5), both scored by ControlScore
     line_chart        Fig. 2's chart, drawn with Pillow
@@ -15,16 +16,31 @@ from ref.innercontrol import IGNORE_LABEL
 from ref.metrics import MS_SSIM_WEIGHTS, SegmentationIoU, depth_rmse, ms_ssim, ssim
 from ref.probes import tanh_reading
 
-# The metric of each task: lower is better for rmse, higher for ssim and miou. "edges": the shapes testbed's edge task.
-CONTROL_METRICS = {"depth": "rmse", "segmentation": "miou", "edges": "ssim", "hed": "ssim", "lineart": "ssim"}
+# The headline metric of each task: lower is better for rmse, higher for the others. HED and LineArt: MS-SSIM, what
+# the released evaluation computes (InnerControl `eval/eval_edge.py`:47, ControlNet++'s :79: torchmetrics'
+# MultiScaleStructuralSimilarityIndexMeasure(data_range=1.0)); the paper's tables call it SSIM. "edges": the shapes
+# testbed's edge task, SSIM (its 16 px maps are far below MS-SSIM's smallest side).
+CONTROL_METRICS = {"depth": "rmse", "segmentation": "miou", "edges": "ssim", "hed": "ms_ssim", "lineart": "ms_ssim"}
 SSIM_WINDOW = 11
 MS_SSIM_SIDE = SSIM_WINDOW * 2 ** (len(MS_SSIM_WEIGHTS) - 1)  # 176: the smallest side MS-SSIM's coarsest scale fits
+# Fig. 2's curves read edges by SSIM, defined at any size (they are drawn on small networks too); the rest as above.
+CURVE_METRICS = {**CONTROL_METRICS, "hed": "ssim", "lineart": "ssim"}
+
+
+def check_map_side(task, side):
+    """An evaluation whose headline is MS-SSIM needs maps of at least MS_SSIM_SIDE pixels a side, as torchmetrics
+    refuses smaller ones: raise a ValueError before any compute."""
+    if CONTROL_METRICS[task] == "ms_ssim" and side < MS_SSIM_SIDE:
+        raise ValueError(f"{task} maps of ({side}, {side}) pixels: MS-SSIM, the released metric (5 scales, window "
+                         f"{SSIM_WINDOW}), needs at least {MS_SSIM_SIDE} pixels a side; evaluate at the paper's 512 px")
 
 
 class ControlScore:
     """The task's control metric accumulated over batches of (estimate, control):
-    depth: mean per-image RMSE (0-255); edges: mean per-image SSIM, and MS-SSIM (ControlNet++'s released metric) for
-    maps of at least MS_SSIM_SIDE pixels a side; segmentation: mIoU over the whole set, IGNORE_LABEL left out.
+    depth: mean per-image RMSE (0-255); edges: mean per-image SSIM and MS-SSIM (ref.metrics.ms_ssim, torchmetrics'
+    defaults: window 11, sigma 1.5, the five weights of Wang et al. 2003, negative terms clamped to 0), MS-SSIM for
+    maps of at least MS_SSIM_SIDE pixels a side (check_map_side refuses evaluations below it); segmentation: mIoU
+    over the whole set, IGNORE_LABEL left out.
     estimate: maps (B, 1, H, W) in [0, 1], or logits (B, K, H, W) for segmentation; control: the exact control, maps
     (B, 1, H, W) in [0, 1] or labels (B, H, W)."""
 
@@ -41,8 +57,9 @@ class ControlScore:
         elif self.task == "depth":
             self.per_image.setdefault("rmse", []).append(depth_rmse(255 * estimate[:, 0], 255 * control[:, 0].double()))
         else:
+            side = min(control.shape[-2:])
             self.per_image.setdefault("ssim", []).append(ssim(estimate, control.double(), data_range=1.0))
-            if min(control.shape[-2:]) >= MS_SSIM_SIDE:
+            if side >= MS_SSIM_SIDE:
                 self.per_image.setdefault("ms_ssim", []).append(ms_ssim(estimate, control.double(), data_range=1.0))
 
     def result(self):

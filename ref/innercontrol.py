@@ -31,6 +31,13 @@ def max_normalised(maps, eps=1e-8):
     return maps / peak.reshape((-1,) + (1,) * (maps.ndim - 1))
 
 
+def depth_normalised(maps):
+    """The release's depth maps: the mean over channels, then each sample divided by its own maximum, so a map's
+    scale does not count, only its shape (InnerControl `train/reward_control_aligned.py`:1780-1782 for the label,
+    :1841-1843 for the probe's output). (B, C, H, W) -> (B, 1, H, W)"""
+    return max_normalised(maps.mean(1, keepdim=True))
+
+
 def sparse_mse(prediction, target):
     """Thin-edge MSE: the mean of the MSE over the background pixels (target == its per-sample minimum) and the MSE
     over the foreground pixels, each averaged over its own pixels, so a few edge pixels weigh as much as the
@@ -44,10 +51,23 @@ def sparse_mse(prediction, target):
     return torch.where(foreground.any(1), (background_mse + foreground_mse) / 2, background_mse)
 
 
+def labels_at(labels, size):
+    """Class maps resized to `size` by nearest neighbour, output pixel (i, j) taking input pixel (floor(i H / h),
+    floor(j W / w)): torchvision's NEAREST, with which ControlNet++ brings its labels to the size of the segmenter's
+    logits (`train/utils.py`:131 in `seg_label_transform`, called at `train/reward_control.py`:1494-1495), so no
+    class is invented. (B, H, W) integer -> (B, h, w) long"""
+    if tuple(labels.shape[-2:]) == tuple(size):
+        return labels.long()
+    return F.interpolate(labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()  # exact below 2^24
+
+
 def cross_entropy(logits, labels):
     """Pixel cross-entropy averaged over each sample's labelled pixels (label IGNORE_LABEL left out; a sample with
-    none gives 0). logits (B, K, H, W), labels (B, H, W) integer -> (B,)"""
-    pixels = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="none")  # (B, H, W), 0 if ignored
+    none gives 0), at the logits' size: labels of another size are brought to it (labels_at), as ControlNet++'s
+    reward does (`train/reward_control.py`:1494-1495, :1510-1513). logits (B, K, h, w), labels (B, H, W) integer
+    -> (B,)"""
+    labels = labels_at(labels, logits.shape[-2:])  # (B, h, w)
+    pixels = F.cross_entropy(logits, labels, ignore_index=IGNORE_LABEL, reduction="none")  # (B, h, w), 0 if ignored
     labelled = (labels != IGNORE_LABEL).flatten(1).sum(1)  # (B,)
     return pixels.flatten(1).sum(1) / labelled.clamp_min(1)
 
@@ -55,18 +75,18 @@ def cross_entropy(logits, labels):
 def control_loss(prediction, control, kind):
     """L(c_spatial, c_hat) per sample -> (B,), computed in float32.
 
-    kind: "mse", "max_normalised_mse" (depth reward), "sparse_mse" (thin edges) on (B, C, H, W) maps of equal shape;
-        "cross_entropy" on logits (B, K, H, W) against class indices (B, H, W).
-    A control of another size or channel count than the prediction raises a ValueError naming both shapes."""
+    kind: "mse", "max_normalised_mse" (depth: both maps depth_normalised first), "sparse_mse" (thin edges) on
+        (B, C, H, W) maps of equal shape;
+        "cross_entropy" on logits (B, K, h, w) against class indices (B, H, W) of any size (cross_entropy).
+    A map control of another size or channel count than the prediction raises a ValueError naming both shapes."""
     if kind not in CONTROL_LOSSES:
         raise ValueError(f"control loss must be one of {CONTROL_LOSSES}, got {kind!r}")
     prediction = prediction.float()
     if kind == "cross_entropy":
-        if control.shape != prediction.shape[:1] + prediction.shape[2:] or control.is_floating_point():
-            raise ValueError(f"cross-entropy expects integer class indices of shape (B, H, W) = "
-                             f"{tuple(prediction.shape[:1] + prediction.shape[2:])} for logits "
-                             f"{tuple(prediction.shape)}, got {control.dtype} {tuple(control.shape)}")
-        return cross_entropy(prediction, control.long())
+        if control.ndim != 3 or len(control) != len(prediction) or control.is_floating_point():
+            raise ValueError(f"cross-entropy expects integer class indices of shape (B, H, W), B = {len(prediction)}, "
+                             f"for logits {tuple(prediction.shape)}, got {control.dtype} {tuple(control.shape)}")
+        return cross_entropy(prediction, control)
     if control.shape != prediction.shape:
         raise ValueError(f"control of shape {tuple(control.shape)} does not match the prediction's "
                          f"{tuple(prediction.shape)} (B, C, H, W)")
@@ -74,7 +94,7 @@ def control_loss(prediction, control, kind):
     if kind == "sparse_mse":
         return sparse_mse(prediction, control)
     if kind == "max_normalised_mse":
-        prediction, control = max_normalised(prediction), max_normalised(control)
+        prediction, control = depth_normalised(prediction), depth_normalised(control)
     return mean_squared_error(prediction, control)
 
 
@@ -106,13 +126,21 @@ def alignment_loss(probe, features, t_emb, control, kind):
     probe: H (ref.probes.ReadoutProbe), frozen while the ControlNet trains; the gradient reaches the ControlNet
         through the features (B, C_l, H_l, W_l) of the UNet decoder that received its residuals.
     t_emb: the UNet's own timestep embedding of t, (B, D_t).
-    control: (B, C, H, W) in [0, 1]: a tanh probe's [-1, 1] is read as (H + 1) / 2, as in the InnerControl release;
-        for kind "cross_entropy" the probe gives logits and the control is class indices (B, H, W). An estimate of
-        another size than the control is resized to it (bilinear), as the release does.
-    Probe training (before the ControlNet's) minimises this same loss with the probe trainable and the UNet frozen."""
+    control: (B, C, H, W) in [0, 1]: a tanh probe's [-1, 1] is read as (H + 1) / 2, as in the InnerControl release
+        (`train/reward_control_aligned.py`:1836); for kind "cross_entropy" the probe gives logits and the control is
+        class indices (B, H, W). An estimate of another size than the control is resized to it (bilinear), as the
+        release does (:1845, to the 512 px training resolution).
+    kind "max_normalised_mse" (depth), as the release (:1840-1845; the paper is silent): the estimate depth_normalised
+        at the probe's resolution (its channels averaged, then divided by its maximum), then resized; the control
+        depth_normalised; then the MSE, a mean over H, W per sample (the pre-release `train/reward_control.py`:1905 of
+        commit 6ab2294; the release as committed lost this mean, :1858).
+    Probe training (before the ControlNet's) minimises this loss with the task's probe_kind, the probe trainable and
+    the UNet frozen."""
     estimate = probe(features, t_emb)  # H_t
     if kind != "cross_entropy":
         estimate = tanh_reading(estimate, control.shape[1])  # [-1, 1] -> [0, 1]
+    if kind == "max_normalised_mse":  # normalised before the resize, as the release; the MSE of the normalised maps
+        estimate, control, kind = depth_normalised(estimate), depth_normalised(control), "mse"  # (B, 1, ., .)
     size = control.shape[-2:]
     if estimate.shape[-2:] != size:  # the release resizes H_t to the control's resolution (512 px at SD scale)
         estimate = F.interpolate(estimate, size=size, mode="bilinear", align_corners=False)
@@ -160,47 +188,79 @@ def range_probability(t_range, num_timesteps):
     return (high - low + 1) / num_timesteps
 
 
-def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range, align_range, num_timesteps=1000):
+EQ8_REDUCTIONS = ("unbiased", "release")
+
+
+def check_reduction(reduction):
+    if reduction not in EQ8_REDUCTIONS:
+        raise ValueError(f"--eq8-reduction must be one of {', '.join(EQ8_REDUCTIONS)}, got {reduction!r}")
+
+
+def in_range_weight(t, t_range, num_timesteps, reduction):
+    """The factor w of a masked term in Eq. 8, the batch mean of w 1[t_i in R] L_i standing for its in-range mean:
+        "unbiased": w = 1 / P(R), P(R) = (high - low + 1) / T (range_probability);
+        "release":  w = B / (N_R + 1e-10) for the B samples of this (micro-)batch, N_R of them in range, so the batch
+                    mean is the InnerControl release's  (mask * loss).sum() / (mask.sum() + 1e-10)  per micro-batch
+                    (`train/reward_control_aligned.py`:1820 for the reward, :1859 for the alignment; ControlNet++
+                    `train/reward_control.py`:1520). -> float or () tensor"""
+    check_reduction(reduction)
+    if reduction == "unbiased":
+        return 1 / range_probability(t_range, num_timesteps)
+    return len(t) / (in_timestep_range(t, t_range).sum() + 1e-10)
+
+
+def innercontrol_loss(diffusion, reward, alignment, t, alpha, beta, reward_range, align_range, num_timesteps=1000,
+                      reduction="unbiased"):
     """Eq. 8 per sample -> (B,):
-        L_i = L_diff,i + alpha 1[t_i in R_reward] L_reward,i / P(R_reward)
-                       + beta 1[t_i in R_align] L_align,i / P(R_align)
+        L_i = L_diff,i + alpha w_reward 1[t_i in R_reward] L_reward,i + beta w_align 1[t_i in R_align] L_align,i
 
     diffusion, reward, alignment: per-sample losses (B,); reward or alignment None leaves that term out (the rows of
-    Table 2 without it). P(R) = (high - low + 1) / T is the probability of the range under the uniform training draw
-    of t over T = num_timesteps steps.
+    Table 2 without it). w: in_range_weight of the term's range under the reduction, over T = num_timesteps steps.
 
     alpha and beta weight each term's mean over the samples IN its range, as in ControlNet++ and the InnerControl
-    release, which compute  (mask * loss).sum() / (mask.sum() + 1e-10)  per batch. Here the caller takes the plain
-    batch mean, as for every loss, and E[1[t in R] L(t)] / P(R) = E[L(t) | t in R]: an unbiased estimate of the
-    same in-range mean that does not depend on how the batch is split over ranks (DDP averages per-rank means; the
-    release's ratio would change with the split). Without the 1 / P(R) the effective weight would be alpha P(R)
-    (depth's 0.5 on [0, 400] acting as 0.20) and widening a range would also raise its weight.
-    A batch with no sample in range adds an exact zero that keeps the graph."""
+    release; the caller takes the plain batch mean, as for every loss. The expected weight of E[L | t in R] that each
+    reduction gives, for t ~ U{0..T-1}, range probability P = P(R) and (micro-)batch size B:
+        "unbiased" (default): exactly alpha, as E[1[t in R] L(t)] / P = E[L(t) | t in R]; it does not depend on how
+            the batch is split over ranks and micro-batches (DDP averages per-rank means).
+        "release": alpha (1 - (1 - P)^B): a micro-batch with N_R >= 1 samples in range gives their mean, whose
+            expectation is E[L | t in R]; one with none (probability (1 - P)^B) gives 0. Depth's reward on [0, 400]
+            (P = 0.401) at the release's micro-batch of 8 acts as 0.983 alpha, segmentation's on [0, 200] as 0.834
+            alpha, at B = 1 as P alpha; the weight of a sample also depends on the rest of its micro-batch.
+    Without any w the effective weight would be alpha P (depth's 0.5 on [0, 400] acting as 0.20) and widening a range
+    would also raise its weight. A batch with no sample in range adds an exact zero that keeps the graph."""
     loss = diffusion
     if reward is not None:
-        loss = loss + alpha / range_probability(reward_range, num_timesteps) * timestep_masked(reward, t, reward_range)
+        weight = in_range_weight(t, reward_range, num_timesteps, reduction)
+        loss = loss + alpha * weight * timestep_masked(reward, t, reward_range)
     if alignment is not None:
-        loss = loss + beta / range_probability(align_range, num_timesteps) * timestep_masked(alignment, t, align_range)
+        weight = in_range_weight(t, align_range, num_timesteps, reduction)
+        loss = loss + beta * weight * timestep_masked(alignment, t, align_range)
     return loss
 
 
 @dataclass(frozen=True)
 class InnerControlTask:
     """One column of Table 4: reward weight alpha (as ControlNet++), reward range and comparison; alignment weight
-    beta, range and comparison. Ranges are inclusive [low, high] in DDPM steps of a 1000-step schedule."""
+    beta, range and comparison (Eq. 7 in the ControlNet's training); the comparison the probe is trained with
+    (probe_kind). Ranges are inclusive [low, high] in DDPM steps of a 1000-step schedule.
+    Depth's alignment compares max-normalised maps as the release does (alignment_loss), while its probe learns the
+    control itself by plain MSE, the loss of the paper's probe training (appendix: "MSE, except for the segmentation
+    task"; the release has no probe trainer)."""
     alpha: float
     reward_range: tuple
     reward_kind: str
     beta: float
     align_range: tuple
     alignment_kind: str
+    probe_kind: str
 
 
 INNERCONTROL_TASKS = {
-    "depth": InnerControlTask(0.5, (0, 400), "max_normalised_mse", 1.0, (0, 920), "mse"),
-    "hed": InnerControlTask(1.0, (0, 400), "mse", 0.1, (0, 800), "sparse_mse"),
-    "lineart": InnerControlTask(10.0, (0, 200), "mse", 2.0, (0, 700), "mse"),
-    "segmentation": InnerControlTask(0.5, (0, 200), "cross_entropy", 0.05, (450, 980), "cross_entropy"),
+    "depth": InnerControlTask(0.5, (0, 400), "max_normalised_mse", 1.0, (0, 920), "max_normalised_mse", "mse"),
+    "hed": InnerControlTask(1.0, (0, 400), "mse", 0.1, (0, 800), "sparse_mse", "sparse_mse"),
+    "lineart": InnerControlTask(10.0, (0, 200), "mse", 2.0, (0, 700), "mse", "mse"),
+    "segmentation": InnerControlTask(0.5, (0, 200), "cross_entropy", 0.05, (450, 980), "cross_entropy",
+                                     "cross_entropy"),
 }
 
 
@@ -216,12 +276,18 @@ EQ8_FIELDS = {
     "beta": (optional_float, "alignment weight (none: the task's Table 4 value; 0: no alignment term)"),
     "reward_range": (optional_timestep_range, "LOW,HIGH steps of the reward term (none: Table 4)"),
     "align_range": (optional_timestep_range, "LOW,HIGH steps of the alignment term (none: Table 4)"),
+    "eq8_reduction": (str, "unbiased: each masked term times 1 / P(range), expected weight alpha | release: the "
+                           "InnerControl release's in-range mean per micro-batch, expected weight alpha (1 - (1 - "
+                           "P)^B)"),
 }
+OLD_EQ8_FIELDS = dict(eq8_reduction="unbiased")  # what runs stored before the field were trained with
 
 
 def eq8_weights(settings, config, num_timesteps=1000):
     """alpha, beta, reward range, alignment range of a run: the config's EQ8_FIELDS where given, else Table 4's
-    (`settings`, an InnerControlTask). A range of a term that is on and holds no step raises ValueError."""
+    (`settings`, an InnerControlTask). A range of a term that is on and holds no step, or an unknown eq8_reduction,
+    raises ValueError."""
+    check_reduction(config["eq8_reduction"])
     alpha = settings.alpha if config["alpha"] is None else config["alpha"]
     beta = settings.beta if config["beta"] is None else config["beta"]
     reward_range = tuple(config["reward_range"] or settings.reward_range)
@@ -241,7 +307,8 @@ class InnerControlTerms:
     """What Eq. 8 adds to the diffusion loss: alpha, the reward model D (None: no reward term), its range and
     comparison; beta, the frozen probe H (None: no alignment term), the UNet features it reads (`tap_mode`), its
     range and comparison. Ranges are inclusive DDPM steps. decode: latents -> the reward model's image (RGB in
-    [0, 1]); None in pixel space."""
+    [0, 1]); None in pixel space. eq8_reduction: how each masked term stands for its in-range mean
+    (innercontrol_loss)."""
     alpha: float
     reward_model: object
     reward_range: tuple
@@ -252,6 +319,7 @@ class InnerControlTerms:
     align_range: tuple
     alignment_kind: str
     decode: object = None
+    eq8_reduction: str = "unbiased"
 
 
 def innercontrol_training_step(controlnet, base, schedule, terms, x0, tokens, hint, control, draws, device):
@@ -287,4 +355,5 @@ def innercontrol_training_step(controlnet, base, schedule, terms, x0, tokens, hi
                                                               t_emb[rows], control[rows], terms.alignment_kind),
                                   t, terms.align_range)
     return innercontrol_loss(mean_squared_error(eps_hat, eps), reward, alignment, t, terms.alpha, terms.beta,
-                             terms.reward_range, terms.align_range, schedule.num_timesteps)  # Eq. 8
+                             terms.reward_range, terms.align_range, schedule.num_timesteps,
+                             terms.eq8_reduction)  # Eq. 8

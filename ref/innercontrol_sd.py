@@ -8,8 +8,8 @@ features and a ControlNet on the frozen SD1.5 with Eq. 8, on (image, control, ca
                    frozen VAE, CLIP text encoder and UNet, trained by ref.innercontrol.innercontrol_training_step:
                    the diffusion loss, + alpha x the reward of D on the decoded one-step x0 (Eq. 5-6) over the reward
                    range, + beta x the alignment of the frozen probe over the alignment range (Eq. 7); Table 4's
-                   settings per task unless given; AdamW lr 1e-5, global batch 256 (grad_accumulation micro-batches a
-                   rank), gradient clip 1, EMA.
+                   settings per task unless given; AdamW lr 1e-5 and weight decay 1e-2, global batch 256
+                   (grad_accumulation micro-batches a rank), gradient clip 1, EMA; no caption dropout.
 Latents: the VAE's posterior sample (its noise from the sample's own generator) times 0.18215; the reward decodes the
 one-step estimate through the VAE decoder with gradients (recomputed in the backward pass with gradient_checkpointing)
 to RGB in [0, 1] for D: DPT-Hybrid for depth, the HED annotator for hed, the LineArt annotator for lineart, a
@@ -33,8 +33,8 @@ from ref.control_data import LABEL_TASKS, ControlDataset, collate_controls
 from ref.controlnet import ControlNet
 from ref.dpt import DPTDepth
 from ref.hed import HEDAnnotator
-from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights, innercontrol_task,
-                              innercontrol_training_step)
+from ref.innercontrol import (EQ8_FIELDS, OLD_EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights,
+                              innercontrol_task, innercontrol_training_step)
 from ref.lineart import LineArtAnnotator
 from ref.losses import drop_captions
 from ref.probes import ReadoutProbe, is_release_align_model, release_align_model
@@ -129,7 +129,9 @@ SD_FIELDS = dict(
                               "merges.txt"),
     data_path=(optional_path, "folder with metadata.jsonl: {\"image\", \"control\", \"caption\"[, \"hint\"]} a line"),
     task=(str, "depth | hed | lineart | segmentation (Table 4's column)"),
-    image_size=(int, "training resolution: the short side resized to it, then the central square (512)"),
+    image_size=(int, "training resolution S (512)"),
+    resize=(str, "square: every file squashed to S x S (the InnerControl release) | crop: the short side resized to S, "
+                 "then the central square"),
     num_classes=(int, "segmentation: classes of the label maps (ADE20K 150), 255 = no class"),
     label_dropout=(float, "probability of replacing a caption by the empty prompt (CFG training)"),
     grad_accumulation=(int, "micro-batches a rank's share of the batch is split into (the gradient stays the batch "
@@ -147,7 +149,8 @@ PROBE_FIELDS = dict(
 
 class StableDiffusionRun:
     """What both runs share: the frozen SD parts, the schedule (SD1.5's scaled-linear betas, 1000 steps), the
-    tokenizer, the task, the data folder."""
+    tokenizer, the task, the data folder. A run stored before `resize` existed cut its files by the centre crop."""
+    added_fields = dict(resize="crop")
 
     def __init__(self, config, load=True):
         self.config = config
@@ -158,7 +161,7 @@ class StableDiffusionRun:
 
     def make_dataset(self):
         folder = required(self.config, "data_path", "a folder holding metadata.jsonl")
-        return ControlDataset(folder, self.config["task"], self.config["image_size"])
+        return ControlDataset(folder, self.config["task"], self.config["image_size"], self.config["resize"])
 
     def collate(self, samples):
         return collate_controls(samples, self.tokenizer)
@@ -265,7 +268,8 @@ def trained_probe(path, config, unet, load=True):
 
 class ProbeRun(StableDiffusionRun):
     """sd-probe: H on the frozen SD1.5's decoder features of noised real latents at random t, regressing the input
-    control with the task's alignment comparison (Eq. 7). Captions are dropped as in the ControlNet's training."""
+    control with the task's probe comparison (probe_kind, in Eq. 7's form). Captions are dropped as in the
+    ControlNet's training."""
     fields = dict(SD_FIELDS, **PROBE_FIELDS)
 
     def build(self):
@@ -279,7 +283,7 @@ class ProbeRun(StableDiffusionRun):
             x_t = self.schedule.add_noise(x0, draws.randn_like(x0), t)
             _, features = self.base.unet(x_t, t, self.base.text_encoder(tokens), taps=tap_mode)
             t_emb = self.base.unet.embed_time(t)  # (B, D_t)
-        return alignment_loss(net, features, t_emb, controls, self.task.alignment_kind)
+        return alignment_loss(net, features, t_emb, controls, self.task.probe_kind)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -332,6 +336,7 @@ class ControlNetRun(StableDiffusionRun):
                               "(checkpoints/aligning/TASK.pt), for beta > 0"),
         **EQ8_FIELDS,
     )
+    added_fields = dict(StableDiffusionRun.added_fields, **OLD_EQ8_FIELDS)
 
     def __init__(self, config, load=True):
         super().__init__(config, load)
@@ -345,7 +350,8 @@ class ControlNetRun(StableDiffusionRun):
             path = required(config, "probe", f"an sd-probe run of task {config['task']}, for beta > 0")
             probe, tap_mode = trained_probe(path, config, self.base.unet, load)
         self.terms = InnerControlTerms(alpha, reward, reward_range, settings.reward_kind, beta, probe, tap_mode,
-                                       align_range, settings.alignment_kind, decode=self.base.decode)
+                                       align_range, settings.alignment_kind, decode=self.base.decode,
+                                       eq8_reduction=config["eq8_reduction"])
 
     def build(self):
         unet = self.base.unet
@@ -368,18 +374,24 @@ SD_RUNS = {"sd-probe": ProbeRun, "sd-controlnet": ControlNetRun}
 # Named configs (train.py --config NAME --task TASK --sd15 FILE --tokenizer FILE --data-path FOLDER ...)
 # ---------------------------------------------------------------------------------------------------------------------
 
+# The InnerControl release's data and optimiser where the paper is silent: files squashed to 512 x 512
+# (`train/reward_control_aligned.py`:1184-1205), no caption dropout (its --text_condition_dropout, :947-951, default 0,
+# unset by `train/aligned_depth.sh`, `aligned_hed.sh`, `aligned_linedrawing.sh`), AdamW weight decay 1e-2 (its
+# --adam_weight_decay, :760, unset by the scripts; used at :1495).
 _SD15 = dict(RUN_DEFAULTS, sd_size="sd15", sd15=None, tokenizer=None, data_path=None, task="depth", image_size=512,
-             num_classes=150, label_dropout=0.1, gradient_checkpointing=True, workers=4, checkpoint_every=500,
-             log_every=10)
+             resize="square", num_classes=150, label_dropout=0.0, gradient_checkpointing=True, workers=4,
+             checkpoint_every=500, log_every=10)
 SD_CONFIGS = {
     # Readout Guidance / the paper's probe training: Adam lr 1e-3, batch 8, 5k steps (--steps 10000 for edges).
     "sd15-probe": dict(_SD15, job="sd-probe", tap_mode="auto", probe_resolution=64, probe_upsample=None,
                        probe_width=384, batch_size=8, grad_accumulation=1, steps=5000, lr=1e-3, ema_decay=0.999),
-    # The plain fine-tune (diffusion loss only) of a pretrained ControlNet: AdamW lr 1e-5, global batch 256 (on 8
-    # ranks, 4 micro-batches of 8 a rank), clip 1, 10k steps (--steps 5000 for segmentation); EMA over ~1k steps.
+    # The plain fine-tune (diffusion loss only) of a pretrained ControlNet: AdamW lr 1e-5 (weight decay 1e-2, the
+    # release's), global batch 256 (on 8 ranks, 4 micro-batches of 8 a rank), clip 1, 10k steps (--steps 5000 for
+    # segmentation); EMA over ~1k steps.
     "sd15-controlnet": dict(_SD15, job="sd-controlnet", controlnet_init=None, reward_model=None, probe=None,
-                            alpha=0.0, beta=0.0, reward_range=None, align_range=None, batch_size=256,
-                            grad_accumulation=4, steps=10_000, lr=1e-5, ema_decay=0.999),
+                            alpha=0.0, beta=0.0, reward_range=None, align_range=None, eq8_reduction="unbiased",
+                            batch_size=256, grad_accumulation=4, steps=10_000, lr=1e-5, weight_decay=1e-2,
+                            ema_decay=0.999),
 }
 # Eq. 8 for as many steps again, from the fine-tune's EMA weights, with Table 4's alpha, beta and ranges.
 SD_CONFIGS["sd15-innercontrol"] = dict(SD_CONFIGS["sd15-controlnet"], alpha=None, beta=None,

@@ -425,8 +425,10 @@ def depth_rmse(predicted, control):
 
 class SegmentationIoU:
     """Per-class intersection and union summed over a whole set, as mmsegmentation's IoUMetric (the segmentation
-    metric of the ControlNet++ / InnerControl evaluation): IoU_c = sum I_c / sum U_c, mIoU = the mean over classes
-    whose union is not empty. Pixels labelled `ignore_index` in the target count for nothing."""
+    metric of the ControlNet++ / InnerControl evaluation; mmseg/evaluation/metrics/iou_metric.py, `compute_metrics`
+    and `total_area_to_metrics`): IoU_c = sum I_c / sum U_c, mIoU = the mean over classes whose union is not empty
+    (mmseg's 0 / 0 = NaN of a class absent from both prediction and label, left out by np.nanmean). Pixels labelled
+    `ignore_index` in the target count for nothing."""
 
     def __init__(self, num_classes, ignore_index=255):
         self.num_classes, self.ignore_index = num_classes, ignore_index

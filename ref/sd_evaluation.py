@@ -4,11 +4,13 @@
     control_scores  what `sample.py sd15 --data-path FOLDER` wrote (samples.npz: arr_0 the images, arr_1 the pair of
                     each; settings.json: the pairs) against that folder: the evaluation model (control_model) on every
                     generated image. depth: RMSE on 0-255 of its max-normalised output against the min-max-scaled input
-                    depth; hed / lineart: SSIM (and MS-SSIM, the released metric, at 176 px and up) of the annotator on
-                    the generated image against the annotator on the real image; segmentation: mIoU of the segmenter's
-                    labels against the label map, 255 ignored, accumulated over the set. Each metric is taken over one
-                    seed (the k-th sample of every pair), then averaged over the seeds, as ControlNet++ scores its four
-                    seed folders.
+                    depth; hed / lineart: MS-SSIM (the released metric; SSIM beside) of the annotator on the
+                    generated image against the annotator on the real image; segmentation: mIoU of the segmenter's
+                    labels against the label map, 255 ignored. Each metric is taken over every generated image at
+                    once, as the released evaluation does: RMSE and (MS-)SSIM the mean over images
+                    (`eval/eval_depth.py`:28, InnerControl `eval/eval_edge.py`:64-70), mIoU pooled over the images of
+                    all seeds (ControlNet++ `eval/eval_ade20k.sh`: mmseg's IoUMetric on the four seed folders as one
+                    set); per seed beside.
     RealImages      the folder's real images, cut as for training: FID's reference set (ref.metrics.summarise_images)
     fig2_curves     Fig. 2: the control error across t of the probe on the decoder features against the reward model
                     on the decoded one-step estimate x0 (Eq. 5), for SD1.5 alone and steered by a ControlNet
@@ -24,7 +26,7 @@ import torch
 from ref import sd_checkpoints
 from ref.checkpoints import read_checkpoint
 from ref.control_data import ControlDataset
-from ref.control_evaluation import CONTROL_METRICS, ControlScore, errors_across_t, line_chart
+from ref.control_evaluation import CURVE_METRICS, ControlScore, at_size, check_map_side, errors_across_t, line_chart
 from ref.controlnet import ControlNet
 from ref.data import to_uint8
 from ref.innercontrol_sd import EDGE_TASKS, SD_CONFIGS, StableDiffusionRun, control_model, trained_probe
@@ -73,9 +75,13 @@ def sample_dataset(folder, settings, data_path, task):
 @torch.no_grad()
 def control_scores(samples, pair_indices, seeds_per_prompt, dataset, task, model, num_classes=None, batch_size=16,
                    device="cpu", on_batch=None):
-    """The task's control metric of the evaluation `model` (RGB in [0, 1] -> its reading at the image size) on every
-    generated image (sample i: pair pair_indices[i], seed i mod seeds_per_prompt), one ControlScore a seed.
-    -> {metric: the mean over seeds, "per_seed": [{metric: value}]}"""
+    """The task's control metric of the evaluation `model` (RGB in [0, 1] -> its reading, resized bilinearly to the
+    control's size where it has another: a segmenter's logits, as mmsegmentation's inference resizes them) on every
+    generated image (sample i: pair pair_indices[i], seed i mod seeds_per_prompt): one ControlScore over all of them,
+    and one a seed; maps too small for the task's metric are refused first (check_map_side). -> {metric: over all
+    images, "per_seed": [{metric: value}]}"""
+    check_map_side(task, dataset.size)
+    overall = ControlScore(task, num_classes)
     scores = [ControlScore(task, num_classes) for _ in range(seeds_per_prompt)]
     done = 0
     for batch in samples.batches(batch_size):
@@ -86,7 +92,8 @@ def control_scores(samples, pair_indices, seeds_per_prompt, dataset, task, model
             controls = model((torch.stack([item[0] for item in items]).to(device) + 1) / 2)  # (B, 1, S, S)
         else:
             controls = torch.stack([item[2] for item in items])  # (B, 1, S, S) depth or (B, S, S) labels
-        estimates = model(images)  # (B, 1 | K, S, S)
+        estimates = at_size(model(images), controls.shape[-2:])  # (B, 1 | K, S, S)
+        overall.update(estimates, controls)
         for seed, score in enumerate(scores):
             chosen = torch.from_numpy(indices % seeds_per_prompt == seed)
             if chosen.any():
@@ -94,9 +101,7 @@ def control_scores(samples, pair_indices, seeds_per_prompt, dataset, task, model
         done += len(batch)
         if on_batch:
             on_batch(done, len(samples))
-    per_seed = [score.result() for score in scores]
-    return {**{name: float(np.mean([result[name] for result in per_seed])) for name in per_seed[0]},
-            "per_seed": per_seed}
+    return {**overall.result(), "per_seed": [score.result() for score in scores]}
 
 
 class RealImages:
@@ -153,8 +158,9 @@ def fig2_curves(probe_path, reward_path, data_path, timesteps, num_images, contr
     -> ({model: [{"t", "probe": {metric: value}, "reward": {...}}]}, task)"""
     probe_path = checkpoint_file(probe_path)
     probe_config = probe_file_config(probe_path, release_flags or {})
-    config = dict(probe_config, data_path=data_path, sd15=sd15 or probe_config["sd15"],
-                  tokenizer=tokenizer or probe_config["tokenizer"], gradient_checkpointing=False)
+    config = {**StableDiffusionRun.added_fields, **probe_config, "data_path": data_path,
+              "sd15": sd15 or probe_config["sd15"], "tokenizer": tokenizer or probe_config["tokenizer"],
+              "gradient_checkpointing": False}
     run = StableDiffusionRun(config)
     task, base = config["task"], run.base
     probe, tap_mode = trained_probe(probe_path, config, base.unet)
@@ -184,8 +190,8 @@ READERS = {"probe": "probe on decoder features", "reward": "reward model on one-
 
 
 def fig2_chart(curves, task):
-    """Fig. 2's line chart: the task's metric across t, probe and reward model, for each model. -> PIL image"""
-    metric = CONTROL_METRICS[task]
+    """Fig. 2's line chart: the task's curve metric across t, probe and reward model, for each model. -> PIL image"""
+    metric = CURVE_METRICS[task]
     series = {f"{name}: {READERS[reader]}": (CURVE_COLOURS[name, reader], [(row["t"], row[reader][metric])
                                                                             for row in rows])
               for name, rows in curves.items() for reader in READERS}

@@ -16,12 +16,13 @@ The file is checked on a probe batch when it is loaded: anything but a TorchScri
 model's weights) or an output other than floating logits of shape (B, K, h, w) is refused with a ValueError naming the
 file and what came out.
 
-This wrapper takes RGB in [0, 1], normalises it, and resizes the logits bilinearly to the control's size, so the
-reward (Eq. 6) is the per-sample cross-entropy of ref.innercontrol against the label map, label 255 left out.
+This wrapper takes RGB in [0, 1], normalises it, and gives the program's logits at their own size. The reward (Eq. 6)
+is the per-sample cross-entropy of ref.innercontrol against the label map brought to the logits' size by nearest
+neighbour, label 255 left out, as ControlNet++'s reward (`train/reward_control.py`:1494-1495); the evaluation resizes
+the logits bilinearly to the label map instead (ref.control_evaluation.at_size), as mmsegmentation's inference does.
 """
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ref.annotator_weights import refuse_unless_torchscript
 from ref.innercontrol import control_loss
@@ -33,8 +34,8 @@ PROBE_BATCH = 2
 
 
 class TorchScriptSegmenter(nn.Module):
-    """image (B, 3, H, W), RGB in [0, 1] -> class logits (B, K, H', W'), (H', W') = `size` or the image's own.
-    Frozen, differentiable with respect to the image (if the program is).
+    """image (B, 3, H, W), RGB in [0, 1] -> class logits (B, K, h, w) at the program's own size. Frozen,
+    differentiable with respect to the image (if the program is).
 
     path: the TorchScript file; num_classes: K the logits must have (None accepts any K >= 2); probe_size: side of the
     probe batch the output is checked on (at least the smallest input the segmenter accepts)."""
@@ -84,12 +85,11 @@ class TorchScriptSegmenter(nn.Module):
                              f"{tuple(probe.shape)}: {problem}, not {expected}")
         return output.shape[1]
 
-    def forward(self, image, size=None):
-        logits = self.program((image - self.mean) / self.std)  # (B, K, h, w)
-        return F.interpolate(logits, size=size or image.shape[-2:], mode="bilinear", align_corners=False)
+    def forward(self, image):
+        return self.program((image - self.mean) / self.std)  # (B, K, h, w)
 
 
 def segmentation_reward(segmenter, image, labels):
-    """Eq. 6 for segmentation: the cross-entropy of the segmenter's logits on `image` (B, 3, H, W) in [0, 1], resized
-    to the label map, against `labels` (B, H_c, W_c) integer classes, 255 ignored. -> (B,)"""
-    return control_loss(segmenter(image, size=labels.shape[-2:]), labels, "cross_entropy")
+    """Eq. 6 for segmentation: the cross-entropy of the segmenter's logits on `image` (B, 3, H, W) in [0, 1] against
+    `labels` (B, H_c, W_c) integer classes downsampled (nearest) to the logits' size, 255 ignored. -> (B,)"""
+    return control_loss(segmenter(image), labels, "cross_entropy")

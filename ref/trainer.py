@@ -129,7 +129,7 @@ def learning_rate(config, step):
 
 
 def fit(make_run, config, out, world):
-    """Train the run `make_run(config)` into `out`: AdamW (betas 0.9, adam_beta2, no weight decay; `learning_rate`),
+    """Train the run `make_run(config)` into `out`: AdamW (betas 0.9, adam_beta2, weight_decay; `learning_rate`),
     gradient clipping, EMA, bf16 autocast on CUDA, DDP over the ranks, optional torch.compile; resume from
     out/latest.pt; progress, log.txt, metrics.jsonl and the numbered snapshots on rank 0 (latest.pt is rewritten with
     each snapshot)."""
@@ -137,7 +137,7 @@ def fit(make_run, config, out, world):
     ema = copy.deepcopy(model).requires_grad_(False)
     hand_over_ema(run, ema)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config["lr"], betas=(0.9, config["adam_beta2"]),
-                                  weight_decay=0)
+                                  weight_decay=config["weight_decay"])
     first = 0
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])

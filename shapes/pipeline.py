@@ -24,7 +24,8 @@ class ShapesTask:
     hint_channels: channels of the ControlNet's input control (segmentation: one-hot).
     table4: the column of Table 4 (ref.losses.INNERCONTROL_TASKS) giving alpha, beta, ranges and comparisons; shapes
         edges are soft occluding contours, so they take HED's column (sparse MSE alignment).
-    The probe and the estimators are trained with the alignment comparison (maps in [0, 1] or class indices)."""
+    The probe and the estimators are trained with the probe's comparison (`probe_kind`: maps in [0, 1] or class
+    indices)."""
     channels: int
     hint_channels: int
     table4: str

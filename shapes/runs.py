@@ -15,8 +15,8 @@ import torch
 from ref.checkpoints import check_state_fits
 from ref.configs import DIT_DEFAULTS, RUN_DEFAULTS, TRAINING_FIELDS
 from ref.controlnet import ControlNet
-from ref.innercontrol import (EQ8_FIELDS, InnerControlTerms, alignment_loss, control_loss, eq8_weights,
-                              innercontrol_training_step)
+from ref.innercontrol import (EQ8_FIELDS, OLD_EQ8_FIELDS, InnerControlTerms, alignment_loss, control_loss,
+                              eq8_weights, innercontrol_training_step)
 from ref.internal_guidance import DiTRun
 from ref.losses import mean_squared_error
 from ref.probes import ReadoutProbe
@@ -42,7 +42,7 @@ def load_trained(path, expected_job, weights="ema", checkpoint=None, load=True):
     job than `expected_job` raises ValueError. load False: the same architecture untrained, on the default device
     (what a run built on the meta device needs of its partners: the FLOP count builds so)."""
     def build(config):
-        return RUNS[expected_job](config, load=False).build()
+        return RUNS[expected_job](dict(RUNS[expected_job].added_fields, **config), load=False).build()
     if load:
         network, config = load_trained_network(path, expected_job, build, weights, checkpoint)
         return network, dict(RUNS[expected_job].added_fields, **config)
@@ -169,7 +169,7 @@ class EstimatorRun(ShapesRun):
 
     def loss(self, net, batch, draws, device):
         images, _, control = (tensor.to(device, non_blocking=True) for tensor in batch)
-        return control_loss(net(images), control, self.task.settings.alignment_kind)
+        return control_loss(net(images), control, self.task.settings.probe_kind)
 
 
 def required_run(config, field, role):
@@ -201,7 +201,7 @@ class ProbeRun(ShapesRun):
         with torch.no_grad():
             _, features = self.base(self.schedule.add_noise(x0, eps, t), t, tokens, taps=self.config["tap_mode"])
             t_emb = self.base.unet.embed_time(t)
-        return alignment_loss(net, features, t_emb, control, self.task.settings.alignment_kind)
+        return alignment_loss(net, features, t_emb, control, self.task.settings.probe_kind)
 
 
 class ControlNetRun(ShapesRun):
@@ -210,7 +210,8 @@ class ControlNetRun(ShapesRun):
     reward_range, + beta x the alignment of the frozen `probe` over align_range. alpha, beta and the ranges default to
     the task's Table 4 column; alpha 0 / beta 0 leave the term (and its network) out."""
     fields = pipeline_fields("task", "base", "probe", "reward_model", "init", "alpha", "beta", "reward_range",
-                             "align_range", "label_dropout")
+                             "align_range", "eq8_reduction", "label_dropout")
+    added_fields = dict(OLD_SCENES, **OLD_EQ8_FIELDS)
 
     def __init__(self, config, load=True):
         super().__init__(config, load)
@@ -228,7 +229,7 @@ class ControlNetRun(ShapesRun):
             tap_mode = probe_config["tap_mode"]
             check_probe_fits(probe, self.base.unet, tap_mode, path)
         self.terms = InnerControlTerms(alpha, reward_model, reward_range, settings.reward_kind, beta, probe, tap_mode,
-                                       align_range, settings.alignment_kind)
+                                       align_range, settings.alignment_kind, eq8_reduction=config["eq8_reduction"])
 
     def partner(self, path, job, load):
         """A frozen network of another run, of this task, and its config."""
@@ -318,7 +319,8 @@ _PIPELINE = dict(RUN_DEFAULTS, image_size=16, shapes_items=1_000_000, shapes_max
                  beta_schedule="scaled_linear", label_dropout=0.1, unet="tiny", task="depth", tap_mode="conv",
                  base="runs/shapes-unet/latest.pt", probe="runs/shapes-probe-{task}/latest.pt",
                  reward_model="runs/shapes-estimator-reward-{task}/latest.pt", init=None, alpha=None, beta=None,
-                 reward_range=None, align_range=None, checkpoint_every=250, log_every=50)
+                 reward_range=None, align_range=None, eq8_reduction="unbiased", checkpoint_every=250,
+                 log_every=50)
 SHAPES_CONFIGS.update({
     # The sizes are the documented CPU run of shapes/experiment.py (README); EMA windows of a quarter to a half of
     # each run.

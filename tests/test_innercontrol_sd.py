@@ -117,6 +117,22 @@ def test_image_and_control_are_cut_alike_and_labels_stay_labels(tmp_path):
     assert torch.equal(hint, control.expand(3, -1, -1))
 
 
+def test_square_resize_squashes_every_file_whole_as_the_release(tmp_path):
+    """--resize square (the InnerControl release's Resize((512, 512))): a 32 x 16 label map whose column x holds
+    class x lands at 16 x 16 with the columns 1, 3, ..., 31 (nearest: pixel j reads the source at (j + 1/2) x 2);
+    the centre crop keeps the columns 8 ... 23. The image is squashed alike (bicubic)."""
+    folder = data_folder(tmp_path / "seg", "segmentation", samples=1, width=2 * SIZE, height=SIZE)
+    columns = np.tile(np.arange(2 * SIZE, dtype=np.uint8), (SIZE, 1))  # (16, 32): class = column
+    Image.fromarray(columns).save(folder / "labels0.png")
+    image, _, labels, _ = ControlDataset(folder, "segmentation", SIZE, resize="square")[0]
+    assert torch.equal(labels, torch.arange(1, 2 * SIZE, 2).expand(SIZE, SIZE))
+    assert torch.equal(ControlDataset(folder, "segmentation", SIZE)[0][2], torch.arange(8, 24).expand(SIZE, SIZE))
+    squashed = Image.open(folder / "image0.png").resize((SIZE, SIZE), Image.BICUBIC)
+    assert torch.equal(image, torch.from_numpy(np.asarray(squashed, np.float32)).permute(2, 0, 1) / 127.5 - 1)
+    with pytest.raises(ValueError, match="unknown --resize 'stretch'; choose one of crop, square"):
+        ControlDataset(folder, "segmentation", SIZE, resize="stretch")
+
+
 def edit_first_line(folder, change):
     path = folder / "metadata.jsonl"
     lines = path.read_text().splitlines()
@@ -252,6 +268,27 @@ def test_eq8_run_resumed_after_stop_after_is_bitwise_the_uninterrupted_one(files
     assert_same_state(train.make_run(config).build().state_dict(), whole["ema"])
 
 
+def test_a_run_stored_before_resize_and_weight_decay_resumes_as_it_was_trained(files, tmp_path, capsys):
+    """A checkpoint without the fields `resize` and `weight_decay` reads as the centre crop and no weight decay (the
+    settings it was trained with): resumed with today's defaults (square, 1e-2, no caption dropout) it is refused,
+    naming each difference; with its own settings it resumes."""
+    argv = list(map(str, ["--config", "sd15-controlnet", *files["flags"], "--task", "depth", "--data-path",
+                          files["depth"], "--batch-size", 2, "--grad-accumulation", 1, "--steps", 2]))
+    old = [*argv, "--resize", "crop", "--weight-decay", "0", "--label-dropout", "0.1", "--out", str(tmp_path)]
+    train.main([*old, "--stop-after", "1"])
+    checkpoint = read_checkpoint(tmp_path / "latest.pt")
+    del checkpoint["args"]["resize"], checkpoint["args"]["weight_decay"]
+    torch.save(checkpoint, tmp_path / "latest.pt")
+    error = train_error([*argv, "--out", tmp_path], capsys)
+    for difference in ("label_dropout: stored 0.1, given 0.0", "resize: stored 'crop', given 'square'",
+                       "weight_decay: stored 0.0, given 0.01"):
+        assert difference in error
+    train.main(old)
+    resumed = read_checkpoint(tmp_path / "latest.pt")
+    assert resumed["step"] == 2 and (resumed["args"]["resize"], resumed["args"]["weight_decay"]) == ("crop", 0.0)
+    assert resumed["opt"]["param_groups"][0]["weight_decay"] == 0.0
+
+
 def other_base(checkpoint):
     """A probe whose first bottleneck reads 8 channels more than this UNet's first tap has."""
     weight = checkpoint["ema"]["bottlenecks.0.conv1.weight"]  # (P/4, C, 1, 1)
@@ -347,6 +384,10 @@ def test_the_sd_configs_are_the_papers_settings():
     for config in (plain, eq8):
         assert (config["lr"], config["batch_size"], config["grad_clip"], config["image_size"]) == (1e-5, 256, 1.0, 512)
     assert (plain["alpha"], plain["beta"]) == (0.0, 0.0) and (eq8["alpha"], eq8["beta"]) == (None, None)
+    # the release's where the paper is silent: weight decay 1e-2, no caption dropout, files squashed to 512 x 512
+    for config in (plain, eq8):
+        assert (config["weight_decay"], config["label_dropout"], config["resize"]) == (1e-2, 0.0, "square")
+    assert (probe["weight_decay"], probe["label_dropout"], probe["resize"]) == (0.0, 0.0, "square")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

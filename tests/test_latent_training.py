@@ -210,10 +210,11 @@ def test_prepared_shards_train_on_their_latents(store, prepared, tmp_path, monke
 
 
 def test_lightningdit_trains_on_f16d32_shards_and_resumes_bitwise(tmp_path):
-    """The LightningDiT preset cut to 2 blocks of width 32: its network, AdamW beta2 0.95 in the optimizer, the cosine
-    term on; stopped after step 2 and rerun, bitwise the uninterrupted run."""
+    """The LightningDiT preset cut to 2 blocks of width 32: its network, AdamW beta2 0.95 (and a --weight-decay) in the
+    optimizer, the cosine term on; stopped after step 2 and rerun, bitwise the uninterrupted run."""
     root = vavae_shards(tmp_path / "shards", np.random.default_rng(6))
-    flags = [*LIGHTNINGDIT, "--data-path", str(root), "--steps", "4", "--checkpoint-every", "2"]
+    flags = [*LIGHTNINGDIT, "--data-path", str(root), "--steps", "4", "--checkpoint-every", "2", "--weight-decay",
+             "0.01"]
     train.main([*flags, "--out", str(tmp_path / "whole")])
     train.main([*flags, "--out", str(tmp_path / "split"), "--stop-after", "2"])
     train.main([*flags, "--out", str(tmp_path / "split")])
@@ -222,7 +223,7 @@ def test_lightningdit_trains_on_f16d32_shards_and_resumes_bitwise(tmp_path):
         assert_same_state(split[part], whole[part])
     assert whole["step"] == 4 and whole["model"]["x_embedder.proj.weight"].shape == (32, 32, 1, 1)
     assert "feat_rope.freqs_cos" in whole["model"] and "blocks.1.mlp.w12.weight" in whole["model"]
-    assert [group["betas"] for group in whole["opt"]["param_groups"]] == [(0.9, 0.95)]
+    assert [(group["betas"], group["weight_decay"]) for group in whole["opt"]["param_groups"]] == [((0.9, 0.95), 0.01)]
     assert whole["args"]["cosine_loss"] and whole["args"]["arch"] == "lightningdit"
     losses = [json.loads(line)["loss"] for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 4 and np.all(np.isfinite(losses))

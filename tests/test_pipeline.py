@@ -72,6 +72,10 @@ def test_innercontrol_starts_from_init_and_resumes_bitwise(stages, tmp_path):
     assert_same_state(started.state_dict(), read_checkpoint(stages["controlnet"])["model"])
     train.main(innercontrol_flags(stages, out=tmp_path / "whole"))
     train.main(innercontrol_flags(stages, out=tmp_path / "split", stop_after=2))
+    checkpoint = read_checkpoint(tmp_path / "split" / "latest.pt")  # as written before the field eq8_reduction
+    del checkpoint["args"]["eq8_reduction"]
+    torch.save(checkpoint, tmp_path / "split" / "latest.pt")
+    assert runs.load_trained(tmp_path / "split" / "latest.pt", "controlnet")[1]["eq8_reduction"] == "unbiased"
     train.main(innercontrol_flags(stages, out=tmp_path / "split"))
     whole, split = (read_checkpoint(tmp_path / name / "latest.pt") for name in ("whole", "split"))
     assert_same_state(split["model"], whole["model"])
@@ -104,11 +108,19 @@ def test_eq8_terms_act_exactly_inside_their_ranges(stages):
         x_t = run.schedule.add_noise(x0, eps, t)
         eps_hat, features = run.base.unet(x_t, t, run.base.text_encoder(tokens), control=net(
             x_t, hint, t, run.base.text_encoder(tokens)), taps=terms.tap_mode)
+        def peak_one(maps):  # (B, 1, H, W) depth, each sample divided by its maximum
+            return maps / maps.flatten(1).amax(1)[:, None, None, None]
         reward = terms.reward_model(run.schedule.x0_from_eps(x_t, eps_hat, t))  # (B, 1, H, W) depth in [0, 1]
-        reward = (reward / reward.flatten(1).amax(1)[:, None, None, None]
-                  - control / control.flatten(1).amax(1)[:, None, None, None]).square().flatten(1).mean(1)
-        alignment = ((terms.probe(features, run.base.unet.embed_time(t)) + 1) / 2 - control).square().flatten(1).mean(1)
+        reward = (peak_one(reward) - peak_one(control)).square().flatten(1).mean(1)
+        read = (terms.probe(features, run.base.unet.embed_time(t)) + 1) / 2  # (B, 1, H, W)
+        alignment = (peak_one(read) - peak_one(control)).square().flatten(1).mean(1)
     torch.testing.assert_close(full, plain + 0.5 * reward + 1.0 * alignment, rtol=1e-5, atol=1e-6)
+    # --eq8-reduction release over the two earliest draws' steps: each in-range term times B / N = 4 / 2
+    high = int(t.sort().values[1])
+    release, *_ = per_sample_loss(reward_range=f"0,{high}", align_range=f"0,{high}", eq8_reduction="release")
+    in_range = (t <= high).float()
+    assert in_range.sum() == 2
+    torch.testing.assert_close(release, plain + 2 * in_range * (0.5 * reward + 1.0 * alignment), rtol=1e-5, atol=1e-6)
 
 
 def test_bad_pipeline_input_exits_2_naming_what_was_expected(stages, tmp_path, capsys):

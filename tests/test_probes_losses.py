@@ -1,13 +1,15 @@
 """Readout probe H(features, t) and the InnerControl objective: probe shapes, range, mixing and timestep conditioning;
 the one-step x0 of the reward (Eq. 5); control comparisons; per-sample timestep masks; the
 alignment gradient's path (Eq. 7); Eq. 8 and the Table 4 settings."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.innercontrol import (INNERCONTROL_TASKS, alignment_loss, control_loss, innercontrol_loss, innercontrol_task,
-                              range_probability, reward_loss, timestep_masked)
+                              labels_at, range_probability, reward_loss, timestep_masked)
 from ref.probes import ReadoutProbe
 from ref.schedules import DDPMSchedule
 
@@ -140,6 +142,21 @@ def test_cross_entropy_leaves_out_ignored_pixels():
     torch.testing.assert_close(control_loss(logits, labels, "cross_entropy"), torch.stack([pixel0, torch.tensor(0.0)]))
 
 
+def test_cross_entropy_downsamples_the_labels_to_the_logits_nearest_as_controlnet_plus_plus():
+    """Logits (1, 2, 2, 2), every pixel [0, log 3]: -log p = log 4 for class 0, log 4/3 for class 1. Labels 4 x 4:
+    nearest downsampling (ControlNet++'s seg_label_transform) keeps the pixels (0, 0), (0, 2), (2, 0), (2, 2) = 1, 0,
+    255, 1; every other pixel is class 0 and counts for nothing (logits upsampled to the labels would score 15 pixels,
+    12 of them at log 4)."""
+    logits = torch.stack([torch.zeros(2, 2), torch.full((2, 2), math.log(3))])[None]  # (1, 2, 2, 2)
+    labels = torch.zeros(1, 4, 4, dtype=torch.long)
+    labels[0, 0, 0], labels[0, 2, 0], labels[0, 2, 2] = 1, 255, 1
+    expected = (math.log(4 / 3) + math.log(4) + math.log(4 / 3)) / 3
+    torch.testing.assert_close(control_loss(logits, labels, "cross_entropy"), torch.tensor([expected]))
+    # rows / columns 0 and 2 of 4, and of 6 -> 3: 0, 2, 4 (floor(i H / h))
+    torch.testing.assert_close(labels_at(torch.arange(36).reshape(1, 6, 6), (3, 3)),
+                               torch.tensor([[[0, 2, 4], [12, 14, 16], [24, 26, 28]]]))
+
+
 def test_bad_controls_name_the_expected_shape():
     prediction = torch.zeros(2, 1, 8, 8)
     with pytest.raises(ValueError, match=r"control of shape \(2, 1, 16, 16\) does not match the prediction's "
@@ -147,8 +164,10 @@ def test_bad_controls_name_the_expected_shape():
         control_loss(prediction, torch.zeros(2, 1, 16, 16), "mse")
     with pytest.raises(ValueError, match=r"\(2, 3, 8, 8\)"):
         control_loss(prediction, torch.zeros(2, 3, 8, 8), "sparse_mse")
-    with pytest.raises(ValueError, match=r"\(B, H, W\) = \(2, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"\(B, H, W\), B = 2, for logits \(2, 5, 8, 8\), got torch.float32"):
         control_loss(torch.zeros(2, 5, 8, 8), torch.zeros(2, 8, 8), "cross_entropy")  # float, not class indices
+    with pytest.raises(ValueError, match=r"B = 2, for logits \(2, 5, 8, 8\), got torch.int64 \(3, 8, 8\)"):
+        control_loss(torch.zeros(2, 5, 8, 8), torch.zeros(3, 8, 8, dtype=torch.long), "cross_entropy")
     with pytest.raises(ValueError, match="one of"):
         control_loss(prediction, prediction, "l1")
 
@@ -204,6 +223,38 @@ def test_eq8_weights_the_in_range_mean_as_the_release_does():
     torch.testing.assert_close((per_sample[:4].mean() + per_sample[4:].mean()) / 2, per_sample.mean())
 
 
+def test_release_reduction_is_the_in_range_mean_of_each_micro_batch():
+    """--eq8-reduction release on a hand batch: 2 of 4 samples in the reward range [0, 400], 3 in the alignment range
+    [0, 920]; the batch mean is alpha x the mean of the in-range rewards + beta x that of the in-range alignments."""
+    diffusion, reward, alignment = torch.zeros(4), torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([8.0, 4, 2, 1])
+    t = torch.tensor([100, 300, 500, 950])
+    loss = innercontrol_loss(diffusion, reward, alignment, t, 0.5, 0.1, (0, 400), (0, 920), reduction="release")
+    # per sample: 0.5 x 4/2 x [1, 2, 0, 0] + 0.1 x 4/3 x [8, 4, 2, 0]
+    torch.testing.assert_close(loss, torch.tensor([1 + 3.2 / 3, 2 + 1.6 / 3, 0.8 / 3, 0.0]))
+    torch.testing.assert_close(loss.mean(), torch.tensor(0.5 * (1 + 2) / 2 + 0.1 * (8 + 4 + 2) / 3))
+    unbiased = innercontrol_loss(diffusion, reward, alignment, t, 0.5, 0.1, (0, 400), (0, 920))
+    torch.testing.assert_close(unbiased.mean(), torch.tensor((0.5 * 3 / 0.401 + 0.1 * 14 / 0.921) / 4))
+    none_in_range = innercontrol_loss(diffusion, reward, None, t + 500, 0.5, 0.0, (0, 400), (0, 0), reduction="release")
+    assert torch.equal(none_in_range, torch.zeros(4))  # the 1e-10 of the release: an exact 0, not 0 / 0
+    with pytest.raises(ValueError, match="--eq8-reduction must be one of unbiased, release, got 'mean'"):
+        innercontrol_loss(diffusion, reward, None, t, 0.5, 0.0, (0, 400), (0, 0), reduction="mean")
+
+
+def test_expected_weights_of_the_two_reductions():
+    """Monte Carlo over 100,000 micro-batches of B draws t ~ U{0..999}, loss 1 + t / 1000, reward range [0, 200]
+    (P = 0.201, in-range mean 1.1): the release's reduction weighs the in-range mean by alpha (1 - (1 - P)^B), the
+    unbiased one by alpha, whatever B (standard errors below 0.6 %)."""
+    generator = torch.Generator().manual_seed(0)
+    probability, in_range_mean, alpha = 0.201, 1.1, 0.5
+    for micro_batch in (1, 4, 8):
+        t = torch.randint(0, 1000, (100_000, micro_batch), generator=generator)
+        for reduction, weight in (("release", 1 - (1 - probability) ** micro_batch), ("unbiased", 1.0)):
+            batch_mean = torch.vmap(lambda row: innercontrol_loss(torch.zeros(micro_batch), 1 + row.float() / 1000,
+                                                                  None, row, alpha, 0.0, (0, 200), (0, 0),
+                                                                  reduction=reduction).mean())
+            assert float(batch_mean(t).mean()) == pytest.approx(alpha * in_range_mean * weight, rel=0.02)
+
+
 def test_alignment_averages_over_c_h_w_before_masking():
     """Two samples with 2 x 2 x 2 controls; only sample 0 is in the alignment range."""
     probe_output = torch.stack([torch.zeros(2, 2, 2), torch.ones(2, 2, 2)])  # (2, 2, 2, 2); read as 0.5 and 1.0
@@ -220,10 +271,39 @@ def test_alignment_averages_over_c_h_w_before_masking():
     torch.testing.assert_close(released, torch.tensor(0.125))  # sample 0 alone, the in-range mean
 
 
+def probe_reading_as(read):
+    """A stand-in probe whose tanh output reads (H + 1) / 2 = read."""
+    return lambda features, t_emb: 2 * read - 1
+
+
+def test_depth_alignment_max_normalises_the_channel_mean_as_the_release():
+    """reward_control_aligned.py:1836-1845: (H + 1) / 2, the mean over channels, each sample / its max; the label /
+    its max; the MSE. Sample 0 by hand; sample 1 is the control at half its scale on both channels: no loss."""
+    read = torch.tensor([[[[0.8, 0.4], [0.0, 0.4]], [[0.4, 0.0], [0.0, 0.4]]],  # channel mean [[.6, .2], [0, .4]]
+                         [[[0.25, 0.5], [0.0, 0.1]], [[0.25, 0.5], [0.0, 0.1]]]])  # (2, 2, 2, 2)
+    control = torch.tensor([[[[0.5, 0.25], [0.5, 0.0]]], [[[0.5, 1.0], [0.0, 0.2]]]])  # (2, 1, 2, 2)
+    loss = alignment_loss(probe_reading_as(read), None, None, control, "max_normalised_mse")
+    # sample 0: [[1, 1/3], [0, 2/3]] against [[1, 1/2], [1, 0]]: squared errors 0, 1/36, 1, 4/9 -> 53/144
+    torch.testing.assert_close(loss, torch.tensor([53 / 144, 0.0]))
+
+
+def test_depth_alignment_normalises_at_the_probe_resolution_before_the_resize():
+    """The release divides the probe's 64 px map by its maximum, then resizes it to 512 px: a peak between the
+    upsampled pixels stays below 1. A 3 x 3 map peaking at its centre, doubled: the rows/columns of the bilinear
+    upsampling are u = [0, 1/4, 3/4, 3/4, 1/4, 0], the peak 9/16; the control is outer(u, u), normalised to peak 1."""
+    read = torch.zeros(1, 1, 3, 3)
+    read[0, 0, 1, 1] = 0.5
+    u = torch.tensor([0, 0.25, 0.75, 0.75, 0.25, 0])
+    control = torch.outer(u, u)[None, None]  # (1, 1, 6, 6)
+    loss = alignment_loss(probe_reading_as(read), None, None, control, "max_normalised_mse")
+    # outer(u, u) against outer(u, u) * 16 / 9: (7 / 9)^2 x mean(u^2)^2 = 49 / 81 x (5 / 24)^2
+    torch.testing.assert_close(loss, torch.tensor([49 / 81 * 25 / 576]))
+
+
 def test_table4_settings_and_unknown_task():
     depth = innercontrol_task("depth")
     assert (depth.alpha, depth.reward_range, depth.beta, depth.align_range) == (0.5, (0, 400), 1.0, (0, 920))
-    assert (depth.reward_kind, depth.alignment_kind) == ("max_normalised_mse", "mse")
+    assert (depth.reward_kind, depth.alignment_kind, depth.probe_kind) == ("max_normalised_mse",) * 2 + ("mse",)
     hed, lineart, segmentation = (INNERCONTROL_TASKS[name] for name in ("hed", "lineart", "segmentation"))
     assert (hed.alpha, hed.beta, hed.align_range, hed.alignment_kind) == (1.0, 0.1, (0, 800), "sparse_mse")
     assert (lineart.alpha, lineart.reward_range, lineart.beta, lineart.align_range) == (10.0, (0, 200), 2.0, (0, 700))

@@ -1,9 +1,9 @@
 """`eval.py innercontrol-sd` (ref/sd_evaluation.py) on hand-made generated sets whose metric values are worked out by
-hand: segmentation mIoU per seed then averaged (a TorchScript segmenter that labels pure red / green / blue pixels
-0 / 1 / 2), depth RMSE (the loader monkeypatched with a stand-in reading the red channel as depth: DPT-Large has one
-size, too slow here; DPT-Hybrid only with --eval-model-kind), HED and LineArt SSIM of identical images and FID of
-the real images themselves (the annotators with random weights, an Inception stand-in); evaluation models of another
-task, a DPT-Hybrid file as DPT-Large and samples of another folder refused."""
+hand: segmentation mIoU pooled over every seed's images (a TorchScript segmenter that labels pure red / green / blue
+pixels 0 / 1 / 2), depth RMSE (the loader monkeypatched with a stand-in reading the red channel as depth: DPT-Large has
+one size, too slow here; DPT-Hybrid only with --eval-model-kind), HED / LineArt MS-SSIM and SSIM of constant maps and
+FID of the real images themselves (an Inception stand-in), HED maps too small for MS-SSIM refused; evaluation models
+of another task, a DPT-Hybrid file as DPT-Large and samples of another folder refused."""
 import json
 
 import numpy as np
@@ -47,7 +47,7 @@ def write_samples(folder, samples, seeds_per_prompt, task, captions=CAPTIONS):
     folder.mkdir()
     pairs = np.arange(len(samples)) // seeds_per_prompt
     np.savez(folder / "samples.npz", arr_0=np.stack(samples), arr_1=pairs)
-    settings = dict(job="sd15-controlnet", size=SIZE, seeds_per_prompt=seeds_per_prompt, task=task,
+    settings = dict(job="sd15-controlnet", size=len(samples[0]), seeds_per_prompt=seeds_per_prompt, task=task,
                     pairs=[dict(prompt=captions[pair % 2], control="") for pair in range(pairs[-1] + 1)])
     (folder / "settings.json").write_text(json.dumps(settings))
     return folder
@@ -75,15 +75,18 @@ def segmentation_case(tmp_path):
     return samples, data, segmenter
 
 
-def test_segmentation_miou_is_taken_per_seed_then_averaged(tmp_path, capsys):
+def test_segmentation_miou_is_pooled_over_every_seeds_images(tmp_path, capsys):
     samples, data, segmenter = segmentation_case(tmp_path)
     metrics = evaluate(samples, data, "segmentation", segmenter, tmp_path, "--num-classes", 3)
     # seed 1 over 15 labelled rows: class 0 I = 120 (pair 0's left), U = 480 predicted; classes 1, 2: I = 0
     assert [seed["miou"] for seed in metrics["per_seed"]] == pytest.approx([1.0, (120 / 480) / 3])
-    assert metrics["miou"] == pytest.approx((1 + 1 / 12) / 2)  # pooled over the set it would be 0.4667
+    # all four images (mmseg's IoUMetric on the seed folders as one set): class 0 I = 120 + 120, U = 600 predicted;
+    # class 1 I = 120, U = 240 labelled; class 2 I = 240, U = 480 labelled. The mean of the seeds' would be 0.5417,
+    # the mean of the images' (1 + 1 + 1/4 + 0) / 4 = 0.5625.
+    assert metrics["miou"] == pytest.approx((240 / 600 + 120 / 240 + 240 / 480) / 3)
     assert metrics["samples"] == 4 and metrics["pairs"] == 2 and "fid" not in metrics
     row = capsys.readouterr().out.splitlines()[-1]
-    assert row == "| segmentation | 4 | 0.5417 | n/a |"
+    assert row == "| segmentation | 4 | 0.4667 | n/a |"
 
 
 class RedDepth(torch.nn.Module):
@@ -117,19 +120,41 @@ def mean_colour(images):
     return {"pool": colour, "logits": colour}
 
 
-@pytest.mark.parametrize("task, annotator", [("hed", HEDAnnotator), ("lineart", LineArtAnnotator)])
-def test_edge_ssim_and_fid_of_the_real_images_themselves(task, annotator, tmp_path):
-    generator = np.random.default_rng(0)
-    images = generator.integers(0, 256, (4, SIZE, SIZE, 3), dtype=np.uint8)
-    data = write_data(tmp_path / "data", task, images, generator.integers(0, 256, (4, SIZE, SIZE), dtype=np.uint8))
-    samples = write_samples(tmp_path / "samples", list(images), 1, task)
-    torch.manual_seed(0)
-    torch.save(annotator().state_dict(), tmp_path / "model.pth")
-    metrics = evaluate(samples, data, task, tmp_path / "model.pth", tmp_path, "--inception", "stand-in",
+@pytest.mark.parametrize("task", ["hed", "lineart"])
+def test_edge_headline_is_ms_ssim_with_ssim_beside_and_fid_of_the_real_images(task, tmp_path, monkeypatch, capsys):
+    """Constant maps a (the annotator on the real image) and b (on the generated one), 176 px, MS-SSIM's smallest
+    side: every scale's contrast-structure term is 1 (no variance), so MS-SSIM = l(a, b)^0.1333 with l = (2ab + C1) /
+    (a^2 + b^2 + C1) the luminance term, SSIM = l."""
+    monkeypatch.setattr(eval_script, "control_model", lambda task, path, num_classes, kind: RedDepth())  # red: edges
+    side, a, b = 176, 51, 153  # 0.2 and 0.6
+    real = [np.full((side, side, 3), (a, 0, 0), np.uint8), np.full((side, side, 3), (b, 0, 0), np.uint8)]
+    data = write_data(tmp_path / "data", task, real, [np.zeros((side, side), np.uint8)] * 2)
+    samples = write_samples(tmp_path / "samples", real[::-1], 1, task)  # each pair's generated image: the other's
+    metrics = evaluate(samples, data, task, tmp_path / "unused", tmp_path, "--inception", "stand-in",
                        extractor=mean_colour)
-    assert metrics["ssim"] == pytest.approx(1.0, abs=1e-6)  # the annotator on the same pixels, generated and real
-    assert "ms_ssim" not in metrics  # 16 px is below MS-SSIM's 176
-    assert metrics["fid"]["fid"] == pytest.approx(0.0, abs=1e-6) and metrics["fid"]["reference"] == 4
+    c1 = 0.01 ** 2
+    luminance = (2 * 0.2 * 0.6 + c1) / (0.2 ** 2 + 0.6 ** 2 + c1)
+    assert metrics["ssim"] == pytest.approx(luminance, rel=1e-6)  # the maps pass float32 pixels
+    assert metrics["ms_ssim"] == pytest.approx(luminance ** 0.1333, rel=1e-6)
+    assert capsys.readouterr().out.splitlines()[-1] == (f"| {task} | 2 | {luminance ** 0.1333:.4f} | {luminance:.4f} | "
+                                                        f"{metrics['fid']['fid']:.2f} |")  # MS-SSIM first
+    assert metrics["fid"]["fid"] == pytest.approx(0.0, abs=1e-6) and metrics["fid"]["reference"] == 2
+
+
+def test_hed_below_ms_ssims_smallest_side_is_refused(tmp_path, capsys):
+    """torchmetrics refuses MS-SSIM on maps below 176 px; so does the evaluation (the real HED annotator, 16 px)."""
+    generator = np.random.default_rng(0)
+    images = generator.integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    data = write_data(tmp_path / "data", "hed", images, generator.integers(0, 256, (2, SIZE, SIZE), dtype=np.uint8))
+    samples = write_samples(tmp_path / "samples", list(images), 1, "hed")
+    torch.manual_seed(0)
+    torch.save(HEDAnnotator().state_dict(), tmp_path / "hed.pth")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate(samples, data, "hed", tmp_path / "hed.pth", tmp_path)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and error.count("\n") == 1
+    assert error.startswith("error: hed maps of (16, 16) pixels: MS-SSIM, the released metric") and "176" in error
+    assert not (tmp_path / "metrics.json").exists()
 
 
 WRONG_MODELS = {  # a file of another task's model, named by what it holds

@@ -1,5 +1,5 @@
 """Segmentation plug-in (ref/segmenter.py): tiny TorchScript segmenters written to tmp_path; the ImageNet normalisation
-and the resizing of the logits to the control's size, the cross-entropy reward against a hand computation with label
+, the logits at the program's own size, the cross-entropy reward against a hand computation with label
 255 left out, gradients reaching the image, and every file or output that is not TorchScript class logits refused
 with the file named."""
 import math
@@ -52,16 +52,13 @@ def strided(tmp_path_factory):
                                 num_classes=5, probe_size=32)
 
 
-def test_images_are_imagenet_normalised_and_logits_resized(tmp_path):
+def test_images_are_imagenet_normalised(tmp_path):
     segmenter = TorchScriptSegmenter(script(Passthrough(), tmp_path / "passthrough.pt"), probe_size=16)
     image = torch.rand(2, 3, 8, 8)
     mean = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
     torch.testing.assert_close(segmenter(image), (image - mean) / std)
-    # A constant image stays constant when resized: the (0.5 - mean) / std of each channel, at the control's size.
-    resized = segmenter(torch.full((1, 3, 8, 8), 0.5), size=(24, 40))
-    assert resized.shape == (1, 3, 24, 40) and segmenter.num_classes == 3
-    torch.testing.assert_close(resized, ((0.5 - mean) / std).expand(1, 3, 24, 40))
+    assert segmenter.num_classes == 3
 
 
 def test_reward_is_the_cross_entropy_over_labelled_pixels(tmp_path):
@@ -88,7 +85,7 @@ def test_reward_at_the_control_size_passes_gradients_to_the_image(strided):
     reward.sum().backward()
     assert image.grad.abs().sum() > 0
     assert all(parameter.grad is None for parameter in strided.parameters())
-    assert strided(image).shape == (2, 5, 64, 64)
+    assert strided(image).shape == (2, 5, 16, 16)  # the labels are brought to the logits, not the reverse
 
 
 def test_outputs_that_are_not_logits_are_refused(tmp_path):
