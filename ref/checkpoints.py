@@ -55,7 +55,7 @@ def read_torch_file(path):
     except pickle.UnpicklingError as error:  # the weights-only unpickler met something other than tensors
         raise ValueError(f"{path} holds objects a weights-only load refuses ({first_sentence(error)}); {EXPECTED}. "
                          f"Loading such a file unrestricted can run code from it, so it is not read") from None
-    except (RuntimeError, EOFError, KeyError, ValueError) as error:  # zip or pickle stream cut short or damaged
+    except Exception as error:  # zip or pickle stream cut short or damaged: torch.load's errors vary with the bytes
         archive = "zip archive" if head.startswith(ZIP_MAGIC) else "pickle"
         raise ValueError(f"{path} is a {archive} that torch.load cannot read ({first_sentence(error)}): a checkpoint "
                          f"cut short or damaged, or another kind of file; {EXPECTED}") from None

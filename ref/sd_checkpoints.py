@@ -191,11 +191,12 @@ def is_diffusers(state):
 # Loading and writing
 # ---------------------------------------------------------------------------------------------------------------------
 
-def file_state(checkpoint):
-    """A path (file or diffusers folder) or a checkpoint dict -> its state dict (see ref.checkpoints.unwrap_state)."""
+def file_state(checkpoint, expected="the weights of a UNet or ControlNet"):
+    """A path (file or diffusers folder) or a checkpoint dict -> its state dict (see ref.checkpoints.unwrap_state).
+    expected: what the file should be, in words, for its errors."""
     if isinstance(checkpoint, dict):
         return unwrap_state(checkpoint)[0]
-    return read_state_dict(checkpoint, "the weights of a UNet or ControlNet")[0]
+    return read_state_dict(checkpoint, expected)[0]
 
 
 def native_state(model, state, prefer="ema"):
@@ -237,7 +238,7 @@ def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema"):
     -> (unet, autoencoder, text_encoder)"""
     if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_dir():
         return load_sd15_pipeline(Path(checkpoint), unet, autoencoder, text_encoder)
-    state = file_state(checkpoint)
+    state = file_state(checkpoint, "an SD1.5 single file (UNet, VAE and text encoder weights)")
     check_base(state, unet)
     absent = [f"{prefix}* ({part})" for part, prefix in SD15_PARTS.items()
               if not any(key.startswith(prefix) for key in state)]
