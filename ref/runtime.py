@@ -174,6 +174,18 @@ def contents_digests(contents, name=""):
             for path, value in contents_digests(item, f"{name}/{key}" if name else str(key)).items()}
 
 
+def file_digest(path):
+    """blake2b of a file's bytes (prepare.py's shards, recorded in prepare.json)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+
+
+def damaged_files(folder, digests):
+    """The names in {name: file_digest} whose file in `folder` is missing or holds other bytes."""
+    return [name for name, digest in digests.items()
+            if not (Path(folder) / name).is_file() or file_digest(Path(folder) / name) != digest]
+
+
 def verify_digests(checkpoint, path):
     """Take the stored `digests` out of a checkpoint and compare them with its contents: a tensor or value that
     differs (bytes garbled on disk or in transit) raises ValueError naming the file and the first damaged entry. A
