@@ -310,6 +310,7 @@ def load_sd15_inputs(args):
     if missing:
         raise ValueError(f"no such file: {', '.join(missing)}")
     pairs, hints = read_sd15_pairs(args)
+    check_seed("seed", args.seed, len(pairs) * args.seeds_per_prompt)
     tokenizer = CLIPTokenizer.from_path(args.tokenizer)
     networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype])
     text_to_image.check_tokenizer(tokenizer, networks.text_encoder)
@@ -333,14 +334,12 @@ def sample_sd15(argv):
     args = parse_sd15_args(argv)
     try:  # bad input stops here, before anything is written
         pairs, hints, tokenizer, networks = load_sd15_inputs(args)
-        num_samples = len(pairs) * args.seeds_per_prompt
-        check_seed("seed", args.seed, num_samples)
         with warnings.catch_warnings(record=True) as truncated:  # prompts over 77 tokens, each named
             warnings.simplefilter("always")
             tokens = tokenizer([prompt for prompt, _ in pairs])  # (P, 77)
         for warning in truncated:
             print(f"warning: {warning.message}", file=sys.stderr)
-        out = sd15_out(args, num_samples)
+        out = sd15_out(args, len(pairs) * args.seeds_per_prompt)
     except ValueError as error:
         runtime.exit_with_error(error)
     with runtime.distributed() as world:

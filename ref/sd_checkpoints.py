@@ -238,7 +238,7 @@ def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema"):
     -> (unet, autoencoder, text_encoder)"""
     if isinstance(checkpoint, (str, Path)) and Path(checkpoint).is_dir():
         return load_sd15_pipeline(Path(checkpoint), unet, autoencoder, text_encoder)
-    state = file_state(checkpoint, "an SD1.5 single file (UNet, VAE and text encoder weights)")
+    state = file_state(checkpoint, "the weights of an SD1.5 single file (UNet, VAE and text encoder)")
     check_base(state, unet)
     absent = [f"{prefix}* ({part})" for part, prefix in SD15_PARTS.items()
               if not any(key.startswith(prefix) for key in state)]
