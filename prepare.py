@@ -20,7 +20,7 @@ skipped, not stored.
 
 Shard k holds files [k * shard_size, (k + 1) * shard_size) of the sorted listing; rank r encodes shards r, r + W, ...,
 and every shard's content depends on its files alone, so the result is the same for any number of ranks. Work goes to
-SHARDS.partial/, each file written atomically, then the blake2b digests of the shard's files; a rerun of the same
+SHARDS.partial/, each file written atomically, then the CRC-32 digests of the shard's files; a rerun of the same
 command keeps the finished shards whose files still match their digests (a damaged one is said and encoded again) and
 continues; at the end SHARDS.partial/ is renamed to SHARDS, so SHARDS exists only complete, and prepare.json records
 every file's digest, which training verifies when it opens the shards. Rank 0 prints progress with an ETA.
@@ -142,7 +142,7 @@ def write_array(path, array):
 
 
 def digests_file(folder, shard):
-    """The shard's {file name: blake2b of its bytes}, written after its arrays: it marks the shard done."""
+    """The shard's {file name: CRC-32 of its bytes}, written after its arrays: it marks the shard done."""
     return folder / f"digests_{shard:05d}.json"
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -143,7 +144,7 @@ def atomic_write(path, write):
 
 def save_checkpoint(path, model, ema, optimizer, step, config):
     """{model, ema, opt, step, args} as DiT / SiT store them; args is the config (a plain dict); and `digests`, the
-    blake2b of every tensor and value (contents_digests), which read_run_checkpoint verifies."""
+    CRC-32 of every tensor and value (contents_digests), which read_run_checkpoint verifies."""
     checkpoint = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), step=step,
                       args=config)
     checkpoint["digests"] = contents_digests(checkpoint)
@@ -156,28 +157,30 @@ def tensor_bytes(tensor):
 
 
 def contents_digests(contents, name=""):
-    """{path: blake2b} of every leaf of nested dicts / lists: a tensor's dtype, shape and bytes, any other value's
-    repr. Paths join the keys with "/" ("model/blocks.0.attn.qkv.weight", "opt/state/3/exp_avg", "step")."""
+    """{path: CRC-32 as 8 hex digits} of every leaf of nested dicts / lists: of a tensor's dtype, shape and bytes, of
+    any other value's repr. Paths join the keys with "/" ("model/blocks.0.attn.qkv.weight", "opt/state/3/exp_avg",
+    "step"). CRC-32, not a cryptographic hash: it is there to catch bytes damaged on disk or in a copy, and zlib's
+    runs at memory speed (blake2b measured 5x slower here, which doubled a checkpoint's save time: README)."""
     if isinstance(contents, dict):
         items = contents.items()
     elif isinstance(contents, (list, tuple)):
         items = enumerate(contents)
+    elif isinstance(contents, torch.Tensor):
+        layout = zlib.crc32(f"{contents.dtype} {tuple(contents.shape)}".encode())
+        return {name: f"{zlib.crc32(tensor_bytes(contents), layout):08x}"}
     else:
-        digest = hashlib.blake2b(digest_size=16)
-        if isinstance(contents, torch.Tensor):
-            digest.update(f"{contents.dtype} {tuple(contents.shape)}".encode())
-            digest.update(tensor_bytes(contents))
-        else:
-            digest.update(repr(contents).encode())
-        return {name: digest.hexdigest()}
+        return {name: f"{zlib.crc32(repr(contents).encode()):08x}"}
     return {path: value for key, item in items
             for path, value in contents_digests(item, f"{name}/{key}" if name else str(key)).items()}
 
 
-def file_digest(path):
-    """blake2b of a file's bytes (prepare.py's shards, recorded in prepare.json)."""
+def file_digest(path, chunk_bytes=1 << 24):
+    """CRC-32 of a file's bytes as 8 hex digits (prepare.py's shards, recorded in prepare.json)."""
+    crc = 0
     with open(path, "rb") as file:
-        return hashlib.file_digest(file, lambda: hashlib.blake2b(digest_size=16)).hexdigest()
+        while chunk := file.read(chunk_bytes):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
 
 
 def damaged_files(folder, digests):

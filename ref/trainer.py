@@ -11,6 +11,7 @@ run's `added_fields`, if any, are the old defaults of fields it gained after che
 import contextlib
 import copy
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,22 @@ class StepBatches(Sampler):
     def __iter__(self):
         for step in self.steps:
             yield batch_indices(step, *self.batch_args).tolist()
+
+
+# A rank's forward + backward FLOPs a step below which a CPU run takes one thread per process unless OMP_NUM_THREADS
+# says otherwise: shapes-tiny (6 GFLOP a step) ran 10x faster so on 2 shared cores (README, "Threads").
+SMALL_STEP_FLOPS = 100e9
+
+
+def choose_threads(config, world, flops_per_image):
+    """One thread per process for a small run on the CPU when the user has not set OMP_NUM_THREADS (torchrun sets
+    it to 1 itself). -> the line the log says it in, or None."""
+    step_flops = flops_per_image * config["batch_size"] / world.world_size
+    if world.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or step_flops >= SMALL_STEP_FLOPS:
+        return None
+    torch.set_num_threads(1)
+    return (f"1 thread per process: {step_flops / 1e9:.1f} GFLOP a step is small, and more threads only fight over "
+            f"shared cores (set OMP_NUM_THREADS to choose)")
 
 
 def snapshot_path(out, step, config):
@@ -175,6 +192,9 @@ def fit(make_run, config, out, world):
     log.line(f"{'resumed at step ' + str(first) if checkpoint else 'new run'} in {out}: {config['job']} job, "
              f"{world.world_size} rank(s) on {world.device.type}, {count_parameters(model):,} trained parameters, "
              f"{flops_per_image / 1e9:.3f} GFLOP per image (forward + backward)\nconfig {json.dumps(config)}")
+    threads = choose_threads(config, world, flops_per_image)
+    if threads:
+        log.line(threads)
 
     net = torch.compile(model) if config["compile"] else model  # compile before the DDP wrap (nanoGPT)
     if world.world_size > 1:
