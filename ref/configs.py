@@ -144,6 +144,6 @@ def check_resumable(stored, config, path):
                    if name not in RUN_FIELDS and stored.get(name) != config[name]]
     if differences:
         raise ValueError(f"{path} is a checkpoint of a different run; to resume it, give the stored settings (or "
-                         f"choose another --out):\n  " + "\n  ".join(differences))
+                         f"choose another --out): " + "; ".join(differences))
 
 

@@ -91,6 +91,8 @@ def root(tmp_path_factory):
     save_file(VAE_MODELS["tiny"]().state_dict(), root / "vae.safetensors")
     write_tiny_sd15(root)
     (root / "blocker").write_text("a file, not a folder\n")
+    (root / "empty").mkdir()
+    (root / "empty.pt").write_bytes(b"")
     return root
 
 
@@ -145,6 +147,9 @@ CASES = {
     "sd15: SD1.5 file cut short, named as one": (sample.main, lambda r: sd15(r, "--sd15", r / "cut.safetensors"),
                                                  "here the weights of an SD1.5 single file (UNet, VAE and text "
                                                  "encoder) were expected"),
+    "sd15: missing file": (sample.main, lambda r: sd15(r, "--sd15", r / "absent.safetensors"), "no such file: --sd15"),
+    "sd15: vocabulary of the wrong kind": (sample.main, lambda r: sd15(r, "--tokenizer", r / "prompts.txt"),
+                                           "expected bpe_simple_vocab_16e6.txt.gz"),
     "sd15: --controlnet of random bytes": (sample.main, sd15, "ControlNet file: {root}/pk.pt is a zip archive"),
     "eval fid: (N, 3, H, W) samples": (eval_script.main, lambda r: fid(r, "--samples", r / "nchw.npz"),
                                        "nchw.npz: arr_0: expected images (N, H, W, 3) uint8"),
@@ -168,12 +173,21 @@ CASES = {
     "train: --out under a file": (train.main, lambda r: trained(r, "--out", r / "blocker" / "run"), "cannot create"),
     "train: --base of random bytes": (train.main, lambda r: ["--config", "shapes-probe", "--base", r / "pk.pt",
                                                              "--out", r / "probe"], "pk.pt is a zip archive"),
+    "train: missing image folder": (train.main, lambda r: trained(r, "--data", "images", "--data-path",
+                                                                  r / "nowhere"), "does not exist"),
+    "train: empty image folder": (train.main, lambda r: trained(r, "--data", "images", "--data-path", r / "empty"),
+                                  "is empty"),
+    "train: resumed as another model": (train.main, lambda r: trained(r, "--hidden-size", 64),
+                                        "hidden_size: stored 32, given 64"),
+    "train: an empty file as --base": (train.main, lambda r: ["--config", "shapes-probe", "--base", r / "empty.pt",
+                                                              "--out", r / "probe"], "empty.pt is empty"),
     "train: damaged latest.pt, no snapshot": (train.main, lambda r: trained(r, "--out", r / "damaged", "--steps", 4),
                                               "latest.pt is damaged: "),
     "prepare: --batch-size 0": (prepare.main, lambda r: prepare_latents(r, "--batch-size", 0), "--batch-size must "),
     "prepare: --seed -1": (prepare.main, lambda r: prepare_latents(r, "--seed", -1), "--seed must be in"),
     "prepare: --vae of random bytes": (prepare.main, lambda r: prepare_latents(r, "--vae", r / "pk.pt"), "pk.pt is a "
                                        "zip archive"),
+    "prepare: empty folder": (prepare.main, lambda r: prepare_latents(r, "--data-path", r / "empty"), "empty"),
     "prepare: --out under a file": (prepare.main, lambda r: prepare_latents(r, "--out", r / "blocker" / "shards"),
                                     "cannot create"),
     "toy: --seeds 0": (toy_run.main, lambda r: ["--seeds", 0, "--out", r / "toy"], "expected --seeds >= 1"),
