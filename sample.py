@@ -351,6 +351,7 @@ def sample_sd15(argv):
         samples = gather_in_order(share)
         if not world.is_main:
             return
+        num_samples = len(samples)
         settings = dict(vars(args), job="sd15-controlnet", latent=False, sampler="ddim", eta=0.0,
                         timesteps=text_to_image.sampling_timesteps(args.steps).tolist(), final_abar="abar_0",
                         num_samples=num_samples,
