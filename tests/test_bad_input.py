@@ -5,6 +5,7 @@ whatever its first bytes; a damaged latest.pt is refused, or replaced by the new
 short plus a garbled snapshot still end in the uninterrupted run, bitwise."""
 import gzip
 import hashlib
+import json
 import io
 import random
 import zipfile
@@ -18,7 +19,7 @@ import eval as eval_script  # the script eval.py; named so the builtin eval stay
 import prepare
 import sample
 import train
-from ref import runtime, text_to_image
+from ref import latents, runtime, text_to_image
 from ref.checkpoints import read_checkpoint
 from ref.safetensors import save_file
 from ref.sd_checkpoints import save_diffusers
@@ -278,3 +279,33 @@ def test_digests_name_the_damaged_tensor(root):
     with pytest.raises(ValueError, match=f"1 of its .* differ from the digests written with them \\(first: "
                                          f"model/{name}\\)"):
         runtime.verify_digests(checkpoint, "latest.pt")
+
+
+def test_a_damaged_shard_is_refused_when_training_opens_it(root, tmp_path):
+    """prepare.py records the CRC-32 of every file in prepare.json; a shard garbled afterwards is named when the
+    shards are opened for training, before a step is taken."""
+    prepare.main([str(value) for value in prepare_latents(root, "--out", tmp_path / "shards")])
+    digests = json.loads((tmp_path / "shards" / "prepare.json").read_text())["digests"]
+    assert sorted(digests) == ["labels_00000.npy", "latents_00000.npy"]
+    latents.TrainingLatents(tmp_path / "shards", "tiny", (4, 4, 4))  # intact: opens
+    shard = tmp_path / "shards" / "latents_00000.npy"
+    data = bytearray(shard.read_bytes())
+    data[-8:] = bytes(255 - byte for byte in data[-8:])
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=f"{shard} is missing or damaged: its bytes differ from the digest in "):
+        latents.TrainingLatents(tmp_path / "shards", "tiny", (4, 4, 4))
+
+
+def test_a_rerun_encodes_a_damaged_staged_shard_again(root, tmp_path, capsys):
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    for index in range(2):
+        (tmp_path / "images" / "cat" / f"{index}.png").write_bytes((root / "folder" / "cat" / "0.png").read_bytes())
+    flags = [str(value) for value in prepare_latents(root, "--data-path", tmp_path / "images", "--shard-size", 1)]
+    prepare.main([*flags, "--out", str(tmp_path / "whole")])
+    prepare.main([*flags, "--out", str(tmp_path / "cut"), "--stop-after-shards", "1"])
+    staged = tmp_path / "cut.partial" / "latents_00000.npy"
+    staged.write_bytes(staged.read_bytes()[:-8] + bytes(8))
+    capsys.readouterr()
+    prepare.main([*flags, "--out", str(tmp_path / "cut")])
+    assert f"warning: shard 0 in {tmp_path / 'cut.partial'} is damaged (latents_00000.npy" in capsys.readouterr().err
+    assert tree(tmp_path / "cut") == tree(tmp_path / "whole")
