@@ -235,12 +235,13 @@ def finish(args, plan):
     if items == 0:
         runtime.exit_with_error(f"none of the {len(plan.images.files)} images in {args.data_path} could be read")
     runtime.atomic_write(staging / "skipped.txt", lambda file: file.write(skipped.encode()))
+    digests = {}
+    for k in shards:
+        digests.update(json.loads(digests_file(staging, k).read_text()))
     if args.store == "sample":  # LightningDiT's latent normalisation: statistics of the unmirrored latents
         statistics = latents.channel_statistics(np.load(staging / f"latents_{k:05d}.npy", mmap_mode="r")
                                                 for k in shards)
         runtime.atomic_write(staging / latents.STATS_FILE, lambda file: torch.save(statistics, file))
-    digests = {name: digest for k in shards for name, digest in json.loads(digests_file(staging, k).read_text()).items()}
-    if args.store == "sample":
         digests[latents.STATS_FILE] = runtime.file_digest(staging / latents.STATS_FILE)
     write_json(staging / "prepare.json", dict(plan.settings, items=items, skipped=skipped.count("\n"), digests=digests))
     os.replace(staging, args.out)  # atomic; replaces an empty args.out
