@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from ref import runtime, sd_evaluation
+from ref.arguments import check_arguments, flag, writable_file
 from ref.control_evaluation import CURVE_METRICS, ControlScore
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
 from ref.innercontrol_sd import REWARD_TASKS, control_model
@@ -103,6 +104,8 @@ def inception_resize(args):
         with np.load(args.ref) as archive:
             recorded = str(archive[RESIZE_KEY]) if RESIZE_KEY in archive.files else None
             stored = "mu" in archive.files
+            if "arr_0" in archive.files:  # images of the documented layout, checked before any compute
+                ImageSource(args.ref, "RGB")
     if args.resize is None:
         return recorded or "tf1"
     if recorded and recorded != args.resize:
@@ -117,8 +120,8 @@ def inception_resize(args):
 
 def run_fid(args, extractor=None):
     resize = inception_resize(args)
-    extractor = extractor or FIDInceptionV3(args.inception, resize=resize).to(args.device)
     samples = ImageSource(args.samples, "RGB")
+    extractor = extractor or FIDInceptionV3(args.inception, resize=resize).to(args.device)
     summary = summarise_images(samples, extractor, args.batch_size, args.device, Progress("samples"))
     if args.write_ref:
         save_reference(args.write_ref, samples, summary, resize)
@@ -137,13 +140,13 @@ def sample_labels(path):
 
 
 def run_fd_shapes(args):
-    classifier = load_classifier(args.classifier).to(args.device)
     samples = ImageSource(args.samples, "RGB")
     if args.ref:
         reference = ImageSource(args.ref, "RGB")
     else:
         size = next(samples.batches(1)).shape[1]  # the samples' side in pixels
         reference = ShapesImages(args.ref_shapes, size, args.ref_seed, args.ref_max_objects)
+    classifier = load_classifier(args.classifier).to(args.device)
     summaries = [summarise_images(images, classifier, args.batch_size, args.device, Progress(name))
                  for name, images in (("samples", samples), ("reference", reference))]
     return fd_shapes_report(*summaries, sample_labels=sample_labels(args.samples))
@@ -214,6 +217,7 @@ def run_innercontrol_sd_curve(args):
                                              args.num_images, args.run, args.sd15, args.tokenizer, args.device,
                                              args.seed, release_flags)
     chart = Path(args.out).with_suffix(".png")
+    chart.parent.mkdir(parents=True, exist_ok=True)
     sd_evaluation.fig2_chart(curves, task).save(chart)
     print(f"wrote {chart}")
     return {"task": task, "metric": CURVE_METRICS[task], "num_images": args.num_images, "curves": curves}
@@ -349,6 +353,17 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def check_values(args):
+    """Counts at least 1, finite numbers, seeds in numpy's range, and the files to be written (--out, --write-ref,
+    train-shapes-classifier's --classifier) writable, before anything is read."""
+    check_arguments(args, counts=("batch_size", "steps", "image_size", "test_images", "ref_shapes", "ref_max_objects",
+                                  "num_classes", "num_images"), finite=("lr",), seeds=("seed", "ref_seed"))
+    written = ["out", "write_ref"] + (["classifier"] if args.command == "train-shapes-classifier" else [])
+    for name in written:
+        if getattr(args, name, None):
+            writable_file(getattr(args, name), flag(name))
+
+
 def main(argv=None, extractor=None):
     """extractor: a stand-in for the FID Inception (tests); it must return the same "pool", "logits", "spatial"."""
     args = parse_args(argv)
@@ -358,11 +373,13 @@ def main(argv=None, extractor=None):
                 "innercontrol-sd": lambda: run_innercontrol_sd(args, extractor),
                 "innercontrol-sd-curve": lambda: run_innercontrol_sd_curve(args)}
     try:
+        check_values(args)
         report = commands[args.command]()
     except (ValueError, InceptionWeightsError) as error:  # bad input (ShapesClassifierError is a ValueError)
         runtime.exit_with_error(error)
     {"innercontrol-sd": print_row, "innercontrol-sd-curve": print_curves}.get(args.command, print_table)(report)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         with open(args.out, "w") as f:
             json.dump({"command": args.command, "arguments": vars(args), "metrics": report}, f, indent=2)
     return report

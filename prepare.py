@@ -20,8 +20,10 @@ skipped, not stored.
 
 Shard k holds files [k * shard_size, (k + 1) * shard_size) of the sorted listing; rank r encodes shards r, r + W, ...,
 and every shard's content depends on its files alone, so the result is the same for any number of ranks. Work goes to
-SHARDS.partial/, each file written atomically; a rerun of the same command keeps the finished shards and continues; at
-the end SHARDS.partial/ is renamed to SHARDS, so SHARDS exists only complete. Rank 0 prints progress with an ETA.
+SHARDS.partial/, each file written atomically, then the CRC-32 digests of the shard's files; a rerun of the same
+command keeps the finished shards whose files still match their digests (a damaged one is said and encoded again) and
+continues; at the end SHARDS.partial/ is renamed to SHARDS, so SHARDS exists only complete, and prepare.json records
+every file's digest, which training verifies when it opens the shards. Rank 0 prints progress with an ETA.
 Bad input (a VAE file of another kind, an empty folder, a file that is not an image, other settings than a partial
 run's): one error line and exit status 2, nothing written.
 """
@@ -40,6 +42,7 @@ import torch.distributed
 from torch.utils.data import DataLoader
 
 from ref import latents, runtime
+from ref.arguments import check_arguments, writable_folder
 from ref.data import ImageFolder
 from ref.vae import MODELS
 
@@ -100,9 +103,8 @@ def read_settings(path):
 def make_plan(args):
     """Check every input and the folders; read the listing and the VAE. Nothing is written. -> Plan, or None when
     args.out already holds this preparation. Bad input raises ValueError."""
-    for name in ("image_size", "batch_size", "shard_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    check_arguments(args, counts=("image_size", "batch_size", "shard_size", "stop_after_shards"),
+                    non_negative=("workers",), seeds=("seed",))
     images = ImageFolder(args.data_path, args.image_size)
     vae = latents.read_vae(args.vae, args.vae_kind)
     if args.image_size % vae.downsampling_factor:
@@ -127,6 +129,7 @@ def make_plan(args):
     if started is not None and differences(started, settings):
         raise ValueError(f"{args.staging} is a preparation with other settings ({differences(started, settings)}); "
                          f"rerun it with its settings or delete {args.staging}")
+    writable_folder(args.staging)  # where the shards go: made, and written to, before any image is encoded
     return Plan(images, vae, settings, math.ceil(len(images.files) / args.shard_size))
 
 
@@ -138,8 +141,28 @@ def write_array(path, array):
     runtime.atomic_write(path, lambda file: np.save(file, array))
 
 
-def shard_done(folder, shard, flip):
-    return all((folder / name).is_file() for name in latents.shard_files(shard, flip))
+def digests_file(folder, shard):
+    """The shard's {file name: CRC-32 of its bytes}, written after its arrays: it marks the shard done."""
+    return folder / f"digests_{shard:05d}.json"
+
+
+def shard_done(folder, shard):
+    return digests_file(folder, shard).is_file()
+
+
+def shard_intact(folder, shard):
+    """Done, and every file of the shard holds the bytes its digest was taken of; a damaged shard is said on stderr
+    (the rerun encodes it again)."""
+    if not shard_done(folder, shard):
+        return False
+    try:
+        damaged = runtime.damaged_files(folder, json.loads(digests_file(folder, shard).read_text()))
+    except ValueError:
+        damaged = [digests_file(folder, shard).name]
+    if damaged:
+        print(f"warning: shard {shard} in {folder} is damaged ({damaged[0]} differs from its digest); encoding it "
+              f"again", file=sys.stderr, flush=True)
+    return not damaged
 
 
 def barrier():
@@ -166,8 +189,8 @@ class Progress:
 
 
 def encode_shard(args, plan, shard, device, progress):
-    """Encode shard `shard` into args.staging: the skipped files' list (when any), then each array atomically, the
-    latents last."""
+    """Encode shard `shard` into args.staging: the skipped files' list (when any), then each array atomically, then
+    the digests of their bytes (digests_file), which mark the shard done."""
     images, flip = plan.images, args.flip
     start, stop = shard * args.shard_size, min((shard + 1) * args.shard_size, len(images.files))
     loader = DataLoader(latents.ShardImages(images, start, stop), batch_size=args.batch_size,
@@ -195,14 +218,16 @@ def encode_shard(args, plan, shard, device, progress):
         runtime.atomic_write(skipped_file, lambda file: file.write("".join(skipped).encode()))
     else:  # a list left by an earlier, killed attempt at this shard
         skipped_file.unlink(missing_ok=True)
-    for name in sorted(arrays, key=lambda name: name == "latents"):  # the latents last: they mark the shard done
+    for name in arrays:
         write_array(args.staging / f"{name}_{shard:05d}.npy", arrays[name].numpy())
+    names = latents.shard_files(shard, flip)
+    write_json(digests_file(args.staging, shard), {name: runtime.file_digest(args.staging / name) for name in names})
     progress.advance(0, shard=shard)
 
 
 def finish(args, plan):
-    """Rank 0, every shard written: skipped.txt, the statistics file (store sample), prepare.json, then the staging
-    folder renamed to args.out."""
+    """Rank 0, every shard written: skipped.txt, the statistics file (store sample), prepare.json with the digest of
+    every array file (ref.latents.TrainingLatents verifies them), then the staging folder renamed to args.out."""
     staging, shards = args.staging, range(plan.num_shards)
     skipped = "".join((staging / f"skipped_{k:05d}.txt").read_text() for k in shards
                       if (staging / f"skipped_{k:05d}.txt").is_file())
@@ -210,13 +235,17 @@ def finish(args, plan):
     if items == 0:
         runtime.exit_with_error(f"none of the {len(plan.images.files)} images in {args.data_path} could be read")
     runtime.atomic_write(staging / "skipped.txt", lambda file: file.write(skipped.encode()))
+    digests = {}
+    for k in shards:
+        digests.update(json.loads(digests_file(staging, k).read_text()))
     if args.store == "sample":  # LightningDiT's latent normalisation: statistics of the unmirrored latents
         statistics = latents.channel_statistics(np.load(staging / f"latents_{k:05d}.npy", mmap_mode="r")
                                                 for k in shards)
         runtime.atomic_write(staging / latents.STATS_FILE, lambda file: torch.save(statistics, file))
-    write_json(staging / "prepare.json", dict(plan.settings, items=items, skipped=skipped.count("\n")))
+        digests[latents.STATS_FILE] = runtime.file_digest(staging / latents.STATS_FILE)
+    write_json(staging / "prepare.json", dict(plan.settings, items=items, skipped=skipped.count("\n"), digests=digests))
     os.replace(staging, args.out)  # atomic; replaces an empty args.out
-    for leftover in [args.out / "settings.json", *args.out.glob("skipped_*.txt")]:
+    for leftover in [args.out / "settings.json", *args.out.glob("skipped_*.txt"), *args.out.glob("digests_*.json")]:
         leftover.unlink()
     print(f"{items} images{' and their mirrors' if args.flip else ''} in {plan.num_shards} shards: {args.out}; "
           f"{skipped.count(chr(10))} skipped (skipped.txt)", flush=True)
@@ -238,7 +267,7 @@ def prepare_latents(args, world):
             write_json(args.staging / "settings.json", plan.settings)
     barrier()
     todo = [shard for shard in range(world.rank, plan.num_shards, world.world_size)
-            if not shard_done(args.staging, shard, args.flip)]
+            if not shard_intact(args.staging, shard)]
     todo = todo[:args.stop_after_shards]  # None: all
     progress = Progress(sum(min(args.shard_size, len(plan.images.files) - shard * args.shard_size) for shard in todo),
                         world.is_main)
@@ -250,7 +279,7 @@ def prepare_latents(args, world):
         encode_shard(args, plan, shard, world.device, progress)
     barrier()
     if world.is_main:
-        if all(shard_done(args.staging, shard, args.flip) for shard in range(plan.num_shards)):
+        if all(shard_done(args.staging, shard) for shard in range(plan.num_shards)):
             finish(args, plan)
         else:
             print(f"stopped with shards left (--stop-after-shards); rerun to continue in {args.staging}", flush=True)

@@ -78,6 +78,7 @@ import numpy as np
 import torch
 
 from ref import runtime, sampling, text_to_image
+from ref.arguments import check_arguments, check_seed, writable_folder
 from ref.control_data import CONTROL_TASKS
 from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS
 from ref.latents import STATS_FILE
@@ -153,6 +154,14 @@ def flags_as(settings, args):
     return settings(**{name: getattr(args, name) for name in settings._fields})
 
 
+def check_sampling_values(args):
+    """Counts at least 1, finite weights, intervals of t within [0, 1], seeds seed .. seed + N - 1 in numpy's range."""
+    check_arguments(args, counts=("num_samples", "batch_size", "steps", "grid_rows", "seeds_per_control",
+                                  "image_size", "num_classes"),
+                    finite=("ig", "cfg", "eta", "timestep_shift"), intervals=("ig_interval", "cfg_interval"))
+    check_seed("seed", args.seed, args.num_samples)
+
+
 def check_kind_flags(args):
     own = args.checkpoint_kind == "own"
     if own and (args.model or args.intermediate_block is not None):
@@ -173,8 +182,15 @@ def check_kind_flags(args):
 # ControlNet runs (the InnerControl pipeline): controls and captions of held-out shapes scenes
 # ---------------------------------------------------------------------------------------------------------------------
 
-def sample_controlnet(args, path, base, controlnet, config):
-    """A controlnet run of the InnerControl pipeline (shapes.sampling), sampled and written."""
+def controlnet_out(args, path):
+    """The output folder of a controlnet run's samples (--out, or default_out with the settings' tag), created."""
+    tag = (f"ddim{args.steps or DEFAULT_STEPS['ddim']}-eta{args.eta:g}-cfg{args.cfg:g}-seed{args.seed}-"
+           f"n{args.num_samples}x{args.seeds_per_control}")
+    return writable_folder(args.out or default_out(path, tag))
+
+
+def sample_controlnet(args, path, out, base, controlnet, config):
+    """A controlnet run of the InnerControl pipeline (shapes.sampling), sampled and written into `out`."""
     steps = args.steps or DEFAULT_STEPS["ddim"]
     with runtime.distributed() as world:
         base.to(world.device), controlnet.to(world.device)
@@ -189,9 +205,6 @@ def sample_controlnet(args, path, base, controlnet, config):
                         sampler="ddim", steps=steps, checkpoint=str(path), config=config,
                         network_evaluations_per_sample=steps * (2 if args.cfg != 1.0 else 1),
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
-        tag = (f"ddim{steps}-eta{args.eta:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}x"
-               f"{args.seeds_per_control}")
-        out = Path(args.out) if args.out else default_out(path, tag)
         write_outputs(out, samples, scene_indices, settings, 1 + args.seeds_per_control, args.grid_rows,
                       shapes_sampling.control_pictures(samples, scene_indices, config, args.seeds_per_control))
         print(f"wrote {args.num_samples} samples to {out} ({settings['seconds']:.1f} s, "
@@ -327,9 +340,8 @@ def resolve_sd15_settings(args):
     if args.controlnet_plus_plus and args.steps not in (None, steps):
         raise ValueError(f"--controlnet-plus-plus fixes --steps {steps} for --sampler {args.sampler}, got {args.steps}")
     args.steps = steps if args.steps is None else args.steps
-    for name in ("steps", "seeds_per_prompt", "batch_size", "grid_rows"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_arguments(args, counts=("steps", "seeds_per_prompt", "batch_size", "grid_rows"),
+                    finite=("cfg", "control_scale"))
 
 
 def read_sd15_pairs(args):
@@ -350,6 +362,7 @@ def load_sd15_inputs(args):
     if missing:
         raise ValueError(f"no such file: {', '.join(missing)}")
     pairs, hints = read_sd15_pairs(args)
+    check_seed("seed", args.seed, len(pairs) * args.seeds_per_prompt)
     tokenizer = CLIPTokenizer.from_path(args.tokenizer)
     networks = text_to_image.load_networks(args.architecture, args.sd15, args.controlnet, SD15_DTYPES[args.dtype],
                                            args.variant)
@@ -365,6 +378,12 @@ def load_sd15_inputs(args):
     return pairs, hints, tokenizer, networks
 
 
+def sd15_out(args, num_samples):
+    """The sd15 output folder (--out, or samples-sd15-<controlnet>-<settings> here), created."""
+    tag = f"{args.sampler}{args.steps}-cfg{args.cfg:g}-cs{args.control_scale:g}-seed{args.seed}-n{num_samples}"
+    return writable_folder(args.out or f"samples-sd15-{Path(args.controlnet).stem}-{tag}")
+
+
 def sample_sd15(argv):
     args = parse_sd15_args(argv)
     try:  # bad input stops here, before anything is written
@@ -374,6 +393,7 @@ def sample_sd15(argv):
             tokens = tokenizer([prompt for prompt, _ in pairs])  # (P, 77)
         for warning in truncated:
             print(f"warning: {warning.message}", file=sys.stderr)
+        out = sd15_out(args, len(pairs) * args.seeds_per_prompt)
     except ValueError as error:
         runtime.exit_with_error(error)
     with runtime.distributed() as world:
@@ -393,8 +413,6 @@ def sample_sd15(argv):
                         network_evaluations_per_sample=args.steps * (2 if args.cfg != 1.0 else 1),
                         pairs=[dict(prompt=prompt, control=str(path)) for prompt, path in pairs],
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
-        tag = f"{args.sampler}{args.steps}-cfg{args.cfg:g}-cs{args.control_scale:g}-seed{args.seed}-n{num_samples}"
-        out = Path(args.out) if args.out else Path(f"samples-sd15-{Path(args.controlnet).stem}-{tag}")
         pictures = text_to_image.sd15_grid_pictures(samples, hints, len(pairs), args.grid_rows, args.seeds_per_prompt)
         write_outputs(out, samples, np.arange(num_samples) // args.seeds_per_prompt, settings,
                       1 + args.seeds_per_prompt, args.grid_rows, pictures,
@@ -408,6 +426,7 @@ def main(argv=None):
         return sample_sd15(argv[1:])
     args = parse_args(argv)
     try:  # bad input stops here, before anything is written
+        check_sampling_values(args)
         check_kind_flags(args)
         path = checkpoint_file(args.run)
         checkpoint = runtime.read_run_checkpoint(path) if args.checkpoint_kind == "own" else None
@@ -417,6 +436,7 @@ def main(argv=None):
                 raise ValueError("a controlnet run samples with DDIM (--sampler ddim) and caption CFG (--cfg); it has "
                                  "no IG")
             networks = shapes_sampling.load_controlnet(path, args.weights, checkpoint)
+            out = controlnet_out(args, path)
         else:
             foreign = sampling.ForeignModel(args.run, args.model, args.image_size, args.num_classes,
                                             args.intermediate_block)
@@ -426,10 +446,12 @@ def main(argv=None):
                 model, spec, args.sampler, args.steps, args.timestep_shift, args.eta, args.diffusion)
             sampling.check_guidance(model, args.ig, args.cfg, args.class_label)
             decoding = sampling.read_decoding(model, spec, args.vae, args.vae_kind, args.latent_stats)
+            tag = f"{sampler}{steps}-ig{args.ig:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}"
+            out = writable_folder(args.out or default_out(path, tag))
     except ValueError as error:
         runtime.exit_with_error(error)
     if controlled:
-        return sample_controlnet(args, path, *networks)
+        return sample_controlnet(args, path, out, *networks)
     with runtime.distributed() as world:
         model.to(world.device).eval()
         if decoding[0] is not None:  # the VAE
@@ -443,8 +465,6 @@ def main(argv=None):
         settings = dict(vars(args), **spec, sampler=sampler, steps=steps,
                         network_evaluations_per_sample=int(evaluations) if evaluations.is_integer() else evaluations,
                         seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
-        tag = f"{sampler}{steps}-ig{args.ig:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}"
-        out = Path(args.out) if args.out else default_out(path, tag)
         columns = model.num_classes if model.num_classes <= 16 else 8
         labels = sampling.sample_labels(np.arange(args.num_samples), model.num_classes, args.seed, args.labels,
                                         args.class_label)

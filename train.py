@@ -24,9 +24,12 @@ command to resume from OUT/latest.pt: the data order and every random draw are f
 the resumed run is bitwise the uninterrupted one. Rank 0 writes OUT/latest.pt (atomically), OUT/log.txt and
 OUT/metrics.jsonl (loss, images/s, MFU); with --snapshot-every N, counted in training images (EDM's habit), also a
 numbered copy OUT/snapshot-<images seen, 9 digits>.pt whenever the images seen pass a multiple of N, for FID-vs-training
-curves (`sample.py OUT/snapshot-....pt`); the cadence may change on resume. Bad input (a count below 1, a file that is
-not a checkpoint, shards that do not fit the config, ...): one `error:` line and exit status 2,
-nothing written.
+curves (`sample.py OUT/snapshot-....pt`); the cadence may change on resume. Every checkpoint holds the CRC-32 of each
+tensor, checked when it is read: a damaged OUT/latest.pt is refused, and a rerun resumes from the newest intact snapshot
+instead (said on stderr). On the CPU a small config (under 100 GFLOP a step) trains on one thread per process unless
+OMP_NUM_THREADS is set. Bad input (a count below 1, a number that is not finite, a seed outside 0..2**32-1, an --out
+that cannot be made, a file that is not a checkpoint, shards that do not fit the config, ...): one `error:` line and
+exit status 2, nothing written.
 """
 import argparse
 from pathlib import Path

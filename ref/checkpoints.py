@@ -9,6 +9,7 @@ import argparse
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -109,12 +110,16 @@ def read_torch_file(path):
         raise ValueError(f"{path} is not a PyTorch checkpoint (neither a zip archive nor a pickle; its first bytes are "
                          f"{head[:8]!r}); {EXPECTED}")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            contents = torch.load(path, map_location="cpu", weights_only=True)
+        for warning in caught:  # kept for a file that loads; one that does not gets the error line alone
+            warnings.warn(warning.message, warning.category)
+        return contents
     except pickle.UnpicklingError as error:  # the weights-only unpickler met something other than tensors
         raise ValueError(f"{path} holds objects a weights-only load refuses ({first_sentence(error)}); {EXPECTED}. "
                          f"Loading such a file unrestricted can run code from it, so it is not read") from None
-    except (RuntimeError, EOFError, KeyError, ValueError) as error:  # zip or pickle stream cut short or damaged
+    except Exception as error:  # zip or pickle stream cut short or damaged: torch.load's errors vary with the bytes
         archive = "zip archive" if head.startswith(ZIP_MAGIC) else "pickle"
         raise ValueError(f"{path} is a {archive} that torch.load cannot read ({first_sentence(error)}): a checkpoint "
                          f"cut short or damaged, or another kind of file; {EXPECTED}") from None

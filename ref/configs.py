@@ -7,6 +7,8 @@ latents) and the testbed's in shapes/runs.py; a resumed run refuses settings tha
 import argparse
 from pathlib import Path
 
+from ref.arguments import check_arguments
+
 
 def optional_int(text):
     return None if text.lower() == "none" else int(text)
@@ -122,14 +124,11 @@ def default_out(config):
     return Path("runs") / (config["config"] + (f"-{task}" if task else ""))
 
 
-def check_counts(config):
-    """A count of POSITIVE_FIELDS below 1 or of NON_NEGATIVE_FIELDS below 0 raises ValueError naming its flag."""
-    for names, low in ((POSITIVE_FIELDS, 1), (NON_NEGATIVE_FIELDS, 0)):
-        for name in names:
-            value = config.get(name)
-            if value is not None and value < low:
-                raise ValueError(f"--{name.replace('_', '-')} must be {'positive' if low else 'zero or more'}, "
-                                 f"got {value}")
+def check_values(config):
+    """A count of POSITIVE_FIELDS below 1 or of NON_NEGATIVE_FIELDS below 0, a number that is not finite (--lr nan) or
+    a seed outside numpy's 0 .. 2**32 - 1 raises ValueError naming its flag."""
+    check_arguments(config, counts=POSITIVE_FIELDS, non_negative=NON_NEGATIVE_FIELDS,
+                    finite=[name for name, value in config.items() if isinstance(value, float)], seeds=("seed",))
 
 
 def complete_stored_config(stored):
@@ -145,6 +144,6 @@ def check_resumable(stored, config, path):
                    if name not in RUN_FIELDS and stored.get(name) != config[name]]
     if differences:
         raise ValueError(f"{path} is a checkpoint of a different run; to resume it, give the stored settings (or "
-                         f"choose another --out):\n  " + "\n  ".join(differences))
+                         f"choose another --out): " + "; ".join(differences))
 
 

@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 
 from ref.checkpoints import check_state_fits, misfit_line, read_expected, read_state_dict
 from ref.data import LatentShards
-from ref.runtime import SampleDraws, stream_seed
+from ref.runtime import SampleDraws, damaged_files, stream_seed
 from ref.vae import MODELS, AutoencoderKL, load_state, native_state
 
 STORES = ("moments", "sample")
@@ -224,6 +224,10 @@ class TrainingLatents:
         self.store, self.scaling_factor = settings["store"], vae_geometry(vae)[2]
         if self.store not in (*STORES, "plain"):
             raise ValueError(f"{settings_file}: unknown store {self.store!r}; expected one of {', '.join(STORES)}")
+        damaged = damaged_files(root, settings.get("digests", {}))  # prepare.py's record of every file it wrote
+        if damaged:
+            raise ValueError(f"{root / damaged[0]} is missing or damaged: its bytes differ from the digest in "
+                             f"{settings_file} ({len(damaged)} file(s) so); prepare the data again")
         channels, side, _ = latent_shape
         stored_shape = (2 * channels if self.store == "moments" else channels, side, side)
         try:

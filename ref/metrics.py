@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ref.arguments import check_images
 from ref.data import read_image
 
 
@@ -221,8 +222,10 @@ class ImageSource:
             self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             self.count = len(self.files)
         else:
-            with npy_in_npz(self.path, "arr_0") as (_, shape, _):
+            with npy_in_npz(self.path, "arr_0") as (_, shape, dtype):
                 self.count = shape[0]
+            if mode is not None:  # images, not label maps: the documented layout, before any of them is read
+                check_images(shape, dtype, f"{self.path}: arr_0")
         if self.count == 0:
             raise ValueError(f"{path}: no images")
 
@@ -297,6 +300,7 @@ def save_reference(path, images, summary, resize, batch_size=100):
     """Write an ADM-style reference batch: arr_0, the images (copied a batch at a time), the moments as
     mu, sigma, mu_s, sigma_s, and `resize` (the Inception input pipeline behind them) as inception_resize, which the
     ADM evaluator ignores. Same layout as np.savez, one .npy per array in a zip archive."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     batches = images.batches(batch_size)
     first = next(batches)
     header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False,

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -142,10 +143,64 @@ def atomic_write(path, write):
 
 
 def save_checkpoint(path, model, ema, optimizer, step, config):
-    """{model, ema, opt, step, args} as DiT / SiT store them; args is the config (a plain dict)."""
+    """{model, ema, opt, step, args} as DiT / SiT store them; args is the config (a plain dict); and `digests`, the
+    CRC-32 of every tensor and value (contents_digests), which read_run_checkpoint verifies."""
     checkpoint = dict(model=model.state_dict(), ema=ema.state_dict(), opt=optimizer.state_dict(), step=step,
                       args=config)
+    checkpoint["digests"] = contents_digests(checkpoint)
     atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+
+def tensor_bytes(tensor):
+    """A tensor's values in C order as (numel * itemsize,) uint8 numpy, no copy when it is contiguous on the CPU."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def contents_digests(contents, name=""):
+    """{path: CRC-32 as 8 hex digits} of every leaf of nested dicts / lists: of a tensor's dtype, shape and bytes, of
+    any other value's repr. Paths join the keys with "/" ("model/blocks.0.attn.qkv.weight", "opt/state/3/exp_avg",
+    "step"). CRC-32, not a cryptographic hash: it is there to catch bytes damaged on disk or in a copy, and zlib's
+    runs at memory speed (blake2b measured 5x slower here, which doubled a checkpoint's save time: README)."""
+    if isinstance(contents, dict):
+        items = contents.items()
+    elif isinstance(contents, (list, tuple)):
+        items = enumerate(contents)
+    elif isinstance(contents, torch.Tensor):
+        layout = zlib.crc32(f"{contents.dtype} {tuple(contents.shape)}".encode())
+        return {name: f"{zlib.crc32(tensor_bytes(contents), layout):08x}"}
+    else:
+        return {name: f"{zlib.crc32(repr(contents).encode()):08x}"}
+    return {path: value for key, item in items
+            for path, value in contents_digests(item, f"{name}/{key}" if name else str(key)).items()}
+
+
+def file_digest(path, chunk_bytes=1 << 24):
+    """CRC-32 of a file's bytes as 8 hex digits (prepare.py's shards, recorded in prepare.json)."""
+    crc = 0
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_bytes):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def damaged_files(folder, digests):
+    """The names in {name: file_digest} whose file in `folder` is missing or holds other bytes."""
+    return [name for name, digest in digests.items()
+            if not (Path(folder) / name).is_file() or file_digest(Path(folder) / name) != digest]
+
+
+def verify_digests(checkpoint, path):
+    """Take the stored `digests` out of a checkpoint and compare them with its contents: a tensor or value that
+    differs (bytes garbled on disk or in transit) raises ValueError naming the file and the first damaged entry. A
+    checkpoint written before digests were stored has none and is taken as it is."""
+    stored = checkpoint.pop("digests", None)
+    if stored is None:
+        return
+    found = contents_digests(checkpoint)
+    damaged = [entry for entry in sorted(stored.keys() | found.keys()) if stored.get(entry) != found.get(entry)]
+    if damaged:
+        raise ValueError(f"{path} is damaged: {len(damaged)} of its {len(stored)} tensors and values differ from the "
+                         f"digests written with them (first: {damaged[0]}); it is not used")
 
 
 def checkpoint_file(run):
@@ -160,11 +215,13 @@ def checkpoint_file(run):
 def read_run_checkpoint(path):
     """A checkpoint written by train.py: {model, ema, opt, step, args}, args the config with its `job`, completed
     with the old default of every field added since it was written (ref.configs.complete_stored_config). Anything
-    else (a missing, truncated or foreign file) raises ValueError naming the file."""
+    else (a missing, truncated or foreign file, or one whose contents differ from its stored digests) raises ValueError
+    naming the file."""
     checkpoint = read_checkpoint(path)
     if not (isinstance(checkpoint, dict) and isinstance(checkpoint.get("args"), dict)
             and isinstance(checkpoint["args"].get("job"), str)):
         raise ValueError(f"{path} is not a checkpoint written by train.py (no config with a known job under 'args')")
+    verify_digests(checkpoint, path)
     checkpoint["args"] = complete_stored_config(checkpoint["args"])
     return checkpoint
 
@@ -202,7 +259,7 @@ def weights_digest(state_dict):
     digest = hashlib.sha256()
     for key in sorted(state_dict):
         digest.update(key.encode())
-        digest.update(state_dict[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(state_dict[key]))
     return digest.hexdigest()
 
 

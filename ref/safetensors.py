@@ -90,8 +90,8 @@ def read_header(path):
         if begin > position:
             complain(f"bytes [{position}, {begin}) of the buffer belong to no tensor (before {name!r})")
         if end > buffer_size:
-            complain(f"tensor {name!r}: data_offsets [{begin}, {end}] out of range: the buffer holds {buffer_size} "
-                     "bytes (truncated file?)")
+            complain(f"truncated: tensor {name!r} needs bytes [{begin}, {end}) of the buffer, the file holds "
+                     f"{buffer_size} (a download or copy cut short)")
         position = end
     if position != buffer_size:
         complain(f"the buffer holds {buffer_size} bytes but the tensors cover {position}")

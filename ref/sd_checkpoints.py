@@ -211,12 +211,12 @@ def model_folder(path):
     return inside[0] if inside else path
 
 
-def file_state(checkpoint):
+def file_state(checkpoint, expected="the weights of a UNet or ControlNet"):
     """A path (file, diffusers folder or a release's checkpoint-N/ folder) or a checkpoint dict -> its state dict (see
-    ref.checkpoints.unwrap_state)."""
+    ref.checkpoints.unwrap_state). expected: what the file should be, in words, for its errors."""
     if isinstance(checkpoint, dict):
         return unwrap_state(checkpoint)[0]
-    return read_state_dict(model_folder(checkpoint), "the weights of a UNet or ControlNet")[0]
+    return read_state_dict(model_folder(checkpoint), expected)[0]
 
 
 def native_state(model, state, prefer="ema"):
@@ -261,7 +261,7 @@ def load_sd15(checkpoint, unet, autoencoder, text_encoder, prefer="ema", variant
     if variant is not None:
         raise ValueError(f"{checkpoint} is a single file; a variant ({variant}) chooses among the files of a diffusers "
                          f"pipeline folder")
-    state = file_state(checkpoint)
+    state = file_state(checkpoint, "the weights of an SD1.5 single file (UNet, VAE and text encoder)")
     check_base(state, unet)
     absent = [f"{prefix}* ({part})" for part, prefix in SD15_PARTS.items()
               if not any(key.startswith(prefix) for key in state)]

@@ -11,6 +11,8 @@ run's `added_fields`, if any, are the old defaults of fields it gained after che
 import contextlib
 import copy
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Sampler
 from torch.utils.flop_counter import FlopCounterMode
 
-from ref.configs import check_counts, check_resumable
+from ref.arguments import writable_folder
+from ref.configs import check_resumable, check_values
 from ref.data import batch_indices, stream_positions
 from ref.dit import count_parameters
 from ref.ema import update_ema
@@ -40,6 +43,22 @@ class StepBatches(Sampler):
     def __iter__(self):
         for step in self.steps:
             yield batch_indices(step, *self.batch_args).tolist()
+
+
+# A rank's forward + backward FLOPs a step below which a CPU run takes one thread per process unless OMP_NUM_THREADS
+# says otherwise: shapes-tiny (6 GFLOP a step) ran 10x faster so on 2 shared cores (README, "Threads").
+SMALL_STEP_FLOPS = 100e9
+
+
+def choose_threads(config, world, flops_per_image):
+    """One thread per process for a small run on the CPU when the user has not set OMP_NUM_THREADS (torchrun sets
+    it to 1 itself). -> the line the log says it in, or None."""
+    step_flops = flops_per_image * config["batch_size"] / world.world_size
+    if world.device.type != "cpu" or "OMP_NUM_THREADS" in os.environ or step_flops >= SMALL_STEP_FLOPS:
+        return None
+    torch.set_num_threads(1)
+    return (f"1 thread per process: {step_flops / 1e9:.1f} GFLOP a step is small, and more threads only fight over "
+            f"shared cores (set OMP_NUM_THREADS to choose)")
 
 
 def snapshot_path(out, step, config):
@@ -74,24 +93,48 @@ def training_flops_per_image(make_run, config, dataset):
 
 def start(make_run, config, out, world):
     """Everything that can refuse bad input, before anything is written: the run, its data, the network on the
-    device, the checkpoint to resume (or None), the FLOPs per image. Bad input: a message and exit status 2."""
-    checkpoint_path = out / "latest.pt"
+    device, the checkpoint to resume (or None), the FLOPs per image; then the run folder, created. Bad input: a message
+    and exit status 2."""
     try:
-        check_counts(config)
+        check_values(config)
         run = make_run(config)
         dataset = run.make_dataset()
         share = stream_positions(0, config["batch_size"], world.rank, world.world_size)  # checks the batch splits
         check_accumulation(len(share), config.get("grad_accumulation", 1))
-        checkpoint = read_run_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+        checkpoint, checkpoint_path = resume_checkpoint(out)
         if checkpoint is not None:  # a field the run added since the checkpoint was written: its old default
             check_resumable(dict(getattr(run, "added_fields", {}), **checkpoint["args"]), config, checkpoint_path)
         torch.manual_seed(config["seed"])  # the initial weights
         model = run.build().to(world.device)
         run.to(world.device)
         flops_per_image = training_flops_per_image(make_run, config, dataset)  # reads one sample: a bad file stops here
+        if world.is_main:
+            writable_folder(out)
     except ValueError as error:
         exit_with_error(error)
     return run, dataset, model, checkpoint, flops_per_image
+
+
+def resume_checkpoint(out):
+    """The checkpoint a rerun resumes from, and its path: out/latest.pt, or, when that cannot be read or is damaged
+    (its digests, ref.runtime.verify_digests), the newest snapshot that can, said on stderr; (None, None) for a new
+    run. Without an intact snapshot latest.pt's error is raised."""
+    latest = out / "latest.pt"
+    if not latest.exists():
+        return None, None
+    try:
+        return read_run_checkpoint(latest), latest
+    except ValueError as error:
+        for snapshot in sorted(out.glob("snapshot-*.pt"), reverse=True):  # nine-digit image counts: newest first
+            try:
+                checkpoint = read_run_checkpoint(snapshot)
+            except ValueError as snapshot_error:
+                print(f"warning: {snapshot_error}", file=sys.stderr)
+                continue
+            print(f"warning: {error}; resuming from {snapshot} (step {checkpoint['step']}), the newest intact "
+                  f"snapshot", file=sys.stderr, flush=True)
+            return checkpoint, snapshot
+        raise error from None
 
 
 def check_accumulation(share, micro_batches):
@@ -145,12 +188,13 @@ def fit(make_run, config, out, world):
         optimizer.load_state_dict(checkpoint["opt"])
         first = checkpoint["step"]
     stop = min(config["steps"], config["stop_after"] or config["steps"])
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
     log = RunLog(out, world.is_main, resumed_step=first if checkpoint else None)
     log.line(f"{'resumed at step ' + str(first) if checkpoint else 'new run'} in {out}: {config['job']} job, "
              f"{world.world_size} rank(s) on {world.device.type}, {count_parameters(model):,} trained parameters, "
              f"{flops_per_image / 1e9:.3f} GFLOP per image (forward + backward)\nconfig {json.dumps(config)}")
+    threads = choose_threads(config, world, flops_per_image)
+    if threads:
+        log.line(threads)
 
     net = torch.compile(model) if config["compile"] else model  # compile before the DDP wrap (nanoGPT)
     if world.world_size > 1:

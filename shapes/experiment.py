@@ -31,10 +31,11 @@ from PIL import Image
 import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 import sample as sample_script
 import train as train_script
+from ref.arguments import check_arguments, writable_folder
 from ref.control_evaluation import CONTROL_METRICS, errors_across_t, line_chart
 from ref.data import to_uint8
 from ref.schedules import DDPMSchedule
-from ref.runtime import Distributed
+from ref.runtime import Distributed, exit_with_error
 from shapes import pipeline, runs
 from shapes import sampling as shapes_sampling
 from shapes.classifier import render, save_classifier, train_classifier
@@ -109,7 +110,7 @@ def table_rows(task, numbers=None):
     rows = list((DEPTH_ROWS if task == "depth" else OTHER_ROWS).items())
     numbers = range(len(rows)) if numbers is None else numbers
     if not all(0 <= number < len(rows) for number in numbers):
-        raise SystemExit(f"error: --rows: the {task} table's rows are numbered 0 to {len(rows) - 1}")
+        raise ValueError(f"--rows: the {task} table's rows are numbered 0 to {len(rows) - 1}")
     return {number: rows[number] for number in numbers}
 
 
@@ -272,8 +273,13 @@ def main(argv=None):
                                                       "config's (in OUT/TASK/rows-Nsteps)")
     parser.add_argument("--quick", action="store_true", help="toy budgets: checks the plumbing in seconds")
     args = parser.parse_args(argv)
-    chosen_rows = table_rows(args.task, args.rows)  # a wrong number stops here, before any training
-    budget, out, start = BUDGETS["quick" if args.quick else "full"], Path(args.out).resolve(), time.perf_counter()
+    try:  # bad input stops here, before any training
+        chosen_rows = table_rows(args.task, args.rows)
+        check_arguments(args, counts=("nproc", "row_steps"))
+        out = writable_folder(Path(args.out).resolve())
+    except ValueError as error:
+        exit_with_error(error)
+    budget, start = BUDGETS["quick" if args.quick else "full"], time.perf_counter()
     classifier = Path(args.classifier) if args.classifier else out / "shapes-classifier.pt"
     if not classifier.exists():
         print(f"training the FD-shapes classifier into {classifier}", flush=True)

@@ -21,7 +21,9 @@ from PIL import Image
 
 import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 import sample as sample_script
+from ref.arguments import check_arguments, check_finite, check_seed
 from ref.control_evaluation import line_chart
+from ref.runtime import exit_with_error
 from shapes import runs
 
 METRICS = ("fd_shapes", "precision", "recall", "label_accuracy")
@@ -85,6 +87,18 @@ def guidance_chart(curves, weights):
     return image
 
 
+def check_values(args):
+    """Counts at least 1, finite weights, every sampling seed set within numpy's range (sample.py's own checks, made
+    before the first setting)."""
+    check_arguments(args, counts=("num_samples", "steps", "ref_shapes"))
+    for name, weights in (("ig", args.ig), ("cfg", args.cfg), ("ig_cfg", [w for pair in args.ig_cfg for w in pair])):
+        for weight in weights:
+            check_finite({name: weight})
+    for name, seeds in (("select_seed", [args.select_seed]), ("report_seeds", args.report_seeds)):
+        for seed in seeds:
+            check_seed(name, seed, args.num_samples)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="a dit run on shapes scenes (train.py's folder or checkpoint)")
@@ -108,9 +122,13 @@ def main(argv=None):
         args.num_samples, args.steps, args.ref_shapes = 8, 2, 16
         args.ig, args.cfg, args.ig_cfg = args.ig[:2], args.cfg[:2], args.ig_cfg[:2]
     run = Path(args.run)
-    config = runs.trained_config(run / "latest.pt" if run.is_dir() else run, "dit")
-    if config["data"] != "shapes":
-        raise SystemExit(f"error: {args.run} trained on {config['data']}, not on shapes scenes")
+    try:  # bad input stops here, before anything is sampled or written
+        check_values(args)
+        config = runs.trained_config(run / "latest.pt" if run.is_dir() else run, "dit")
+        if config["data"] != "shapes":
+            raise ValueError(f"{args.run} trained on {config['data']}, not on shapes scenes")
+    except ValueError as error:
+        exit_with_error(error)
     args.out = args.out or str((run if run.is_dir() else run.parent) / "guidance-sweep")
     score, start = Scorer(args, config["shapes_max_objects"]), time.perf_counter()
 

@@ -178,7 +178,8 @@ def test_a_release_align_model_that_cannot_serve_is_refused_in_one_line(case, fi
 
 
 def test_the_fig2_curve_reads_a_release_align_model_with_the_task_given(files, tmp_path, capsys):
-    torch.save(HEDAnnotator().state_dict(), tmp_path / "hed.pth")  # D: the HED annotator at random weights
+    torch.manual_seed(0)  # D: the HED annotator at random weights, the same whatever ran before
+    torch.save(HEDAnnotator().state_dict(), tmp_path / "hed.pth")
     argv = ["innercontrol-sd-curve", "--probe", files["attn"], "--reward-model", tmp_path / "hed.pth", "--data-path",
             write_folder(tmp_path / "hed", "hed", samples=2, size=16), "--sd15", files["sd15"], "--tokenizer",
             files["tokenizer"], "--sd-size", "tiny", "--image-size", 16, "--timesteps", "0,600", "--num-images", 2,
@@ -191,7 +192,7 @@ def test_the_fig2_curve_reads_a_release_align_model_with_the_task_given(files, t
     eval_script.main(list(map(str, argv + ["--task", "hed"])))
     curves = json.loads((tmp_path / "fig2.json").read_text())["metrics"]["curves"]
     assert [row["t"] for row in curves["sd15"]] == [0, 600]
-    assert all(0 <= row[reader]["ssim"] <= 1 for row in curves["sd15"] for reader in ("probe", "reward"))
+    assert all(-1 <= row[reader]["ssim"] <= 1 for row in curves["sd15"] for reader in ("probe", "reward"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

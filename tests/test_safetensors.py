@@ -117,7 +117,7 @@ BAD_FILES = {
     "not JSON": (lambda p: write_raw(p, b"{not json}      ", bytes(12)), "not JSON"),
     "not an object": (lambda p: write_raw(p, b"[1, 2]  ", b""), "not an object"),
     "unknown dtype": (lambda p: write_raw(p, with_entry("a", dtype="F8"), bytes(12)), "unknown dtype 'F8'"),
-    "out of range": (lambda p: write_raw(p, GOOD, bytes(10)), "out of range"),
+    "out of range": (lambda p: write_raw(p, GOOD, bytes(10)), "truncated: tensor "),
     "overlap": (lambda p: write_raw(p, with_entry("b", data_offsets=[4, 8], shape=[1]), bytes(8)), "overlap"),
     "size mismatch": (lambda p: write_raw(p, with_entry("a", shape=[3]), bytes(12)), "needs 12"),
     "hole": (lambda p: write_raw(p, with_entry("b", data_offsets=[12, 16]), bytes(16)), "belong to no tensor"),

@@ -94,6 +94,7 @@ def test_a_pipeline_run_from_before_max_objects_reads_as_three_objects(base_run,
     MAX_OBJECTS a scene, and its evaluation scenes are those."""
     checkpoint = torch.load(base_run / "latest.pt", weights_only=False)
     del checkpoint["args"]["shapes_max_objects"]
+    del checkpoint["digests"]  # a checkpoint that old stored no digests either
     torch.save(checkpoint, tmp_path / "old.pt")
     _, config = load_trained(tmp_path / "old.pt", "unet")
     assert config["shapes_max_objects"] == MAX_OBJECTS

@@ -363,3 +363,21 @@ def test_each_kind_of_run_has_its_own_fields_and_help(capsys):
         with pytest.raises(SystemExit) as exit_info:
             train.parse_args(["--config", config, absent, "1"])
         assert exit_info.value.code == 2 and f"unrecognized arguments: {absent}" in capsys.readouterr().err
+
+
+def test_a_small_cpu_run_takes_one_thread_unless_omp_num_threads_is_set(tmp_path, monkeypatch):
+    """Threads (README): without OMP_NUM_THREADS a small config on the CPU trains on one thread per process, and says
+    so; with it set, the thread count is the user's."""
+    for omp, expected in ((None, 1), ("2", 2)):
+        if omp is None:
+            monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        else:
+            monkeypatch.setenv("OMP_NUM_THREADS", omp)
+        torch.set_num_threads(2)
+        try:
+            train.main([*TINY, "--steps", "1", "--out", str(tmp_path / str(omp))])
+            assert torch.get_num_threads() == expected
+        finally:
+            torch.set_num_threads(1)
+        said = "1 thread per process: " in (tmp_path / str(omp) / "log.txt").read_text()
+        assert said == (omp is None)
