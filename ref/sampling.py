@@ -168,9 +168,15 @@ def load_model(path, checkpoint, kind="own", weights="ema", vae_kind=None, forei
         num_classes=foreign.num_classes,
         intermediate_block=foreign_head_block(kind, contents, foreign.intermediate_block), **options)
     load_foreign_weights(model, contents, foreign, kind, weights)
-    return model, dict(spec, checkpoint_kind=kind, ddpm_steps=spec.get("ddpm_steps"),
-                       beta_schedule="linear", latent=True, **latent_spec(spec["latents_of"], vae_kind), step=None,
-                       config=None, checkpoint=str(path))
+    return model, foreign_spec(kind, vae_kind, path)
+
+
+def foreign_spec(kind, vae_kind=None, path=None):
+    """load_model's spec of a foreign checkpoint kind, decoded by the vae_kind preset (default: its latents' VAE)."""
+    spec = CHECKPOINT_KINDS[kind]
+    return dict(spec, checkpoint_kind=kind, ddpm_steps=spec.get("ddpm_steps"), beta_schedule="linear", latent=True,
+                **latent_spec(spec["latents_of"], vae_kind or spec["latents_of"]), step=None, config=None,
+                checkpoint=None if path is None else str(path))
 
 
 def read_decoding(model, spec, vae=None, vae_kind=None, latent_stats=None):
