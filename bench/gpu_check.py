@@ -8,11 +8,12 @@ about a minute (the tests run it, so the check does not rot between GPU windows)
 Sections, in this order, each under a time cap (CAPS, in seconds; a part that would start past its section's cap or
 past --budget is recorded as skipped). The JSON and the table are rewritten after every part, so a killed run keeps
 what it finished; a part that fails records its error and the check goes on.
-  correctness  DiT/SiT-XL/2 and LightningDiT-XL/1 (both heads), the SD1.5 UNet steered by a ControlNet, the SD VAE
-               decoder and the FID Inception (its float32-only TF1 resize left out: pytorch-fid's), at random weights (parameters initialised to zero drawn at random, so
-               no output is trivially 0): relative L2 error of the device in float32 (TF32 off), in TF32 (as
-               training and sampling run on CUDA) and under bf16 autocast, against the same inputs in float64 on the
-               CPU; bf16 also against the device's float32. Tolerances: TOLERANCES.
+  correctness  DiT/SiT-XL/2 and LightningDiT-XL/1 (both heads), the SD1.5 UNet steered by a ControlNet (32 x 32
+               latents, a 256 px hint), the SD VAE decoder and the FID Inception (pytorch-fid's resize: the TF1 one
+               is float32 by design), at random weights (parameters initialised to zero drawn at random, so no
+               output is trivially 0): relative L2 error of the device in float32 (TF32 off), in TF32 (as training
+               and sampling run on CUDA) and under bf16 autocast, against the same inputs in float64 on the CPU;
+               bf16 also against the device's float32. Tolerances: TOLERANCES.
   training     DiT-XL/2 and LightningDiT-XL/1 at 256 px (latents 4 x 32 x 32, 32 x 16 x 16), bf16 autocast, the
                largest batch of TRAINING_BATCHES that fits (<= 256), plain and torch.compile'd at that batch:
                the training step of bench/dit_speed.py (loss with the IG term, backward, clipping, AdamW, EMA),
@@ -36,7 +37,8 @@ what it finished; a part that fails records its error and the check goes on.
   torchrun     `torchrun --nproc_per_node=1 train.py` (NCCL on CUDA, gloo on the CPU) on a small config: an
                uninterrupted run; the same run killed (SIGKILL) once its first checkpoint is on disk and rerun with
                the same command; the final weights compared (sha256 of the state, largest difference) and the
-               losses logged after the resume point.
+               losses logged after the resume point; a second uninterrupted run says whether the kernels are
+               deterministic at all (when they are not, the resumed run cannot be bitwise either).
 Goals reported against (GOALS): DiT-XL/2 bf16 training >= 50% MFU (40% at least); IG overhead <= 1% of a sampling
 step; 50K SiT-XL/2 + IG + CFG samples with FID in <= 90 minutes on one H200.
 """
@@ -56,7 +58,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -111,7 +112,7 @@ def sizes(smoke):
                                                                       intermediate_block=8), "ig-sit", (4, 32, 32))
     lightningdit = Network("LightningDiT-XL/1", lambda: LIGHTNINGDIT_MODELS["LightningDiT-XL/1"](intermediate_block=8),
                            "ig-lightningdit", (32, 16, 16))
-    return dict(networks=(dit, lightningdit), sd_size="sd15", sd_latent=64, vae="sd", dpt="hybrid-midas",
+    return dict(networks=(dit, lightningdit), sd_size="sd15", sd_latent=32, vae="sd", dpt="hybrid-midas",
                 no_bf16=(), controlnet_variants=CONTROLNET_VARIANTS,
                 memory_architecture="sd15", image_size=512, sd_batch=8, sd_rounds=2,
                 training_batches=TRAINING_BATCHES, training_rounds=4, compile_backend="inductor",
@@ -255,7 +256,9 @@ class SteeredUNet(nn.Module):
 def correctness_cases(config):
     """(name, network builder, inputs, call -> one flat output) of every network the check compares."""
     generator = torch.Generator().manual_seed(0)
-    randn = lambda *shape: torch.randn(*shape, generator=generator)  # noqa: E731 (a short local draw)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
     cases = []
     for network in config["networks"]:
         x, t = randn(2, *network.latent), torch.rand(2, generator=generator)
@@ -329,7 +332,8 @@ def correctness(device, config, report, past_deadline):
 def training_setup(network, device, batch, compile_backend=None):
     """The network, its EMA and AdamW on the device, and bench/dit_speed.py's (forward_backward, training_step) at
     `batch`, the forward through torch.compile when a backend is given."""
-    model = random_zero_inits(network.build()).to(device)
+    with device:  # initialised where it runs: an XL network's init on the CPU takes seconds a try
+        model = random_zero_inits(network.build())
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0)
     net = torch.compile(model, backend=compile_backend) if compile_backend else None
@@ -393,7 +397,7 @@ def training(device, config, report, past_deadline):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def controlnet(device, config, report, past_deadline):
-    size, batch = config["image_size"], config["sd_batch"]
+    size, batch, bounds = config["image_size"], config["sd_batch"], {}
     for checkpointing in (False, True):
         bench = None
         for variant, _ in parts(report, "controlnet", [(variant, None) for variant in config["controlnet_variants"]],
@@ -407,9 +411,11 @@ def controlnet(device, config, report, past_deadline):
                     seconds = dit_speed.fastest_times([(variant, lambda: bench.step(variant, 0))], device,
                                                       config["sd_rounds"])[variant]
                 reward = "reward" in variant
-                saved, recompute, counts = sd_training_memory.measure(batch, size, checkpointing, reward,
-                                                                      config["memory_architecture"])
-                bound = saved + recompute + sd_training_memory.weight_bytes(counts)
+                if (checkpointing, reward) not in bounds:  # on meta, a few seconds of CPU a case
+                    saved, recompute, counts = sd_training_memory.measure(batch, size, checkpointing, reward,
+                                                                          config["memory_architecture"])
+                    bounds[checkpointing, reward] = saved + recompute + sd_training_memory.weight_bytes(counts)
+                bound = bounds[checkpointing, reward]
                 report.add("controlnet", dict(part=name, batch=batch, image_size=size, step_s=seconds,
                                               peak_memory_gib=peak_gib(device),
                                               counted_lower_bound_gib=bound / GIB))
@@ -527,15 +533,28 @@ def run_to_end(flags, out, environment, timeout):
     return re.findall(r"rank 0: weights sha256 (\w+)", result.stdout)[-1]
 
 
+def descendants(pid):
+    """The process ids under `pid` (children first), from /proc: torchrun starts its workers in sessions of their
+    own, so the launcher's process group does not hold them."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in map(int, (task / "children").read_text().split()):
+                found += [child, *descendants(child)]
+    return found
+
+
 def kill_after_first_checkpoint(flags, out, environment, timeout):
-    """Start the run and SIGKILL its process group once latest.pt is on disk. -> the step it was killed after"""
-    process = subprocess.Popen(torchrun_command(flags, out), cwd=REPO, env=environment, start_new_session=True,
+    """Start the run and SIGKILL its worker and launcher once latest.pt is on disk. -> the step of the latest.pt
+    left (the run's total when it ended before the kill)"""
+    process = subprocess.Popen(torchrun_command(flags, out), cwd=REPO, env=environment,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while not (out / "latest.pt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    with contextlib.suppress(ProcessLookupError):  # gone already: the run ended before the kill (recorded so)
-        os.killpg(process.pid, signal.SIGKILL)  # the torchrun launcher and its worker, this check's own children
+    for pid in [*reversed(descendants(process.pid)), process.pid]:  # this check's own children, workers first
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
     return read_checkpoint(out / "latest.pt")["step"]
 
@@ -551,6 +570,7 @@ def torchrun_resume(device, config, report, past_deadline):
             environment, timeout = train_environment(device), CAPS["torchrun"] * 2
             shutil.rmtree(out, ignore_errors=True)  # a run left by an earlier check would be resumed
             uninterrupted = run_to_end(flags, out / "uninterrupted", environment, timeout)
+            again = run_to_end(flags, out / "again", environment, timeout)  # are the kernels deterministic?
             killed_after = kill_after_first_checkpoint(flags, out / "resumed", environment, timeout)
             resumed = run_to_end(flags, out / "resumed", environment, timeout)
             final = [read_checkpoint(out / run / "latest.pt") for run in ("uninterrupted", "resumed")]
@@ -560,7 +580,8 @@ def torchrun_resume(device, config, report, past_deadline):
             after = [step for step in losses[1] if step > killed_after]
             report.add("torchrun", dict(
                 part=name, backend="nccl" if device.type == "cuda" else "gloo", steps=final[0]["step"],
-                killed_after_step=killed_after, bitwise_equal_weights=uninterrupted == resumed,
+                killed_after_step=killed_after, uninterrupted_runs_bitwise_equal=uninterrupted == again,
+                bitwise_equal_weights=uninterrupted == resumed,
                 max_weight_difference=difference,
                 equal_losses_after_resume=all(losses[0][step] == losses[1][step] for step in after)))
 
@@ -591,6 +612,7 @@ def main(argv=None):
             continue
         started = time.monotonic()
         CHECKS[section](device, config, report, clock.section(CAPS[section]))
+        report.data.setdefault("section_seconds", {})[section] = time.monotonic() - started
         print(f"{section}: {time.monotonic() - started:.1f} s", flush=True)
     report.write()
     print(markdown(report.data))

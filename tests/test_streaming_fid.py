@@ -9,7 +9,7 @@ import torch
 
 import eval as eval_script
 import sample
-from helpers import randomise
+from tests.helpers import randomise
 from ref import metrics, runtime
 from ref.inception import FIDInceptionV3
 from ref.internal_guidance import dit_from_config
