@@ -432,20 +432,20 @@ def main(argv=None):
         model.to(world.device).eval()
         if decoding[0] is not None:  # the VAE
             decoding[0].to(world.device)
-        features = fid and ImageFeatures(fid[0].to(world.device), world.device)
+        features = ImageFeatures(fid[0].to(world.device), world.device) if fid else None  # the FID's inputs
         keep_below = None if fid is None or args.npz or args.png else columns * args.grid_rows
         start = time.perf_counter()
         share, evaluations = sampling.sample_share(model, spec, (integrate, network, interval_scale), world,
                                                    flags_as(sampling.SampleSettings, args), decoding,
-                                                   features and features.update, keep_below)
+                                                   features.update if fid else None, keep_below)
         samples = gather_in_order(share)
         seconds = time.perf_counter() - start
-        metrics = fid and write_fid(out, args.fid_ref, fid, features, world, args.batch_size)
+        metrics = write_fid(out, args.fid_ref, fid, features, world, args.batch_size) if fid else None
         if not world.is_main:
             return
         settings = dict(vars(args), **spec, sampler=sampler, steps=steps,
                         network_evaluations_per_sample=int(evaluations) if evaluations.is_integer() else evaluations,
-                        seconds=seconds, fid_feature_seconds=features and features.seconds,
+                        seconds=seconds, fid_feature_seconds=features.seconds if fid else None,
                         world_size=world.world_size, device=str(world.device))
         labels = sampling.sample_labels(np.arange(len(samples)), model.num_classes, args.seed, args.labels,
                                         args.class_label)

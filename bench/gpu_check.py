@@ -86,8 +86,8 @@ CONTROLNET_VARIANTS = ("diffusion only", "+ reward", "+ reward + alignment")  # 
 
 
 class Network(NamedTuple):
-    """A network of the check: its name, a builder (random weights on the CPU), the checkpoint kind it samples as
-    (ref.sampling.CHECKPOINT_KINDS) and its latents' shape (C, S, S)."""
+    """A network of the check: its name, a builder (random weights, on the default device), the checkpoint kind it
+    samples as (ref.sampling.CHECKPOINT_KINDS) and its latents' shape (C, S, S)."""
     name: str
     build: object
     kind: str
@@ -126,10 +126,13 @@ def sizes(smoke):
 # ---------------------------------------------------------------------------------------------------------------------
 
 class Report:
+    """The figures so far, section by section, with the goals read off them; write() rewrites both files."""
+
     def __init__(self, out, device, smoke):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+        threads = f"CPU ({torch.get_num_threads()} threads)"
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else threads
         self.data = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), device=name, smoke=smoke,
                          torch=torch.__version__, sections={}, goals={})
 
@@ -451,7 +454,7 @@ def timed_share(model, spec, sampler, device, settings, decoding, features=None)
     world = runtime.Distributed(0, 1, device)
     start = time.perf_counter()
     _, evaluations = sample_share(model, spec, sampler, world, settings, decoding,
-                                  features and features.update, keep_below=0)
+                                  None if features is None else features.update, keep_below=0)
     synchronise(device)
     return time.perf_counter() - start, evaluations
 
