@@ -39,7 +39,11 @@ what it finished; a part that fails records its error and the check goes on.
                the same command; the final weights compared (sha256 of the state, largest difference) and the
                losses logged after the resume point; a second uninterrupted run says whether the kernels are
                deterministic at all (when they are not, the resumed run cannot be bitwise either).
-Goals reported against (GOALS): DiT-XL/2 bf16 training >= 50% MFU (40% at least); IG overhead <= 1% of a sampling
+--cpu-smoke: the same functions on the CPU at tiny sizes (`sizes`): 2-block DiT / LightningDiT on 4 x 4 latents, the
+tiny SD UNet / VAE / DPT at 32 px, batch 2-4, torch.compile with the "eager" backend (dynamo's graph capture without
+inductor's code generation), two of the three ControlNet variants, the Inception's bf16 pass left out (the CPU has no
+bf16 convolution kernels: ~40 s), torchrun with gloo on 6 steps. Its figures mean nothing; its rows prove the paths.
+Goals reported against (`goals`): DiT-XL/2 bf16 training >= 50% MFU (40% at least); IG overhead <= 1% of a sampling
 step; 50K SiT-XL/2 + IG + CFG samples with FID in <= 90 minutes on one H200.
 """
 import argparse
