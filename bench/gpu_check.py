@@ -91,20 +91,21 @@ CONTROLNET_VARIANTS = ("diffusion only", "+ reward", "+ reward + alignment")  # 
 
 class Network(NamedTuple):
     """A network of the check: its name, a builder (random weights, on the default device), the checkpoint kind it
-    samples as (ref.sampling.CHECKPOINT_KINDS) and its latents' shape (C, S, S)."""
+    samples as (ref.sampling.CHECKPOINT_KINDS), its latents' shape (C, S, S) and their VAE (ref.vae.MODELS)."""
     name: str
     build: object
     kind: str
     latent: tuple
+    vae: str
 
 
 def sizes(smoke):
     """What each section runs: the real sizes, or the CPU smoke's tiny ones (the same code paths)."""
     if smoke:
         dit = Network("DiT-tiny/2", lambda: DiT(input_size=4, in_channels=4, hidden_size=32, depth=2, num_heads=2,
-                                                num_classes=10, intermediate_block=1), "ig-sit", (4, 4, 4))
+                                                num_classes=10, intermediate_block=1), "ig-sit", (4, 4, 4), "tiny")
         lightningdit = Network("LightningDiT-tiny/1", lambda: LIGHTNINGDIT_MODELS["LightningDiT-tiny/1"](
-            input_size=4, in_channels=4, num_classes=10, intermediate_block=1), "ig-lightningdit", (4, 4, 4))
+            input_size=4, in_channels=4, num_classes=10, intermediate_block=1), "ig-lightningdit", (4, 4, 4), "tiny")
         # The CPU has no bf16 convolution kernels: the Inception's bf16 pass would take ~40 s there.
         return dict(networks=(dit, lightningdit), sd_size="tiny", sd_latent=4, vae="tiny", dpt="tiny",
                     no_bf16=("FID Inception",), controlnet_variants=CONTROLNET_VARIANTS[::2],
@@ -113,9 +114,9 @@ def sizes(smoke):
                     torchrun=["--config", "shapes-tiny", "--depth", "2", "--hidden-size", "32", "--batch-size", "4",
                               "--steps", "6", "--checkpoint-every", "2", "--log-every", "1", "--workers", "0"])
     dit = Network("DiT-XL/2 (SiT-XL/2)", lambda: MODELS["SiT-XL/2"](input_size=32, in_channels=4,
-                                                                      intermediate_block=8), "ig-sit", (4, 32, 32))
+                                                                      intermediate_block=8), "ig-sit", (4, 32, 32), "sd")
     lightningdit = Network("LightningDiT-XL/1", lambda: LIGHTNINGDIT_MODELS["LightningDiT-XL/1"](intermediate_block=8),
-                           "ig-lightningdit", (32, 16, 16))
+                           "ig-lightningdit", (32, 16, 16), "vavae-f16d32")
     return dict(networks=(dit, lightningdit), sd_size="sd15", sd_latent=32, vae="sd", dpt="hybrid-midas",
                 no_bf16=(), controlnet_variants=CONTROLNET_VARIANTS,
                 memory_architecture="sd15", image_size=512, sd_batch=8, sd_rounds=2,
@@ -470,9 +471,11 @@ def stand_in_network(x, t, y):
 
 def sampling_run(network, device, config):
     """-> the sampling row of one network (see the module docstring)."""
-    model = random_zero_inits(network.build()).to(device).eval().requires_grad_(False)
-    spec = foreign_spec(network.kind, config["vae"])
-    vae = random_zero_inits(VAE_MODELS[config["vae"]]()).to(device).eval().requires_grad_(False)
+    with device:
+        model = random_zero_inits(network.build()).eval().requires_grad_(False)
+    spec = foreign_spec(network.kind, network.vae)
+    with device:
+        vae = random_zero_inits(VAE_MODELS[network.vae]()).eval().requires_grad_(False)
     channels = network.latent[0]
     stats = ((torch.zeros(1, channels, 1, 1), torch.ones(1, channels, 1, 1))
              if spec["latent_encoding"] == "stats" else None)
