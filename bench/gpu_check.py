@@ -154,6 +154,8 @@ class Report:
 
 
 def shown(value):
+    if isinstance(value, dict):
+        return ", ".join(f"{key}: {shown(item)}" for key, item in value.items())
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 1e3 else f"{value:.0f}"
     return "" if value is None else str(value)
