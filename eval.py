@@ -49,8 +49,8 @@ from ref.arguments import check_arguments, flag, writable_file
 from ref.control_evaluation import CURVE_METRICS, ControlScore
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
 from ref.innercontrol_sd import REWARD_TASKS, control_model
-from ref.metrics import (CONTROL_MAP_MODES, RESIZE_KEY, ImageSource, control_alignment, fid_report, load_reference,
-                         save_reference, summarise_images)
+from ref.metrics import (CONTROL_MAP_MODES, ImageSource, control_alignment, fid_report, load_reference,
+                         recorded_pipeline, save_reference, summarise_images)
 from shapes import pipeline, runs
 from shapes.classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
@@ -97,13 +97,9 @@ def inception_resize(args):
     """--resize, by default what the reference batch records (one --write-ref wrote), else tf1: the TF graph's
     pipeline, which made the ADM reference batches' stored mu/sigma. A choice that differs from the recorded one is
     refused; pytorch against stored statistics without a record (an ADM batch) is warned about."""
-    recorded, stored = None, False
+    recorded, stored = recorded_pipeline(args.ref) if args.ref else (None, False)
     if args.ref:
-        if not zipfile.is_zipfile(args.ref):
-            raise ValueError(f"--ref {args.ref}: not an .npz archive; expected an ADM reference batch (.npz)")
         with np.load(args.ref) as archive:
-            recorded = str(archive[RESIZE_KEY]) if RESIZE_KEY in archive.files else None
-            stored = "mu" in archive.files
             if "arr_0" in archive.files:  # images of the documented layout, checked before any compute
                 ImageSource(args.ref, "RGB")
     if args.resize is None:

@@ -6,6 +6,7 @@ decode a latent model's samples with its VAE; or a ControlNet run.
                      [--labels balanced|random] [--png]
     python sample.py SiT-XL-2-IG.pt --checkpoint-kind ig-sit --model SiT-XL/2 --ig 1.4 --cfg 1.35 --cfg-interval 0 0.7 \
                      --labels random --vae sd-vae-ft-ema --num-samples 50000 --bf16            # then eval.py fid
+    python sample.py ... --vae FILE --fid-ref VIRTUAL_imagenet256_labeled.npz --inception pt_inception-...pth  # FID now
     python sample.py LightningDiT-XL-1-IG.pt --checkpoint-kind ig-lightningdit --model LightningDiT-XL/1 \
                      --ig 1.4 --cfg 1.45 --cfg-interval 0 0.81 --labels random --vae vavae-f16d32.pt \
                      --latent-stats latents_stats.pt --num-samples 50000 --bf16               # Heun, 124 steps
@@ -51,6 +52,12 @@ the number of ranks (up to float32 rounding: CPU matmul kernels round differentl
 which can move a rare pixel by one level; on this machine the tests' 7 samples came out bitwise equal). Rank r takes
 samples r, r + W, r + 2W, ...; rank 0 gathers them and writes OUT/samples.npz (ADM: arr_0 uint8 N x H x W x 3,
 arr_1 labels), OUT/grid.png and OUT/settings.json, with --png also OUT/images/000000.png, ... (sample order).
+FID while sampling: with --fid-ref REF.npz (an ADM reference batch) each decoded batch goes through the FID Inception
+(--inception, the reference's input pipeline as eval.py fid picks it) as soon as it is sampled; each rank keeps the
+running moments of its pool and spatial features and the pool features and logits (ref.metrics.ImageFeatures), rank 0
+merges them (Chan et al.'s pairwise update) and writes OUT/fid.json with IS, FID, sFID and precision/recall: eval.py
+fid's numbers on the same samples, up to float rounding, without the images stored (grid.png keeps the first ones;
+--npz, --png keep them all). settings.json's fid_feature_seconds is rank 0's time in the Inception.
 Latent models: with --vae PATH (ref.latents.read_vae; --vae-kind, default: an own run's config `vae`, sd for dit / sit /
 ig-sit, vavae-f16d32 for ig-lightningdit) each batch is decoded on the sampling device (under bf16 autocast with
 --bf16 on CUDA) into the images above: the latents divided by the VAE's scaling factor (sd: 0.18215), or for a model
@@ -69,6 +76,7 @@ Bad input: a message and exit status 2, nothing written; a foreign checkpoint th
 with the kind its keys belong to.
 """
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -81,8 +89,11 @@ from ref import runtime, sampling, text_to_image
 from ref.arguments import check_arguments, check_seed, writable_folder
 from ref.control_data import CONTROL_TASKS
 from ref.dit import IG_RELEASE_HEAD_BLOCK, MODELS
+from ref.inception import WEIGHTS_ENV, FIDInceptionV3, InceptionWeightsError
 from ref.latents import STATS_FILE
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
+from ref.metrics import (ImageFeatures, fid_report, load_reference, merged_summary, recorded_pipeline,
+                         reference_contents)
 from ref.sample_outputs import gather_in_order, write_outputs
 from ref.samplers import DIFFUSIONS
 from ref.runtime import checkpoint_file
@@ -132,6 +143,12 @@ def parse_args(argv=None):
                              "--image-size")
     latent.add_argument("--latent-stats", help=f"per-channel latent statistics ({STATS_FILE}) of a model trained on "
                         f"normalised latents (LightningDiT); an own run's default: <its data_path>/{STATS_FILE}")
+    fid = parser.add_argument_group("FID while sampling (the numbers of eval.py fid, without storing the images)")
+    fid.add_argument("--fid-ref", help="ADM reference batch (.npz; eval.py fid --write-ref): each decoded batch's FID "
+                     "Inception features are taken as it is sampled, merged over the ranks, and IS, FID, sFID and "
+                     "precision/recall written to OUT/fid.json; only grid.png's samples are kept, unless --npz / --png")
+    fid.add_argument("--inception", help=f"with --fid-ref: FID Inception weights (default: ${WEIGHTS_ENV})")
+    fid.add_argument("--npz", action="store_true", help="with --fid-ref: also keep and write OUT/samples.npz")
     foreign = parser.add_argument_group("foreign checkpoints (official DiT / SiT, IG-release SiT and LightningDiT)")
     foreign.add_argument("--checkpoint-kind", choices=("own", *CHECKPOINT_KINDS), default="own")
     foreign.add_argument("--model", choices=[*MODELS, *LIGHTNINGDIT_MODELS], help="size preset of a foreign checkpoint")
@@ -176,6 +193,35 @@ def check_kind_flags(args):
                              f"of {', '.join(presets)}")
     if args.class_label is not None and args.labels == "random":
         raise ValueError("--class-label gives every sample one label; --labels random draws them")
+
+
+def read_fid_inputs(args, spec, decoding):
+    """--fid-ref's Inception, checked before sampling: -> (FIDInceptionV3 with the reference's input pipeline, that
+    pipeline), or None without --fid-ref. Raises ValueError / InceptionWeightsError."""
+    if args.fid_ref is None:
+        if args.inception or args.npz:
+            raise ValueError("--inception and --npz go with --fid-ref REF.npz (FID while sampling)")
+        return None
+    if spec["latent"] and decoding[0] is None:
+        raise ValueError("--fid-ref scores images: this latent model needs --vae PATH to decode its samples")
+    resize = recorded_pipeline(args.fid_ref, "--fid-ref")[0] or "tf1"  # eval.py fid's default
+    reference_contents(args.fid_ref)
+    return FIDInceptionV3(args.inception, resize=resize), resize
+
+
+def write_fid(out, reference_path, fid, features, world, batch_size):
+    """Every rank's features merged on rank 0 and scored against the reference batch (its features taken on this
+    device) into OUT/fid.json, laid out as eval.py fid's --out. -> the metrics on rank 0, None elsewhere"""
+    shares = runtime.gather_to_main(features.share())
+    if shares is None:
+        return None
+    extractor, resize = fid
+    reference = load_reference(reference_path, extractor, batch_size, world.device)
+    report = {"resize": resize, **fid_report(merged_summary(shares), reference)}
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"command": "sample.py --fid-ref", "reference": reference_path, "metrics": report}, indent=2)
+    runtime.atomic_write(out / "fid.json", lambda file: file.write(text.encode()))
+    return report
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -435,6 +481,9 @@ def main(argv=None):
             if (args.sampler or "ddim") != "ddim" or args.ig != 1.0:
                 raise ValueError("a controlnet run samples with DDIM (--sampler ddim) and caption CFG (--cfg); it has "
                                  "no IG")
+            if args.fid_ref:
+                raise ValueError("--fid-ref scores class-conditional samples; eval.py innercontrol scores a "
+                                 "controlnet run's")
             networks = shapes_sampling.load_controlnet(path, args.weights, checkpoint)
             out = controlnet_out(args, path)
         else:
@@ -446,31 +495,42 @@ def main(argv=None):
                 model, spec, args.sampler, args.steps, args.timestep_shift, args.eta, args.diffusion)
             sampling.check_guidance(model, args.ig, args.cfg, args.class_label)
             decoding = sampling.read_decoding(model, spec, args.vae, args.vae_kind, args.latent_stats)
+            fid = read_fid_inputs(args, spec, decoding)
             tag = f"{sampler}{steps}-ig{args.ig:g}-cfg{args.cfg:g}-seed{args.seed}-n{args.num_samples}"
             out = writable_folder(args.out or default_out(path, tag))
-    except ValueError as error:
+    except (ValueError, InceptionWeightsError) as error:
         runtime.exit_with_error(error)
     if controlled:
         return sample_controlnet(args, path, out, *networks)
+    columns = model.num_classes if model.num_classes <= 16 else 8
     with runtime.distributed() as world:
         model.to(world.device).eval()
         if decoding[0] is not None:  # the VAE
             decoding[0].to(world.device)
+        features = ImageFeatures(fid[0].to(world.device), world.device) if fid else None  # the FID's inputs
+        keep_below = None if fid is None or args.npz or args.png else columns * args.grid_rows
         start = time.perf_counter()
         share, evaluations = sampling.sample_share(model, spec, (integrate, network, interval_scale), world,
-                                                   flags_as(sampling.SampleSettings, args), decoding)
+                                                   flags_as(sampling.SampleSettings, args), decoding,
+                                                   features.update if fid else None, keep_below)
         samples = gather_in_order(share)
+        seconds = time.perf_counter() - start
+        metrics = write_fid(out, args.fid_ref, fid, features, world, args.batch_size) if fid else None
         if not world.is_main:
             return
         settings = dict(vars(args), **spec, sampler=sampler, steps=steps,
                         network_evaluations_per_sample=int(evaluations) if evaluations.is_integer() else evaluations,
-                        seconds=time.perf_counter() - start, world_size=world.world_size, device=str(world.device))
-        columns = model.num_classes if model.num_classes <= 16 else 8
-        labels = sampling.sample_labels(np.arange(args.num_samples), model.num_classes, args.seed, args.labels,
+                        seconds=seconds, fid_feature_seconds=features.seconds if fid else None,
+                        world_size=world.world_size, device=str(world.device))
+        labels = sampling.sample_labels(np.arange(len(samples)), model.num_classes, args.seed, args.labels,
                                         args.class_label)
-        write_outputs(out, samples, labels, settings, columns, args.grid_rows)
+        write_outputs(out, samples, labels, settings, columns, args.grid_rows, npz=keep_below is None)
         print(f"wrote {args.num_samples} samples to {out} ({settings['seconds']:.1f} s, "
               f"{settings['network_evaluations_per_sample']} network evaluations each)")
+        if metrics:
+            print(f"wrote {out / 'fid.json'}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()
+                                                           if isinstance(value, float))
+                  + f"; the Inception took {features.seconds:.1f} s of the {seconds:.1f} s on rank 0")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,27 @@ def guided_runs(ema, y, weights, shape, device, args, mixed_precision, counts):
     return evaluate, sample
 
 
+def training_runs(model, ema, optimizer, x0, y, num_classes, mixed_precision, net=None):
+    """(forward_backward, training_step) on the batch x0 (B, C, S, S), labels y: the flow-matching loss with the IG
+    term under label dropout 0.1, forward and backward; the step adds gradient clipping at 1, AdamW and the EMA
+    update. net: what runs the forward (a torch.compile of model), default model."""
+    net = model if net is None else net
+
+    def forward_backward():
+        t, eps = torch.rand(len(x0), device=x0.device), torch.randn_like(x0)
+        with mixed_precision:
+            loss = flow_matching_loss(net, x0, t, drop_labels(y, 0.1, num_classes), eps).mean()
+        loss.backward()
+
+    def training_step():
+        forward_backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_ema(ema, model, 0.9999)
+    return forward_backward, training_step
+
+
 def main(args):
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -135,20 +156,7 @@ def main(args):
     batch, shape = args.batch, (args.channels, args.image_size, args.image_size)
     x0 = torch.randn(batch, *shape, device=device)  # (B, C, S, S) stands in for data; speed does not depend on it
     y = torch.randint(args.num_classes, (batch,), device=device)
-
-    def forward_backward():
-        t, eps = torch.rand(batch, device=device), torch.randn_like(x0)
-        with mixed_precision:
-            loss = flow_matching_loss(model, x0, t, drop_labels(y, 0.1, args.num_classes), eps).mean()
-        loss.backward()
-
-    def training_step():
-        forward_backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, model, 0.9999)
-
+    forward_backward, training_step = training_runs(model, ema, optimizer, x0, y, args.num_classes, mixed_precision)
     evaluations = {mode: [0, 0] for mode in GUIDANCE_MODES}  # per mode: [network rows, sampler runs]
 
     runs = {"forward+backward": forward_backward, "training step (AdamW + EMA)": training_step}

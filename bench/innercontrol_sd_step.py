@@ -70,38 +70,45 @@ class PeakMemory:
 
 
 class StepBench:
-    """SD1.5, a ControlNet copied from its UNet, and the networks of the `variants`' terms, with one sample's inputs;
-    step(variant, seed) runs one training step of a variant."""
+    """SD1.5, a ControlNet copied from its UNet, and the networks of the `variants`' terms, with `batch` samples'
+    inputs, built on `device`; step(variant, seed) runs one training step of a variant. sd_size and dpt: the
+    networks' sizes (ref.innercontrol_sd.SD_SIZES, ref.dpt.DPT_CONFIGS: "tiny" for the GPU check's CPU smoke);
+    gradient_checkpointing: the UNet's and the ControlNet's blocks recomputed in the backward pass."""
 
-    def __init__(self, image_size, variants):
+    def __init__(self, image_size, variants, batch=1, device=torch.device("cpu"), sd_size="sd15",
+                 dpt="dpt-hybrid-midas", gradient_checkpointing=False):
         torch.manual_seed(0)
-        sizes = SD_SIZES["sd15"]
-        unet = UNet(**sizes["unet"])
-        self.base = StableDiffusion(unet, AUTOENCODERS[sizes["vae"]](), TEXT_ENCODERS[sizes["text_encoder"]](),
-                                    checkpoint_decode=True)
-        self.controlnet = ControlNet.from_unet(unet)
+        self.device, sizes = device, SD_SIZES[sd_size]
+        with device:
+            unet = UNet(**sizes["unet"], gradient_checkpointing=gradient_checkpointing)
+            self.base = StableDiffusion(unet, AUTOENCODERS[sizes["vae"]](), TEXT_ENCODERS[sizes["text_encoder"]](),
+                                        checkpoint_decode=True)
+            self.controlnet = ControlNet.from_unet(unet, hint_downsampling=self.base.vae.downsampling_factor,
+                                                   gradient_checkpointing=gradient_checkpointing)
         task = innercontrol_task("depth")
         probe_config = dict(task="depth", tap_mode="auto", probe_upsample=None, probe_resolution=image_size // 8,
                             probe_width=384, num_classes=1)
         uses = [VARIANTS[variant] for variant in variants]
-        self.probe = build_probe(probe_config, unet).requires_grad_(False) if any(a for _, a in uses) else None
-        reward = DPTDepth() if any(r for r, _ in uses) else None
+        with device:
+            self.probe = build_probe(probe_config, unet).requires_grad_(False) if any(a for _, a in uses) else None
+            reward = DPTDepth(config=dpt) if any(r for r, _ in uses) else None
         self.terms = {variant: InnerControlTerms(task.alpha, reward if reward_on else None, (0, 999),
                                                  task.reward_kind, task.beta, self.probe if alignment_on else None,
                                                  "attn", (0, 999), task.alignment_kind, decode=self.base.decode)
                       for variant, (reward_on, alignment_on) in zip(variants, uses)}
         self.schedule = DDPMSchedule.named("scaled_linear")
-        self.images = torch.rand(1, 3, image_size, image_size) * 2 - 1
-        self.control = torch.rand(1, 1, image_size, image_size)
-        self.hint, self.tokens = self.control.expand(1, 3, -1, -1), torch.randint(0, 49407, (1, 77))
+        self.images = torch.rand(batch, 3, image_size, image_size, device=device) * 2 - 1
+        self.control = torch.rand(batch, 1, image_size, image_size)
+        self.hint = self.control.expand(batch, 3, -1, -1)
+        self.tokens = torch.randint(0, 49407, (batch, 77))
 
     def step(self, variant, seed):
         """Forward, backward and gradient clipping of one step. -> its seconds"""
         start = time.perf_counter()
-        draws = SampleDraws([seed])
+        draws = SampleDraws(range(seed, seed + len(self.images)))
         latents = self.base.encode(self.images, draws)
         loss = innercontrol_training_step(self.controlnet, self.base, self.schedule, self.terms[variant], latents,
-                                          self.tokens, self.hint, self.control, draws, torch.device("cpu")).mean()
+                                          self.tokens, self.hint, self.control, draws, self.device).mean()
         self.controlnet.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.controlnet.parameters(), 1.0)

@@ -93,9 +93,10 @@ def counted_step(saved, recompute_peak):
         F.scaled_dot_product_attention, torch.utils.checkpoint.checkpoint = original_sdpa, original_checkpoint
 
 
-def build(checkpointing):
-    """The SD1.5 networks on meta in bf16; the ControlNet trainable, the rest frozen."""
-    builds = ARCHITECTURES["sd15"]
+def build(checkpointing, architecture="sd15"):
+    """The SD1.5 networks (or ref.text_to_image's tiny ones) on meta in bf16; the ControlNet trainable, the rest
+    frozen."""
+    builds = ARCHITECTURES[architecture]
     with torch.device("meta"):
         networks = {name: (builds[name](gradient_checkpointing=checkpointing) if name != "text_encoder"
                            else builds[name]()).to(torch.bfloat16) for name in builds}
@@ -104,14 +105,15 @@ def build(checkpointing):
     return networks
 
 
-def measure(batch, size, checkpointing, reward):
+def measure(batch, size, checkpointing, reward, architecture="sd15"):
     """-> (saved bytes, recompute peak bytes, parameter count {name: n}) of one training step."""
-    networks = build(checkpointing)
+    networks = build(checkpointing, architecture)
     parameters = {storage_key(p) for network in networks.values() for p in network.parameters()}
     saved, recompute_peak = SavedTensors(parameters), [0]
     side, bf16 = size // 8, dict(dtype=torch.bfloat16, device="meta")
     latents, noise = torch.empty(batch, 4, side, side, **bf16), torch.empty(batch, 4, side, side, **bf16)
-    context, hint = torch.empty(batch, 77, 768, **bf16), torch.empty(batch, 3, size, size, **bf16)
+    context = torch.empty(batch, 77, networks["unet"].encoder_config["context_dim"], **bf16)  # (B, 77, 768) for SD1.5
+    hint = torch.empty(batch, 3, size, size, **bf16)
     t = torch.empty(batch, device="meta")
     with counted_step(saved, recompute_peak), saved.hooks():
         noisy = 0.5 * latents + 0.8 * noise  # x_t = alpha_t x0 + sigma_t eps (the coefficients do not matter here)

@@ -13,6 +13,7 @@ Inception (`ref/inception.py`):
 import contextlib
 import dataclasses
 import itertools
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -115,14 +116,21 @@ class RunningMoments:
 
     def update(self, features):
         batch = np.asarray(features, dtype=np.float64).reshape(len(features), -1)  # (B, D)
-        if self.count == 0:
-            self.mean, self.m2 = np.zeros(batch.shape[1]), np.zeros((batch.shape[1],) * 2)
         batch_mean = batch.mean(axis=0)
         centered = batch - batch_mean
-        total = self.count + len(batch)
-        delta = batch_mean - self.mean
-        self.m2 += centered.T @ centered + np.outer(delta, delta) * (self.count * len(batch) / total)
-        self.mean = self.mean + delta * (len(batch) / total)
+        self.merge(len(batch), batch_mean, centered.T @ centered)
+
+    def merge(self, count, mean, m2):
+        """Add a set of `count` vectors summarised by its mean (D,) and M2 (D, D): a batch, or another RunningMoments
+        (another rank's share: `merge(other.count, other.mean, other.m2)`)."""
+        if count == 0:
+            return
+        if self.count == 0:
+            self.mean, self.m2 = np.zeros(len(mean)), np.zeros((len(mean),) * 2)
+        total = self.count + count
+        delta = mean - self.mean
+        self.m2 = self.m2 + m2 + np.outer(delta, delta) * (self.count * count / total)
+        self.mean = self.mean + delta * (count / total)
         self.count = total
 
     @property
@@ -271,29 +279,80 @@ class FeatureSummary:
     logits: np.ndarray = None
 
 
+class ImageFeatures:
+    """The features of an image set taken a batch at a time, as FeatureSummary needs them: running moments of the pool
+    (and, when the extractor gives them, spatial) features, and the pool features and logits kept whole with each
+    image's index, so that shares taken apart (the ranks of a sampling run, each its samples r, r + W, ...) merge into
+    the summary of the whole set in index order (the IS splits follow that order)."""
+
+    def __init__(self, extractor, device="cpu"):
+        self.extractor, self.device = extractor, device
+        self.pool_moments, self.spatial_moments = RunningMoments(), RunningMoments()
+        self.indices, self.pool, self.logits = [], [], []
+        self.seconds = 0.0  # spent in update: the extractor and the moments
+
+    @property
+    def count(self):
+        return self.pool_moments.count
+
+    def update(self, images, indices=None):
+        """RGB uint8 images (B, H, W, 3) of the set's `indices` (default: the next B)."""
+        start = time.perf_counter()
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device).permute(0, 3, 1, 2).float() / 255
+        with torch.inference_mode():  # x: (B, 3, H, W) in [0, 1]
+            features = {name: value.float().cpu().numpy() for name, value in self.extractor(x).items()}
+        self.indices.append(np.arange(self.count, self.count + len(images)) if indices is None else np.asarray(indices))
+        self.pool_moments.update(features["pool"])
+        if "spatial" in features:
+            self.spatial_moments.update(features["spatial"])
+        self.pool.append(features["pool"])
+        self.logits.append(features["logits"])
+        self.seconds += time.perf_counter() - start  # the features came back to the CPU: the device is done
+
+    def share(self):
+        """What another process needs to merge this one in (no extractor): (indices, moments, pool, logits)."""
+        return (np.concatenate(self.indices or [np.zeros(0, np.int64)]), self.pool_moments, self.spatial_moments,
+                self.pool, self.logits)
+
+
+def merged_summary(shares):
+    """ImageFeatures.share() of every part of one image set -> its FeatureSummary: the moments merged (Chan et al.),
+    the pool features and logits in index order."""
+    pool_moments, spatial_moments = RunningMoments(), RunningMoments()
+    for _, pool_part, spatial_part, _, _ in shares:
+        pool_moments.merge(pool_part.count, pool_part.mean, pool_part.m2)
+        spatial_moments.merge(spatial_part.count, spatial_part.mean, spatial_part.m2)
+    order = np.argsort(np.concatenate([share[0] for share in shares]), kind="stable")
+    pool = np.concatenate([part for share in shares for part in share[3]])[order]
+    logits = np.concatenate([part for share in shares for part in share[4]])[order]
+    spatial = (spatial_moments.mean, spatial_moments.cov) if spatial_moments.count else None
+    return FeatureSummary(pool_moments.count, (pool_moments.mean, pool_moments.cov), spatial, pool, logits)
+
+
 def summarise_images(images, extractor, batch_size=50, device="cpu", on_batch=None):
     """Run the feature extractor (FIDInceptionV3 or anything returning the same "pool", "logits" and, optionally,
     "spatial") over an ImageSource of RGB uint8 images; the spatial features only feed running moments (None without
     them). on_batch(done, total) reports."""
-    pool_moments, spatial_moments, pool, logits = RunningMoments(), RunningMoments(), [], []
+    features = ImageFeatures(extractor, device)
     for batch in images.batches(batch_size):
-        x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 255  # (B, 3, H, W) in [0, 1]
-        with torch.inference_mode():
-            features = {name: value.float().cpu().numpy() for name, value in extractor(x).items()}
-        pool_moments.update(features["pool"])
-        if "spatial" in features:
-            spatial_moments.update(features["spatial"])
-        pool.append(features["pool"])
-        logits.append(features["logits"])
+        features.update(batch)
         if on_batch:
-            on_batch(pool_moments.count, len(images))
-    spatial = (spatial_moments.mean, spatial_moments.cov) if spatial_moments.count else None
-    return FeatureSummary(len(images), (pool_moments.mean, pool_moments.cov), spatial, np.concatenate(pool),
-                          np.concatenate(logits))
+            on_batch(features.count, len(images))
+    return merged_summary([features.share()])
 
 
 REFERENCE_KEYS = {"pool_moments": ("mu", "sigma"), "spatial_moments": ("mu_s", "sigma_s")}  # the ADM names
 RESIZE_KEY = "inception_resize"  # which Inception input pipeline made a reference's moments (ours only)
+
+
+def recorded_pipeline(path, flag="--ref"):
+    """What an ADM reference batch says of its features: (the Inception input pipeline a --write-ref recorded, or
+    None; whether it stores mu/sigma). A file that is no .npz archive raises, naming `flag`."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{flag} {path}: not an .npz archive; expected an ADM reference batch (.npz; eval.py fid "
+                         f"--write-ref writes one)")
+    with np.load(path) as archive:
+        return (str(archive[RESIZE_KEY]) if RESIZE_KEY in archive.files else None), "mu" in archive.files
 
 
 def save_reference(path, images, summary, resize, batch_size=100):
@@ -318,15 +377,22 @@ def save_reference(path, images, summary, resize, batch_size=100):
             np.lib.format.write_array(member, np.asarray(resize))
 
 
-def load_reference(path, extractor, batch_size=50, device="cpu", on_batch=None):
-    """An ADM reference batch -> FeatureSummary. Stored mu/sigma (mu_s/sigma_s) are used when present, as the ADM
-    evaluator does; the images in arr_0, when present, are run through the extractor (precision/recall need their
-    features, and the moments come from them when none are stored)."""
+def reference_contents(path):
+    """An ADM reference batch's stored arrays but its images, and whether it has images (arr_0); one with neither
+    images nor mu/sigma raises. -> ({name: array}, bool)"""
     with np.load(path) as archive:
         stored = {name: archive[name] for name in archive.files if name != "arr_0"}
         has_images = "arr_0" in archive.files
     if not has_images and "mu" not in stored:
         raise ValueError(f"{path}: a reference needs images (arr_0) or statistics (mu, sigma); it has {sorted(stored)}")
+    return stored, has_images
+
+
+def load_reference(path, extractor, batch_size=50, device="cpu", on_batch=None):
+    """An ADM reference batch -> FeatureSummary. Stored mu/sigma (mu_s/sigma_s) are used when present, as the ADM
+    evaluator does; the images in arr_0, when present, are run through the extractor (precision/recall need their
+    features, and the moments come from them when none are stored)."""
+    stored, has_images = reference_contents(path)
     summary = (summarise_images(ImageSource(path, "RGB"), extractor, batch_size, device, on_batch) if has_images
                else FeatureSummary(count=None))
     for field, names in REFERENCE_KEYS.items():

@@ -48,9 +48,10 @@ def write_pngs(folder, samples, name=numbered):
         runtime.atomic_write(folder / name(index), lambda file: file.write(encoded))
 
 
-def write_outputs(out, samples, labels, settings, columns, rows, pictures=None, png_name=numbered):
-    """Images: samples.npz, grid.png and with settings["png"] images/<png_name(i)> (default <i:06d>.png); undecoded
-    latents: latents.npy and labels.npy. pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
+def write_outputs(out, samples, labels, settings, columns, rows, pictures=None, png_name=numbered, npz=True):
+    """Images: samples.npz (unless npz is False: a run scored while sampling that keeps only grid.png's first
+    samples), grid.png and with settings["png"] images/<png_name(i)> (default <i:06d>.png); undecoded latents:
+    latents.npy and labels.npy. pictures: what grid.png shows, (N, H, W, 3) uint8 (default: the samples)."""
     out.mkdir(parents=True, exist_ok=True)
     if settings["latent"] and settings.get("vae") is None:
         runtime.atomic_write(out / "latents.npy", lambda file: np.save(file, samples))
@@ -58,7 +59,8 @@ def write_outputs(out, samples, labels, settings, columns, rows, pictures=None, 
         print("note: wrote latents.npy (the VAE's own latents, ready for its decoder; --vae PATH decodes them into "
               "images) and labels.npy")
     else:
-        runtime.atomic_write(out / "samples.npz", lambda file: np.savez(file, arr_0=samples, arr_1=labels))
+        if npz:
+            runtime.atomic_write(out / "samples.npz", lambda file: np.savez(file, arr_0=samples, arr_1=labels))
         pictures = samples if pictures is None else pictures
         grid = png_bytes(grid_image(pictures[:rows * columns], columns))
         runtime.atomic_write(out / "grid.png", lambda file: file.write(grid))

@@ -168,9 +168,15 @@ def load_model(path, checkpoint, kind="own", weights="ema", vae_kind=None, forei
         num_classes=foreign.num_classes,
         intermediate_block=foreign_head_block(kind, contents, foreign.intermediate_block), **options)
     load_foreign_weights(model, contents, foreign, kind, weights)
-    return model, dict(spec, checkpoint_kind=kind, ddpm_steps=spec.get("ddpm_steps"),
-                       beta_schedule="linear", latent=True, **latent_spec(spec["latents_of"], vae_kind), step=None,
-                       config=None, checkpoint=str(path))
+    return model, foreign_spec(kind, vae_kind, path)
+
+
+def foreign_spec(kind, vae_kind=None, path=None):
+    """load_model's spec of a foreign checkpoint kind, decoded by the vae_kind preset (default: its latents' VAE)."""
+    spec = CHECKPOINT_KINDS[kind]
+    return dict(spec, checkpoint_kind=kind, ddpm_steps=spec.get("ddpm_steps"), beta_schedule="linear", latent=True,
+                **latent_spec(spec["latents_of"], vae_kind or spec["latents_of"]), step=None, config=None,
+                checkpoint=None if path is None else str(path))
 
 
 def read_decoding(model, spec, vae=None, vae_kind=None, latent_stats=None):
@@ -295,11 +301,13 @@ def no_outputs(model, spec, vae):
     return np.zeros((0, side, side, 3), np.uint8)
 
 
-def sample_share(model, spec, sampling, world, settings, decoding=(None, None)):
+def sample_share(model, spec, sampling, world, settings, decoding=(None, None), on_outputs=None, keep_below=None):
     """This rank's samples r, r + W, ... -> ((indices, outputs), network evaluations per sample, counted). outputs:
     uint8 images (n, H, W, 3) or latents (n, C, h, w). sampling: make_sampler's (integrate, network, interval_scale);
     settings: SampleSettings; decoding: read_decoding's (VAE, statistics), applied batch by batch on the sampling
-    device."""
+    device. on_outputs(outputs, indices (b,)): called with each batch once finished, outside autocast (FID while
+    sampling: ref.metrics.ImageFeatures.update); keep_below: only the samples below this index are kept and returned
+    (None: all), so a run scored while sampling need not hold its images."""
     integrate, network, interval_scale = sampling
     rows = 0
 
@@ -321,7 +329,11 @@ def sample_share(model, spec, sampling, world, settings, decoding=(None, None)):
                                   cfg_channels=spec["cfg_channels"])
         with runtime.autocast(world.device, settings.bf16):
             x = integrate(denoise, draws.randn(*shape).to(world.device), draws).float()  # (n, C, H, W)
-            outputs.append(finish(x, spec, decoding))
-    return (indices, np.concatenate(outputs)), rows / max(len(indices), 1)
+            finished = finish(x, spec, decoding)
+        if on_outputs is not None:
+            on_outputs(finished, batch)
+        outputs.append(finished if keep_below is None else finished[batch < keep_below])
+    kept = indices if keep_below is None else indices[indices < keep_below]
+    return (kept, np.concatenate(outputs)), rows / max(len(indices), 1)
 
 
