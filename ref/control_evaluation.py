@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from ref.innercontrol import IGNORE_LABEL
+from ref.control_losses import IGNORE_LABEL
 from ref.metrics import MS_SSIM_WEIGHTS, SegmentationIoU, depth_rmse, ms_ssim, ssim
 from ref.probes import tanh_reading
 

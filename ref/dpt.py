@@ -33,7 +33,7 @@ A file of the other preset is refused by its stem's keys, naming what it holds a
 Input, as ControlNet++'s reward step and both releases' evaluation (Intel/dpt-large's preprocessor_config.json: size
 384, bilinear, mean = std = 0.5, keep_aspect_ratio false): RGB in [0, 1] resized to 384 x 384 (bilinear, antialiased
 as PIL's resize), normalised with mean = std = 0.5; the predicted depth resized back (bilinear) to the control's size
-and each sample divided by its own maximum (ref.innercontrol.max_normalised), so it lies in [0, 1] as the
+and each sample divided by its own maximum (ref.control_losses.max_normalised), so it lies in [0, 1] as the
 max-normalised control. The releases' evaluation (ControlNet++ eval/eval.py:251-256, InnerControl eval/eval.py:230-235)
 resizes 8-bit images (PIL), divides the depth by its maximum at 384 px, truncates that map to 8 bits, resizes it to
 512 px (PIL, bilinear) and rounds it to 8 bits: the same up to those 8-bit roundings and the maximum taken before
@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ref.annotator_weights import load_state, read_task_weights
-from ref.innercontrol import max_normalised
+from ref.control_losses import max_normalised
 
 INPUT_SIZE = 384
 HEAD_CHANNELS = 32

@@ -17,7 +17,7 @@ model's weights) or an output other than floating logits of shape (B, K, h, w) i
 file and what came out.
 
 This wrapper takes RGB in [0, 1], normalises it, and gives the program's logits at their own size. The reward (Eq. 6)
-is the per-sample cross-entropy of ref.innercontrol against the label map brought to the logits' size by nearest
+is the per-sample cross-entropy of ref.control_losses against the label map brought to the logits' size by nearest
 neighbour, label 255 left out, as ControlNet++'s reward (`train/reward_control.py`:1494-1495); the evaluation resizes
 the logits bilinearly to the label map instead (ref.control_evaluation.at_size), as mmsegmentation's inference does.
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from ref.annotator_weights import refuse_unless_torchscript
-from ref.innercontrol import control_loss
+from ref.control_losses import control_loss
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -15,8 +15,9 @@ import torch
 from ref.checkpoints import check_state_fits
 from ref.configs import DIT_DEFAULTS, RUN_DEFAULTS, TRAINING_FIELDS
 from ref.controlnet import ControlNet
-from ref.innercontrol import (EQ8_FIELDS, OLD_EQ8_FIELDS, InnerControlTerms, alignment_loss, control_loss,
-                              eq8_weights, innercontrol_training_step)
+from ref.control_losses import control_loss
+from ref.innercontrol import (EQ8_FIELDS, OLD_EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights,
+                              innercontrol_training_step)
 from ref.internal_guidance import DiTRun
 from ref.losses import mean_squared_error
 from ref.probes import ReadoutProbe

@@ -8,8 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ref.innercontrol import (INNERCONTROL_TASKS, alignment_loss, control_loss, innercontrol_loss, innercontrol_task,
-                              labels_at, range_probability, reward_loss, timestep_masked)
+from ref.control_losses import control_loss, labels_at
+from ref.innercontrol import (INNERCONTROL_TASKS, alignment_loss, innercontrol_loss, innercontrol_task,
+                              range_probability, reward_loss, timestep_masked)
 from ref.probes import ReadoutProbe
 from ref.schedules import DDPMSchedule
 
