@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from ref.configs import optional_float, optional_timestep_range
 from ref.control_losses import control_loss, depth_normalised
+from ref.losses import mean_squared_error
 from ref.probes import tanh_reading
 
 

@@ -16,7 +16,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed

@@ -12,7 +12,6 @@ import torch
 
 import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
 from ref.hed import HEDAnnotator
-from ref.lineart import LineArtAnnotator
 from tests.helpers import write_image
 
 torch.set_num_threads(1)

@@ -196,9 +196,11 @@ def test_encode_decode_shapes_and_slicing():
         reconstruction = model(x, generator=generator)
         assert reconstruction.shape == x.shape
         sliced_mean, sliced_logvar = model.encode(x, slice_size=2)
-        torch.testing.assert_close(sliced_mean, mean, rtol=0, atol=1e-5)
-        torch.testing.assert_close(sliced_logvar, logvar, rtol=0, atol=1e-5)
-        torch.testing.assert_close(model.decode(mean, slice_size=1), model.decode(mean), rtol=0, atol=1e-5)
+        # float32 kernels round differently at another batch size (1.07e-5 seen on some CPUs); a slice mixed up with
+        # another would be off by O(1)
+        torch.testing.assert_close(sliced_mean, mean, rtol=0, atol=1e-4)
+        torch.testing.assert_close(sliced_logvar, logvar, rtol=0, atol=1e-4)
+        torch.testing.assert_close(model.decode(mean, slice_size=1), model.decode(mean), rtol=0, atol=1e-4)
 
 
 def test_posterior_sample_has_the_moments_mean_and_variance():
