@@ -50,7 +50,7 @@ from ref.control_evaluation import CURVE_METRICS, ControlScore
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
 from ref.innercontrol_sd import REWARD_TASKS, control_model
 from ref.metrics import (CONTROL_MAP_MODES, ImageSource, control_alignment, fid_report, load_reference,
-                         recorded_pipeline, save_reference, summarise_images)
+                         recorded_pipeline, reference_contents, save_reference, summarise_images)
 from shapes import pipeline, runs
 from shapes.classifier import (ShapesImages, fd_shapes_report, held_out_accuracy, load_classifier,
                                    save_classifier, to_unit_range, train_classifier)
@@ -98,10 +98,8 @@ def inception_resize(args):
     pipeline, which made the ADM reference batches' stored mu/sigma. A choice that differs from the recorded one is
     refused; pytorch against stored statistics without a record (an ADM batch) is warned about."""
     recorded, stored = recorded_pipeline(args.ref) if args.ref else (None, False)
-    if args.ref:
-        with np.load(args.ref) as archive:
-            if "arr_0" in archive.files:  # images of the documented layout, checked before any compute
-                ImageSource(args.ref, "RGB")
+    if args.ref and reference_contents(args.ref)[1]:  # its images of the documented layout, before any compute
+        ImageSource(args.ref, "RGB")
     if args.resize is None:
         return recorded or "tf1"
     if recorded and recorded != args.resize:
