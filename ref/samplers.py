@@ -259,9 +259,9 @@ def unipc(denoise, noise, schedule, timesteps, prediction="eps", model_dtype=tor
     """Multistep UniPC (Zhao et al. 2023): UniP-p predicts x at the next timestep from the x0 estimates of the last p
     points; once the network has seen that prediction, UniC-p corrects it with the new x0 estimate (one network
     evaluation a step: the next predictor starts from the corrected sample with the x0 estimate the network made at
-    the uncorrected one). The
-    configuration is what diffusers' UniPCMultistepScheduler.from_config(SD1.5's scheduler config) yields (0.42.1,
-    schedulers/scheduling_unipc_multistep.py: defaults :206-223, step :1153-1232): order 2, predict_x0 (the history
+    the uncorrected one). The configuration is what diffusers' UniPCMultistepScheduler.from_config(SD1.5's scheduler
+    config) yields (0.42.1, schedulers/scheduling_unipc_multistep.py: defaults :206-223, step :1153-1232): order 2,
+    predict_x0 (the history
     holds x0 estimates, :795-800), solver_type bh2 (B(h) = e^h - 1, :921), lower_order_final (order min(order, i + 1,
     n - i) at step i: one at the first and the last, :1208-1213), no step without corrector (disable_corrector [],
     the corrector at every step after the first, :1188), final sigma 0 (final_sigmas_type "zero", :458): the last step
