@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from ref import samplers
 from ref.schedules import FlowSchedule
 from toy.mixture import fractal_mixture
 
@@ -70,3 +71,15 @@ def test_per_sample_times_match_one_time_at_a_time(mixture):
     together = mixture.velocity(x, t)
     for i in range(6):
         assert torch.allclose(together[i], mixture.velocity(x[i:i + 1], float(t[i]))[0])
+
+
+def test_exact_denoiser_in_float32_lands_where_float64_does(mixture):
+    """toy.run's exact-denoiser row samples with the mixture's velocity in float32 (Heun integrates in float64): every
+    sample ends within 1e-5 of the float64 run (measured 1.9e-6 at most over 2,000 samples), three orders of magnitude
+    below the outlier measure's distance threshold (~0.0085), so the row's outlier flags are the same."""
+    noise = torch.randn(100, 2, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    grid = samplers.rho_grid(32)
+    in_float64, in_float32 = (samplers.heun(mixture.velocity, noise, grid, model_dtype=dtype)
+                              for dtype in (torch.float64, torch.float32))
+    distance = (in_float64 - in_float32).norm(dim=1)
+    assert distance.max() < 1e-5 and distance.max() > 0  # > 0: the float32 run did compute in float32

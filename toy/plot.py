@@ -8,11 +8,13 @@ VIEW_CENTER, VIEW_HALF = np.array([0.4, 0.42]), 1.05  # the square of the plane 
 DENSITY_T = 0.004  # the density is shown slightly smoothed, or its thin branches would vanish at this resolution
 
 
-def _density_image(mixture, size):
-    """Grayscale image of log p_t on the panel grid, dark where the density is high."""
+def density_image(mixture, size=PANEL):
+    """Grayscale image of log p_t on the panel grid, dark where the density is high (float32: the shade moves by
+    less than one grey level; a worker of toy.run draws it while the main process samples)."""
     axis = np.linspace(-VIEW_HALF, VIEW_HALF, size)
     gx, gy = np.meshgrid(VIEW_CENTER[0] + axis, VIEW_CENTER[1] - axis)  # image rows go downwards
-    logp = mixture.log_prob(torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)), DENSITY_T).numpy()
+    grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).float()
+    logp = mixture.log_prob(grid, DENSITY_T).double().numpy()
     shade = np.clip((logp - (logp.max() - 12)) / 12, 0, 1).reshape(size, size)
     return Image.fromarray((255 - 150 * shade).astype(np.uint8)).convert("RGB")
 
@@ -21,9 +23,9 @@ def _to_pixels(points, size):
     return (points - VIEW_CENTER) * np.array([1, -1]) / (2 * VIEW_HALF) * (size - 1) + (size - 1) / 2
 
 
-def draw_panels(mixture, sample_sets, metrics, path, points_per_panel=2000):
-    """sample_sets: {name: (N, 2) array}; metrics: {name: dict with outlier_rate, recall, weights} where known."""
-    background = _density_image(mixture, PANEL)
+def draw_panels(background, sample_sets, metrics, path, points_per_panel=2000):
+    """background: density_image's; sample_sets: {name: (N, 2) array}; metrics: {name: dict with outlier_rate, recall,
+    weights} where known."""
     columns = 4
     rows = -(-len(sample_sets) // columns)
     figure = Image.new("RGB", (columns * (PANEL + MARGIN) + MARGIN, rows * (PANEL + TITLE + MARGIN) + MARGIN), "white")

@@ -10,7 +10,11 @@
    unguided.
 2. Held out: for the training seeds --seed .. --seed + --seeds - 1, train afresh and sample each method at its chosen
    weight only, from fresh initial noise. These are the numbers reported, with each seed's outlier reduction.
-Every seed's models are trained in --workers processes of one thread each, while the main process samples.
+Every model trains from one pool of training points with their exact targets (toy/training.py), drawn once by the
+workers; the selection seed and the held-out seeds differ in initialisation and minibatch order, not in data.
+Work is spread over --workers processes of one thread each and the main process (one thread): the workers draw the pool
+and train every seed's models while the main process builds the ground truth, samples the exact denoiser, sweeps the
+selection seed and measures the first held-out seed; the workers then measure the other held-out seeds.
 Writes metrics.json, samples.npz (the first held-out seed) and toy.png under --out.
 """
 import argparse
@@ -28,24 +32,29 @@ from ref.metrics import OutlierRate, logp_outlier_rate, precision_recall
 from ref.runtime import exit_with_error
 from toy.mixture import fractal_mixture
 from toy.model import HEADS, ToyDenoiser
-from toy.plot import draw_panels
-from toy.training import TARGETS, train
+from toy.plot import density_image, draw_panels
+from toy.training import TARGETS, target_pool, train
 
-WEIGHTS = [1.25, 1.5, 2.0, 2.5, 3.0]  # every method's sweep; the Autoguidance toy guides at w = 2-3
+WEIGHTS = [1.25, 1.5, 2.0]  # every method's sweep (2.5 and 3.0, the Autoguidance toy's 2-3, kept no method's recall)
 SWEEP = dict(ig_weights=WEIGHTS, autoguidance_weights=WEIGHTS, cfg_weights=WEIGHTS,
              ig_cfg_weights=[(w, 1.5) for w in WEIGHTS])
-CONFIGS = {  # the guide: half the width, 1/8 of the iterations (the Autoguidance toy's 512 vs 4096)
-    "full": dict(main_iterations=2048, guide_iterations=256, batch=256, samples=6000, selection_samples=3000,
-                 selection_seeds=1, heun_steps=32, **SWEEP),
-    "long": dict(main_iterations=4096, guide_iterations=512, batch=256, samples=6000, selection_samples=3000,
-                 selection_seeds=1, heun_steps=32, **SWEEP),
-    "quick": dict(main_iterations=384, guide_iterations=48, batch=128, samples=3000, selection_samples=2000,
-                  selection_seeds=1, heun_steps=32, ig_weights=[1.5, 2.0], autoguidance_weights=[2.0],
-                  cfg_weights=[1.5], ig_cfg_weights=[(1.5, 1.5)]),
+# The guide: half the width, 1/8 of the iterations (the Autoguidance toy's 512 vs 4096). Every model draws batches of
+# 1024 from a pool of pool_size points with their exact targets; the lr decays as 1/sqrt after lr_decay_start.
+MEASURES = dict(samples=6000, selection_samples=3000, exact_samples=1000, selection_seeds=1, heun_steps=32)
+CONFIGS = {
+    "full": dict(main_iterations=2560, guide_iterations=320, lr_decay_start=1024, batch=1024, pool_size=1 << 18,
+                 pool_parts=2, **MEASURES, **SWEEP),
+    "long": dict(main_iterations=4096, guide_iterations=512, lr_decay_start=512, batch=1024, pool_size=1 << 19,
+                 pool_parts=2, **MEASURES, **SWEEP),
+    "quick": dict(main_iterations=384, guide_iterations=48, lr_decay_start=512, batch=128, pool_size=1 << 14,
+                  pool_parts=2, samples=3000, selection_samples=2000, exact_samples=1000, selection_seeds=1,
+                  heun_steps=32, ig_weights=[1.5, 2.0], autoguidance_weights=[2.0], cfg_weights=[1.5],
+                  ig_cfg_weights=[(1.5, 1.5)]),
 }
 REFERENCE_SIZE, HELD_OUT_SIZE, PR_SIZE = 100_000, 20_000, 5_000
 RECALL_FLOOR = 0.9  # a weight counts only when it keeps recall >= 90% of unguided
 SELECTION_SEED = 1000  # selection seeds 1000, 1001, ...: never among the held-out training seeds of the CLI
+POOL_SEED = 4242  # the training pool's draws (part k: POOL_SEED + k), shared by every training seed of a run
 CLASS_A = 0
 
 
@@ -103,37 +112,46 @@ def sample(denoise, noise, config, model_dtype=torch.float32):
 MAIN, GUIDE = dict(hidden=64, intermediate_layer=1), dict(hidden=32, intermediate_layer=None)  # the guide: no IG head
 
 
-def train_pair(seed, config, parameterisation, target):
-    """Train one training seed's main model and guide on one thread (a worker process's job); every draw, the
-    initialisation included, is seeded, so the result does not depend on which process runs it.
-    -> (main state, guide state, CPU seconds)"""
+def worker_job(fn, *args):
+    """fn(*args) on one thread, as a worker process runs its share. -> (fn's result, the CPU seconds it took)"""
     torch.set_num_threads(1)
     cpu = time.process_time()
-    mixtures = [fractal_mixture("A"), fractal_mixture("B")]
+    return fn(*args), time.process_time() - cpu
+
+
+def pool_part(part, config, target):
+    """One worker's share of the training pool, drawn with its own seed POOL_SEED + part."""
+    size = config["pool_size"] // config["pool_parts"]
+    return target_pool([fractal_mixture("A"), fractal_mixture("B")], size, POOL_SEED + part, target=target)
+
+
+def train_pair(seed, config, parameterisation, pool):
+    """Train one training seed's main model and guide from the shared pool; every draw, the initialisation included,
+    is seeded, so the result does not depend on which process runs it. -> [main state, guide state]"""
     states = []
     for name, size, iterations, model_seed in (("main", MAIN, "main_iterations", seed),
                                                ("guide", GUIDE, "guide_iterations", seed + 1000)):
         torch.manual_seed(model_seed)
         model = ToyDenoiser(parameterisation=parameterisation, **size)
-        states.append(train(model, mixtures, config[iterations], batch=config["batch"], target=target,
-                            seed=model_seed, log=lambda line: print(line, flush=True),
-                            name=f"seed {seed} {name}").state_dict())
-    return states[0], states[1], time.process_time() - cpu
+        states.append(train(model, pool, config[iterations], batch=config["batch"],
+                            lr_decay_start=config["lr_decay_start"], seed=model_seed,
+                            log=lambda line: print(line, flush=True), name=f"seed {seed} {name}").state_dict())
+    return states
 
 
-def trained_pair(future, parameterisation, phases):
-    """Wait for a worker's train_pair and rebuild its two models in eval mode; the workers' CPU time is counted under
-    "training" (whose wall time is the time spent waiting for them)."""
-    wall = time.time()
-    main_state, guide_state, cpu = future.result()
-    spent = phases.seconds.setdefault("training", dict(wall_s=0.0, cpu_s=0.0))
-    spent["wall_s"] += time.time() - wall
-    spent["cpu_s"] += cpu
+def trained_models(states, parameterisation):
+    """The main model and guide of train_pair's states, in eval mode."""
     models = []
-    for size, state in ((MAIN, main_state), (GUIDE, guide_state)):
+    for size, state in zip((MAIN, GUIDE), states):
         models.append(ToyDenoiser(parameterisation=parameterisation, **size))
         models[-1].load_state_dict(state)
     return models[0].eval(), models[1].eval()
+
+
+def held_out_run(seed, states, runs, config, parameterisation, truth):
+    """A held-out seed's methods at their chosen weights, from its own noise: measure_methods' (results, samples)."""
+    return measure_methods(*trained_models(states, parameterisation), runs, noise_for(seed, config["samples"]),
+                           config, truth)
 
 
 def measure_methods(main, guide, runs, noise, config, truth):
@@ -187,17 +205,29 @@ def check_claims(methods, per_seed):
 
 
 class Phases:
-    """Wall and CPU (process) seconds per phase of the run."""
+    """Wall and CPU seconds per phase of the run: the main process's own work (phases(name, fn, ...)) and the workers'
+    (phases.wait(name, future): the wall time is the main process's wait, the CPU time the worker's)."""
 
     def __init__(self):
-        self.seconds, self.start = {}, time.time()
+        self.seconds, self.start, self.worker_cpu_s = {}, time.time(), 0.0
+
+    def _add(self, name, wall_s, cpu_s):
+        spent = self.seconds.setdefault(name, dict(wall_s=0.0, cpu_s=0.0))
+        spent["wall_s"] += wall_s
+        spent["cpu_s"] += cpu_s
 
     def __call__(self, name, fn, *args):
         wall, cpu = time.time(), time.process_time()
         out = fn(*args)
-        spent = self.seconds.setdefault(name, dict(wall_s=0.0, cpu_s=0.0))
-        spent["wall_s"] += time.time() - wall
-        spent["cpu_s"] += time.process_time() - cpu
+        self._add(name, time.time() - wall, time.process_time() - cpu)
+        return out
+
+    def wait(self, name, future):
+        """The result of a worker_job future."""
+        wall = time.time()
+        out, cpu = future.result()
+        self._add(name, time.time() - wall, cpu)
+        self.worker_cpu_s += cpu
         return out
 
 
@@ -207,7 +237,8 @@ def noise_for(seed, n):
 
 
 def select(seeds, models, config, truth, phases, log):
-    """Every method's sweep measured on the selection seeds' models and noises; the mean over those seeds."""
+    """Every method's sweep measured on the selection seeds' models (models(seed) -> main, guide) and noises; the mean
+    over those seeds."""
     selection = []
     for seed in seeds:
         main_model, guide = models(seed)
@@ -239,7 +270,7 @@ def parse_args(argv=None):
                         help="full: the default run; long: twice the iterations (the Autoguidance toy's 4096 and 512, "
                              "at batch 256); quick: a smoke run")
     parser.add_argument("--quick", action="store_const", const="quick", dest="config", help="same as --config quick")
-    parser.add_argument("--parameterisation", choices=list(HEADS), default="energy",
+    parser.add_argument("--parameterisation", choices=list(HEADS), default="velocity",
                         help="energy: each head reads a log-density and returns its velocity (the Autoguidance toy's "
                              "model); velocity: each head is a linear map to the velocity (toy/model.py)")
     parser.add_argument("--target", choices=TARGETS, default="exact",
@@ -256,7 +287,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    """The command line: one thread in this process, which samples beside the two one-thread training workers (the
+    caller's thread count is restored on return)."""
     args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return reproduce(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def reproduce(args):
     config = CONFIGS[args.config]
     try:
         out = writable_folder(args.out)
@@ -270,32 +312,40 @@ def main(argv=None):
     log(f"{args.config} run: training a main model and a guide for each of the seeds {selection_seeds} (selection) "
         f"and {held_out_seeds} (held out) on {args.workers} worker process(es); meanwhile the ground truth")
     workers = ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"))
-    training = {seed: workers.submit(train_pair, seed, config, args.parameterisation, args.target)
-                for seed in selection_seeds + held_out_seeds}  # selection seeds first: their sampling overlaps
+    parts = [workers.submit(worker_job, pool_part, part, config, args.target) for part in range(config["pool_parts"])]
     truth = phases("truth", Truth)
     log("ground truth ready")
-    models = lambda seed: trained_pair(training[seed], args.parameterisation, phases)  # noqa: E731
-
-    # the exact denoiser's ceiling, on held-out seed 0's noise, while the workers train
-    noise = noise_for(held_out_seeds[0], config["samples"])
+    parts = [phases.wait("target pool", part) for part in parts]  # concatenated in part order: any worker count
+    pool = {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
+    log(f"training pool ready: {len(pool['t']):,} points with their {args.target} targets")
+    training = {seed: workers.submit(worker_job, train_pair, seed, config, args.parameterisation, pool)
+                for seed in selection_seeds + held_out_seeds}  # selection seeds first: their sampling overlaps
+    states = lambda seed: phases.wait("training", training[seed])  # noqa: E731
+    # while the workers train: the exact denoiser's ceiling (on held-out seed 0's first noises), the figure's density
+    noise = noise_for(held_out_seeds[0], config["samples"])[:config["exact_samples"]]
     exact_velocity = CountedNetwork(lambda x, t, y: truth.mixture.velocity(x, t))
     exact = phases("exact denoiser", sample, lambda x, t: exact_velocity(x, t, None), noise, config)
+    figure_density = phases("figure", density_image, truth.mixture)
 
-    selection_table = select(selection_seeds, models, config, truth, phases, log)
+    selection_table = select(selection_seeds, lambda seed: trained_models(states(seed), args.parameterisation),
+                             config, truth, phases, log)
     best, floor = choose_weights(selection_table)
     log("chosen weights: " + json.dumps({m: dict(w) for m, w in best.items()}))
 
-    per_seed, figure_samples = [], None
-    for seed in held_out_seeds:
-        main_model, guide = models(seed)
-        results, samples = phases("held-out sampling", measure_methods, main_model, guide,
-                                  [(m, dict(w)) for m, w in best.items()], noise_for(seed, config["samples"]),
-                                  config, truth)
-        per_seed.append({m: results[(m, w)] for m, w in best.items()})
-        figure_samples = figure_samples or {m: samples[(m, w)] for m, w in best.items()}
-        log(f"held-out seed {seed}: " + ", ".join(f"{m} {r['outlier_rate']:.4f}/{r['recall']:.3f}"
-                                                  for m, r in per_seed[-1].items()))
+    # held out: the first seed here while the workers train the others, which they then measure themselves
+    runs = [(m, dict(w)) for m, w in best.items()]
+    first, *others = held_out_seeds
+    measured = [phases("held-out sampling", held_out_run, first, states(first), runs, config, args.parameterisation,
+                       truth)]
+    pending = [workers.submit(worker_job, held_out_run, seed, states(seed), runs, config, args.parameterisation,
+                              truth) for seed in others]
+    measured += [phases.wait("held-out sampling", future) for future in pending]
     workers.shutdown()
+    per_seed = [{m: results[(m, w)] for m, w in best.items()} for results, _ in measured]
+    figure_samples = {m: measured[0][1][(m, w)] for m, w in best.items()}
+    for seed, results in zip(held_out_seeds, per_seed):
+        log(f"held-out seed {seed}: " + ", ".join(f"{m} {r['outlier_rate']:.4f}/{r['recall']:.3f}"
+                                                  for m, r in results.items()))
 
     held_out = {m: {k: float(np.mean([r[m][k] for r in per_seed])) for k in per_seed[0][m]} for m in best}
     methods = {m: dict(held_out[m], weights=dict(best[m]), outlier_reduction_per_seed=reductions(per_seed, m),
@@ -311,10 +361,10 @@ def main(argv=None):
                    threshold_logp=float(np.quantile(truth.logp_true, 0.01)), outlier_distance=truth.outliers.threshold,
                    config=dict(config, name=args.config, parameterisation=args.parameterisation, target=args.target),
                    phases=phases.seconds, wall_time_s=time.time() - phases.start,
-                   cpu_time_s=time.process_time() + phases.seconds["training"]["cpu_s"])
+                   cpu_time_s=time.process_time() + phases.worker_cpu_s)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     np.savez(out / "samples.npz", exact=exact.float().numpy(), **figure_samples)
-    draw_panels(truth.mixture, dict(truth=truth.pr_reference.numpy(), **figure_samples, exact=exact.numpy()),
+    draw_panels(figure_density, dict(truth=truth.pr_reference.numpy(), **figure_samples, exact=exact.numpy()),
                 methods, out / "toy.png")
 
     print_table(methods, claims)
