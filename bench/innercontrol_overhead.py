@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 import train
+from shapes.runs import SHAPES_CONFIGS
 
 VARIANTS = {  # alpha, beta of Eq. 8 (the depth task's Table 4 weights where on)
     "diffusion only": ("0", "0"),
@@ -52,7 +53,8 @@ def main(args):
                         "--out", str(out)])
             timings[variant] = seconds_per_step(out, args.warmup)
     plain = timings["diffusion only"]
-    print(f"\nControlNet step on 32 px shapes, tiny UNet, batch {args.batch_size}, one CPU thread")
+    print(f"\nControlNet step on {SHAPES_CONFIGS['shapes-innercontrol']['image_size']} px shapes, tiny UNet, batch "
+          f"{args.batch_size}, one CPU thread")
     print(f"{'terms':<24} {'ms/step':>9} {'vs diffusion only':>18}")
     for variant, seconds in timings.items():
         print(f"{variant:<24} {1000 * seconds:>9.1f} {seconds / plain:>17.2f}x")

@@ -229,6 +229,9 @@ class ImageSource:
         if self.path.is_dir():
             self.files = sorted(p for p in self.path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             self.count = len(self.files)
+        elif not zipfile.is_zipfile(self.path):
+            raise ValueError(f"{path}: {'not an .npz archive' if self.path.exists() else 'no such file or folder'}; "
+                             f"expected a folder of equally sized images or an ADM-style .npz (arr_0)")
         else:
             with npy_in_npz(self.path, "arr_0") as (_, shape, dtype):
                 self.count = shape[0]

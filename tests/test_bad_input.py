@@ -160,6 +160,15 @@ CASES = {
     "eval fid: --batch-size 0": (eval_script.main, lambda r: fid(r, "--batch-size", 0), "--batch-size must be "),
     "eval fid: --out under a file": (eval_script.main, lambda r: fid(r, "--out", r / "blocker" / "m.json"),
                                      "is a file, not a folder"),
+    "eval fid: --samples a missing folder": (eval_script.main, lambda r: fid(r, "--samples", r / "real_images",
+                                                                             "--write-ref", r / "my_ref.npz"),
+                                             "{root}/real_images: no such file or folder; expected a folder"),
+    "eval control: --generated a missing folder": (eval_script.main, lambda r: [
+        "control", "--task", "depth", "--generated", r / "depth_of_generated", "--controls", r / "controls"],
+        "{root}/depth_of_generated: no such file or folder"),
+    "eval control: --controls not an archive": (eval_script.main, lambda r: [
+        "control", "--task", "edges", "--generated", r / "controls", "--controls", r / "blocker"],
+        "{root}/blocker: not an .npz archive"),
     "eval fd-shapes: float --ref": (eval_script.main, lambda r: ["fd-shapes", "--samples", r / "images.npz", "--ref",
                                                                  r / "float.npz"], "float.npz: arr_0: expected"),
     "eval fd-shapes: (N, 3, H, W) samples": (eval_script.main, lambda r: ["fd-shapes", "--samples", r / "nchw.npz",
