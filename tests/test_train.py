@@ -381,3 +381,30 @@ def test_a_small_cpu_run_takes_one_thread_unless_omp_num_threads_is_set(tmp_path
             torch.set_num_threads(1)
         said = "1 thread per process: " in (tmp_path / str(omp) / "log.txt").read_text()
         assert said == (omp is None)
+
+
+def test_compiled_run_trains_as_the_eager_one(tmp_path, monkeypatch):
+    """--compile wraps the model in torch.compile (before any DDP wrap) and the run trains and checkpoints as the eager
+    one: on an 8-item overfit the loss falls and the weights after 20 steps equal the eager run's (measured: bitwise).
+    The backend here is aot_eager (dynamo's graph capture and AOT autograd, without code generation): inductor, the
+    default, took 244 s to compile this tiny model's step on 2 CPU cores beside other jobs (eager: 4 s for the run)."""
+    compiled_models = []
+
+    def compile_for_the_test(model, **options):
+        compiled_models.append(model)
+        return torch_compile(model, backend="aot_eager", **options)
+
+    torch_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", compile_for_the_test)
+    overfit = [*TINY, "--shapes-items", "8", "--label-dropout", "0", "--lr", "1e-2", "--steps", "20",
+               "--checkpoint-every", "20"]
+    train.main([*overfit, "--compile", "--out", str(tmp_path / "compiled")])
+    assert len(compiled_models) == 1
+    train.main([*overfit, "--out", str(tmp_path / "eager")])
+    assert len(compiled_models) == 1
+    losses = logged_losses(tmp_path / "compiled")
+    assert np.mean(losses[-5:]) < 0.8 * losses[0]
+    compiled, eager = (read_checkpoint(tmp_path / run / "latest.pt")["model"] for run in ("compiled", "eager"))
+    assert compiled.keys() == eager.keys()
+    for key in eager:
+        assert torch.allclose(compiled[key], eager[key], atol=1e-5), key
