@@ -231,6 +231,17 @@ class Phases:
         return out
 
 
+def measure_held_out(seeds, states, runs, config, parameterisation, truth, workers, phases):
+    """held_out_run for each seed: the first here while the workers train the others, which they then measure
+    themselves. states(seed) waits for a seed's trained states. -> [(results, samples)] in seed order"""
+    first, *others = seeds
+    measured = [phases("held-out sampling", held_out_run, first, states(first), runs, config, parameterisation,
+                       truth)]
+    pending = [workers.submit(worker_job, held_out_run, seed, states(seed), runs, config, parameterisation, truth)
+               for seed in others]
+    return measured + [phases.wait("held-out sampling", future) for future in pending]
+
+
 def noise_for(seed, n):
     """The initial noises of the samples drawn for training seed `seed`, apart from its training draws."""
     return torch.randn(n, 2, generator=torch.Generator().manual_seed(seed + 777), dtype=torch.float64)
@@ -332,14 +343,8 @@ def reproduce(args):
     best, floor = choose_weights(selection_table)
     log("chosen weights: " + json.dumps({m: dict(w) for m, w in best.items()}))
 
-    # held out: the first seed here while the workers train the others, which they then measure themselves
-    runs = [(m, dict(w)) for m, w in best.items()]
-    first, *others = held_out_seeds
-    measured = [phases("held-out sampling", held_out_run, first, states(first), runs, config, args.parameterisation,
-                       truth)]
-    pending = [workers.submit(worker_job, held_out_run, seed, states(seed), runs, config, args.parameterisation,
-                              truth) for seed in others]
-    measured += [phases.wait("held-out sampling", future) for future in pending]
+    measured = measure_held_out(held_out_seeds, states, [(m, dict(w)) for m, w in best.items()], config,
+                                args.parameterisation, truth, workers, phases)
     workers.shutdown()
     per_seed = [{m: results[(m, w)] for m, w in best.items()} for results, _ in measured]
     figure_samples = {m: measured[0][1][(m, w)] for m, w in best.items()}
