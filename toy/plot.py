@@ -10,7 +10,7 @@ DENSITY_T = 0.004  # the density is shown slightly smoothed, or its thin branche
 
 def density_image(mixture, size=PANEL):
     """Grayscale image of log p_t on the panel grid, dark where the density is high (float32: the shade moves by
-    less than one grey level; a worker of toy.run draws it while the main process samples)."""
+    less than one grey level; toy.run draws it while its workers train)."""
     axis = np.linspace(-VIEW_HALF, VIEW_HALF, size)
     gx, gy = np.meshgrid(VIEW_CENTER[0] + axis, VIEW_CENTER[1] - axis)  # image rows go downwards
     grid = torch.from_numpy(np.stack([gx.ravel(), gy.ravel()], 1)).float()
