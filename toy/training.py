@@ -53,7 +53,8 @@ def target_pool(mixtures, size, seed, label_dropout=0.1, target="exact"):
     len(mixtures), ToyDenoiser's, with probability `label_dropout`, for CFG), x0 exact samples of each label's
     mixture, t logit-normal as the Autoguidance toy's sigma, x_t on the flow path, and the target: the exact velocity
     E[eps - x0 | x_t, y] (the null label's law: the equal mixture of the classes) or eps - x0 (target="noisy"). Every
-    draw comes from a generator seeded with `seed`. -> dict of x_t (P, 2), t (P,), y (P,), velocity (P, 2), float32 and long"""
+    draw comes from a generator seeded with `seed`.
+    -> dict of x_t (P, 2), t (P,), y (P,), velocity (P, 2), float32 and long"""
     generator = torch.Generator().manual_seed(seed)
     x0, y = training_batch(mixtures, size, generator)
     y = drop_labels(y, label_dropout, len(mixtures), generator)
