@@ -261,12 +261,11 @@ def unipc(denoise, noise, schedule, timesteps, prediction="eps", model_dtype=tor
     evaluation a step: the next predictor starts from the corrected sample with the x0 estimate the network made at
     the uncorrected one). The configuration is what diffusers' UniPCMultistepScheduler.from_config(SD1.5's scheduler
     config) yields (0.42.1, schedulers/scheduling_unipc_multistep.py: defaults :206-223, step :1153-1232): order 2,
-    predict_x0 (the history
-    holds x0 estimates, :795-800), solver_type bh2 (B(h) = e^h - 1, :921), lower_order_final (order min(order, i + 1,
-    n - i) at step i: one at the first and the last, :1208-1213), no step without corrector (disable_corrector [],
-    the corrector at every step after the first, :1188), final sigma 0 (final_sigmas_type "zero", :458): the last step
-    lands on the x0 estimate. The grid points are `timesteps` (linspace_timesteps for the diffusers configuration)
-    and the end point abar = 1. Network evaluations: len(timesteps).
+    predict_x0 (the history holds x0 estimates, :795-800), solver_type bh2 (B(h) = e^h - 1, :921), lower_order_final
+    (order min(order, i + 1, n - i) at step i: one at the first and the last, :1208-1213), no step without corrector
+    (disable_corrector [], the corrector at every step after the first, :1188), final sigma 0 (final_sigmas_type
+    "zero", :458): the last step lands on the x0 estimate. The grid points are `timesteps` (linspace_timesteps for
+    the diffusers configuration) and the end point abar = 1. Network evaluations: len(timesteps).
     The releases pin no diffusers version (requirements.txt: `diffusers`). Before diffusers PR #7517 (April 2024,
     `final_sigmas_type`) the end point repeated the last timestep's sigma, so the last update was a zero-length step
     and the sample kept that timestep's noise; with a diffusers of that time their images differ from these there."""

@@ -278,8 +278,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="first held-out training seed")
     parser.add_argument("--seeds", type=int, default=3, help="number of held-out training seeds")
     parser.add_argument("--config", choices=list(CONFIGS), default="full",
-                        help="full: the default run; long: twice the iterations (the Autoguidance toy's 4096 and 512, "
-                             "at batch 256); quick: a smoke run")
+                        help="full: the default run; long: the Autoguidance toy's iteration counts (4096 and 512, at "
+                             "batch 1024, 1.6x full's); quick: a smoke run")
     parser.add_argument("--quick", action="store_const", const="quick", dest="config", help="same as --config quick")
     parser.add_argument("--parameterisation", choices=list(HEADS), default="velocity",
                         help="energy: each head reads a log-density and returns its velocity (the Autoguidance toy's "
