@@ -20,7 +20,7 @@ from ref.dit import DiT
 from ref.ig_acceleration import accelerated_flow_matching_loss
 from ref.latents import TrainingLatents, vae_geometry
 from ref.lightningdit import LightningDiT
-from ref.losses import ddpm_eps_loss, drop_labels, flow_matching_loss
+from ref.losses import ddpm_eps_loss, drop_labels, flow_matching_loss, flow_timesteps
 from ref.schedules import DDPMSchedule
 
 LATENT_CHANNELS, LATENT_DOWNSAMPLING = vae_geometry("sd")[:2]  # the SD VAE's (4, 8), of the release checkpoints
@@ -28,16 +28,16 @@ ARCHITECTURES = {"dit": DiT, "lightningdit": LightningDiT}  # one constructor in
 
 
 def ig_training_step(model, x0, y, draws, device, label_dropout, num_classes, aux_weight, schedule=None,
-                     cosine_loss=False, ema_model=None, omega=0.0):
+                     cosine_loss=False, ema_model=None, omega=0.0, t_distribution="uniform"):
     """Per-sample IG loss of one batch. -> (N,)
 
     model(x_t, t, y) -> (D_f, D_i); x0 (N, C, H, W) images or latents, y (N,) labels; draws: each sample's generator
     (ref.runtime.SampleDraws), drawn in the order label dropout, t, noise. schedule: None for flow matching, the
-    DDPMSchedule for the eps objective. Flow only: cosine_loss adds 1 - cos(D_f, target); omega != 0 is the
-    accelerated training with the EMA network ema_model."""
+    DDPMSchedule for the eps objective. Flow only: t from t_distribution (ref.losses.flow_timesteps); cosine_loss adds
+    1 - cos(D_f, target); omega != 0 is the accelerated training with the EMA network ema_model."""
     y = torch.cat([drop_labels(label[None], label_dropout, num_classes, generator)  # CFG: null label = num_classes
                    for label, generator in zip(y, draws.generators)])  # (N,)
-    t = draws.rand() if schedule is None else draws.randint(schedule.num_timesteps)  # U(0, 1) / U{0..T-1}, (N,)
+    t = flow_timesteps(draws, t_distribution) if schedule is None else draws.randint(schedule.num_timesteps)  # (N,)
     eps = draws.randn(*x0.shape[1:])  # (N, C, H, W)
     x0, y, t, eps = (tensor.to(device, non_blocking=True) for tensor in (x0, y, t, eps))
     if schedule is not None:  # ||D_f - eps||^2 + lambda ||D_i - eps||^2
@@ -98,6 +98,8 @@ class DiTRun:
         objective=(str, "flow (SiT / IG: velocity eps - x0, t ~ U(0, 1)) | eps (DiT: DDPM noise, t ~ U{0..T-1})"),
         beta_schedule=(str, "eps objective: DDPM betas (linear, scaled_linear, cosine), 1000 steps"),
         aux_weight=(float, "lambda of the IG auxiliary loss ||D_i - target||^2"),
+        t_distribution=(str, "flow: t of the training draws, uniform (SiT / IG: U(0, 1)) | logit-normal (SD3: "
+                             "sigmoid of N(0, 1), more weight on the middle of the path)"),
         cosine_loss=(bool, "flow: add LightningDiT's 1 - cos(D_f, v) (over channels, a mean over positions)"),
         ig_omega=(float, "flow: IG's accelerated training, the final head regresses v + omega sg(D_f^EMA - D_i^EMA) "
                          "(0: off)"),
@@ -110,7 +112,10 @@ class DiTRun:
         if config["objective"] not in ("flow", "eps"):
             raise ValueError(f"unknown objective {config['objective']!r}; choose flow or eps")
         self.schedule = DDPMSchedule.named(config["beta_schedule"]) if config["objective"] == "eps" else None
-        for name, on in (("--ig-omega", config["ig_omega"]), ("--cosine-loss", config["cosine_loss"])):
+        if config["t_distribution"] not in ("uniform", "logit-normal"):
+            raise ValueError(f"unknown --t-distribution {config['t_distribution']!r}; choose uniform or logit-normal")
+        for name, on in (("--ig-omega", config["ig_omega"]), ("--cosine-loss", config["cosine_loss"]),
+                         ("--t-distribution logit-normal", config["t_distribution"] != "uniform")):
             if on and config["objective"] != "flow":
                 raise ValueError(f"{name} is an option of the flow objective, not of {config['objective']!r}")
         if config["ig_omega"] and config["intermediate_block"] is None:
@@ -161,4 +166,4 @@ class DiTRun:
             x0 = self.latents.network_input(x0, draws)
         return ig_training_step(net, x0, y, draws, device, config["label_dropout"], config["num_classes"],
                                 config["aux_weight"], self.schedule, config["cosine_loss"], self.ema,
-                                config["ig_omega"])
+                                config["ig_omega"], config["t_distribution"])

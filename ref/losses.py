@@ -32,6 +32,17 @@ def cosine_distance(prediction, target):
     return (1 - F.cosine_similarity(prediction, target, dim=1)).flatten(1).mean(1)
 
 
+def flow_timesteps(draws, distribution="uniform"):
+    """t of the flow objective, one a sample (N,): "uniform" U(0, 1) (SiT / the IG release), or "logit-normal"
+    sigmoid(n) with n ~ N(0, 1), SD3's lognorm(0, 1) (Esser et al. 2024, Eq. 19), which puts the training on the middle
+    of the path, where the content is decided, and little on its clean and pure-noise ends."""
+    if distribution == "uniform":
+        return draws.rand()
+    if distribution == "logit-normal":
+        return torch.sigmoid(draws.randn())
+    raise ValueError(f"unknown t distribution {distribution!r}; choose uniform or logit-normal")
+
+
 def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5, cosine_loss=False):
     """Velocity regression on x_t = (1 - t) x0 + t eps with target v = eps - x0. model(x_t, t, y) -> (D_f, D_i).
     cosine_loss: plus cosine_distance(D_f, v), with weight 1 and on the final head only, as LightningDiT + IG's

@@ -31,6 +31,7 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
             assert row[reader]["rmse"] == np.mean(per_seed)
     assert row["reward_per_seed"][0] != row["reward_per_seed"][1]  # another noise draw at t = 999
     assert json.loads((folder / "table.json").read_text())["task"] == "depth"
+    assert 0 < report["training_seconds"] < report["seconds"]  # the stages and rows: a part of the whole
     assert (folder / "table.md").read_text().count("\n") == 2 + len(report["table"])
     for name in ("fig2.png", "fig3.png"):
         assert min(Image.open(folder / name).size) > 100

@@ -4,13 +4,14 @@ own stream-position seed (exact, and its mean and variance over many draws); sto
 latents_stats.pt (exact); folders that do not fit the config are refused in one line; prepare.py's own shards train;
 a tiny LightningDiT trains on f16d32-like shards with the preset's AdamW beta2 and resumes bitwise; the cosine term
 against a direct computation, on the final head only; ig_omega's loss against its formula, its gradient against the
-plain objective's, the trainer's EMA in its step and a bitwise resume; an old config without the new fields resumes
-and loads."""
+plain objective's, the trainer's EMA in its step and a bitwise resume; the logit-normal t against its law and in the
+run's loss; an old config without the new fields resumes and loads."""
 import json
 
 import numpy as np
 import pytest
 import torch
+from scipy import stats
 from PIL import Image
 
 import prepare
@@ -23,7 +24,7 @@ from ref.dit import count_parameters
 from ref.internal_guidance import DiTRun, dit_from_config
 from ref.latents import STATS_FILE, TrainingLatents
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
-from ref.losses import cosine_distance, flow_matching_loss
+from ref.losses import cosine_distance, flow_matching_loss, flow_timesteps
 from ref.runtime import SampleDraws, stream_seed
 from ref.safetensors import save_file
 from ref.trainer import learning_rate
@@ -365,6 +366,44 @@ def test_lr_decay_cools_a_finished_run_down(tmp_path):
                                for name in ("whole", "constant", "cooled"))
     assert_same_state(cooled, whole)
     assert any(not torch.equal(whole[name], constant[name]) for name in whole)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The flow objective's t distribution
+# ---------------------------------------------------------------------------------------------------------------------
+
+def test_logit_normal_t_is_the_sigmoid_of_a_standard_normal_and_uniform_stays_uniform():
+    logit_normal = flow_timesteps(SampleDraws(range(3000)), "logit-normal").double()
+    uniform = flow_timesteps(SampleDraws(range(3000)), "uniform").double()
+    assert stats.kstest(torch.logit(logit_normal).numpy(), "norm").pvalue > 1e-3
+    assert stats.kstest(uniform.numpy(), "uniform").pvalue > 1e-3
+    assert stats.kstest(logit_normal.numpy(), "uniform").pvalue < 1e-6  # the law differs from U(0, 1)
+    middle = ((logit_normal > 0.25) & (logit_normal < 0.75)).double().mean()  # P(|n| < logit 0.75) = 0.7275
+    assert abs(middle - 0.7275) < 0.03
+
+
+def test_the_runs_t_distribution_is_the_one_its_flow_loss_sees(monkeypatch):
+    seen = []
+    monkeypatch.setattr(internal_guidance, "flow_matching_loss", lambda model, x0, t, *rest: seen.append(t) or t)
+    x0, y, seeds = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]), [5, 6, 7]
+    for distribution in ("uniform", "logit-normal"):
+        pixel_run(t_distribution=distribution).loss(None, (x0, y), SampleDraws(seeds), torch.device("cpu"))
+    expected = []
+    for draw in (lambda g: torch.rand((), generator=g), lambda g: torch.sigmoid(torch.randn((), generator=g))):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        for generator in generators:  # each sample's label dropout draws its uniform first
+            torch.rand((1,), generator=generator)
+        expected.append(torch.stack([draw(generator) for generator in generators]))
+    torch.testing.assert_close(seen, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("flags, message", [(["--t-distribution", "normal"], "unknown --t-distribution 'normal'"),
+                                            (["--objective", "eps", "--t-distribution", "logit-normal"],
+                                             "--t-distribution logit-normal is an option of the flow objective")])
+def test_a_t_distribution_that_cannot_be_drawn_is_refused(flags, message, tmp_path, capsys):
+    error = train_error([*SHAPES, *flags, "--out", tmp_path / "run"], capsys)
+    assert error.startswith("error: ") and message in error
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -26,8 +26,8 @@ def short_run(config, folder, steps, *flags):
 
 @pytest.fixture(scope="module")
 def one_object_run(tmp_path_factory):
-    """The shapes-one-object preset, 60 steps."""
-    return short_run("shapes-one-object", tmp_path_factory.mktemp("one-object"), 60)
+    """The shapes-one-object preset, 60 steps, the lr decaying over the last 30% as the preset's."""
+    return short_run("shapes-one-object", tmp_path_factory.mktemp("one-object"), 60, "--lr-decay-steps", "18")
 
 
 def test_shapes_one_object_trains_and_its_loss_falls(one_object_run):
@@ -67,8 +67,9 @@ def logged(folder):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory):
-    """The shapes-unet preset (16 px scenes of one object), 80 steps."""
-    return short_run("shapes-unet", tmp_path_factory.mktemp("unet"), 80)
+    """The shapes-unet preset (16 px scenes of one object), 80 steps, the lr decaying over the last quarter as the
+    preset's."""
+    return short_run("shapes-unet", tmp_path_factory.mktemp("unet"), 80, "--lr-decay-steps", "20")
 
 
 def test_the_pipeline_base_trains_on_its_scenes_and_its_loss_falls(base_run):
