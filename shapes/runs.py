@@ -327,17 +327,13 @@ _PIPELINE = dict(RUN_DEFAULTS, image_size=16, shapes_items=1_000_000, shapes_max
                  reward_range=None, align_range=None, eq8_reduction="unbiased", checkpoint_every=250,
                  log_every=50)
 SHAPES_CONFIGS.update({
-    # The sizes are the documented CPU run of shapes/experiment.py (README): the whole depth pipeline, every stage and
-    # the Eq. 8 row, trains in under 30 minutes on 2 cores (issue 24). Until then the base trained 4,000 steps at a
-    # constant lr, the ControlNet 2,000 and the rows 400 (the segmentation and edges tables were measured so): the
-    # control came from the reward and alignment terms (the rows at 400 -> 2,000 steps: 18.90 -> 15.18 depth RMSE),
-    # hardly from the diffusion loss (the plain ControlNet at 2,400 -> 4,000 steps: 22.99 -> 21.81), so the time went
-    # from the base's constant-lr half and the plain fine-tune to the rows. EMA windows of a quarter to a half of each
-    # run.
-    # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters), 128,000 images, the lr lowered linearly to 0
-    #    over the last quarter
-    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=2000, lr=1e-3, lr_decay_steps=500,
-                        ema_decay=0.998),
+    # The sizes are the documented CPU run of shapes/experiment.py (README); EMA windows of a quarter to a half of
+    # each run. The whole depth pipeline in 30 minutes on 2 cores (issue 24; the presets of commit 54196e7: the base
+    # 2,000 steps with the lr decaying over the last 500, the ControlNet 500, the Eq. 8 row 800) missed 2x the floor
+    # by far (depth RMSE 24.56, 2.85x; these sizes with rows of 2,000 steps: 15.18 after ~43 min of training): the
+    # control needs the ControlNet's steps.
+    # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters), 256,000 images
+    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=4000, lr=1e-3, ema_decay=0.999),
     # 2. control estimators: the reward model D (weaker: narrow, short) and the evaluation model (wider, longer)
     "shapes-estimator-reward": dict(_PIPELINE, job="estimator", hidden_size=16, depth=1, batch_size=32, steps=300,
                                     lr=1e-3, ema_decay=0.99),
@@ -346,10 +342,10 @@ SHAPES_CONFIGS.update({
     # 3. the readout probe on the frozen base (Adam lr 1e-3 and batch 16 as Readout Guidance; P = 64 for the tiny UNet)
     "shapes-probe": dict(_PIPELINE, job="probe", hidden_size=64, batch_size=16, steps=1000, lr=1e-3, ema_decay=0.99),
     # 4. the ControlNet fine-tuned with the diffusion loss alone (lr 3e-4: 1e-4 of the paper is for batch 256 and
-    #    thousands of steps), 16,000 images: the zero convolutions open and the control starts to act
-    "shapes-controlnet": dict(_PIPELINE, job="controlnet", alpha=0.0, beta=0.0, batch_size=32, steps=500, lr=3e-4,
+    #    thousands of steps), 64,000 images
+    "shapes-controlnet": dict(_PIPELINE, job="controlnet", alpha=0.0, beta=0.0, batch_size=32, steps=2000, lr=3e-4,
                               ema_decay=0.995),
-    # 5. continued from step 4 with Eq. 8 (alpha, beta, ranges: Table 4 unless given), 64,000 images
+    # 5. continued from step 4 with Eq. 8 (alpha, beta, ranges: Table 4 unless given)
     "shapes-innercontrol": dict(_PIPELINE, job="controlnet", init="runs/shapes-controlnet-{task}/latest.pt",
-                                batch_size=32, steps=2000, lr=3e-4, ema_decay=0.99),
+                                batch_size=32, steps=400, lr=3e-4, ema_decay=0.99),
 })
