@@ -34,7 +34,7 @@ def cosine_distance(prediction, target):
 
 def flow_timesteps(draws, distribution="uniform"):
     """t of the flow objective, one a sample (N,): "uniform" U(0, 1) (SiT / the IG release), or "logit-normal"
-    sigmoid(n) with n ~ N(0, 1), SD3's lognorm(0, 1) (Esser et al. 2024, Eq. 19), which puts the training on the middle
+    sigmoid(n) with n ~ N(0, 1), the lognorm(0, 1) of SD3 (Esser et al. 2024), which puts the training on the middle
     of the path, where the content is decided, and little on its clean and pure-noise ends."""
     if distribution == "uniform":
         return draws.rand()
