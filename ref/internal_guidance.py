@@ -20,7 +20,7 @@ from ref.dit import DiT
 from ref.ig_acceleration import accelerated_flow_matching_loss
 from ref.latents import TrainingLatents, vae_geometry
 from ref.lightningdit import LightningDiT
-from ref.losses import ddpm_eps_loss, drop_labels, flow_matching_loss, flow_timesteps
+from ref.losses import FLOW_T_DISTRIBUTIONS, ddpm_eps_loss, drop_labels, flow_matching_loss, flow_timesteps
 from ref.schedules import DDPMSchedule
 
 LATENT_CHANNELS, LATENT_DOWNSAMPLING = vae_geometry("sd")[:2]  # the SD VAE's (4, 8), of the release checkpoints
@@ -112,8 +112,9 @@ class DiTRun:
         if config["objective"] not in ("flow", "eps"):
             raise ValueError(f"unknown objective {config['objective']!r}; choose flow or eps")
         self.schedule = DDPMSchedule.named(config["beta_schedule"]) if config["objective"] == "eps" else None
-        if config["t_distribution"] not in ("uniform", "logit-normal"):
-            raise ValueError(f"unknown --t-distribution {config['t_distribution']!r}; choose uniform or logit-normal")
+        if config["t_distribution"] not in FLOW_T_DISTRIBUTIONS:
+            raise ValueError(f"unknown --t-distribution {config['t_distribution']!r}; choose "
+                             f"{' or '.join(FLOW_T_DISTRIBUTIONS)}")
         for name, on in (("--ig-omega", config["ig_omega"]), ("--cosine-loss", config["cosine_loss"]),
                          ("--t-distribution logit-normal", config["t_distribution"] != "uniform")):
             if on and config["objective"] != "flow":

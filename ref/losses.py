@@ -32,15 +32,20 @@ def cosine_distance(prediction, target):
     return (1 - F.cosine_similarity(prediction, target, dim=1)).flatten(1).mean(1)
 
 
+# t of the flow objective, one a sample, from a batch's per-sample draws (ref.runtime.SampleDraws) -> (N,)
+FLOW_T_DISTRIBUTIONS = {
+    "uniform": lambda draws: draws.rand(),  # U(0, 1): SiT / the IG release
+    # sigmoid(n) with n ~ N(0, 1), the lognorm(0, 1) of SD3 (Esser et al. 2024): the training goes to the middle of the
+    # path, where the content is decided, and little to its clean and pure-noise ends
+    "logit-normal": lambda draws: torch.sigmoid(draws.randn()),
+}
+
+
 def flow_timesteps(draws, distribution="uniform"):
-    """t of the flow objective, one a sample (N,): "uniform" U(0, 1) (SiT / the IG release), or "logit-normal"
-    sigmoid(n) with n ~ N(0, 1), the lognorm(0, 1) of SD3 (Esser et al. 2024), which puts the training on the middle
-    of the path, where the content is decided, and little on its clean and pure-noise ends."""
-    if distribution == "uniform":
-        return draws.rand()
-    if distribution == "logit-normal":
-        return torch.sigmoid(draws.randn())
-    raise ValueError(f"unknown t distribution {distribution!r}; choose uniform or logit-normal")
+    """t of the flow objective drawn from FLOW_T_DISTRIBUTIONS[distribution]. -> (N,)"""
+    if distribution not in FLOW_T_DISTRIBUTIONS:
+        raise ValueError(f"unknown t distribution {distribution!r}; choose {' or '.join(FLOW_T_DISTRIBUTIONS)}")
+    return FLOW_T_DISTRIBUTIONS[distribution](draws)
 
 
 def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5, cosine_loss=False):
