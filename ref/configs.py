@@ -65,7 +65,8 @@ NON_NEGATIVE_FIELDS = ("workers", "lr_decay_steps")
 # Fields added after runs were stored, each with the value a stored config without it was trained with: of every run,
 # and of the DiT / SiT runs besides.
 ADDED_FIELDS = dict(adam_beta2=0.999, lr_decay_steps=0, weight_decay=0.0)
-ADDED_DIT_FIELDS = dict(arch="dit", vae="sd", cosine_loss=False, ig_omega=0.0, t_distribution="uniform")
+ADDED_DIT_FIELDS = dict(arch="dit", vae="sd", cosine_loss=False, ig_omega=0.0, t_distribution="uniform",
+                        t_location=0.0)
 
 RUN_DEFAULTS = dict(ADDED_FIELDS, lr=1e-4, grad_clip=1.0, seed=0, workers=0, bf16=True, compile=False,
                     peak_tflops=None, stop_after=None, snapshot_every=None)

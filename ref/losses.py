@@ -32,20 +32,22 @@ def cosine_distance(prediction, target):
     return (1 - F.cosine_similarity(prediction, target, dim=1)).flatten(1).mean(1)
 
 
-# t of the flow objective, one a sample, from a batch's per-sample draws (ref.runtime.SampleDraws) -> (N,)
+# t of the flow objective, one a sample, from a batch's per-sample draws (ref.runtime.SampleDraws) and the logit-normal's
+# location m -> (N,)
 FLOW_T_DISTRIBUTIONS = {
-    "uniform": lambda draws: draws.rand(),  # U(0, 1): SiT / the IG release
-    # sigmoid(n) with n ~ N(0, 1), the lognorm(0, 1) of SD3 (Esser et al. 2024): the training goes to the middle of the
-    # path, where the content is decided, and little to its clean and pure-noise ends
-    "logit-normal": lambda draws: torch.sigmoid(draws.randn()),
+    "uniform": lambda draws, location: draws.rand(),  # U(0, 1): SiT / the IG release
+    # sigmoid(n) with n ~ N(m, 1), the lognorm(m, 1) of SD3 (Esser et al. 2024; m = 0 their default): the training goes
+    # to the middle of the path, where the content is decided, and little to its clean and pure-noise ends; m > 0
+    # moves it towards the noise (t = 1)
+    "logit-normal": lambda draws, location: torch.sigmoid(draws.randn() + location),
 }
 
 
-def flow_timesteps(draws, distribution="uniform"):
-    """t of the flow objective drawn from FLOW_T_DISTRIBUTIONS[distribution]. -> (N,)"""
+def flow_timesteps(draws, distribution="uniform", location=0.0):
+    """t of the flow objective drawn from FLOW_T_DISTRIBUTIONS[distribution]; location: the logit-normal's m. -> (N,)"""
     if distribution not in FLOW_T_DISTRIBUTIONS:
         raise ValueError(f"unknown t distribution {distribution!r}; choose {' or '.join(FLOW_T_DISTRIBUTIONS)}")
-    return FLOW_T_DISTRIBUTIONS[distribution](draws)
+    return FLOW_T_DISTRIBUTIONS[distribution](draws, location)
 
 
 def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5, cosine_loss=False):

@@ -380,16 +380,22 @@ def test_logit_normal_t_is_the_sigmoid_of_a_standard_normal_and_uniform_stays_un
     assert stats.kstest(logit_normal.numpy(), "uniform").pvalue < 1e-6  # the law differs from U(0, 1)
     middle = ((logit_normal > 0.25) & (logit_normal < 0.75)).double().mean()  # P(|n| < logit 0.75) = 0.7275
     assert abs(middle - 0.7275) < 0.03
+    shifted = flow_timesteps(SampleDraws(range(3000)), "logit-normal", 0.5).double()
+    assert stats.kstest(torch.logit(shifted).numpy(), "norm", args=(0.5,)).pvalue > 1e-3
+    assert stats.kstest(torch.logit(shifted).numpy(), "norm").pvalue < 1e-6
+    assert abs((shifted > 0.5).double().mean() - stats.norm.cdf(0.5)) < 0.03  # P(n > 0) for n ~ N(0.5, 1): 0.6915
 
 
 def test_the_runs_t_distribution_is_the_one_its_flow_loss_sees(monkeypatch):
     seen = []
     monkeypatch.setattr(internal_guidance, "flow_matching_loss", lambda model, x0, t, *rest: seen.append(t) or t)
     x0, y, seeds = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]), [5, 6, 7]
-    for distribution in ("uniform", "logit-normal"):
-        pixel_run(t_distribution=distribution).loss(None, (x0, y), SampleDraws(seeds), torch.device("cpu"))
+    for distribution, location in (("uniform", 0.0), ("logit-normal", 0.0), ("logit-normal", -0.7)):
+        run = pixel_run(t_distribution=distribution, t_location=location)
+        run.loss(None, (x0, y), SampleDraws(seeds), torch.device("cpu"))
     expected = []
-    for draw in (lambda g: torch.rand((), generator=g), lambda g: torch.sigmoid(torch.randn((), generator=g))):
+    for draw in (lambda g: torch.rand((), generator=g), lambda g: torch.sigmoid(torch.randn((), generator=g)),
+                 lambda g: torch.sigmoid(torch.randn((), generator=g) - 0.7)):
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         for generator in generators:  # each sample's label dropout draws its uniform first
             torch.rand((1,), generator=generator)
@@ -399,7 +405,10 @@ def test_the_runs_t_distribution_is_the_one_its_flow_loss_sees(monkeypatch):
 
 @pytest.mark.parametrize("flags, message", [(["--t-distribution", "normal"], "unknown --t-distribution 'normal'"),
                                             (["--objective", "eps", "--t-distribution", "logit-normal"],
-                                             "--t-distribution logit-normal is an option of the flow objective")])
+                                             "--t-distribution logit-normal is an option of the flow objective"),
+                                            (["--t-location", "0.5"], "--t-location is the logit-normal's m"),
+                                            (["--objective", "eps", "--t-location", "0.5"],
+                                             "--t-location is an option of the flow objective")])
 def test_a_t_distribution_that_cannot_be_drawn_is_refused(flags, message, tmp_path, capsys):
     error = train_error([*SHAPES, *flags, "--out", tmp_path / "run"], capsys)
     assert error.startswith("error: ") and message in error
