@@ -305,13 +305,13 @@ SHAPES_CONFIGS = {
     # scenes on 4x4 patches (the same 64 tokens) learned the classes far slower: unguided label accuracy 0.26 after
     # 480,000 images, against 0.31 here after 176,000. The recipe of issue 24, chosen by pilots of 176,000 images
     # (unguided label accuracy on selection seeds, docs/testbed.md): logit-normal t, the lr lowered linearly to 0 over
-    # the last 30% of the steps, batch 64 at lr 4e-3 (1.27x the images a second of batch 32 on 2 ranks), a 500-step
-    # EMA; 8,800 steps = 563,200 images, under 30 min on 2 cores (2 ranks of 1 thread). Issue 15's run: t ~ U(0, 1),
-    # batch 32 at a constant lr 2e-3, EMA 0.999, 22,000 steps.
+    # the last 30% of the steps, batch 64 at lr 4e-3 (1.27x the images a second of batch 32 on 2 ranks), Adam's beta2
+    # 0.95, a 500-step EMA; 8,800 steps = 563,200 images, under 30 min on 2 cores (2 ranks of 1 thread). Issue 15's
+    # run: t ~ U(0, 1), batch 32 at a constant lr 2e-3, beta2 0.999, EMA 0.999, 22,000 steps.
     "shapes-one-object": dict(_SHAPES, shapes_max_objects=1, image_size=16, depth=4, hidden_size=96, num_heads=4,
                               patch_size=2, intermediate_block=1, batch_size=64, steps=8800, lr=4e-3,
-                              lr_decay_steps=2640, t_distribution="logit-normal", ema_decay=0.998,
-                              checkpoint_every=500, log_every=100),
+                              lr_decay_steps=2640, t_distribution="logit-normal", adam_beta2=0.95,
+                              ema_decay=0.998, checkpoint_every=500, log_every=100),
 }
 # The InnerControl pipeline (README): the testbed of issue 15, 16 px scenes of one object on the ground plane (exact
 # depth, segmentation and edges), in pixel space with SD1.5's scaled-linear DDPM betas (1000 steps; Table 4's
