@@ -8,18 +8,14 @@ Selection (samples from --select-seed on): IG w over --ig, CFG s over --cfg, IG 
 family the setting with the lowest FD-shapes is chosen. Report (samples from each --report-seeds on): unguided, every
 IG w (FD-shapes and label accuracy against w, as the paper plots FID against w), the chosen CFG and the chosen IG +
 CFG. Every setting samples with the run's sampler and --steps: IG adds no network evaluation, CFG doubles them.
-Samples by sample.py (kept in OUT, so a rerun only scores; --jobs N draws N settings at once, each in a process of
-one thread), scores by eval.py fd-shapes against --ref-shapes true scenes of the run's kind (its size and objects a
-scene). Writes OUT/sweep.json, OUT/table.md and OUT/guidance.png.
+Samples by sample.py (kept in OUT, so a rerun only scores), scores by eval.py fd-shapes against --ref-shapes true
+scenes of the run's kind (its size and objects a scene). Writes OUT/sweep.json, OUT/table.md and OUT/guidance.png.
 """
 import argparse
 import json
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 import eval as eval_script  # the script eval.py; named so the builtin eval stays unshadowed
@@ -48,29 +44,12 @@ class Scorer:
     def __init__(self, args, max_objects):
         self.args, self.max_objects, self.out = args, max_objects, Path(args.out)
 
-    def folder(self, seed, ig, cfg):
-        return self.out / f"seed{seed}-ig{ig:g}-cfg{cfg:g}"
-
-    def sample_arguments(self, seed, ig, cfg):
-        """sample.py's command line of one setting (seed, IG w, CFG s)."""
-        return [self.args.run, "--num-samples", str(self.args.num_samples), "--seed", str(seed), "--steps",
-                str(self.args.steps), "--ig", str(ig), "--cfg", str(cfg), "--weights", self.args.weights, "--out",
-                str(self.folder(seed, ig, cfg))]
-
-    def draw(self, settings):
-        """With --jobs > 1: the samples of those (seed, w, s) settings not yet in OUT, --jobs at once (each a process
-        of one thread), so that scoring them only reads them. With --jobs 1 each is drawn when scored."""
-        missing = [setting for setting in dict.fromkeys(settings)
-                   if not (self.folder(*setting) / "samples.npz").exists()]
-        if self.args.jobs > 1 and missing:
-            with ProcessPoolExecutor(min(self.args.jobs, len(missing)), multiprocessing.get_context("spawn"),
-                                     initializer=torch.set_num_threads, initargs=(1,)) as workers:
-                list(workers.map(sample_script.main, [self.sample_arguments(*setting) for setting in missing]))
-
     def __call__(self, seed, ig=1.0, cfg=1.0):
-        folder = self.folder(seed, ig, cfg)
+        folder = self.out / f"seed{seed}-ig{ig:g}-cfg{cfg:g}"
         if not (folder / "samples.npz").exists():
-            sample_script.main(self.sample_arguments(seed, ig, cfg))
+            sample_script.main([self.args.run, "--num-samples", str(self.args.num_samples), "--seed", str(seed),
+                                "--steps", str(self.args.steps), "--ig", str(ig), "--cfg", str(cfg), "--weights",
+                                self.args.weights, "--out", str(folder)])
         settings = json.loads((folder / "settings.json").read_text())
         report = eval_script.main(["fd-shapes", "--samples", str(folder / "samples.npz"), "--classifier",
                                    self.args.classifier, "--ref-shapes", str(self.args.ref_shapes),
@@ -110,7 +89,7 @@ def guidance_chart(curves, weights):
 def check_values(args):
     """Counts at least 1, finite weights, every sampling seed set within numpy's range (sample.py's own checks, made
     before the first setting)."""
-    check_arguments(args, counts=("num_samples", "steps", "ref_shapes", "jobs"))
+    check_arguments(args, counts=("num_samples", "steps", "ref_shapes"))
     for name, weights in (("ig", args.ig), ("cfg", args.cfg), ("ig_cfg", [w for pair in args.ig_cfg for w in pair])):
         for weight in weights:
             check_finite({name: weight})
@@ -136,8 +115,6 @@ def main(argv=None):
     parser.add_argument("--select-seed", type=int, default=0, help="first sampling seed of the selection set")
     parser.add_argument("--report-seeds", type=int, nargs="+", default=[100000, 500000],
                         help="first sampling seed of each held-out report set")
-    parser.add_argument("--jobs", type=int, default=1, help="settings sampled at once, each by a process of one "
-                                                                "thread (2 on 2 cores halves the sweep's time)")
     parser.add_argument("--quick", action="store_true", help="8 samples, 2 steps, 16 true scenes, 2 settings a family")
     args = parser.parse_args(argv)
     if args.quick:
@@ -154,15 +131,10 @@ def main(argv=None):
     args.out = args.out or str((run if run.is_dir() else run.parent) / "guidance-sweep")
     score, start = Scorer(args, config["shapes_max_objects"]), time.perf_counter()
 
-    score.draw([(args.select_seed, w, 1.0) for w in args.ig] + [(args.select_seed, 1.0, s) for s in args.cfg]
-               + [(args.select_seed, w, s) for w, s in args.ig_cfg]
-               + [(seed, w, 1.0) for seed in args.report_seeds for w in [1.0, *args.ig]])
     selection = {"IG": [score(args.select_seed, ig=w) for w in args.ig],
                  "CFG": [score(args.select_seed, cfg=s) for s in args.cfg],
                  "IG + CFG": [score(args.select_seed, ig=w, cfg=s) for w, s in args.ig_cfg]}
     chosen = {family: choose(rows) for family, rows in selection.items()}
-    score.draw([(seed, 1.0, chosen["CFG"]["cfg"]) for seed in args.report_seeds]
-               + [(seed, chosen["IG + CFG"]["ig"], chosen["IG + CFG"]["cfg"]) for seed in args.report_seeds])
     curves = {seed: [score(seed, ig=w) for w in [1.0, *args.ig]] for seed in args.report_seeds}
     table = {"unguided": [rows[0] for rows in curves.values()],
              f"IG w = {chosen['IG']['ig']:g}": [next(row for row in rows if row["ig"] == chosen["IG"]["ig"])

@@ -1,7 +1,6 @@
 """The testbed's named configs: shapes-one-object and the pipeline's base UNet and ControlNet train (their own data,
 model and optimiser settings, a smaller batch) and their loss falls on fresh scenes; pipeline runs from before the
 scenes had a size of their own read as the old scenes."""
-import argparse
 import json
 
 import numpy as np
@@ -58,32 +57,6 @@ def test_guidance_sweep_chooses_on_one_seed_set_and_reports_on_others(one_object
     assert unguided[0]["fd_shapes"] != unguided[1]["fd_shapes"]  # different samples
     assert {path.name for path in (tmp_path / "sweep").iterdir() if path.is_file()} == {"sweep.json", "table.md",
                                                                                        "guidance.png"}
-
-
-def test_guidance_sweep_with_two_jobs_draws_beforehand_and_reports_what_one_job_does(one_object_run, tmp_path):
-    """--jobs 2 draws the settings in two worker processes before scoring them (each once; --jobs 1 leaves it to the
-    scoring): the same samples, the same report."""
-    args = argparse.Namespace(run=str(one_object_run), num_samples=4, steps=2, weights="ema", jobs=2,
-                              out=str(tmp_path / "drawn"))
-    guidance_sweep.Scorer(args, max_objects=1).draw([(7, 1.5, 1.0), (7, 1.0, 2.0), (7, 1.5, 1.0)])
-    args.jobs = 1
-    guidance_sweep.Scorer(args, max_objects=1).draw([(8, 1.0, 1.0)])
-    assert sorted(path.name for path in (tmp_path / "drawn").iterdir()) == ["seed7-ig1-cfg2", "seed7-ig1.5-cfg1"]
-    assert all((tmp_path / "drawn" / name / "samples.npz").exists() for name in ("seed7-ig1-cfg2", "seed7-ig1.5-cfg1"))
-
-    classifier = tmp_path / "classifier.pt"
-    save_classifier(train_classifier(SHAPES_CONFIGS["shapes-one-object"]["image_size"], steps=2), classifier)
-    reports = [guidance_sweep.main([str(one_object_run), "--classifier", str(classifier), "--quick", "--jobs", jobs,
-                                    "--report-seeds", "7", "--out", str(tmp_path / f"jobs{jobs}")])
-               for jobs in ("1", "2")]
-    for report in reports:
-        del report["seconds"]
-    assert reports[0] == reports[1]
-    folders = sorted(path.name for path in (tmp_path / "jobs2").iterdir() if path.is_dir())
-    assert len(folders) == 2 + 2 + 2 + 3 + 1 + 1  # selection: IG, CFG, IG + CFG; report: w = 1 and IG, CFG, IG + CFG
-    for name in folders:
-        assert (tmp_path / "jobs1" / name / "samples.npz").read_bytes() == \
-            (tmp_path / "jobs2" / name / "samples.npz").read_bytes()
 
 
 def logged(folder):
