@@ -372,7 +372,7 @@ def test_lr_decay_cools_a_finished_run_down(tmp_path):
 # The flow objective's t distribution
 # ---------------------------------------------------------------------------------------------------------------------
 
-def test_logit_normal_t_is_the_sigmoid_of_a_standard_normal_and_uniform_stays_uniform():
+def test_logit_normal_t_is_the_sigmoid_of_a_normal_at_its_location_and_uniform_stays_uniform():
     logit_normal = flow_timesteps(SampleDraws(range(3000)), "logit-normal").double()
     uniform = flow_timesteps(SampleDraws(range(3000)), "uniform").double()
     assert stats.kstest(torch.logit(logit_normal).numpy(), "norm").pvalue > 1e-3
