@@ -177,7 +177,8 @@ def load_classifier(path):
 
 def fd_shapes_report(samples, reference, sample_labels=None):
     """FD-shapes and precision/recall (k = 3) of two FeatureSummary's of the classifier's features; with the labels
-    the samples were generated for, label_accuracy: the fraction the classifier names as that class."""
+    the samples were generated for, label_accuracy: the fraction the classifier names as that class, and
+    label_accuracy_<class>: the same among the samples of each class (None for a class with no sample)."""
     precision, recall = precision_recall(reference.pool, samples.pool)
     report = {"samples": samples.count, "reference": reference.count,
               "fd_shapes": frechet_distance(*samples.pool_moments, *reference.pool_moments),
@@ -185,5 +186,10 @@ def fd_shapes_report(samples, reference, sample_labels=None):
     if sample_labels is not None:
         if len(sample_labels) != samples.count:
             raise ValueError(f"{len(sample_labels)} labels for {samples.count} samples")
-        report["label_accuracy"] = float(np.mean(samples.logits.argmax(axis=1) == np.asarray(sample_labels)))
+        labels = np.asarray(sample_labels)
+        named_right = samples.logits.argmax(axis=1) == labels  # (N,) bool
+        report["label_accuracy"] = float(named_right.mean())
+        for index, name in enumerate(SHAPE_CLASSES):
+            of_class = labels == index
+            report[f"label_accuracy_{name}"] = float(named_right[of_class].mean()) if of_class.any() else None
     return report

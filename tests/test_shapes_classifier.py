@@ -118,8 +118,15 @@ def test_round_trip_on_the_same_images_gives_zero_distance(classifier, tmp_path)
         assert abs(report["fd_shapes"]) < 1e-6 and report["precision"] == report["recall"] == 1.0
         assert report["samples"] == report["reference"] == SCENES
     assert report["label_accuracy"] > 0.6  # arr_1: the labels the images were "generated" for
+    per_class = [report[f"label_accuracy_{name}"] for name in SHAPE_CLASSES]
+    counts = np.bincount(labels.numpy(), minlength=len(SHAPE_CLASSES))
+    assert np.dot(per_class, counts) / SCENES == pytest.approx(report["label_accuracy"])
     wrong_labels = save_npz(tmp_path / "wrong.npz", images, (labels.numpy() + 1) % len(SHAPE_CLASSES))
-    assert fd_shapes(path, wrong_labels, "--ref", samples)["label_accuracy"] < 0.4
+    wrong = fd_shapes(path, wrong_labels, "--ref", samples)
+    assert wrong["label_accuracy"] < 0.4 and max(wrong[f"label_accuracy_{name}"] for name in SHAPE_CLASSES) < 0.6
+    circles = save_npz(tmp_path / "circles.npz", images, np.zeros(SCENES, dtype=np.int64))  # every label "circle"
+    report = fd_shapes(path, circles, "--ref", samples)
+    assert report["label_accuracy_square"] is None and report["label_accuracy_circle"] == report["label_accuracy"]
 
 
 def test_ref_max_objects_renders_the_reference_of_single_object_scenes(classifier, tmp_path):
