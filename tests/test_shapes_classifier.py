@@ -109,19 +109,33 @@ def test_fd_shapes_separates_true_scenes_from_corrupted_ones(classifier, tmp_pat
     assert reports["noisy"]["precision"] < 0.5
 
 
-def test_round_trip_on_the_same_images_gives_zero_distance(classifier, tmp_path):
+@pytest.fixture
+def true_scenes(tmp_path):
+    """SCENES true scenes of seed 0 (what --ref-shapes renders), their labels, and their .npz with the labels."""
+    images, labels = render(Shapes(32, num_items=SCENES), range(SCENES))
+    return images, labels.numpy(), save_npz(tmp_path / "samples.npz", images, labels.numpy())
+
+
+def test_round_trip_on_the_same_images_gives_zero_distance(classifier, true_scenes):
     path, _ = classifier
-    images, labels = render(Shapes(32, num_items=SCENES), range(SCENES))  # seed 0: what --ref-shapes renders
-    samples = save_npz(tmp_path / "samples.npz", images, labels.numpy())
+    samples = true_scenes[2]
     for reference in (["--ref", samples], ["--ref-shapes", SCENES]):
         report = fd_shapes(path, samples, *reference)
         assert abs(report["fd_shapes"]) < 1e-6 and report["precision"] == report["recall"] == 1.0
         assert report["samples"] == report["reference"] == SCENES
-    assert report["label_accuracy"] > 0.6  # arr_1: the labels the images were "generated" for
+
+
+def test_label_accuracy_overall_and_per_class(classifier, true_scenes, tmp_path):
+    """arr_1 holds the labels the images were "generated" for: true labels are named right, shifted ones wrong in
+    every class, and the per-class accuracies weighted by the class counts give the overall one."""
+    path, _ = classifier
+    images, labels, samples = true_scenes
+    report = fd_shapes(path, samples, "--ref", samples)
+    assert report["label_accuracy"] > 0.6
     per_class = [report[f"label_accuracy_{name}"] for name in SHAPE_CLASSES]
-    counts = np.bincount(labels.numpy(), minlength=len(SHAPE_CLASSES))
+    counts = np.bincount(labels, minlength=len(SHAPE_CLASSES))
     assert np.dot(per_class, counts) / SCENES == pytest.approx(report["label_accuracy"])
-    wrong_labels = save_npz(tmp_path / "wrong.npz", images, (labels.numpy() + 1) % len(SHAPE_CLASSES))
+    wrong_labels = save_npz(tmp_path / "wrong.npz", images, (labels + 1) % len(SHAPE_CLASSES))
     wrong = fd_shapes(path, wrong_labels, "--ref", samples)
     assert wrong["label_accuracy"] < 0.4 and max(wrong[f"label_accuracy_{name}"] for name in SHAPE_CLASSES) < 0.6
     circles = save_npz(tmp_path / "circles.npz", images, np.zeros(SCENES, dtype=np.int64))  # every label "circle"
