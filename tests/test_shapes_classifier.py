@@ -113,12 +113,13 @@ def test_fd_shapes_separates_true_scenes_from_corrupted_ones(classifier, tmp_pat
 def true_scenes(tmp_path):
     """SCENES true scenes of seed 0 (what --ref-shapes renders), their labels, and their .npz with the labels."""
     images, labels = render(Shapes(32, num_items=SCENES), range(SCENES))
-    return images, labels.numpy(), save_npz(tmp_path / "samples.npz", images, labels.numpy())
+    labels = labels.numpy()
+    return images, labels, save_npz(tmp_path / "samples.npz", images, labels)
 
 
 def test_round_trip_on_the_same_images_gives_zero_distance(classifier, true_scenes):
     path, _ = classifier
-    samples = true_scenes[2]
+    _, _, samples = true_scenes
     for reference in (["--ref", samples], ["--ref-shapes", SCENES]):
         report = fd_shapes(path, samples, *reference)
         assert abs(report["fd_shapes"]) < 1e-6 and report["precision"] == report["recall"] == 1.0
