@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from ref import runtime, sd_evaluation
-from ref.arguments import check_arguments, flag, writable_file
+from ref.arguments import check_arguments, flag, usable_device, writable_file
 from ref.control_evaluation import CURVE_METRICS, ControlScore
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3, InceptionWeightsError
 from ref.innercontrol_sd import REWARD_TASKS, control_model
@@ -348,10 +348,12 @@ def parse_args(argv=None):
 
 
 def check_values(args):
-    """Counts at least 1, finite numbers, seeds in numpy's range, and the files to be written (--out, --write-ref,
-    train-shapes-classifier's --classifier) writable, before anything is read."""
+    """Counts at least 1, finite numbers, seeds in numpy's range, a --device this torch can use, and the files to be
+    written (--out, --write-ref, train-shapes-classifier's --classifier) writable, before anything is read."""
     check_arguments(args, counts=("batch_size", "steps", "image_size", "test_images", "ref_shapes", "ref_max_objects",
                                   "num_classes", "num_images"), finite=("lr",), seeds=("seed", "ref_seed"))
+    if getattr(args, "device", None):
+        usable_device(args.device)
     written = ["out", "write_ref"] + (["classifier"] if args.command == "train-shapes-classifier" else [])
     for name in written:
         if getattr(args, name, None):

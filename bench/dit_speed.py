@@ -40,10 +40,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from ref.dit import IG_HEAD_BLOCK, MODELS, count_parameters
+from ref.arguments import usable_device
 from ref.ema import update_ema
 from ref.guidance import guided_denoiser
 from ref.losses import drop_labels, flow_matching_loss
-from ref.runtime import autocast, peak_flops
+from ref.runtime import autocast, exit_with_error, peak_flops
 from ref.samplers import euler_maruyama, uniform_grid
 
 GUIDANCE_MODES = {  # guided_denoiser weights; the IG release's SiT-XL/2 values (w = 1.4, s = 1.35 together)
@@ -139,7 +140,10 @@ def training_runs(model, ema, optimizer, x0, y, num_classes, mixed_precision, ne
 
 
 def main(args):
-    device = torch.device(args.device)
+    try:
+        device = usable_device(args.device)
+    except ValueError as error:
+        exit_with_error(error)
     if device.type == "cuda":
         torch.backends.cuda.matmul.fp32_precision = "tf32"
         torch.backends.cudnn.conv.fp32_precision = "tf32"

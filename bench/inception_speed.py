@@ -11,7 +11,9 @@ import time
 
 import torch
 
+from ref.arguments import usable_device
 from ref.inception import INPUT_PIPELINES, FIDInceptionV3
+from ref.runtime import exit_with_error
 
 
 def main():
@@ -23,6 +25,10 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--resize", default="tf1", choices=sorted(INPUT_PIPELINES), help="input pipeline")
     args = parser.parse_args()
+    try:
+        usable_device(args.device)
+    except ValueError as error:
+        exit_with_error(error)
     torch.set_num_threads(args.threads)
     network = FIDInceptionV3(random_weights=True, resize=args.resize).to(args.device)
     images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)

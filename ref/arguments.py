@@ -7,6 +7,8 @@ import math
 import tempfile
 from pathlib import Path
 
+import torch
+
 SEED_LIMIT = 2 ** 32  # numpy's seeds (np.random.seed, a SeedSequence word) are 0 .. 2**32 - 1
 
 
@@ -49,6 +51,19 @@ def check_seed(name, seed, count=1):
     if not 0 <= seed <= SEED_LIMIT - count:
         uses = f" (its {count} samples use seed .. seed + {count - 1})" if count > 1 else ""
         raise ValueError(f"{flag(name)} must be in 0..{SEED_LIMIT - count}{uses}, got {seed}")
+
+
+def usable_device(text, name="--device"):
+    """A device flag's value -> the torch.device, when this torch knows the name and can run on it: 'cuda' on a
+    build or machine without a CUDA device is refused here rather than deep inside the first .to(device)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise ValueError(f"{name} must be a torch device such as cpu, cuda or cuda:1, got {text!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name} {text}: this torch sees no CUDA device (a CPU build, or no GPU on this machine); "
+                         f"use {name} cpu")
+    return device
 
 
 def check_arguments(args, counts=(), non_negative=(), finite=(), intervals=(), seeds=()):

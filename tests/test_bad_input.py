@@ -20,6 +20,7 @@ import prepare
 import sample
 import train
 from ref import latents, runtime, text_to_image
+from ref.arguments import usable_device
 from ref.checkpoints import read_checkpoint
 from ref.safetensors import save_file
 from ref.sd_checkpoints import save_diffusers
@@ -173,6 +174,9 @@ CASES = {
                                                                  r / "float.npz"], "float.npz: arr_0: expected"),
     "eval fd-shapes: (N, 3, H, W) samples": (eval_script.main, lambda r: ["fd-shapes", "--samples", r / "nchw.npz",
                                                                           "--ref-shapes", 4], "nchw.npz: arr_0"),
+    "eval fd-shapes: --device cdua": (eval_script.main, lambda r: ["fd-shapes", "--samples", r / "images.npz",
+                                                                  "--ref-shapes", 4, "--device", "cdua"],
+                                      "--device must be a torch device such as cpu, cuda or cuda:1, got 'cdua'"),
     "eval classifier: --lr nan": (eval_script.main, lambda r: ["train-shapes-classifier", "--lr", "nan",
                                                                "--classifier", r / "c.pt"], "--lr " + NOT_FINITE),
     "eval classifier: --seed -1": (eval_script.main, lambda r: ["train-shapes-classifier", "--seed", -1,
@@ -227,6 +231,21 @@ def test_bad_input_exits_2_with_one_error_line_and_writes_nothing(case, root, ca
     assert error.startswith("error: ") and error.count("\n") == 1 and "Traceback" not in error, error
     assert expected.format(root=root) in error, error
     assert tree(root) == before
+
+
+def test_cuda_without_a_cuda_device_is_one_error_line(root, capsys, monkeypatch):
+    """--device cuda where torch sees no CUDA device (forced here, so the check holds on a GPU machine too): eval.py
+    ends with the error line (the benchmarks use the same check), not torch's AssertionError from the first .to()."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        eval_script.main(["fd-shapes", "--samples", str(root / "images.npz"), "--ref-shapes", "4", "--device", "cuda"])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert error == "error: --device cuda: this torch sees no CUDA device (a CPU build, or no GPU on this machine); " \
+                    "use --device cpu\n"
+    assert usable_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="--device cuda:0: this torch sees no CUDA device"):
+        usable_device("cuda:0")
 
 
 @pytest.mark.parametrize("seed", range(12))
