@@ -39,8 +39,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from ref.dit import IG_HEAD_BLOCK, MODELS, count_parameters
 from ref.arguments import usable_device
+from ref.dit import IG_HEAD_BLOCK, MODELS, count_parameters
 from ref.ema import update_ema
 from ref.guidance import guided_denoiser
 from ref.losses import drop_labels, flow_matching_loss

@@ -1,7 +1,7 @@
 """Checks of the values every script is given, made before anything is read, computed or written: counts, finite
-numbers, intervals of t, seeds, the output folder, arrays of the documented shape. Each raises ValueError naming the
-flag (or file) and what was expected; the scripts catch it with their other bad-input errors and end with one
-`error:` line and exit status 2 (ref.runtime.exit_with_error).
+numbers, intervals of t, seeds, a device this torch can use, the output folder, arrays of the documented shape.
+Each raises ValueError naming the flag (or file) and what was expected; the scripts catch it with their other
+bad-input errors and end with one `error:` line and exit status 2 (ref.runtime.exit_with_error).
 """
 import math
 import tempfile
