@@ -350,10 +350,15 @@ RESIZE_KEY = "inception_resize"  # which Inception input pipeline made a referen
 
 def recorded_pipeline(path, flag="--ref"):
     """What an ADM reference batch says of its features: (the Inception input pipeline a --write-ref recorded, or
-    None; whether it stores mu/sigma). A file that is no .npz archive raises, naming `flag`."""
+    None; whether it stores mu/sigma). A missing path, a folder or a file that is no .npz archive raises, naming
+    `flag`."""
+    expected = "expected an ADM reference batch (.npz; eval.py fid --write-ref writes one)"
+    if Path(path).is_dir():
+        raise ValueError(f"{flag} {path}: a folder; {expected}, from a folder of images too: eval.py fid --samples "
+                         f"FOLDER --write-ref REF.npz")
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{flag} {path}: not an .npz archive; expected an ADM reference batch (.npz; eval.py fid "
-                         f"--write-ref writes one)")
+        raise ValueError(f"{flag} {path}: {'not an .npz archive' if Path(path).exists() else 'no such file'}; "
+                         f"{expected}")
     with np.load(path) as archive:
         return (str(archive[RESIZE_KEY]) if RESIZE_KEY in archive.files else None), "mu" in archive.files
 

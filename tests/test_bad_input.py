@@ -158,6 +158,10 @@ CASES = {
     "eval fid: float samples": (eval_script.main, lambda r: fid(r, "--samples", r / "float.npz"), "got (4, 16, 16, 3) "
                                 "float64"),
     "eval fid: (N, 3, H, W) --ref": (eval_script.main, lambda r: fid(r, "--ref", r / "nchw.npz"), "nchw.npz: arr_0"),
+    "eval fid: --ref a folder": (eval_script.main, lambda r: fid(r, "--ref", r / "folder"),
+                                 "--ref {root}/folder: a folder; expected an ADM reference batch"),
+    "eval fid: --ref missing": (eval_script.main, lambda r: fid(r, "--ref", r / "ref.npz"),
+                                "--ref {root}/ref.npz: no such file; expected an ADM reference batch"),
     "eval fid: --batch-size 0": (eval_script.main, lambda r: fid(r, "--batch-size", 0), "--batch-size must be "),
     "eval fid: --out under a file": (eval_script.main, lambda r: fid(r, "--out", r / "blocker" / "m.json"),
                                      "is a file, not a folder"),
