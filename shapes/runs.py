@@ -333,8 +333,8 @@ SHAPES_CONFIGS.update({
     # each run. The whole depth pipeline in 30 minutes on 2 cores (issue 24; the presets of commit 54196e7: the base
     # 2,000 steps with the lr decaying over the last 500, the ControlNet 500, the Eq. 8 row 800) missed 2x the floor
     # by far (depth RMSE 24.56, 2.85x; these sizes with rows of 2,000 steps: 15.18 after ~43 min of training); the
-    # row at batch 16 for the 2,500 steps that fit reached 19.74 (2.29x; 18.96 at lr 6e-4), 2x only after ~38 minutes
-    # (docs/testbed.md).
+    # row at batch 16 for the 2,500 steps that fit reached 19.74 (2.29x; 18.96 at lr 6e-4; 18.08, 2.10x, at lr 1.2e-3
+    # lowered to 0 over the row), 2x only after ~38 minutes (docs/testbed.md).
     # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters), 256,000 images
     "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=4000, lr=1e-3, ema_decay=0.999),
     # 2. control estimators: the reward model D (weaker: narrow, short) and the evaluation model (wider, longer)
