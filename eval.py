@@ -271,7 +271,6 @@ def parse_args(argv=None):
                      help="Inception input pipeline: tf1 (the TF graph's, as the ADM evaluator) or pytorch "
                           "(pytorch-fid's); default: the one a --write-ref reference records, else tf1")
     fid.add_argument("--batch-size", type=int, default=50)
-    fid.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     train = commands.add_parser("train-shapes-classifier", help="train the Shapes classifier that FD-shapes uses")
     train.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="write the classifier here")
     train.add_argument("--steps", type=int, default=2000)
@@ -291,7 +290,6 @@ def parse_args(argv=None):
                                 "--shapes-max-objects)")
     fd_shapes.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="from train-shapes-classifier")
     fd_shapes.add_argument("--batch-size", type=int, default=250)
-    fd_shapes.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     control = commands.add_parser("control", help="SSIM / MS-SSIM (edges), RMSE (depth), mIoU (seg)")
     control.add_argument("--task", required=True, choices=sorted(CONTROL_MAP_MODES))
     control.add_argument("--generated", required=True, help="maps extracted from the generated images: folder or .npz")
@@ -306,7 +304,6 @@ def parse_args(argv=None):
     innercontrol.add_argument("--classifier", default=DEFAULT_CLASSIFIER, help="from train-shapes-classifier")
     innercontrol.add_argument("--ref-shapes", type=int, default=2000, help="FD-shapes reference: evaluation scenes")
     innercontrol.add_argument("--batch-size", type=int, default=100)
-    innercontrol.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     innercontrol_sd = commands.add_parser("innercontrol-sd", help="ControlNet++ protocol on sample.py sd15's output")
     innercontrol_sd.add_argument("--samples", required=True, help="the folder `sample.py sd15 --data-path` wrote")
     innercontrol_sd.add_argument("--data-path", required=True, help="the metadata.jsonl folder the pairs came from")
@@ -340,7 +337,9 @@ def parse_args(argv=None):
     curve.set_defaults(out="fig2-sd.json")
     for command in (innercontrol_sd, curve):
         command.add_argument("--batch-size", type=int, default=16)
-        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for command in (fid, fd_shapes, innercontrol, innercontrol_sd, curve):
+        command.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                             help="where the networks run (default: cuda when this torch sees one, else cpu)")
     for command in (fid, train, fd_shapes, control, innercontrol, innercontrol_sd, curve):
         command.add_argument("--out", help="write the metrics as JSON to this path (innercontrol-sd-curve: and the "
                              "chart as the same name .png; default fig2-sd.json)")

@@ -26,24 +26,24 @@ def main():
     parser.add_argument("--resize", default="tf1", choices=sorted(INPUT_PIPELINES), help="input pipeline")
     args = parser.parse_args()
     try:
-        usable_device(args.device)
+        device = usable_device(args.device)
     except ValueError as error:
         exit_with_error(error)
     torch.set_num_threads(args.threads)
-    network = FIDInceptionV3(random_weights=True, resize=args.resize).to(args.device)
-    images = torch.rand(args.batch, 3, args.size, args.size, device=args.device)
+    network = FIDInceptionV3(random_weights=True, resize=args.resize).to(device)
+    images = torch.rand(args.batch, 3, args.size, args.size, device=device)
     seconds = []
     with torch.inference_mode():
         for _ in range(args.repeats + 1):
             start = time.perf_counter()
             network(images)
-            if args.device.startswith("cuda"):
+            if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds.append(time.perf_counter() - start)
     per_batch = min(seconds[1:])  # the fastest timed run: the least disturbed by other work on the machine
     print(f"FID Inception forward ({args.resize} input), batch {args.batch} at {args.size}x{args.size}, "
           f"{args.threads} threads, "
-          f"{args.device}: {per_batch:.2f} s per batch (runs: {', '.join(f'{s:.2f}' for s in seconds[1:])}), "
+          f"{device}: {per_batch:.2f} s per batch (runs: {', '.join(f'{s:.2f}' for s in seconds[1:])}), "
           f"{args.batch / per_batch:.1f} images/s")
 
 
