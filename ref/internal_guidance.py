@@ -20,7 +20,8 @@ from ref.dit import DiT
 from ref.ig_acceleration import accelerated_flow_matching_loss
 from ref.latents import TrainingLatents, vae_geometry
 from ref.lightningdit import LightningDiT
-from ref.losses import FLOW_T_DISTRIBUTIONS, ddpm_eps_loss, drop_labels, flow_matching_loss, flow_timesteps
+from ref.losses import (check_t_draw, ddpm_eps_loss, ddpm_timesteps, drop_labels, flow_matching_loss,
+                        flow_timesteps)
 from ref.schedules import DDPMSchedule
 
 LATENT_CHANNELS, LATENT_DOWNSAMPLING = vae_geometry("sd")[:2]  # the SD VAE's (4, 8), of the release checkpoints
@@ -33,12 +34,13 @@ def ig_training_step(model, x0, y, draws, device, label_dropout, num_classes, au
 
     model(x_t, t, y) -> (D_f, D_i); x0 (N, C, H, W) images or latents, y (N,) labels; draws: each sample's generator
     (ref.runtime.SampleDraws), drawn in the order label dropout, t, noise. schedule: None for flow matching, the
-    DDPMSchedule for the eps objective. Flow only: t from t_distribution at t_location (ref.losses.flow_timesteps);
-    cosine_loss adds 1 - cos(D_f, target); omega != 0 is the accelerated training with the EMA network ema_model."""
+    DDPMSchedule for the eps objective. t from t_distribution at t_location (ref.losses.flow_timesteps; for eps its
+    binning onto the DDPM steps, ddpm_timesteps); cosine_loss adds 1 - cos(D_f, target); omega != 0 is the accelerated
+    training with the EMA network ema_model."""
     y = torch.cat([drop_labels(label[None], label_dropout, num_classes, generator)  # CFG: null label = num_classes
                    for label, generator in zip(y, draws.generators)])  # (N,)
     t = (flow_timesteps(draws, t_distribution, t_location) if schedule is None
-         else draws.randint(schedule.num_timesteps))  # (N,)
+         else ddpm_timesteps(draws, schedule.num_timesteps, t_distribution, t_location))  # (N,)
     eps = draws.randn(*x0.shape[1:])  # (N, C, H, W)
     x0, y, t, eps = (tensor.to(device, non_blocking=True) for tensor in (x0, y, t, eps))
     if schedule is not None:  # ||D_f - eps||^2 + lambda ||D_i - eps||^2
@@ -99,9 +101,10 @@ class DiTRun:
         objective=(str, "flow (SiT / IG: velocity eps - x0, t ~ U(0, 1)) | eps (DiT: DDPM noise, t ~ U{0..T-1})"),
         beta_schedule=(str, "eps objective: DDPM betas (linear, scaled_linear, cosine), 1000 steps"),
         aux_weight=(float, "lambda of the IG auxiliary loss ||D_i - target||^2"),
-        t_distribution=(str, "flow: t of the training draws, uniform (SiT / IG: U(0, 1)) | logit-normal (SD3: "
-                             "sigmoid of N(m, 1), more weight on the middle of the path)"),
-        t_location=(float, "flow, logit-normal t: the m of N(m, 1) (SD3: 0; > 0 trains nearer the noise)"),
+        t_distribution=(str, "t of the training draws, uniform (SiT / IG: U(0, 1); eps: U{0..T-1}) | logit-normal "
+                             "(SD3: sigmoid of N(m, 1), more weight on the middle of the path; eps: binned onto the "
+                             "T steps)"),
+        t_location=(float, "logit-normal t: the m of N(m, 1) (SD3: 0; > 0 trains nearer the noise)"),
         cosine_loss=(bool, "flow: add LightningDiT's 1 - cos(D_f, v) (over channels, a mean over positions)"),
         ig_omega=(float, "flow: IG's accelerated training, the final head regresses v + omega sg(D_f^EMA - D_i^EMA) "
                          "(0: off)"),
@@ -114,16 +117,10 @@ class DiTRun:
         if config["objective"] not in ("flow", "eps"):
             raise ValueError(f"unknown objective {config['objective']!r}; choose flow or eps")
         self.schedule = DDPMSchedule.named(config["beta_schedule"]) if config["objective"] == "eps" else None
-        if config["t_distribution"] not in FLOW_T_DISTRIBUTIONS:
-            raise ValueError(f"unknown --t-distribution {config['t_distribution']!r}; choose "
-                             f"{' or '.join(FLOW_T_DISTRIBUTIONS)}")
-        for name, on in (("--ig-omega", config["ig_omega"]), ("--cosine-loss", config["cosine_loss"]),
-                         ("--t-distribution logit-normal", config["t_distribution"] != "uniform"),
-                         ("--t-location", config["t_location"])):
+        check_t_draw(config)
+        for name, on in (("--ig-omega", config["ig_omega"]), ("--cosine-loss", config["cosine_loss"])):
             if on and config["objective"] != "flow":
                 raise ValueError(f"{name} is an option of the flow objective, not of {config['objective']!r}")
-        if config["t_location"] and config["t_distribution"] != "logit-normal":
-            raise ValueError("--t-location is the logit-normal's m: set --t-distribution logit-normal")
         if config["ig_omega"] and config["intermediate_block"] is None:
             raise ValueError("--ig-omega (IG's accelerated training) needs the IG head: set --intermediate-block")
         self.ema = None  # the trainer's EMA network (use_ema): the accelerated training evaluates it

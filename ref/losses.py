@@ -43,11 +43,29 @@ FLOW_T_DISTRIBUTIONS = {
 }
 
 
+def check_t_draw(config):
+    """A config's t draw (fields t_distribution, t_location) names one of FLOW_T_DISTRIBUTIONS, located if
+    logit-normal."""
+    if config["t_distribution"] not in FLOW_T_DISTRIBUTIONS:
+        raise ValueError(f"unknown --t-distribution {config['t_distribution']!r}; choose "
+                         f"{' or '.join(FLOW_T_DISTRIBUTIONS)}")
+    if config["t_location"] and config["t_distribution"] != "logit-normal":
+        raise ValueError("--t-location is the logit-normal's m: set --t-distribution logit-normal")
+
+
 def flow_timesteps(draws, distribution="uniform", location=0.0):
     """t of the flow objective drawn from FLOW_T_DISTRIBUTIONS[distribution]; location: the logit-normal's m. -> (N,)"""
     if distribution not in FLOW_T_DISTRIBUTIONS:
         raise ValueError(f"unknown t distribution {distribution!r}; choose {' or '.join(FLOW_T_DISTRIBUTIONS)}")
     return FLOW_T_DISTRIBUTIONS[distribution](draws, location)
+
+
+def ddpm_timesteps(draws, num_timesteps, distribution="uniform", location=0.0):
+    """Integer t of the eps objective. uniform: t ~ U{0, ..., T - 1} (DDPM); logit-normal: the flow draw's u in (0, 1)
+    binned onto the T steps, t = min(floor(T u), T - 1), so the training goes to the middle steps. -> (N,) int64"""
+    if distribution == "uniform":
+        return draws.randint(num_timesteps)
+    return (flow_timesteps(draws, distribution, location) * num_timesteps).long().clamp(max=num_timesteps - 1)
 
 
 def flow_matching_loss(model, x0, t, y, eps, aux_weight=0.5, cosine_loss=False):

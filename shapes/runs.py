@@ -19,7 +19,7 @@ from ref.control_losses import control_loss
 from ref.innercontrol import (EQ8_FIELDS, OLD_EQ8_FIELDS, InnerControlTerms, alignment_loss, eq8_weights,
                               innercontrol_training_step)
 from ref.internal_guidance import DiTRun
-from ref.losses import mean_squared_error
+from ref.losses import check_t_draw, ddpm_timesteps, mean_squared_error
 from ref.probes import ReadoutProbe
 from ref.runtime import check_job, load_trained_network, move_modules, read_run_checkpoint
 from ref.schedules import DDPMSchedule
@@ -94,6 +94,8 @@ PIPELINE_FIELDS = {  # the InnerControl pipeline's fields; each run declares tho
                                 f"plane)"),
     "beta_schedule": (str, "DDPM betas (linear, scaled_linear, cosine), 1000 steps"),
     "label_dropout": (float, "probability of replacing a caption by the empty one (CFG training)"),
+    "t_distribution": DiTRun.fields["t_distribution"],
+    "t_location": DiTRun.fields["t_location"],
     "unet": (str, "the ref/unet.py preset of the base UNet (pixel space, 3 channels)"),
     "task": (str, "depth | segmentation | edges"),
     "depth": (int, "residual blocks per level"),
@@ -131,10 +133,13 @@ class ShapesRun:
     def collate(self, samples):
         return collate_shapes(samples, self.task_name)
 
+    def timesteps(self, draws):
+        return draws.randint(self.schedule.num_timesteps)  # t ~ U{0..T-1}
+
     def noised(self, images, tokens, draws, device):
-        """Caption dropout, then t ~ U{0..T-1}, then eps, per sample; on the device: images, tokens, t, eps."""
+        """Caption dropout, then t (`timesteps`), then eps, per sample; on the device: images, tokens, t, eps."""
         tokens = drop_captions(tokens, self.config["label_dropout"], draws)
-        t, eps = draws.randint(self.schedule.num_timesteps), draws.randn(*images.shape[1:])
+        t, eps = self.timesteps(draws), draws.randn(*images.shape[1:])
         return (tensor.to(device, non_blocking=True) for tensor in (images, tokens, t, eps))
 
     def to(self, device):
@@ -144,8 +149,18 @@ class ShapesRun:
 
 
 class UNetRun(ShapesRun):
-    """Step 1: the base text-to-image model, eps prediction, captions dropped with probability label_dropout."""
-    fields = pipeline_fields("unet", "label_dropout")
+    """Step 1: the base text-to-image model, eps prediction, captions dropped with probability label_dropout, t from
+    t_distribution (uniform as DDPM, or logit-normal binned onto the steps)."""
+    fields = pipeline_fields("unet", "label_dropout", "t_distribution", "t_location")
+    added_fields = dict(OLD_SCENES, t_distribution="uniform", t_location=0.0)
+
+    def __init__(self, config, load=True):
+        super().__init__(config, load)
+        check_t_draw(config)
+
+    def timesteps(self, draws):
+        return ddpm_timesteps(draws, self.schedule.num_timesteps, self.config["t_distribution"],
+                              self.config["t_location"])
 
     def collate(self, samples):
         return collate_shapes(samples)  # images and captions; no control
@@ -336,7 +351,8 @@ SHAPES_CONFIGS.update({
     # row at batch 16 for the 2,500 steps that fit reached 19.74 (2.29x; 18.96 at lr 6e-4; 18.08, 2.10x, at lr 1.2e-3
     # lowered to 0 over the row), 2x only after ~38 minutes (docs/testbed.md).
     # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters), 256,000 images
-    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=4000, lr=1e-3, ema_decay=0.999),
+    "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=4000, lr=1e-3, ema_decay=0.999,
+                        t_distribution="uniform", t_location=0.0),
     # 2. control estimators: the reward model D (weaker: narrow, short) and the evaluation model (wider, longer)
     "shapes-estimator-reward": dict(_PIPELINE, job="estimator", hidden_size=16, depth=1, batch_size=32, steps=300,
                                     lr=1e-3, ema_decay=0.99),

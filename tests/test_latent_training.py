@@ -24,7 +24,7 @@ from ref.dit import count_parameters
 from ref.internal_guidance import DiTRun, dit_from_config
 from ref.latents import STATS_FILE, TrainingLatents
 from ref.lightningdit import MODELS as LIGHTNINGDIT_MODELS
-from ref.losses import cosine_distance, flow_matching_loss, flow_timesteps
+from ref.losses import cosine_distance, ddpm_timesteps, flow_matching_loss, flow_timesteps
 from ref.runtime import SampleDraws, stream_seed
 from ref.safetensors import save_file
 from ref.trainer import learning_rate
@@ -386,6 +386,21 @@ def test_logit_normal_t_is_the_sigmoid_of_a_normal_at_its_location_and_uniform_s
     assert abs((shifted > 0.5).double().mean() - stats.norm.cdf(0.5)) < 0.03  # P(n > 0) for n ~ N(0.5, 1): 0.6915
 
 
+def test_the_eps_objectives_logit_normal_t_bins_the_flow_draw_onto_the_ddpm_steps():
+    """uniform: U{0..T-1}, the draw DDPM always made (bitwise the same t); logit-normal: min(floor(T u), T - 1) of the
+    flow objective's own u, so P(t <= k) = Phi(logit((k + 1) / T)) (checked at five steps on 4,000 draws)."""
+    seeds, steps = range(4000), 1000
+    torch.testing.assert_close(ddpm_timesteps(SampleDraws(seeds), steps), SampleDraws(seeds).randint(steps),
+                               rtol=0, atol=0)
+    t = ddpm_timesteps(SampleDraws(seeds), steps, "logit-normal", 0.5)
+    u = flow_timesteps(SampleDraws(seeds), "logit-normal", 0.5)
+    assert t.dtype == torch.int64 and 0 <= t.min() and t.max() <= steps - 1
+    assert torch.equal(t, (u * steps).floor().long().clamp(max=steps - 1))
+    for k in (49, 249, 499, 749, 949):
+        expected = stats.norm.cdf(np.log((k + 1) / (steps - k - 1)) - 0.5)  # Phi(logit((k + 1) / T) - m)
+        assert abs((t <= k).double().mean().item() - expected) < 0.025
+
+
 def test_the_runs_t_distribution_is_the_one_its_flow_loss_sees(monkeypatch):
     seen = []
     monkeypatch.setattr(internal_guidance, "flow_matching_loss", lambda model, x0, t, *rest: seen.append(t) or t)
@@ -404,11 +419,9 @@ def test_the_runs_t_distribution_is_the_one_its_flow_loss_sees(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, message", [(["--t-distribution", "normal"], "unknown --t-distribution 'normal'"),
-                                            (["--objective", "eps", "--t-distribution", "logit-normal"],
-                                             "--t-distribution logit-normal is an option of the flow objective"),
                                             (["--t-location", "0.5"], "--t-location is the logit-normal's m"),
                                             (["--objective", "eps", "--t-location", "0.5"],
-                                             "--t-location is an option of the flow objective")])
+                                             "--t-location is the logit-normal's m")])
 def test_a_t_distribution_that_cannot_be_drawn_is_refused(flags, message, tmp_path, capsys):
     error = train_error([*SHAPES, *flags, "--out", tmp_path / "run"], capsys)
     assert error.startswith("error: ") and message in error

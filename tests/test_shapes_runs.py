@@ -12,6 +12,9 @@ from shapes import guidance_sweep
 from shapes.classifier import save_classifier, train_classifier
 from shapes.data import MAX_OBJECTS
 from shapes.evaluation import evaluation_scenes
+from ref.losses import ddpm_timesteps
+from ref.runtime import SampleDraws
+from shapes.pipeline import drop_captions
 from shapes.runs import SHAPES_CONFIGS, load_trained, make_run
 
 torch.set_num_threads(1)
@@ -89,15 +92,32 @@ def test_the_pipeline_controlnet_trains_and_its_loss_falls(base_run, tmp_path):
     assert (config["image_size"], config["shapes_max_objects"]) == (16, 1)
 
 
+def test_the_base_draws_its_t_from_its_t_distribution(base_run):
+    """The base UNet's loss sees t ~ U{0..T-1} (as before the field: the same draws) or, with --t-distribution
+    logit-normal, the binned logit-normal t of ref.losses.ddpm_timesteps, drawn after the caption dropout."""
+    _, config = logged(base_run)
+    images, tokens = torch.zeros(4, 3, 16, 16), torch.zeros(4, 11, dtype=torch.long)
+    for distribution, location in (("uniform", 0.0), ("logit-normal", 0.0), ("logit-normal", 1.0)):
+        run, seen = make_run(dict(config, t_distribution=distribution, t_location=location)), []
+        run.loss(lambda x_t, t, tokens: seen.append(t) or x_t, (images, tokens), SampleDraws(range(4)),
+                 torch.device("cpu"))
+        draws = SampleDraws(range(4))
+        drop_captions(tokens, config["label_dropout"], draws)
+        torch.testing.assert_close(seen[0], ddpm_timesteps(draws, 1000, distribution, location), rtol=0, atol=0)
+    assert config["t_distribution"] == "uniform"
+
+
 def test_a_pipeline_run_from_before_max_objects_reads_as_three_objects(base_run, tmp_path):
-    """A checkpoint written before the field (no shapes_max_objects in its config) loads with the old scenes, up to
-    MAX_OBJECTS a scene, and its evaluation scenes are those."""
+    """A checkpoint written before the fields (no shapes_max_objects, t_distribution, t_location in its config) loads
+    with the old scenes, up to MAX_OBJECTS a scene, and t ~ U{0..T-1}; its evaluation scenes are those."""
     checkpoint = torch.load(base_run / "latest.pt", weights_only=False)
-    del checkpoint["args"]["shapes_max_objects"]
+    for field in ("shapes_max_objects", "t_distribution", "t_location"):
+        del checkpoint["args"][field]
     del checkpoint["digests"]  # a checkpoint that old stored no digests either
     torch.save(checkpoint, tmp_path / "old.pt")
     _, config = load_trained(tmp_path / "old.pt", "unet")
     assert config["shapes_max_objects"] == MAX_OBJECTS
+    assert (config["t_distribution"], config["t_location"]) == ("uniform", 0.0)
     assert evaluation_scenes(config, 4).max_objects == MAX_OBJECTS
     _, config = load_trained(base_run / "latest.pt", "unet")
     assert evaluation_scenes(config, 4).max_objects == 1
