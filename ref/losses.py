@@ -32,8 +32,8 @@ def cosine_distance(prediction, target):
     return (1 - F.cosine_similarity(prediction, target, dim=1)).flatten(1).mean(1)
 
 
-# t of the flow objective, one a sample, from a batch's per-sample draws (ref.runtime.SampleDraws) and the logit-normal's
-# location m -> (N,)
+# t of the flow objective, one a sample, from a batch's per-sample draws (ref.runtime.SampleDraws) and the
+# logit-normal's location m -> (N,)
 FLOW_T_DISTRIBUTIONS = {
     "uniform": lambda draws, location: draws.rand(),  # U(0, 1): SiT / the IG release
     # sigmoid(n) with n ~ N(m, 1), the lognorm(m, 1) of SD3 (Esser et al. 2024; m = 0 their default): the training goes
