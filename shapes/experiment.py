@@ -4,12 +4,16 @@ estimate) and Fig. 3 (one-step estimate, its reward-model reading, the probe's r
 
     python -m shapes.experiment [--task depth|segmentation|edges] [--nproc 2] [--out runs/innercontrol]
     python -m shapes.experiment --task depth --rows 0,4 --row-steps 2000   # two rows trained longer, same stages
+    python -m shapes.experiment --task depth --thirty-minutes --out runs/innercontrol-30min   # the Eq. 8 row, ~30 min
     python -m shapes.experiment --quick          # seconds: every step on toy budgets (the tests run it)
 
 Every stage is a train.py run in OUT (base UNet, reward and evaluation estimators, probe, fine-tuned ControlNet), each
 Table 2 row a train.py run that continues from the fine-tuned ControlNet for the same number of steps with its Eq. 8
 terms; rerunning the command resumes or skips what is done. --rows keeps only the rows numbered, --row-steps trains
 them for N steps instead (in OUT/TASK/rows-Nsteps); either writes its own table-rows...-Nsteps.json beside table.json.
+--thirty-minutes trains every stage at the sizes of the whole pipeline in ~30 minutes on 2 cores (BUDGETS["30min"]),
+the Eq. 8 row alone unless --rows (in OUT/TASK/rows-30min, table-30min...json); --seed changes every run's training
+seed.
 Each row is sampled by sample.py (DDIM with eta 1, caption CFG, the budget's sampling seeds over the same evaluation
 scenes) and scored by eval.py innercontrol (the evaluation estimator's control metric; FD-shapes); "real images" scores
 the evaluation scenes themselves (the estimator's floor), "base UNet alone" the base without a ControlNet on their
@@ -57,13 +61,23 @@ OTHER_ROWS = {"fine-tuned ControlNet": dict(alpha=0, beta=0), "Eq. 8 (Table 4 se
 BASE_ALONE = "base UNet alone (caption only)"  # the table's row of the base without a ControlNet
 
 # Sampling and evaluation sizes; "train" overrides every stage's steps and batch size (the full run keeps the
-# configs' own, shapes/runs.py). "full" is the documented CPU run (README).
+# configs' own, shapes/runs.py), "stages" the flags of the configs named; "tag" marks the rows' folders and the table.
+# "full" is the documented CPU run (README).
 BUDGETS = {
-    "full": dict(train={}, scenes=100, seeds=3, sample_steps=20, eta=1.0, cfg=3.0, ref_shapes=2000, fig_scenes=64,
-                 classifier_steps=2000),
-    "quick": dict(train=dict(steps=2, batch_size=4), scenes=4, seeds=2, sample_steps=2, eta=1.0, cfg=3.0,
-                  ref_shapes=8, fig_scenes=2, classifier_steps=2),
+    "full": dict(train={}, stages={}, tag="", scenes=100, seeds=3, sample_steps=20, eta=1.0, cfg=3.0, ref_shapes=2000,
+                 fig_scenes=64, classifier_steps=2000),
+    "quick": dict(train=dict(steps=2, batch_size=4), stages={}, tag="", scenes=4, seeds=2, sample_steps=2, eta=1.0,
+                  cfg=3.0, ref_shapes=8, fig_scenes=2, classifier_steps=2),
 }
+# The whole pipeline in ~30 minutes on 2 cores (issue 24; docs/testbed.md, "Depth in 30 minutes"): the base half as
+# long, its t logit-normal and its lr lowered to 0 over the last quarter; the plain ControlNet 500 steps; the Eq. 8
+# row at batch 16 (twice the steps at the same images a second) for the 2,500 steps that fit, its lr 1.2e-3 lowered to
+# 0 over them. Evaluated as the full run.
+BUDGETS["30min"] = dict(BUDGETS["full"], tag="-30min", stages={
+    "shapes-unet": dict(steps=2000, lr_decay_steps=500, ema_decay=0.998, t_distribution="logit-normal"),
+    "shapes-controlnet": dict(steps=500),
+    "shapes-innercontrol": dict(batch_size=16, steps=2500, lr=1.2e-3, lr_decay_steps=2500),
+})
 FIG2_TIMESTEPS = list(range(0, 1000, 50)) + [999]
 SCENES = {field: SHAPES_CONFIGS["shapes-unet"][field] for field in ("image_size", "shapes_max_objects")}
 
@@ -85,7 +99,7 @@ def launch(script, flags, nproc):
 def train(config, out, budget, nproc, **flags):
     """train.py --config CONFIG with the flags (the budget's sizes where the flags give none) -> the run's
     checkpoint."""
-    flags = dict(budget["train"], **flags)
+    flags = dict(budget["train"], **budget["stages"].get(config, {}), **flags)
     steps = flags.get("steps", SHAPES_CONFIGS[config]["steps"])
     flags.update(log_every=max(1, steps // 10), out=out)
     launch("train.py", ["--config", config, *[item for name, value in flags.items()
@@ -119,7 +133,7 @@ def train_rows(task, out, stages, budget, nproc, rows, steps):
     shapes-innercontrol config's) -> {row name: (folder tag, checkpoint path)}."""
     partners = dict(base=stages["unet"], task=task, init=stages["controlnet"], probe=stages["probe"],
                     reward_model=stages["reward"], **({} if steps is None else dict(steps=steps)))
-    suffix = "" if steps is None else f"-{steps}steps"
+    suffix = budget["tag"] + ("" if steps is None else f"-{steps}steps")
     return {name: (f"row{number}{suffix}", train("shapes-innercontrol", out / task / f"rows{suffix}" / f"row{number}",
                                                  budget, nproc, **partners, **settings))
             for number, (name, settings) in rows.items()}
@@ -271,15 +285,23 @@ def main(argv=None):
                              "0 fine-tuned, 1 + alignment, 2 + reward [0, 200], 3 + reward [0, 920], 4 + both)")
     parser.add_argument("--row-steps", type=int, help="train the rows for N steps instead of the shapes-innercontrol "
                                                       "config's (in OUT/TASK/rows-Nsteps)")
+    parser.add_argument("--thirty-minutes", action="store_true",
+                        help="the sizes of the whole pipeline in ~30 min on 2 cores (issue 24), the Eq. 8 row alone "
+                             "unless --rows; rows and table tagged -30min (give it its own --out)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every stage and row")
     parser.add_argument("--quick", action="store_true", help="toy budgets: checks the plumbing in seconds")
     args = parser.parse_args(argv)
     try:  # bad input stops here, before any training
-        chosen_rows = table_rows(args.task, args.rows)
+        if args.quick and args.thirty_minutes:
+            raise ValueError("--quick and --thirty-minutes are two budgets: give one")
+        last_row = [len(table_rows(args.task)) - 1]  # the Eq. 8 row
+        chosen_rows = table_rows(args.task, last_row if args.thirty_minutes and not args.rows else args.rows)
         check_arguments(args, counts=("nproc", "row_steps"))
         out = writable_folder(Path(args.out).resolve())
     except ValueError as error:
         exit_with_error(error)
-    budget, start = BUDGETS["quick" if args.quick else "full"], time.perf_counter()
+    budget = BUDGETS["quick" if args.quick else "30min" if args.thirty_minutes else "full"]
+    budget, start = dict(budget, train=dict(budget["train"], seed=args.seed)), time.perf_counter()
     classifier = Path(args.classifier) if args.classifier else out / "shapes-classifier.pt"
     if not classifier.exists():
         print(f"training the FD-shapes classifier into {classifier}", flush=True)
@@ -296,7 +318,8 @@ def main(argv=None):
     write_figures(args.task, figure[0], across_t, image, control, folder)
     report = dict(task=args.task, budget=budget, row_steps=args.row_steps, table=table, errors_across_t=across_t,
                   training_seconds=training_seconds, seconds=time.perf_counter() - start)
-    name = "-".join(["table", *([f"rows{'-'.join(map(str, args.rows))}"] if args.rows else []),
+    name = "-".join(["table", *(["30min"] if args.thirty_minutes else []),
+                     *([f"rows{'-'.join(map(str, args.rows))}"] if args.rows else []),
                      *([f"{args.row_steps}steps"] if args.row_steps else [])])
     (folder / f"{name}.json").write_text(json.dumps(report, indent=2))
     (folder / f"{name}.md").write_text(markdown_table(args.task, table))

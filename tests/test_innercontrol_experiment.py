@@ -10,7 +10,9 @@ from PIL import Image
 
 from ref.checkpoints import read_checkpoint
 from ref.control_evaluation import ControlScore
+import train
 from shapes import experiment
+from shapes.runs import SHAPES_CONFIGS
 
 torch.set_num_threads(1)
 
@@ -58,6 +60,37 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
     assert (folder / "samples" / "row4-3steps-seed1" / "samples.npz").exists()
     assert json.loads((folder / "table-rows0-4-3steps.json").read_text())["row_steps"] == 3
     assert stamps == {path: path.stat().st_mtime_ns for path in stamps}
+
+
+def test_the_thirty_minute_sizes_reach_each_stages_training(monkeypatch, tmp_path):
+    """--thirty-minutes: every stage and the Eq. 8 row (alone) get the 30-minute flags and the seed, as train.py
+    reads them (launches recorded, nothing trained); the full budget leaves the configs' own sizes."""
+    launched = {}
+    monkeypatch.setattr(experiment, "launch", lambda script, flags, nproc: launched.update({flags[1]: list(map(str, flags))}))
+    monkeypatch.setattr(experiment, "evaluate_rows", lambda *args: {})
+    monkeypatch.setattr(experiment, "figure_rows", lambda *args: ([[]], None, None))
+    monkeypatch.setattr(experiment, "write_figures", lambda *args: None)
+    classifier = tmp_path / "classifier.pt"
+    classifier.touch()
+    for folder in (tmp_path / "depth", tmp_path / "full" / "depth"):  # where the stages would have written
+        folder.mkdir(parents=True)
+    experiment.main(["--thirty-minutes", "--seed", "2", "--out", str(tmp_path), "--classifier", str(classifier)])
+    configs = {name: train.parse_args(flags)[0] for name, flags in launched.items()}
+    assert set(configs) == {"shapes-unet", "shapes-estimator-reward", "shapes-estimator-eval", "shapes-probe",
+                            "shapes-controlnet", "shapes-innercontrol"}
+    base, controlnet, row = configs["shapes-unet"], configs["shapes-controlnet"], configs["shapes-innercontrol"]
+    assert (base["steps"], base["lr_decay_steps"], base["ema_decay"], base["t_distribution"]) == (2000, 500, 0.998,
+                                                                                                  "logit-normal")
+    assert controlnet["steps"] == 500
+    assert (row["batch_size"], row["steps"], row["lr"], row["lr_decay_steps"]) == (16, 2500, 1.2e-3, 2500)
+    assert (row["reward_range"], row["align_range"]) == ([0, 200], [0, 920])  # the Eq. 8 row of Table 2
+    assert str(tmp_path / "depth" / "rows-30min" / "row4") == str(launched["shapes-innercontrol"][-1])
+    assert {config["seed"] for config in configs.values()} == {2}
+    assert (tmp_path / "depth" / "table-30min.json").exists()
+    launched.clear()
+    experiment.main(["--out", str(tmp_path / "full"), "--classifier", str(classifier), "--rows", "4"])
+    for name, config in ((name, train.parse_args(flags)[0]) for name, flags in launched.items()):
+        assert config["steps"] == SHAPES_CONFIGS[name]["steps"] and config["seed"] == 0
 
 
 def distance(state, other):
