@@ -344,12 +344,10 @@ _PIPELINE = dict(RUN_DEFAULTS, image_size=16, shapes_items=1_000_000, shapes_max
                  reward_range=None, align_range=None, eq8_reduction="unbiased", checkpoint_every=250,
                  log_every=50)
 SHAPES_CONFIGS.update({
-    # The sizes are the documented CPU run of shapes/experiment.py (README); EMA windows of a quarter to a half of
-    # each run. The whole depth pipeline in 30 minutes on 2 cores (issue 24; the presets of commit 54196e7: the base
-    # 2,000 steps with the lr decaying over the last 500, the ControlNet 500, the Eq. 8 row 800) missed 2x the floor
-    # by far (depth RMSE 24.56, 2.85x; these sizes with rows of 2,000 steps: 15.18 after ~43 min of training); the
-    # row at batch 16 for the 2,500 steps that fit reached 19.74 (2.29x; 18.96 at lr 6e-4; 18.08, 2.10x, at lr 1.2e-3
-    # lowered to 0 over the row), 2x only after ~38 minutes (docs/testbed.md).
+    # The sizes are the documented CPU run of shapes/experiment.py (README; these sizes with rows of 2,000 steps:
+    # depth RMSE 15.18, 1.76x the floor, after ~43 min of training); EMA windows of a quarter to a half of each run.
+    # The whole depth pipeline in 30 minutes on 2 cores (issue 24) is shapes/experiment.py's BUDGETS["30min"] on
+    # these presets: 1.99x the floor for two training seeds, 2.13x for a third (docs/testbed.md).
     # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters), 256,000 images
     "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=4000, lr=1e-3, ema_decay=0.999,
                         t_distribution="uniform", t_location=0.0),
