@@ -1,16 +1,16 @@
 """shapes/experiment.py --quick: every stage, every Table 2 row, sampling, scoring and both figures run through
 the real scripts on toy budgets; the table has the paper's rows and the figures' measurement covers t in [0, 999]; each
 row's Eq. 8 terms change what its ControlNet learns from the same start, data and draws; chosen rows trained longer
-land beside the others."""
+land beside the others; the 30-minute sizes reach each stage."""
 import json
 
 import numpy as np
 import torch
 from PIL import Image
 
+import train
 from ref.checkpoints import read_checkpoint
 from ref.control_evaluation import ControlScore
-import train
 from shapes import experiment
 from shapes.runs import SHAPES_CONFIGS
 
@@ -65,8 +65,9 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
 def test_the_thirty_minute_sizes_reach_each_stages_training(monkeypatch, tmp_path):
     """--thirty-minutes: every stage and the Eq. 8 row (alone) get the 30-minute flags and the seed, as train.py
     reads them (launches recorded, nothing trained); the full budget leaves the configs' own sizes."""
-    launched = {}
-    monkeypatch.setattr(experiment, "launch", lambda script, flags, nproc: launched.update({flags[1]: list(map(str, flags))}))
+    launched = {}  # {config: the train.py flags}
+    monkeypatch.setattr(experiment, "launch",
+                        lambda script, flags, nproc: launched.update({flags[1]: list(map(str, flags))}))
     monkeypatch.setattr(experiment, "evaluate_rows", lambda *args: {})
     monkeypatch.setattr(experiment, "figure_rows", lambda *args: ([[]], None, None))
     monkeypatch.setattr(experiment, "write_figures", lambda *args: None)

@@ -418,6 +418,21 @@ def test_the_runs_t_distribution_is_the_one_its_flow_loss_sees(monkeypatch):
     torch.testing.assert_close(seen, expected, rtol=0, atol=0)
 
 
+def test_the_eps_objectives_t_is_the_binned_draw_its_loss_sees(monkeypatch):
+    """A DiT run with the eps objective hands its DDPM loss the t of ddpm_timesteps at its distribution, drawn after
+    the label dropout."""
+    seen = []
+    monkeypatch.setattr(internal_guidance, "ddpm_eps_loss", lambda model, schedule, x0, t, *rest: seen.append(t) or t)
+    x0, y, seeds = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 2]), [5, 6, 7]
+    for distribution in ("uniform", "logit-normal"):
+        run = pixel_run(objective="eps", t_distribution=distribution)
+        run.loss(None, (x0, y), SampleDraws(seeds), torch.device("cpu"))
+        draws = SampleDraws(seeds)
+        draws.rand(1)  # each sample's label dropout draws its uniform first
+        torch.testing.assert_close(seen[-1], ddpm_timesteps(draws, 1000, distribution), rtol=0, atol=0)
+    assert not torch.equal(seen[0], seen[1])
+
+
 @pytest.mark.parametrize("flags, message", [(["--t-distribution", "normal"], "unknown --t-distribution 'normal'"),
                                             (["--t-location", "0.5"], "--t-location is the logit-normal's m"),
                                             (["--objective", "eps", "--t-location", "0.5"],
