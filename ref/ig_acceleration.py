@@ -6,9 +6,12 @@ shifted along it, the intermediate head the plain target:
 
     L = ||D_f - (v + omega * sg(D_f^EMA - D_i^EMA))||^2 + lambda ||D_i - v||^2,     v = eps - x0 (flow time t = 1 noise)
 
-sg = stop-gradient. The sign is IG's: sampling uses D_i + w (D_f - D_i) = D_f + (w - 1)(D_f - D_i), so a final head
-that meets its shifted target while the EMA tracks the model carries guidance of weight w = 1 + omega in itself.
-omega = 0 is the plain IG objective (ref.losses.internal_guidance_loss).
+sg = stop-gradient. The sign is IG's: sampling uses D_i + w (D_f - D_i) = D_f + (w - 1)(D_f - D_i), so one step of
+the shift is IG's correction at w = 1 + omega on the EMA's current outputs. The shift feeds on itself, though: a final
+head that meets its target while the EMA tracks it settles where D_f = u + omega (D_f - D_i), u = E[v | x_t] the
+plain head's optimum, that is D_f = D_i + (u - D_i) / (1 - omega): IG of weight w = 1 / (1 - omega) on the plain
+model's outputs (omega = 0.5: w = 2), and no fixed point for omega >= 1 (the shapes testbed's DiT at omega = 1 drew
+blobs: docs/testbed.md). omega = 0 is the plain IG objective (ref.losses.internal_guidance_loss).
 """
 import torch
 

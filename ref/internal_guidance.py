@@ -107,7 +107,7 @@ class DiTRun:
         t_location=(float, "logit-normal t: the m of N(m, 1) (SD3: 0; > 0 trains nearer the noise)"),
         cosine_loss=(bool, "flow: add LightningDiT's 1 - cos(D_f, v) (over channels, a mean over positions)"),
         ig_omega=(float, "flow: IG's accelerated training, the final head regresses v + omega sg(D_f^EMA - D_i^EMA) "
-                         "(0: off)"),
+                         "(0: off; it settles at IG of weight 1 / (1 - omega), none for omega >= 1)"),
         label_dropout=(float, "probability of replacing a label by the null label (CFG training)"),
         gradient_checkpointing=(bool, "recompute block activations in the backward pass to save memory"),
     )

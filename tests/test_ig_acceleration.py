@@ -1,5 +1,5 @@
-"""IG's accelerated training: the shifted final target on hand values, its sign against IG sampling, the stop-gradient,
-and the plain objective at omega = 0."""
+"""IG's accelerated training: the shifted final target on hand values, its sign against IG sampling, its fixed point
+(IG of weight 1 / (1 - omega)), the stop-gradient, and the plain objective at omega = 0."""
 import pytest
 import torch
 
@@ -26,6 +26,22 @@ def test_shift_points_where_ig_sampling_extrapolates():
     target, final, intermediate = torch.randn(3, 2, 4, generator=generator)
     shift = accelerated_final_target(target, final, intermediate, 0.7) - target
     assert torch.allclose(shift, internal_guidance(final, intermediate, 1.7) - final, atol=1e-6)
+
+
+@pytest.mark.parametrize("omega", [0.3, 0.5, 0.8])
+def test_the_shift_fed_back_settles_at_ig_of_weight_one_over_one_minus_omega(omega):
+    """A final head set to its own shifted target again and again (the EMA tracking it): D_f <- u + omega (D_f - D_i)
+    converges to IG of weight 1 / (1 - omega) on the plain optimum u; at omega = 1 it runs away."""
+    generator = torch.Generator().manual_seed(1)
+    plain, intermediate = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
+    final = plain.clone()
+    for _ in range(200):
+        final = accelerated_final_target(plain, final, intermediate, omega)
+    torch.testing.assert_close(final, internal_guidance(plain, intermediate, 1 / (1 - omega)))
+    final = plain.clone()
+    for _ in range(200):
+        final = accelerated_final_target(plain, final, intermediate, 1.0)
+    assert (final - plain).abs().max() > 100 * (plain - intermediate).abs().max()
 
 
 def test_loss_on_hand_values_with_stub_models():
