@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import train
+from ref.losses import ddpm_timesteps
+from ref.runtime import SampleDraws
 from shapes import guidance_sweep
 from shapes.classifier import save_classifier, train_classifier
 from shapes.data import MAX_OBJECTS
 from shapes.evaluation import evaluation_scenes
-from ref.losses import ddpm_timesteps
-from ref.runtime import SampleDraws
-from shapes.pipeline import drop_captions
+from shapes.pipeline import CAPTION_TOKENIZER, drop_captions
 from shapes.runs import SHAPES_CONFIGS, load_trained, make_run
 
 torch.set_num_threads(1)
@@ -96,7 +96,7 @@ def test_the_base_draws_its_t_from_its_t_distribution(base_run):
     """The base UNet's loss sees t ~ U{0..T-1} (as before the field: the same draws) or, with --t-distribution
     logit-normal, the binned logit-normal t of ref.losses.ddpm_timesteps, drawn after the caption dropout."""
     _, config = logged(base_run)
-    images, tokens = torch.zeros(4, 3, 16, 16), torch.zeros(4, 11, dtype=torch.long)
+    images, tokens = torch.zeros(4, 3, 16, 16), torch.zeros(4, CAPTION_TOKENIZER.max_length, dtype=torch.long)
     for distribution, location in (("uniform", 0.0), ("logit-normal", 0.0), ("logit-normal", 1.0)):
         run, seen = make_run(dict(config, t_distribution=distribution, t_location=location)), []
         run.loss(lambda x_t, t, tokens: seen.append(t) or x_t, (images, tokens), SampleDraws(range(4)),
