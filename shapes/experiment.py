@@ -97,9 +97,9 @@ def launch(script, flags, nproc):
 
 
 def train(config, out, budget, nproc, **flags):
-    """train.py --config CONFIG with the flags (the budget's sizes where the flags give none) -> the run's
-    checkpoint."""
-    flags = dict(budget["train"], **budget["stages"].get(config, {}), **flags)
+    """train.py --config CONFIG with the flags (the budget's sizes where the flags give none: --row-steps wins over
+    the 30-minute row's steps) -> the run's checkpoint."""
+    flags = {**budget["train"], **budget["stages"].get(config, {}), **flags}
     steps = flags.get("steps", SHAPES_CONFIGS[config]["steps"])
     flags.update(log_every=max(1, steps // 10), out=out)
     launch("train.py", ["--config", config, *[item for name, value in flags.items()

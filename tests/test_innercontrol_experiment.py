@@ -64,7 +64,8 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
 
 def test_the_thirty_minute_sizes_reach_each_stages_training(monkeypatch, tmp_path):
     """--thirty-minutes: every stage and the Eq. 8 row (alone) get the 30-minute flags and the seed, as train.py
-    reads them (launches recorded, nothing trained); the full budget leaves the configs' own sizes."""
+    reads them (launches recorded, nothing trained), --row-steps the row's steps in their place; the full budget
+    leaves the configs' own sizes."""
     launched = {}  # {config: the train.py flags}
     monkeypatch.setattr(experiment, "launch",
                         lambda script, flags, nproc: launched.update({flags[1]: list(map(str, flags))}))
@@ -88,6 +89,12 @@ def test_the_thirty_minute_sizes_reach_each_stages_training(monkeypatch, tmp_pat
     assert str(tmp_path / "depth" / "rows-30min" / "row4") == str(launched["shapes-innercontrol"][-1])
     assert {config["seed"] for config in configs.values()} == {2}
     assert (tmp_path / "depth" / "table-30min.json").exists()
+    launched.clear()
+    experiment.main(["--thirty-minutes", "--row-steps", "3000", "--out", str(tmp_path), "--classifier",
+                     str(classifier)])
+    row = train.parse_args(launched["shapes-innercontrol"])[0]
+    assert (row["batch_size"], row["steps"], row["lr"], row["lr_decay_steps"]) == (16, 3000, 1.2e-3, 2500)
+    assert str(tmp_path / "depth" / "rows-30min-3000steps" / "row4") == str(launched["shapes-innercontrol"][-1])
     launched.clear()
     experiment.main(["--out", str(tmp_path / "full"), "--classifier", str(classifier), "--rows", "4"])
     for name, config in ((name, train.parse_args(flags)[0]) for name, flags in launched.items()):
