@@ -84,17 +84,17 @@ def test_the_thirty_minute_sizes_reach_each_stages_training(monkeypatch, tmp_pat
     assert (base["steps"], base["lr_decay_steps"], base["ema_decay"], base["t_distribution"]) == (2000, 500, 0.998,
                                                                                                   "logit-normal")
     assert controlnet["steps"] == 500
-    assert (row["batch_size"], row["steps"], row["lr"], row["lr_decay_steps"]) == (16, 2500, 1.2e-3, 2500)
+    assert (row["batch_size"], row["steps"], row["lr"], row["lr_decay_steps"]) == (16, 3000, 1.2e-3, 2500)
     assert (row["reward_range"], row["align_range"]) == ([0, 200], [0, 920])  # the Eq. 8 row of Table 2
     assert str(tmp_path / "depth" / "rows-30min" / "row4") == str(launched["shapes-innercontrol"][-1])
     assert {config["seed"] for config in configs.values()} == {2}
     assert (tmp_path / "depth" / "table-30min.json").exists()
     launched.clear()
-    experiment.main(["--thirty-minutes", "--row-steps", "3000", "--out", str(tmp_path), "--classifier",
+    experiment.main(["--thirty-minutes", "--row-steps", "4000", "--out", str(tmp_path), "--classifier",
                      str(classifier)])
     row = train.parse_args(launched["shapes-innercontrol"])[0]
-    assert (row["batch_size"], row["steps"], row["lr"], row["lr_decay_steps"]) == (16, 3000, 1.2e-3, 2500)
-    assert str(tmp_path / "depth" / "rows-30min-3000steps" / "row4") == str(launched["shapes-innercontrol"][-1])
+    assert (row["batch_size"], row["steps"], row["lr"], row["lr_decay_steps"]) == (16, 4000, 1.2e-3, 2500)
+    assert str(tmp_path / "depth" / "rows-30min-4000steps" / "row4") == str(launched["shapes-innercontrol"][-1])
     launched.clear()
     experiment.main(["--out", str(tmp_path / "full"), "--classifier", str(classifier), "--rows", "4"])
     for name, config in ((name, train.parse_args(flags)[0]) for name, flags in launched.items()):
