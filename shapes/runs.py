@@ -134,7 +134,7 @@ class ShapesRun:
         return collate_shapes(samples, self.task_name)
 
     def timesteps(self, draws):
-        return draws.randint(self.schedule.num_timesteps)  # t ~ U{0..T-1}
+        return ddpm_timesteps(draws, self.schedule.num_timesteps)  # t ~ U{0..T-1}
 
     def noised(self, images, tokens, draws, device):
         """Caption dropout, then t (`timesteps`), then eps, per sample; on the device: images, tokens, t, eps."""
