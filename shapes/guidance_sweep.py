@@ -108,7 +108,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=40, help="sampler steps of every setting")
     parser.add_argument("--weights", default="ema", choices=["ema", "model"])
     parser.add_argument("--ref-shapes", type=int, default=2000, help="true scenes FD-shapes compares against")
-    parser.add_argument("--ig", type=parse_floats, default="1.25,1.5,2,2.5,3", help="IG weights w (> 1 guides; < 1 moves towards D_i)")
+    parser.add_argument("--ig", type=parse_floats, default="1.25,1.5,2,2.5,3",
+                        help="IG weights w (> 1 guides; < 1 moves towards D_i)")
     parser.add_argument("--cfg", type=parse_floats, default="1.5,2,3,4", help="CFG scales s (> 1)")
     parser.add_argument("--ig-cfg", type=parse_pairs, default="1.25:1.5,1.25:2,1.5:1.5,1.5:2,1.5:3",
                         help="IG + CFG pairs w:s")
