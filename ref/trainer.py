@@ -104,6 +104,8 @@ def start(make_run, config, out, world):
         checkpoint, checkpoint_path = resume_checkpoint(out)
         if checkpoint is not None:  # a field the run added since the checkpoint was written: its old default
             check_resumable(dict(getattr(run, "added_fields", {}), **checkpoint["args"]), config, checkpoint_path)
+            if world.is_main:
+                warn_if_lr_history_differs(checkpoint["args"], config, checkpoint["step"], checkpoint_path)
         torch.manual_seed(config["seed"])  # the initial weights
         model = run.build().to(world.device)
         run.to(world.device)
@@ -169,6 +171,19 @@ def learning_rate(config, step):
     linearly towards 0 (the last step at lr / lr_decay_steps)."""
     decay = config["lr_decay_steps"]
     return config["lr"] * (min(1.0, (config["steps"] - step) / decay) if decay else 1.0)
+
+
+def warn_if_lr_history_differs(stored, config, step, path):
+    """Say on stderr when the steps a resumed run has trained (0 .. step - 1) had another lr under its stored steps and
+    lr_decay_steps than one run with the given ones gives them (a decayed run given more --steps, say): the continued
+    run is then not that one run."""
+    starts = [run["steps"] - run["lr_decay_steps"] if run["lr_decay_steps"] else step for run in (stored, config)]
+    differing = [s for s in range(max(0, min(starts)), step) if learning_rate(stored, s) != learning_rate(config, s)]
+    if differing:
+        print(f"warning: {path} trained steps 0-{step - 1} with --steps {stored['steps']} --lr-decay-steps "
+              f"{stored['lr_decay_steps']}; one run with --steps {config['steps']} --lr-decay-steps "
+              f"{config['lr_decay_steps']} has another lr from step {differing[0]} on, so the continued run is not that "
+              f"run (a new --out trains it)", file=sys.stderr, flush=True)
 
 
 def fit(make_run, config, out, world):

@@ -350,10 +350,11 @@ def test_ig_omega_steps_read_the_trainers_ema_and_resume_bitwise(tmp_path, monke
     assert not torch.equal(plain["final_layer.linear.weight"], whole["model"]["final_layer.linear.weight"])
 
 
-def test_lr_decay_cools_a_finished_run_down(tmp_path):
+def test_lr_decay_cools_a_finished_run_down(tmp_path, capsys):
     """--lr-decay-steps: the last N steps' lr falls linearly (closed form); a run trained at a constant lr and then
     resumed with more --steps and the decay ends bitwise where one run with those settings ends, and elsewhere than
-    the same steps at a constant lr."""
+    the same steps at a constant lr. A run whose decay had begun, given more --steps, is said to differ from one run
+    with them (and does)."""
     config = dict(lr=1e-3, steps=10, lr_decay_steps=4)
     assert [learning_rate(config, step) for step in range(5, 10)] == pytest.approx([1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
     assert learning_rate(dict(config, lr_decay_steps=0), 9) == 1e-3
@@ -366,6 +367,12 @@ def test_lr_decay_cools_a_finished_run_down(tmp_path):
                                for name in ("whole", "constant", "cooled"))
     assert_same_state(cooled, whole)
     assert any(not torch.equal(whole[name], constant[name]) for name in whole)
+    assert "warning" not in capsys.readouterr().err
+    train.main([*flags, "--steps", "2", "--lr-decay-steps", "2", "--out", str(tmp_path / "extended")])
+    train.main([*flags, "--steps", "4", "--lr-decay-steps", "2", "--out", str(tmp_path / "extended")])
+    assert "one run with --steps 4 --lr-decay-steps 2 has another lr from step 1 on" in capsys.readouterr().err
+    extended = read_checkpoint(tmp_path / "extended" / "latest.pt")["model"]
+    assert any(not torch.equal(whole[name], extended[name]) for name in whole)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
