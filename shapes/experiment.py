@@ -9,11 +9,11 @@ estimate) and Fig. 3 (one-step estimate, its reward-model reading, the probe's r
 
 Every stage is a train.py run in OUT (base UNet, reward and evaluation estimators, probe, fine-tuned ControlNet), each
 Table 2 row a train.py run that continues from the fine-tuned ControlNet for the same number of steps with its Eq. 8
-terms; rerunning the command resumes or skips what is done. --rows keeps only the rows numbered, --row-steps trains
-them for N steps instead (in OUT/TASK/rows-Nsteps); either writes its own table-rows...-Nsteps.json beside table.json.
---thirty-minutes trains every stage at the sizes of the whole pipeline in ~30 minutes on 2 cores (BUDGETS["30min"]),
-the Eq. 8 row alone unless --rows (in OUT/TASK/rows-30min, table-30min...json); --seed changes every run's training
-seed.
+terms; rerunning the command resumes or skips what is done (samples are drawn again from a run trained since they were
+written). --rows keeps only the rows numbered, --row-steps trains them for N steps instead (in OUT/TASK/rows-Nsteps);
+either writes its own table-rows...-Nsteps.json beside table.json. --thirty-minutes trains every stage at the sizes of
+the whole pipeline in ~30 minutes on 2 cores (BUDGETS["30min"]), the Eq. 8 row alone unless --rows (in
+OUT/TASK/rows-30min, table-30min...json); --seed changes every run's training seed.
 Each row is sampled by sample.py (DDIM with eta 1, caption CFG, the budget's sampling seeds over the same evaluation
 scenes) and scored by eval.py innercontrol (the evaluation estimator's control metric; FD-shapes); "real images" scores
 the evaluation scenes themselves (the estimator's floor), "base UNet alone" the base without a ControlNet on their
@@ -150,7 +150,7 @@ def base_alone_samples(task, folder, stages, budget, seed):
     """The base UNet without a ControlNet on the evaluation scenes' captions, sampled as a row is (sample i: scene i,
     noise seed 1000 x seed + i) and written as sample.py would: what the base draws, and how close a caption alone
     comes to the control."""
-    if (folder / "samples.npz").exists():
+    if shapes_sampling.drawn_after(folder, stages["unet"]):
         return folder
     base, config = runs.load_trained(stages["unet"], "unet")
     config = dict(config, task=task)
@@ -188,7 +188,7 @@ def evaluate_rows(task, out, stages, rows, classifier, budget, nproc):
             folder = out / task / "samples" / f"{tag}-seed{seed}"
             if checkpoint is None:
                 base_alone_samples(task, folder, stages, budget, seed)
-            elif not (folder / "samples.npz").exists():
+            elif not shapes_sampling.drawn_after(folder, checkpoint):
                 launch("sample.py", [checkpoint, "--num-samples", budget["scenes"], "--seed", 1000 * seed,
                                      "--cfg", budget["cfg"], "--steps", budget["sample_steps"], "--eta", budget["eta"],
                                      "--out", folder], nproc)

@@ -8,8 +8,9 @@ Selection (samples from --select-seed on): IG w over --ig, CFG s over --cfg, IG 
 family the setting with the lowest FD-shapes is chosen. Report (samples from each --report-seeds on): unguided, every
 IG w (FD-shapes and label accuracy against w, as the paper plots FID against w), the chosen CFG and the chosen IG +
 CFG. Every setting samples with the run's sampler and --steps: IG adds no network evaluation, CFG doubles them.
-Samples by sample.py (kept in OUT, so a rerun only scores), scores by eval.py fd-shapes against --ref-shapes true
-scenes of the run's kind (its size and objects a scene). Writes OUT/sweep.json, OUT/table.md and OUT/guidance.png.
+Samples by sample.py (kept in OUT: a rerun only scores them, unless the run was trained since), scores by eval.py
+fd-shapes against --ref-shapes true scenes of the run's kind (its size and objects a scene). Writes OUT/sweep.json,
+OUT/table.md and OUT/guidance.png.
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ from ref.arguments import check_arguments, check_finite, check_seed
 from ref.control_evaluation import line_chart
 from ref.runtime import exit_with_error
 from shapes import runs
+from shapes.sampling import drawn_after
 
 METRICS = ("fd_shapes", "precision", "recall", "label_accuracy")
 COLOURS = [(40, 90, 220), (220, 60, 40), (40, 160, 80), (150, 60, 200)]
@@ -46,7 +48,7 @@ class Scorer:
 
     def __call__(self, seed, ig=1.0, cfg=1.0):
         folder = self.out / f"seed{seed}-ig{ig:g}-cfg{cfg:g}"
-        if not (folder / "samples.npz").exists():
+        if not drawn_after(folder, self.args.run):
             sample_script.main([self.args.run, "--num-samples", str(self.args.num_samples), "--seed", str(seed),
                                 "--steps", str(self.args.steps), "--ig", str(ig), "--cfg", str(cfg), "--weights",
                                 self.args.weights, "--out", str(folder)])

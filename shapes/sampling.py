@@ -12,6 +12,14 @@ from shapes import pipeline, runs
 from shapes.evaluation import evaluation_scenes, generate
 
 
+def drawn_after(folder, run):
+    """Whether the folder holds samples (samples.npz) written after RUN's checkpoint (a run folder's latest.pt, or the
+    file) was: a rerun reuses them, and draws them again from a run trained further since (resuming to more steps
+    rewrites the checkpoint)."""
+    samples = folder / "samples.npz"
+    return samples.exists() and samples.stat().st_mtime_ns >= runtime.checkpoint_file(run).stat().st_mtime_ns
+
+
 def load_controlnet(path, weights="ema", checkpoint=None):
     """-> (base, controlnet, config) for a controlnet run; its base is the run's `base`."""
     controlnet, config = runs.load_trained(path, "controlnet", weights, checkpoint)

@@ -1,8 +1,9 @@
 """shapes/experiment.py --quick: every stage, every Table 2 row, sampling, scoring and both figures run through
 the real scripts on toy budgets; the table has the paper's rows and the figures' measurement covers t in [0, 999]; each
 row's Eq. 8 terms change what its ControlNet learns from the same start, data and draws; chosen rows trained longer
-land beside the others; the 30-minute sizes reach each stage."""
+land beside the others; a rerun samples again only what was trained since; the 30-minute sizes reach each stage."""
 import json
+import os
 
 import numpy as np
 import torch
@@ -50,8 +51,18 @@ def test_quick_run_writes_the_table_and_figures(tmp_path):
     assert max(distance(ends[2], ends[3]).values()) > 0  # reward [0, 200] and [0, 920]: the range matters
     # a rerun finds every run finished and every sample folder written: nothing is trained or sampled again
     stamps = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
+    drawn = {path: path.stat().st_mtime_ns for path in tmp_path.rglob("samples.npz")
+             if path.parent.name != "real"}  # the real scenes' images: rendered again, not sampled
     experiment.main(["--quick", "--out", str(tmp_path)])
     assert stamps == {path: path.stat().st_mtime_ns for path in tmp_path.rglob("*.pt")}
+    assert drawn == {path: path.stat().st_mtime_ns for path in drawn}
+    # a row trained further since its samples were drawn (its checkpoint rewritten): its samples alone drawn again
+    row4 = folder / "rows" / "row4" / "latest.pt"
+    os.utime(row4, ns=(row4.stat().st_atime_ns, max(drawn.values()) + 10**9))
+    stamps[row4] = row4.stat().st_mtime_ns
+    experiment.main(["--quick", "--out", str(tmp_path)])
+    redrawn = {path for path in drawn if path.stat().st_mtime_ns != drawn[path]}
+    assert {path.parent.name for path in redrawn} == {"row4-seed0", "row4-seed1"}
     # two rows trained longer: their own runs, samples and table; the stages and the other rows' runs untouched
     report = experiment.main(["--quick", "--out", str(tmp_path), "--rows", "0,4", "--row-steps", "3"])
     names = list(experiment.DEPTH_ROWS)

@@ -2,6 +2,7 @@
 model and optimiser settings, a smaller batch) and their loss falls on fresh scenes; pipeline runs from before the
 scenes had a size of their own read as the old scenes."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -46,11 +47,13 @@ def test_shapes_one_object_trains_and_its_loss_falls(one_object_run):
 
 def test_guidance_sweep_chooses_on_one_seed_set_and_reports_on_others(one_object_run, tmp_path):
     """--quick: every family's choice is its lowest FD on the selection seeds; the report rows are the held-out
-    seeds' own samples (unguided = IG w 1), at the NFE each costs; the files are written."""
+    seeds' own samples (unguided = IG w 1), at the NFE each costs; the files are written; a rerun samples again only
+    after the run was trained further."""
     classifier = tmp_path / "classifier.pt"
     save_classifier(train_classifier(SHAPES_CONFIGS["shapes-one-object"]["image_size"], steps=2), classifier)
-    report = guidance_sweep.main([str(one_object_run), "--classifier", str(classifier), "--quick",
-                                  "--report-seeds", "7", "9", "--out", str(tmp_path / "sweep")])
+    flags = [str(one_object_run), "--classifier", str(classifier), "--quick", "--report-seeds", "7", "9", "--out",
+             str(tmp_path / "sweep")]
+    report = guidance_sweep.main(flags)
     for family, rows in report["selection"].items():
         assert report["chosen"][family] == min(rows, key=lambda row: row["fd_shapes"])
         assert {row["seed"] for row in rows} == {0}
@@ -60,6 +63,14 @@ def test_guidance_sweep_chooses_on_one_seed_set_and_reports_on_others(one_object
     assert unguided[0]["fd_shapes"] != unguided[1]["fd_shapes"]  # different samples
     assert {path.name for path in (tmp_path / "sweep").iterdir() if path.is_file()} == {"sweep.json", "table.md",
                                                                                        "guidance.png"}
+    # a rerun scores the samples it has; after the run is trained further (its checkpoint rewritten) it draws them anew
+    drawn = {path: path.stat().st_mtime_ns for path in (tmp_path / "sweep").rglob("samples.npz")}
+    assert guidance_sweep.main(flags)["table"] == report["table"]
+    assert drawn == {path: path.stat().st_mtime_ns for path in drawn}
+    checkpoint = one_object_run / "latest.pt"
+    os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, max(drawn.values()) + 10**9))
+    guidance_sweep.main(flags)
+    assert all(path.stat().st_mtime_ns != stamp for path, stamp in drawn.items())
 
 
 def logged(folder):
