@@ -348,7 +348,7 @@ SHAPES_CONFIGS.update({
     # The sizes are the documented CPU run of shapes/experiment.py (README; these sizes with rows of 2,000 steps:
     # depth RMSE 15.18, 1.76x the floor, after ~43 min of training); EMA windows of a quarter to a half of each run.
     # The whole depth pipeline in 30 minutes on 2 cores (issue 24) is shapes/experiment.py's BUDGETS["30min"] on
-    # these presets: 1.69x the floor over four held-out training seeds (docs/testbed.md).
+    # these presets: 1.73x the floor over four held-out training seeds (docs/testbed.md).
     # 1. the base text-to-image UNet (the tiny preset: 1.0M parameters), 256,000 images
     "shapes-unet": dict(_PIPELINE, job="unet", batch_size=64, steps=4000, lr=1e-3, ema_decay=0.999,
                         t_distribution="uniform", t_location=0.0),
